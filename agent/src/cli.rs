@@ -1,0 +1,99 @@
+//! Command line of `listenscope-agent`: flags → options → one call into the library.
+
+use std::io::{self, Write};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::model::Protocol;
+use crate::os::LinuxSystem;
+use crate::output;
+use crate::scan::{self, NetnsSelector, ScanOptions};
+
+/// listenscope agent: which ports this host really exposes, over IPv4 and IPv6, in every
+/// network namespace.
+#[derive(Debug, Parser)]
+#[command(name = "listenscope-agent", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Scan once and print every listening socket with what it really accepts.
+    Scan(ScanArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProtoArg {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Args)]
+pub struct ScanArgs {
+    /// Print one JSON document instead of a table (schema: docs/scan-json.md).
+    #[arg(long)]
+    pub json: bool,
+    /// Only listeners on this port.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    /// Only this protocol.
+    #[arg(long, value_enum, value_name = "tcp|udp")]
+    pub proto: Option<ProtoArg>,
+    /// Only IPv6 sockets that also accept IPv4 (the ones netstat shows as IPv6 only).
+    #[arg(long)]
+    pub trap_only: bool,
+    /// Which network namespaces: all, current, a name (`host`, a /run/netns name) or an inode.
+    #[arg(long, value_name = "all|current|NAME|INODE", default_value = "all")]
+    pub netns: NetnsSelector,
+}
+
+impl ScanArgs {
+    pub fn options(&self) -> ScanOptions {
+        ScanOptions {
+            netns: self.netns.clone(),
+            protocols: match self.proto {
+                Some(ProtoArg::Tcp) => vec![Protocol::Tcp],
+                Some(ProtoArg::Udp) => vec![Protocol::Udp],
+                None => vec![Protocol::Tcp, Protocol::Udp],
+            },
+            port: self.port,
+            trap_only: self.trap_only,
+        }
+    }
+}
+
+/// Runs one command; the binary turns the result into an exit code.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Scan(args) => run_scan(&args),
+    }
+}
+
+fn run_scan(args: &ScanArgs) -> anyhow::Result<()> {
+    let sys = LinuxSystem::new();
+    let inv = scan::scan(&sys, &args.options())?;
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::with_capacity(256 * 1024, stdout.lock());
+    let t = std::time::Instant::now();
+    let written = if args.json {
+        output::write_json(&inv, &mut out)
+    } else {
+        output::write_table(&inv, &mut out)
+    };
+    tracing::debug!(us = t.elapsed().as_micros() as u64, "Output written.");
+    match written.and_then(|()| out.flush()) {
+        // `scan | head` closes the pipe early: not an error worth a message.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+        other => other.context("writing the scan to stdout")?,
+    }
+    if !args.json {
+        let mut err = io::stderr().lock();
+        for w in &inv.warnings {
+            let _ = writeln!(err, "warning: {w}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! listenscope agent library: enumerate every listening socket in every network namespace
+//! from the kernel's own answer (sock_diag), classify what each one really accepts over
+//! IPv4 and IPv6, attribute it to processes, containers and units, and render the result.
+//!
+//! Layers (see ARCHITECTURE.md): `os` is the only code that touches Linux; `classify` and
+//! `attribution` are pure; `scan` assembles an [`scan::Inventory`] through the
+//! [`os::System`] seam; `output` and `cli` are the human and machine faces.
+
+pub mod attribution;
+pub mod classify;
+pub mod cli;
+pub mod fasthash;
+pub mod model;
+pub mod os;
+pub mod output;
+pub mod scan;

@@ -1,0 +1,246 @@
+//! Domain types of one inventory.
+//!
+//! Two layers: what the OS layer reports ([`RawSocket`], [`NetnsView`], [`ProcessInfo`]) and
+//! what the agent concludes ([`Classification`], [`Listener`]). Nothing here does I/O, and
+//! nothing here is protobuf: the wire format converts at the transport edge.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::Serialize;
+
+/// Transport protocol of a listening socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Address family of the socket itself (AF_INET or AF_INET6), not of the traffic it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// What a socket accepts over one IP version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reach {
+    /// Every local address of that version in the socket's namespace.
+    Any,
+    /// Only a loopback address (127.0.0.0/8, ::1) or only through the `lo` interface.
+    Loopback,
+    /// Only the one bound, non-loopback address (or multicast group).
+    Specific,
+    /// Nothing of that version.
+    None,
+    /// The kernel did not say (no `INET_DIAG_SKV6ONLY`): never guessed.
+    Unknown,
+}
+
+impl Reach {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reach::Any => "any",
+            Reach::Loopback => "loopback",
+            Reach::Specific => "specific",
+            Reach::None => "none",
+            Reach::Unknown => "unknown",
+        }
+    }
+
+    /// True when the socket accepts at least something of that version.
+    pub fn accepts(self) -> bool {
+        matches!(self, Reach::Any | Reach::Loopback | Reach::Specific)
+    }
+
+    /// True when clients off this host can reach it (any or a specific non-loopback address).
+    pub fn exposed(self) -> bool {
+        matches!(self, Reach::Any | Reach::Specific)
+    }
+}
+
+/// Where a namespace's sockets were read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// NETLINK_SOCK_DIAG: carries v6only, bound device and socket options.
+    SockDiag,
+    /// `/proc/PID/net/{tcp,tcp6,udp,udp6}`: no v6only, no device (fallback without CAP_SYS_ADMIN).
+    Procfs,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::SockDiag => "sock_diag",
+            Source::Procfs => "procfs",
+        }
+    }
+}
+
+/// One listening TCP socket or unconnected UDP socket, as the kernel reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawSocket {
+    pub protocol: Protocol,
+    pub family: Family,
+    pub address: IpAddr,
+    pub port: u16,
+    /// `INET_DIAG_SKV6ONLY`; `None` when the kernel did not send it (AF_INET, or procfs source).
+    pub v6only: Option<bool>,
+    /// `idiag_if`: SO_BINDTODEVICE or the scope of a link-local bind; 0 = none.
+    /// An ifindex inside the socket's own namespace.
+    pub ifindex: u32,
+    /// IP_FREEBIND from `INET_DIAG_SOCKOPT`; `None` when the kernel did not send it.
+    pub freebind: Option<bool>,
+    /// IP_TRANSPARENT from `INET_DIAG_SOCKOPT`; `None` when the kernel did not send it.
+    pub transparent: Option<bool>,
+    pub uid: u32,
+    pub inode: u64,
+    /// `INET_DIAG_CGROUP_ID`: inode of the creator's cgroup v2 directory.
+    pub cgroup_id: Option<u64>,
+}
+
+/// One network namespace: its inode (the identity) and a human name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct NetnsId {
+    pub inode: u64,
+    /// `host` for the initial namespace, the `/run/netns` name when there is one, the nsfs
+    /// mount path for other bind-mounted ones (docker), else `net:[INODE]`.
+    pub name: String,
+}
+
+/// The addresses a namespace treats as its own: the `local` routing table, RTN_LOCAL
+/// routes only (interface addresses, 127.0.0.0/8, AnyIP prefixes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalAddrs {
+    /// (prefix, prefix length).
+    pub v4: Vec<(Ipv4Addr, u8)>,
+    /// (prefix, prefix length, output ifindex or 0).
+    pub v6: Vec<(Ipv6Addr, u8, u32)>,
+}
+
+impl LocalAddrs {
+    pub fn contains_v4(&self, addr: Ipv4Addr) -> bool {
+        let a = u32::from(addr);
+        self.v4.iter().any(|&(net, len)| {
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len.min(32)))
+            };
+            a & mask == u32::from(net) & mask
+        })
+    }
+
+    /// `ifindex` matters only for link-local addresses, which are local per interface.
+    pub fn contains_v6(&self, addr: Ipv6Addr, ifindex: u32) -> bool {
+        let a = u128::from(addr);
+        let link_local = addr.is_unicast_link_local();
+        self.v6.iter().any(|&(net, len, oif)| {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len.min(128)))
+            };
+            a & mask == u128::from(net) & mask
+                && (!link_local || ifindex == 0 || oif == 0 || oif == ifindex)
+        })
+    }
+}
+
+/// Everything read from one namespace.
+#[derive(Debug, Clone)]
+pub struct NetnsView {
+    pub sockets: Vec<RawSocket>,
+    /// `None` when the local table could not be read (procfs fallback): latent is then not judged.
+    pub local: Option<LocalAddrs>,
+    /// ifindex → name, for the ifindexes the sockets mention.
+    pub ifnames: Vec<(u32, String)>,
+    pub source: Source,
+    /// Conditions worth telling the operator (e.g. "IPv6 is disabled in this namespace").
+    pub notes: Vec<String>,
+}
+
+/// A process that holds a socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub comm: String,
+    pub cmdline: String,
+    /// Effective user name (or the numeric uid when /etc/passwd does not name it).
+    pub user: String,
+}
+
+/// A container a socket belongs to, derived from its cgroup path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Container {
+    /// `docker`, `containerd`, `cri-o`, `podman`, `lxc`, or `kubernetes` when only the pod
+    /// layout shows which runtime it is not.
+    pub runtime: String,
+    pub id: String,
+    /// Kubernetes pod UID when the cgroup path carries one.
+    pub pod_uid: Option<String>,
+}
+
+/// The classifier's verdict for one socket. See `classify.rs` and KERNEL_FACTS.md.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classification {
+    pub reach_ipv4: Reach,
+    pub reach_ipv6: Reach,
+    /// Bound address is not local in its namespace: the socket accepts nothing yet.
+    pub latent: bool,
+    /// Exactly what `netstat -tuln` prints in its Local Address column.
+    pub shown_as: String,
+    /// Exactly what `netstat -tuln` prints in its Proto column (`tcp`, `tcp6`, `udp`, `udp6`).
+    pub netstat_proto: &'static str,
+    /// An AF_INET6 socket that accepts IPv4.
+    pub trap: bool,
+}
+
+/// One listener as the agent reports it.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub socket: RawSocket,
+    /// Shared by every listener of the namespace.
+    pub netns: std::sync::Arc<NetnsId>,
+    pub source: Source,
+    /// Name of `socket.ifindex` in the socket's namespace; `None` when not bound to a device.
+    pub interface: Option<String>,
+    pub class: Classification,
+    /// The port (netns, protocol, port) is reachable over IPv4 while netstat shows only IPv6
+    /// lines for it.
+    pub hidden_ipv4_exposure: bool,
+    /// Owner pids, ascending; details in [`crate::scan::Inventory::processes`].
+    pub pids: Vec<u32>,
+    pub cgroup: Option<String>,
+    pub container: Option<Container>,
+    pub unit: Option<String>,
+}

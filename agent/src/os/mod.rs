@@ -1,0 +1,220 @@
+//! The seam between the agent and Linux. Every netlink call, `setns`, `/proc` read and
+//! `unsafe` block of the agent lives under this module; everything above it goes through
+//! the [`System`] trait and takes plain values, so the scan logic is tested with a fake
+//! system and without root (`scan.rs` tests), while `tests/` drive the real one.
+
+pub mod netlink;
+pub mod netns;
+pub mod procfs;
+
+use std::collections::HashMap;
+
+use crate::fasthash::FastSet;
+use std::io;
+use std::sync::OnceLock;
+
+use crate::model::{Family, LocalAddrs, NetnsView, Protocol, Source};
+pub use netns::{Discovery, NetnsEntry};
+pub use procfs::{Caps, OwnerWalk};
+
+/// Why one namespace could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot enter it: {0}")]
+    Enter(#[source] io::Error),
+    #[error("sock_diag dump failed: {0}")]
+    Dump(#[from] netlink::DumpError),
+    #[error(
+        "not allowed to enter it and no process of it is left to read /proc/PID/net from \
+         (entering another network namespace needs CAP_SYS_ADMIN)"
+    )]
+    NoAccess,
+    #[error("reading /proc/{pid}/net failed: {source}")]
+    Procfs { pid: u32, source: io::Error },
+    #[error("the namespace reader thread panicked")]
+    Panicked,
+}
+
+/// What the scan needs from the operating system.
+pub trait System: Sync {
+    /// Every network namespace this process can find.
+    fn discover(&self) -> Discovery;
+    /// The listening sockets, local addresses and interface names of one namespace.
+    fn read_netns(&self, ns: &NetnsEntry, protocols: &[Protocol]) -> Result<NetnsView, ReadError>;
+    /// Which processes hold which of the `wanted` socket inodes, and who they are.
+    /// `wanted` may be published after the call starts (the walk overlaps the dumps); the
+    /// caller must publish it eventually, even on failure (an empty set ends the walk).
+    fn owners(&self, wanted: &OnceLock<FastSet<u64>>) -> OwnerWalk;
+    /// cgroup id → cgroup v2 path, for the ids it can find.
+    fn cgroup_paths(&self, ids: &FastSet<u64>) -> HashMap<u64, String>;
+    /// A process's own cgroup path (fallback when the socket's cgroup id is not found).
+    fn process_cgroup(&self, pid: u32) -> Option<String>;
+    fn hostname(&self) -> String;
+    fn caps(&self) -> Caps;
+}
+
+/// The real thing.
+#[derive(Debug, Default)]
+pub struct LinuxSystem {
+    passwd: OnceLock<procfs::Passwd>,
+}
+
+impl LinuxSystem {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn walk_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+}
+
+impl System for LinuxSystem {
+    fn discover(&self) -> Discovery {
+        netns::discover()
+    }
+
+    fn read_netns(&self, ns: &NetnsEntry, protocols: &[Protocol]) -> Result<NetnsView, ReadError> {
+        // This process's own namespace: no thread of ours ever leaves it except the
+        // dedicated ones below, so the calling thread is in it.
+        if ns.current {
+            return read_current_netns(protocols);
+        }
+        // A dedicated thread: setns changes only the calling thread, and that thread is
+        // thrown away afterwards, so no other work ever runs in a borrowed namespace.
+        let entered = std::thread::scope(|s| {
+            s.spawn(|| {
+                netns::enter(&ns.handles, ns.id.inode).map_err(ReadError::Enter)?;
+                read_current_netns(protocols)
+            })
+            .join()
+            .unwrap_or(Err(ReadError::Panicked))
+        });
+        match entered {
+            Err(ReadError::Enter(e)) if e.kind() == io::ErrorKind::PermissionDenied => {
+                read_via_procfs(ns, protocols)
+            }
+            other => other,
+        }
+    }
+
+    fn owners(&self, wanted: &OnceLock<FastSet<u64>>) -> OwnerWalk {
+        let passwd = self.passwd.get_or_init(procfs::Passwd::load);
+        procfs::walk_socket_owners(&procfs::pids(), wanted, walk_threads(), passwd)
+    }
+
+    fn cgroup_paths(&self, ids: &FastSet<u64>) -> HashMap<u64, String> {
+        procfs::cgroup_paths(ids)
+    }
+
+    fn process_cgroup(&self, pid: u32) -> Option<String> {
+        procfs::process_cgroup(pid)
+    }
+
+    fn hostname(&self) -> String {
+        procfs::hostname()
+    }
+
+    fn caps(&self) -> Caps {
+        Caps::current()
+    }
+}
+
+/// Reads the calling thread's namespace through netlink.
+fn read_current_netns(protocols: &[Protocol]) -> Result<NetnsView, ReadError> {
+    let mut notes = Vec::new();
+    let mut diag = netlink::Netlink::sock_diag().map_err(netlink::DumpError::Io)?;
+    let mut sockets = Vec::new();
+    let mut ipv6_missing = false;
+    for &protocol in protocols {
+        for family in [Family::Ipv4, Family::Ipv6] {
+            match diag.dump_sockets(protocol, family, &mut sockets) {
+                Ok(()) => {}
+                Err(netlink::DumpError::Unsupported) if family == Family::Ipv6 => {
+                    ipv6_missing = true
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    if ipv6_missing {
+        notes.push(
+            "IPv6 is not available in this namespace (disabled at boot?): IPv4 only".to_string(),
+        );
+    }
+    let local = match read_local_addrs() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            notes.push(format!(
+                "local routing table unreadable ({e}): latent binds not judged"
+            ));
+            None
+        }
+    };
+    let mut ifindexes: Vec<u32> = sockets
+        .iter()
+        .map(|s| s.ifindex)
+        .filter(|&i| i != 0)
+        .collect();
+    ifindexes.sort_unstable();
+    ifindexes.dedup();
+    let ifnames = ifindexes.into_iter().map(|i| (i, ifname(i))).collect();
+    Ok(NetnsView {
+        sockets,
+        local,
+        ifnames,
+        source: Source::SockDiag,
+        notes,
+    })
+}
+
+fn read_local_addrs() -> Result<LocalAddrs, netlink::DumpError> {
+    let mut rt = netlink::Netlink::route()?;
+    let mut local = LocalAddrs::default();
+    rt.local_addrs(Family::Ipv4, &mut local)?;
+    match rt.local_addrs(Family::Ipv6, &mut local) {
+        Ok(()) | Err(netlink::DumpError::Unsupported) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(local)
+}
+
+/// Interface name in the calling thread's namespace; `if#N` when it is gone.
+fn ifname(index: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("if#{index}");
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Fallback without CAP_SYS_ADMIN: a member process's `/proc/PID/net` tables.
+fn read_via_procfs(ns: &NetnsEntry, protocols: &[Protocol]) -> Result<NetnsView, ReadError> {
+    let mut last = None;
+    for &pid in &ns.pids {
+        match procfs::proc_net_sockets(pid, protocols) {
+            Ok(sockets) => {
+                return Ok(NetnsView {
+                    sockets,
+                    local: None,
+                    ifnames: Vec::new(),
+                    source: Source::Procfs,
+                    notes: vec![format!(
+                        "read from /proc/{pid}/net: v6only, bound interface and latent binds are \
+                         unknown here (entering the namespace needs CAP_SYS_ADMIN)"
+                    )],
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {} // exited
+            Err(e) => last = Some(ReadError::Procfs { pid, source: e }),
+        }
+    }
+    Err(last.unwrap_or(ReadError::NoAccess))
+}

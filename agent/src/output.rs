@@ -1,0 +1,565 @@
+//! Rendering an [`Inventory`] for people (a table) and for programs (JSON).
+//!
+//! The JSON schema is documented in `docs/scan-json.md`; keys are only ever added.
+//! JSON is streamed to the writer (no whole-document string), so a 10k-listener host
+//! costs no extra memory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Write};
+use std::net::IpAddr;
+
+use comfy_table::{Table, presets};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use time::format_description::well_known::Rfc3339;
+
+use crate::model::{Family, Listener, ProcessInfo, Reach, Source};
+use crate::scan::Inventory;
+
+/// Mark in the first table column for trap rows.
+pub const TRAP_MARK: &str = "!";
+
+#[derive(Serialize)]
+struct Doc<'a> {
+    host: &'a str,
+    scanned_at: String,
+    agent_version: &'static str,
+    namespaces: Vec<DocNetns<'a>>,
+    warnings: &'a [String],
+}
+
+#[derive(Serialize)]
+struct DocNetns<'a> {
+    inode: u64,
+    name: &'a str,
+    source: Option<Source>,
+    listeners: usize,
+}
+
+/// Writes the inventory as one JSON document followed by a newline.
+///
+/// Listeners are written one by one into a reusable buffer that is flushed every 64 KiB,
+/// so memory stays flat however many listeners there are.
+pub fn write_json(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
+    let processes: HashMap<u32, Box<RawValue>> = inv
+        .processes
+        .iter()
+        .map(|(pid, p)| Ok((*pid, serde_json::value::to_raw_value(p)?)))
+        .collect::<Result<_, serde_json::Error>>()
+        .map_err(io::Error::other)?;
+    let head = Doc {
+        host: &inv.host,
+        scanned_at: inv
+            .scanned_at
+            .format(&Rfc3339)
+            .map_err(|e| io::Error::other(e.to_string()))?,
+        agent_version: env!("CARGO_PKG_VERSION"),
+        namespaces: inv
+            .namespaces
+            .iter()
+            .map(|n| DocNetns {
+                inode: n.id.inode,
+                name: &n.id.name,
+                source: n.source,
+                listeners: n.listeners,
+            })
+            .collect(),
+        warnings: &inv.warnings,
+    };
+    let mut buf = serde_json::to_vec(&head).map_err(io::Error::other)?;
+    buf.pop(); // the closing brace: the listeners array comes last
+    buf.extend_from_slice(b",\"listeners\":[");
+    for (i, l) in inv.listeners.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        write_listener(&mut buf, l, &processes);
+        if buf.len() >= 64 * 1024 {
+            out.write_all(&buf)?;
+            buf.clear();
+        }
+    }
+    buf.extend_from_slice(b"]}\n");
+    out.write_all(&buf)
+}
+
+/// Appends one listener object. Hand-written because it runs 10k times per scan on a busy
+/// host: static keys are copied instead of escape-scanned and owners are pre-serialized,
+/// which took the JSON step from 4.6 ms to about 2 ms (docs/BENCHMARKS.md). Dynamic strings
+/// still go through serde_json's escaping. `output::tests::fast_writer_matches_schema`
+/// holds it to the serde reference above.
+fn write_listener(buf: &mut Vec<u8>, l: &Listener, processes: &HashMap<u32, Box<RawValue>>) {
+    use std::io::Write as _;
+    fn string(buf: &mut Vec<u8>, s: &str) {
+        serde_json::to_writer(&mut *buf, s).expect("writing to a Vec cannot fail");
+    }
+    fn opt_string(buf: &mut Vec<u8>, s: Option<&str>) {
+        match s {
+            Some(s) => string(buf, s),
+            None => buf.extend_from_slice(b"null"),
+        }
+    }
+    fn opt_bool(buf: &mut Vec<u8>, b: Option<bool>) {
+        buf.extend_from_slice(match b {
+            Some(true) => b"true",
+            Some(false) => b"false",
+            None => b"null",
+        });
+    }
+    fn boolean(buf: &mut Vec<u8>, b: bool) {
+        buf.extend_from_slice(if b { b"true" } else { b"false" });
+    }
+    let s = &l.socket;
+    buf.extend_from_slice(b"{\"protocol\":\"");
+    buf.extend_from_slice(s.protocol.as_str().as_bytes());
+    buf.extend_from_slice(b"\",\"family\":\"");
+    buf.extend_from_slice(s.family.as_str().as_bytes());
+    let _ = write!(
+        buf,
+        "\",\"address\":\"{}\",\"port\":{},\"v6only\":",
+        s.address, s.port
+    );
+    opt_bool(buf, s.v6only);
+    buf.extend_from_slice(b",\"interface\":");
+    opt_string(buf, l.interface.as_deref());
+    let _ = write!(buf, ",\"netns\":{{\"inode\":{},\"name\":", l.netns.inode);
+    string(buf, &l.netns.name);
+    let _ = write!(
+        buf,
+        "}},\"inode\":{},\"uid\":{},\"processes\":[",
+        s.inode, s.uid
+    );
+    let mut first = true;
+    for raw in l.pids.iter().filter_map(|p| processes.get(p)) {
+        if !first {
+            buf.push(b',');
+        }
+        first = false;
+        buf.extend_from_slice(raw.get().as_bytes());
+    }
+    buf.extend_from_slice(b"],\"container\":");
+    match &l.container {
+        Some(c) => serde_json::to_writer(&mut *buf, c).expect("writing to a Vec cannot fail"),
+        None => buf.extend_from_slice(b"null"),
+    }
+    buf.extend_from_slice(b",\"unit\":");
+    opt_string(buf, l.unit.as_deref());
+    buf.extend_from_slice(b",\"cgroup\":");
+    opt_string(buf, l.cgroup.as_deref());
+    buf.extend_from_slice(b",\"reach_ipv4\":\"");
+    buf.extend_from_slice(l.class.reach_ipv4.as_str().as_bytes());
+    buf.extend_from_slice(b"\",\"reach_ipv6\":\"");
+    buf.extend_from_slice(l.class.reach_ipv6.as_str().as_bytes());
+    buf.extend_from_slice(b"\",\"latent\":");
+    boolean(buf, l.class.latent);
+    // shown_as is digits, hex, dots and colons only.
+    buf.extend_from_slice(b",\"shown_as\":\"");
+    buf.extend_from_slice(l.class.shown_as.as_bytes());
+    buf.extend_from_slice(b"\",\"netstat_proto\":\"");
+    buf.extend_from_slice(l.class.netstat_proto.as_bytes());
+    buf.extend_from_slice(b"\",\"trap\":");
+    boolean(buf, l.class.trap);
+    buf.extend_from_slice(b",\"hidden_ipv4_exposure\":");
+    boolean(buf, l.hidden_ipv4_exposure);
+    buf.extend_from_slice(b",\"freebind\":");
+    opt_bool(buf, s.freebind);
+    buf.extend_from_slice(b",\"transparent\":");
+    opt_bool(buf, s.transparent);
+    buf.extend_from_slice(b",\"source\":\"");
+    buf.extend_from_slice(l.source.as_str().as_bytes());
+    buf.extend_from_slice(b"\"}");
+}
+
+/// What a socket really accepts, in words.
+pub fn really_accepts(l: &Listener) -> String {
+    let addr = l.socket.address;
+    if l.class.latent {
+        return format!("nothing yet: {} is not a local address", plain(addr));
+    }
+    let mut parts = Vec::new();
+    match l.class.reach_ipv4 {
+        Reach::Any => parts.push("all IPv4".to_string()),
+        Reach::Loopback if is_wildcard(addr) => parts.push("IPv4 loopback".to_string()),
+        Reach::Loopback | Reach::Specific => parts.push(format!("IPv4 {}", plain(addr))),
+        Reach::Unknown => parts.push("IPv4 unknown (kernel sent no v6only)".to_string()),
+        Reach::None => {}
+    }
+    match l.class.reach_ipv6 {
+        Reach::Any => parts.push("all IPv6".to_string()),
+        Reach::Loopback if is_wildcard(addr) => parts.push("IPv6 loopback".to_string()),
+        Reach::Loopback | Reach::Specific => parts.push(format!("IPv6 {addr}")),
+        Reach::Unknown => parts.push("IPv6 unknown".to_string()),
+        Reach::None => {}
+    }
+    let mut s = if parts.is_empty() {
+        "nothing".to_string()
+    } else {
+        parts.join(" + ")
+    };
+    if let Some(i) = &l.interface {
+        s.push_str(&format!(" (only via {i})"));
+    }
+    s
+}
+
+fn is_wildcard(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(a) => a.is_unspecified(),
+        IpAddr::V6(a) => {
+            a.is_unspecified() || a.to_ipv4_mapped().is_some_and(|v4| v4.is_unspecified())
+        }
+    }
+}
+
+/// v4-mapped addresses as the IPv4 address they stand for.
+fn plain(a: IpAddr) -> String {
+    match a {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => v6.to_string(),
+        },
+        IpAddr::V4(v4) => v4.to_string(),
+    }
+}
+
+fn v6only_cell(l: &Listener) -> &'static str {
+    match (l.socket.family, l.socket.v6only) {
+        (Family::Ipv4, _) => "-",
+        (Family::Ipv6, Some(true)) => "yes",
+        (Family::Ipv6, Some(false)) => "no",
+        (Family::Ipv6, None) => "?",
+    }
+}
+
+/// `nginx[811,812,+3] php-fpm[900]`, or `-` when no process holds it.
+pub fn process_cell(l: &Listener, processes: &BTreeMap<u32, ProcessInfo>) -> String {
+    let mut by_comm: Vec<(&str, Vec<u32>)> = Vec::new();
+    for pid in &l.pids {
+        let Some(p) = processes.get(pid) else {
+            continue;
+        };
+        match by_comm.iter_mut().find(|(c, _)| *c == p.comm) {
+            Some((_, pids)) => pids.push(*pid),
+            None => by_comm.push((&p.comm, vec![*pid])),
+        }
+    }
+    if by_comm.is_empty() {
+        return "-".to_string();
+    }
+    by_comm
+        .iter()
+        .map(|(comm, pids)| {
+            let shown: Vec<String> = pids.iter().take(3).map(|p| p.to_string()).collect();
+            let more = if pids.len() > 3 {
+                format!(",+{}", pids.len() - 3)
+            } else {
+                String::new()
+            };
+            format!("{comm}[{}{more}]", shown.join(","))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn owner_cell(l: &Listener) -> String {
+    match (&l.container, &l.unit) {
+        (Some(c), _) if !c.id.is_empty() => {
+            format!("{}:{}", c.runtime, &c.id[..c.id.len().min(12)])
+        }
+        (Some(c), _) => format!("pod:{}", c.pod_uid.as_deref().unwrap_or("?")),
+        (None, Some(u)) => u.clone(),
+        (None, None) => "-".to_string(),
+    }
+}
+
+/// Writes the human table, its footer, and nothing else (warnings go to stderr).
+pub fn write_table(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING);
+    table.set_header(vec![
+        "",
+        "PROTO",
+        "SHOWN AS",
+        "REALLY ACCEPTS",
+        "V6ONLY",
+        "NETNS",
+        "PROCESS",
+        "UNIT/CONTAINER",
+    ]);
+    for l in &inv.listeners {
+        table.add_row(vec![
+            if l.class.trap { TRAP_MARK } else { "" }.to_string(),
+            l.class.netstat_proto.to_string(),
+            l.class.shown_as.clone(),
+            really_accepts(l),
+            v6only_cell(l).to_string(),
+            l.netns.name.clone(),
+            process_cell(l, &inv.processes),
+            owner_cell(l),
+        ]);
+    }
+    if inv.listeners.is_empty() {
+        writeln!(out, "No listening sockets matched.")?;
+    } else {
+        // comfy-table pads every line to the table width; trailing blanks are noise in a terminal.
+        for line in table.to_string().lines() {
+            writeln!(out, "{}", line.trim_end())?;
+        }
+        writeln!(out)?;
+    }
+    if inv.listeners.iter().any(|l| l.class.trap) {
+        writeln!(
+            out,
+            "{TRAP_MARK} = IPv6 socket that also accepts IPv4 (IPV6_V6ONLY=0): netstat and lsof \
+             show it as IPv6 only (tcp6 :::PORT), but IPv4 clients reach it."
+        )?;
+    }
+    let mut hidden: Vec<String> = inv
+        .listeners
+        .iter()
+        .filter(|l| l.hidden_ipv4_exposure)
+        .map(|l| format!("{} {}/{}", l.netns.name, l.socket.protocol, l.socket.port))
+        .collect();
+    hidden.dedup();
+    if !hidden.is_empty() {
+        writeln!(
+            out,
+            "Reachable over IPv4 although netstat shows only IPv6 lines: {}",
+            hidden.join(", ")
+        )?;
+    }
+    let scanned = inv.namespaces.iter().filter(|n| n.source.is_some()).count();
+    writeln!(
+        out,
+        "{} listeners in {} of {} network namespaces on {}.",
+        inv.listeners.len(),
+        scanned,
+        inv.namespaces.len(),
+        inv.host
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Container, NetnsId};
+
+    /// The listener schema as a serde struct: the reference the hand-written
+    /// [`write_listener`] is tested against (see `docs/scan-json.md`).
+    #[derive(Serialize)]
+    struct DocListener<'a> {
+        protocol: crate::model::Protocol,
+        family: Family,
+        address: IpAddr,
+        port: u16,
+        v6only: Option<bool>,
+        interface: Option<&'a str>,
+        netns: &'a NetnsId,
+        inode: u64,
+        uid: u32,
+        processes: Vec<&'a RawValue>,
+        container: Option<&'a Container>,
+        unit: Option<&'a str>,
+        cgroup: Option<&'a str>,
+        reach_ipv4: Reach,
+        reach_ipv6: Reach,
+        latent: bool,
+        shown_as: &'a str,
+        netstat_proto: &'a str,
+        trap: bool,
+        hidden_ipv4_exposure: bool,
+        freebind: Option<bool>,
+        transparent: Option<bool>,
+        source: Source,
+    }
+
+    impl<'a> DocListener<'a> {
+        fn new(l: &'a Listener, processes: &'a HashMap<u32, Box<RawValue>>) -> Self {
+            DocListener {
+                protocol: l.socket.protocol,
+                family: l.socket.family,
+                address: l.socket.address,
+                port: l.socket.port,
+                v6only: l.socket.v6only,
+                interface: l.interface.as_deref(),
+                netns: &l.netns,
+                inode: l.socket.inode,
+                uid: l.socket.uid,
+                processes: l
+                    .pids
+                    .iter()
+                    .filter_map(|p| processes.get(p))
+                    .map(|r| &**r)
+                    .collect(),
+                container: l.container.as_ref(),
+                unit: l.unit.as_deref(),
+                cgroup: l.cgroup.as_deref(),
+                reach_ipv4: l.class.reach_ipv4,
+                reach_ipv6: l.class.reach_ipv6,
+                latent: l.class.latent,
+                shown_as: &l.class.shown_as,
+                netstat_proto: l.class.netstat_proto,
+                trap: l.class.trap,
+                hidden_ipv4_exposure: l.hidden_ipv4_exposure,
+                freebind: l.socket.freebind,
+                transparent: l.socket.transparent,
+                source: l.source,
+            }
+        }
+    }
+
+    /// The hand-written listener JSON equals the serde reference, field for field.
+    #[test]
+    fn fast_writer_matches_schema() {
+        let mut plain = listener("::", Some(false), 0, None);
+        plain.pids = vec![7, 8];
+        let mut odd = listener("fe80::5", Some(true), 2, Some("eth\"0"));
+        odd.netns = std::sync::Arc::new(NetnsId {
+            inode: 4026532000,
+            name: "/run/docker/netns/ab cd\\ é".into(),
+        });
+        odd.container = Some(Container {
+            runtime: "docker".into(),
+            id: "abc".into(),
+            pod_uid: Some("pod-1".into()),
+        });
+        odd.unit = Some("x.service".into());
+        odd.cgroup = Some("/system.slice/x.service".into());
+        odd.socket.freebind = Some(true);
+        odd.socket.transparent = None;
+        odd.source = Source::Procfs;
+        let latent = listener("10.9.9.9", None, 0, None);
+        let mut procs = HashMap::new();
+        for pid in [7u32, 8] {
+            let p = ProcessInfo {
+                pid,
+                comm: "ng\tinx".into(),
+                cmdline: "nginx: \"master\"".into(),
+                user: "www-data".into(),
+            };
+            procs.insert(pid, serde_json::value::to_raw_value(&p).unwrap());
+        }
+        for l in [&plain, &odd, &latent] {
+            let mut fast = Vec::new();
+            write_listener(&mut fast, l, &procs);
+            let fast: serde_json::Value = serde_json::from_slice(&fast).unwrap_or_else(|e| {
+                panic!("invalid JSON ({e}): {}", String::from_utf8_lossy(&fast))
+            });
+            let reference = serde_json::to_value(DocListener::new(l, &procs)).unwrap();
+            assert_eq!(fast, reference);
+        }
+    }
+
+    use crate::classify::classify;
+    use crate::model::{LocalAddrs, Protocol, RawSocket};
+
+    fn listener(addr: &str, v6only: Option<bool>, ifindex: u32, iface: Option<&str>) -> Listener {
+        let address: IpAddr = addr.parse().unwrap();
+        let socket = RawSocket {
+            protocol: Protocol::Tcp,
+            family: if address.is_ipv4() {
+                Family::Ipv4
+            } else {
+                Family::Ipv6
+            },
+            address,
+            port: 80,
+            v6only,
+            ifindex,
+            freebind: None,
+            transparent: None,
+            uid: 0,
+            inode: 1,
+            cgroup_id: None,
+        };
+        let local = LocalAddrs {
+            v4: vec![
+                ("127.0.0.0".parse().unwrap(), 8),
+                ("10.0.0.5".parse().unwrap(), 32),
+            ],
+            v6: vec![
+                ("::1".parse().unwrap(), 128, 1),
+                ("fe80::5".parse().unwrap(), 128, 2),
+            ],
+        };
+        Listener {
+            class: classify(&socket, Some(&local)),
+            socket,
+            netns: std::sync::Arc::new(NetnsId {
+                inode: 1,
+                name: "host".into(),
+            }),
+            source: Source::SockDiag,
+            interface: iface.map(String::from),
+            hidden_ipv4_exposure: false,
+            pids: vec![],
+            cgroup: None,
+            container: None,
+            unit: None,
+        }
+    }
+
+    #[test]
+    fn words() {
+        let cases = [
+            (listener("::", Some(false), 0, None), "all IPv4 + all IPv6"),
+            (listener("::", Some(true), 0, None), "all IPv6"),
+            (
+                listener("::", None, 0, None),
+                "IPv4 unknown (kernel sent no v6only) + all IPv6",
+            ),
+            (listener("0.0.0.0", None, 0, None), "all IPv4"),
+            (
+                listener("0.0.0.0", None, 1, Some("lo")),
+                "IPv4 loopback (only via lo)",
+            ),
+            (listener("127.0.0.1", None, 0, None), "IPv4 127.0.0.1"),
+            (
+                listener("::ffff:10.0.0.5", Some(false), 0, None),
+                "IPv4 10.0.0.5",
+            ),
+            (listener("::ffff:0.0.0.0", Some(false), 0, None), "all IPv4"),
+            (
+                listener("fe80::5", Some(true), 2, Some("eth0")),
+                "IPv6 fe80::5 (only via eth0)",
+            ),
+            (
+                listener("10.9.9.9", None, 0, None),
+                "nothing yet: 10.9.9.9 is not a local address",
+            ),
+        ];
+        for (l, want) in cases {
+            assert_eq!(really_accepts(&l), want, "{}", l.socket.address);
+        }
+    }
+
+    #[test]
+    fn process_cells() {
+        let mut l = listener("::", Some(false), 0, None);
+        l.pids = vec![10, 11, 12, 13, 14, 20];
+        let mut procs = BTreeMap::new();
+        for pid in [10, 11, 12, 13, 14] {
+            procs.insert(
+                pid,
+                ProcessInfo {
+                    pid,
+                    comm: "nginx".into(),
+                    cmdline: String::new(),
+                    user: "root".into(),
+                },
+            );
+        }
+        procs.insert(
+            20,
+            ProcessInfo {
+                pid: 20,
+                comm: "helper".into(),
+                cmdline: String::new(),
+                user: "root".into(),
+            },
+        );
+        assert_eq!(process_cell(&l, &procs), "nginx[10,11,12,+2] helper[20]");
+        l.pids.clear();
+        assert_eq!(process_cell(&l, &procs), "-");
+    }
+}

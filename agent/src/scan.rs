@@ -1,0 +1,779 @@
+//! One inventory of the host: namespaces → sockets → classification → owners → attribution.
+//!
+//! Works only through [`System`], so everything here is tested with a fake system (below).
+//! Per-port facts (hidden IPv4 exposure) are computed over every socket of the selected
+//! namespaces *before* `--port`/`--trap-only` filter the output, so a filter never changes
+//! what is true about a port.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use std::time::Instant;
+
+use time::OffsetDateTime;
+
+use crate::attribution;
+use crate::classify::{classify, hidden_ipv4_groups};
+use crate::fasthash::FastSet;
+use crate::model::{Listener, NetnsId, ProcessInfo, Protocol, Source};
+use crate::os::procfs::{CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CAP_SYS_PTRACE};
+use crate::os::{NetnsEntry, ReadError, System};
+
+/// Which namespaces to look at (`--netns`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetnsSelector {
+    All,
+    Current,
+    /// A `/run/netns` name, `host`, an nsfs mount path or `net:[INODE]`.
+    Name(String),
+    Inode(u64),
+}
+
+impl std::str::FromStr for NetnsSelector {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "" => {
+                return Err(
+                    "empty namespace selector; use all, current, a name or an inode".into(),
+                );
+            }
+            "all" => NetnsSelector::All,
+            "current" => NetnsSelector::Current,
+            _ => match s.parse::<u64>() {
+                Ok(ino) => NetnsSelector::Inode(ino),
+                Err(_) => NetnsSelector::Name(s.to_string()),
+            },
+        })
+    }
+}
+
+/// What to scan and what to keep.
+#[derive(Debug, Clone)]
+pub struct ScanOptions {
+    pub netns: NetnsSelector,
+    /// Protocols to enumerate (both by default).
+    pub protocols: Vec<Protocol>,
+    pub port: Option<u16>,
+    pub trap_only: bool,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        ScanOptions {
+            netns: NetnsSelector::All,
+            protocols: vec![Protocol::Tcp, Protocol::Udp],
+            port: None,
+            trap_only: false,
+        }
+    }
+}
+
+/// One namespace as scanned.
+#[derive(Debug, Clone)]
+pub struct NetnsReport {
+    pub id: NetnsId,
+    /// `None` when it could not be read at all (see warnings).
+    pub source: Option<Source>,
+    /// Listeners found in it (before output filters).
+    pub listeners: usize,
+}
+
+/// The result of a scan.
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    pub host: String,
+    pub scanned_at: OffsetDateTime,
+    /// Sorted by namespace (host first), protocol, port, family, address, inode.
+    pub listeners: Vec<Listener>,
+    /// Every process named by a listener.
+    pub processes: BTreeMap<u32, ProcessInfo>,
+    pub namespaces: Vec<NetnsReport>,
+    /// What could not be seen, and which capability would fix it.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("no network namespace matches --netns {wanted}; known namespaces: {known}")]
+    NoSuchNetns { wanted: String, known: String },
+}
+
+/// How many namespaces are read at once.
+const NETNS_PARALLEL: usize = 4;
+
+pub fn scan(sys: &dyn System, opts: &ScanOptions) -> Result<Inventory, ScanError> {
+    let scanned_at = OffsetDateTime::now_utc();
+    let started = Instant::now();
+    // The /proc walk is the longest step and needs only the socket inodes: it starts first,
+    // runs while namespaces are found and read (see `walk_socket_owners`), and keeps running
+    // while this thread classifies, attributes cgroups and sorts.
+    let wanted = OnceLock::new();
+    let (collected, walk) = std::thread::scope(|s| {
+        let walk = s.spawn(|| sys.owners(&wanted));
+        // On an error or a panic the walker must not wait forever for the wanted set.
+        let publish_on_exit = PublishEmpty(&wanted);
+        let collected = collect(sys, opts, &wanted, started);
+        drop(publish_on_exit);
+        (collected, walk.join())
+    });
+    let Collected {
+        mut listeners,
+        mut namespaces,
+        mut warnings,
+        caps,
+    } = collected?;
+    let t_collected = started.elapsed();
+    let processes = match walk {
+        Ok(walk) => attach_owners(sys, walk, &mut listeners, &mut warnings, caps),
+        Err(_) => {
+            warnings.push("the owner walk failed (thread panicked): owners are missing".into());
+            BTreeMap::new()
+        }
+    };
+    let t_owners = started.elapsed();
+    namespaces
+        .sort_by(|a, b| (a.id.name != "host", &a.id.name).cmp(&(b.id.name != "host", &b.id.name)));
+
+    tracing::debug!(
+        listeners = listeners.len(),
+        namespaces = namespaces.len(),
+        collected_and_walked_us = t_collected.as_micros() as u64,
+        owners_attached_us = (t_owners - t_collected).as_micros() as u64,
+        "Scan finished."
+    );
+    Ok(Inventory {
+        host: sys.hostname(),
+        scanned_at,
+        listeners,
+        processes,
+        namespaces,
+        warnings,
+    })
+}
+
+/// What [`collect`] found, before owners are attached.
+struct Collected {
+    listeners: Vec<Listener>,
+    namespaces: Vec<NetnsReport>,
+    warnings: Vec<String>,
+    caps: crate::os::Caps,
+}
+
+/// Finds and reads the namespaces, publishes the socket inodes the owner walk should look
+/// for, then classifies and orders the listeners.
+fn collect(
+    sys: &dyn System,
+    opts: &ScanOptions,
+    wanted: &OnceLock<FastSet<u64>>,
+    started: Instant,
+) -> Result<Collected, ScanError> {
+    let caps = sys.caps();
+    let discovery = sys.discover();
+    let selected = select(&discovery.namespaces, &opts.netns)?;
+    let mut warnings = Vec::new();
+    if discovery.unreadable_pids > 0 && matches!(opts.netns, NetnsSelector::All) {
+        warnings.push(format!(
+            "could not see which network namespace {} processes are in: namespaces only they use \
+             are missing ({})",
+            discovery.unreadable_pids,
+            ptrace_hint(caps)
+        ));
+    }
+    if discovery.host_unknown {
+        warnings.push(
+            "could not tell which namespace is the host's (reading /proc/1/ns/net needs CAP_SYS_PTRACE)"
+                .to_string(),
+        );
+    }
+    let t_discover = started.elapsed();
+    let views = read_all(sys, &selected, &opts.protocols);
+    let _ = wanted.set(
+        views
+            .iter()
+            .flatten()
+            .flat_map(|v| &v.sockets)
+            .filter(|s| opts.port.is_none_or(|p| s.port == p))
+            .map(|s| s.inode)
+            .collect(),
+    );
+    let t_read = started.elapsed();
+    let (listeners, namespaces) = assemble(sys, &selected, views, opts, caps, &mut warnings);
+    tracing::debug!(
+        discover_us = t_discover.as_micros() as u64,
+        read_us = (t_read - t_discover).as_micros() as u64,
+        assemble_us = (started.elapsed() - t_read).as_micros() as u64,
+        "Namespaces read."
+    );
+    Ok(Collected {
+        listeners,
+        namespaces,
+        warnings,
+        caps,
+    })
+}
+
+/// Publishes an empty wanted set when dropped before the real one was published.
+struct PublishEmpty<'a>(&'a OnceLock<FastSet<u64>>);
+
+impl Drop for PublishEmpty<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.set(FastSet::default());
+    }
+}
+
+/// Classifies every socket of the namespaces read, marks hidden IPv4 exposure per port,
+/// applies the output filters, attributes cgroups and sorts.
+fn assemble(
+    sys: &dyn System,
+    selected: &[NetnsEntry],
+    views: Vec<Result<crate::model::NetnsView, ReadError>>,
+    opts: &ScanOptions,
+    caps: crate::os::Caps,
+    warnings: &mut Vec<String>,
+) -> (Vec<Listener>, Vec<NetnsReport>) {
+    let mut listeners = Vec::new();
+    let mut namespaces = Vec::new();
+    let mut needs_sys_admin = false;
+    for (ns, result) in selected.iter().zip(views) {
+        match result {
+            Ok(view) => {
+                for note in &view.notes {
+                    warnings.push(format!("netns {}: {note}", ns.id.name));
+                }
+                needs_sys_admin |= view.source == Source::Procfs;
+                let ifnames: HashMap<u32, &str> =
+                    view.ifnames.iter().map(|(i, n)| (*i, n.as_str())).collect();
+                namespaces.push(NetnsReport {
+                    id: ns.id.clone(),
+                    source: Some(view.source),
+                    listeners: view.sockets.len(),
+                });
+                let id = Arc::new(ns.id.clone());
+                listeners.reserve(view.sockets.len());
+                for socket in view.sockets {
+                    let class = classify(&socket, view.local.as_ref());
+                    let interface = (socket.ifindex != 0).then(|| {
+                        ifnames
+                            .get(&socket.ifindex)
+                            .map_or_else(|| format!("if#{}", socket.ifindex), |n| n.to_string())
+                    });
+                    listeners.push(Listener {
+                        socket,
+                        netns: Arc::clone(&id),
+                        source: view.source,
+                        interface,
+                        class,
+                        hidden_ipv4_exposure: false,
+                        pids: Vec::new(),
+                        cgroup: None,
+                        container: None,
+                        unit: None,
+                    });
+                }
+            }
+            Err(e) => {
+                needs_sys_admin |= matches!(e, ReadError::NoAccess | ReadError::Enter(_));
+                warnings.push(format!(
+                    "netns {} (inode {}) not scanned: {e}",
+                    ns.id.name, ns.id.inode
+                ));
+                namespaces.push(NetnsReport {
+                    id: ns.id.clone(),
+                    source: None,
+                    listeners: 0,
+                });
+            }
+        }
+    }
+    if needs_sys_admin && !caps.has(CAP_SYS_ADMIN) {
+        warnings.push(
+            "without CAP_SYS_ADMIN other network namespaces are read from /proc/PID/net or not at all: \
+             run as root or grant CAP_SYS_ADMIN for the v6only truth there"
+                .to_string(),
+        );
+    }
+
+    let hidden = hidden_ipv4_groups(listeners.iter().map(|l| {
+        (
+            (l.netns.inode, l.socket.protocol, l.socket.port),
+            l.socket.family,
+            l.class.reach_ipv4,
+        )
+    }));
+    for l in &mut listeners {
+        l.hidden_ipv4_exposure =
+            hidden.contains(&(l.netns.inode, l.socket.protocol, l.socket.port));
+    }
+    listeners.retain(|l| {
+        opts.port.is_none_or(|p| l.socket.port == p) && (!opts.trap_only || l.class.trap)
+    });
+    attach_socket_cgroups(sys, &mut listeners);
+    sort_listeners(&mut listeners, &namespaces);
+    (listeners, namespaces)
+}
+
+/// Namespace (host first, then by name), protocol, port, family, address, inode.
+fn sort_listeners(listeners: &mut [Listener], namespaces: &[NetnsReport]) {
+    let mut order: Vec<(bool, &str, u64)> = namespaces
+        .iter()
+        .map(|n| (n.id.name != "host", n.id.name.as_str(), n.id.inode))
+        .collect();
+    order.sort_unstable();
+    let rank: HashMap<u64, usize> = order.iter().enumerate().map(|(i, o)| (o.2, i)).collect();
+    // Keys are computed once and the (large) listeners are moved once, not per comparison.
+    listeners.sort_by_cached_key(|l| {
+        (
+            rank.get(&l.netns.inode).copied().unwrap_or(usize::MAX),
+            l.socket.protocol,
+            l.socket.port,
+            l.socket.family,
+            l.socket.address,
+            l.socket.inode,
+        )
+    });
+}
+
+fn select(all: &[NetnsEntry], sel: &NetnsSelector) -> Result<Vec<NetnsEntry>, ScanError> {
+    let picked: Vec<NetnsEntry> = all
+        .iter()
+        .filter(|ns| match sel {
+            NetnsSelector::All => true,
+            NetnsSelector::Current => ns.current,
+            NetnsSelector::Name(n) => &ns.id.name == n,
+            NetnsSelector::Inode(i) => ns.id.inode == *i || ns.id.name == i.to_string(),
+        })
+        .cloned()
+        .collect();
+    if picked.is_empty() && *sel != NetnsSelector::All {
+        let wanted = match sel {
+            NetnsSelector::Current => "current".to_string(),
+            NetnsSelector::Name(n) => n.clone(),
+            NetnsSelector::Inode(i) => i.to_string(),
+            NetnsSelector::All => unreachable!(),
+        };
+        let known = all
+            .iter()
+            .map(|ns| format!("{} ({})", ns.id.name, ns.id.inode))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(ScanError::NoSuchNetns { wanted, known });
+    }
+    Ok(picked)
+}
+
+/// Reads the namespaces, a few at a time, in the given order.
+fn read_all(
+    sys: &dyn System,
+    selected: &[NetnsEntry],
+    protocols: &[Protocol],
+) -> Vec<Result<crate::model::NetnsView, ReadError>> {
+    let results: Mutex<Vec<Option<Result<_, _>>>> =
+        Mutex::new((0..selected.len()).map(|_| None).collect());
+    let next = AtomicUsize::new(0);
+    let workers = selected.len().clamp(1, NETNS_PARALLEL);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(ns) = selected.get(i) else { break };
+                    let r = sys.read_netns(ns, protocols);
+                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                }
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .map(|r| r.unwrap_or(Err(ReadError::Panicked)))
+        .collect()
+}
+
+/// Fills `pids` of every listener from the walk; returns the process table. Processes that
+/// exited during the scan are already absent from the walk.
+fn attach_owners(
+    sys: &dyn System,
+    mut walk: crate::os::OwnerWalk,
+    listeners: &mut [Listener],
+    warnings: &mut Vec<String>,
+    caps: crate::os::Caps,
+) -> BTreeMap<u32, ProcessInfo> {
+    let mut by_pid: HashMap<u32, Option<String>> = HashMap::new();
+    let mut attributed: HashMap<String, Attribution> = HashMap::new();
+    for l in listeners.iter_mut() {
+        // Each inode belongs to one listener: take the pids instead of copying them.
+        if let Some(mut pids) = walk.by_inode.remove(&l.socket.inode) {
+            pids.sort_unstable();
+            l.pids = pids;
+        }
+        // Fallback attribution: the socket's own cgroup was not found, its owner's may be.
+        if l.cgroup.is_none()
+            && let Some(&pid) = l.pids.first()
+            && let Some(path) = by_pid
+                .entry(pid)
+                .or_insert_with(|| sys.process_cgroup(pid))
+                .clone()
+        {
+            apply_attribution(l, path, &mut attributed);
+        }
+    }
+    if walk.denied > 0 {
+        warnings.push(format!(
+            "could not read the open files of {} processes: their sockets show no owner ({})",
+            walk.denied,
+            ptrace_hint(caps)
+        ));
+    }
+    walk.processes.into_iter().collect()
+}
+
+type Attribution = (Option<crate::model::Container>, Option<String>);
+
+fn apply_attribution(l: &mut Listener, path: String, cache: &mut HashMap<String, Attribution>) {
+    let (container, unit) = cache
+        .entry(path.clone())
+        .or_insert_with(|| attribution::attribute(&path));
+    l.container = container.clone();
+    l.unit = unit.clone();
+    l.cgroup = Some(path);
+}
+
+/// Which capability would let us look at other processes, or why having it did not help.
+fn ptrace_hint(caps: crate::os::Caps) -> String {
+    let missing: Vec<&str> = [
+        (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
+        (CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH"),
+    ]
+    .iter()
+    .filter(|(c, _)| !caps.has(*c))
+    .map(|(_, n)| *n)
+    .collect();
+    if missing.is_empty() {
+        "denied despite CAP_SYS_PTRACE: those processes are not dumpable or a security module refused".to_string()
+    } else {
+        format!(
+            "needs CAP_SYS_PTRACE + CAP_DAC_READ_SEARCH; missing {}",
+            missing.join(" + ")
+        )
+    }
+}
+
+/// cgroup path, container and unit of every listener whose socket cgroup id resolves
+/// (many sockets share a cgroup: each path is attributed once).
+fn attach_socket_cgroups(sys: &dyn System, listeners: &mut [Listener]) {
+    let ids: FastSet<u64> = listeners
+        .iter()
+        .filter_map(|l| l.socket.cgroup_id)
+        .collect();
+    let paths = sys.cgroup_paths(&ids);
+    let mut attributed: HashMap<String, Attribution> = HashMap::new();
+    for l in listeners.iter_mut() {
+        if let Some(path) = l.socket.cgroup_id.and_then(|id| paths.get(&id)) {
+            apply_attribution(l, path.clone(), &mut attributed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Family, LocalAddrs, NetnsView, RawSocket, Reach};
+    use crate::os::{Caps, Discovery, OwnerWalk};
+    use std::net::IpAddr;
+
+    /// A system made of plain values.
+    #[derive(Default)]
+    struct Fake {
+        namespaces: Vec<(NetnsEntry, Result<Vec<RawSocket>, ()>)>,
+        owners: HashMap<u64, Vec<u32>>,
+        processes: HashMap<u32, ProcessInfo>,
+        cgroups: HashMap<u64, String>,
+        denied: usize,
+        caps: u64,
+    }
+
+    impl System for Fake {
+        fn discover(&self) -> Discovery {
+            Discovery {
+                namespaces: self.namespaces.iter().map(|(n, _)| n.clone()).collect(),
+                unreadable_pids: 0,
+                host_unknown: false,
+            }
+        }
+        fn read_netns(
+            &self,
+            ns: &NetnsEntry,
+            protocols: &[Protocol],
+        ) -> Result<NetnsView, ReadError> {
+            let (_, r) = self.namespaces.iter().find(|(n, _)| n.id == ns.id).unwrap();
+            let sockets = r.clone().map_err(|()| ReadError::NoAccess)?;
+            Ok(NetnsView {
+                sockets: sockets
+                    .into_iter()
+                    .filter(|s| protocols.contains(&s.protocol))
+                    .collect(),
+                local: Some(LocalAddrs {
+                    v4: vec![
+                        ("127.0.0.0".parse().unwrap(), 8),
+                        ("10.0.0.1".parse().unwrap(), 32),
+                    ],
+                    v6: vec![("::1".parse().unwrap(), 128, 1)],
+                }),
+                ifnames: vec![(2, "eth0".into())],
+                source: Source::SockDiag,
+                notes: vec![],
+            })
+        }
+        fn owners(&self, wanted: &OnceLock<FastSet<u64>>) -> OwnerWalk {
+            let wanted = wanted.wait();
+            // Like the real walk: a pid that cannot be described (exited) is dropped.
+            let alive = |pids: &Vec<u32>| -> Vec<u32> {
+                pids.iter()
+                    .copied()
+                    .filter(|p| self.processes.contains_key(p))
+                    .collect()
+            };
+            OwnerWalk {
+                processes: self.processes.clone().into_iter().collect(),
+                by_inode: self
+                    .owners
+                    .iter()
+                    .filter(|(i, _)| wanted.contains(i))
+                    .map(|(i, p)| (*i, alive(p)))
+                    .filter(|(_, p)| !p.is_empty())
+                    .collect(),
+                denied: self.denied,
+            }
+        }
+        fn cgroup_paths(&self, ids: &FastSet<u64>) -> HashMap<u64, String> {
+            self.cgroups
+                .iter()
+                .filter(|(i, _)| ids.contains(i))
+                .map(|(i, p)| (*i, p.clone()))
+                .collect()
+        }
+        fn process_cgroup(&self, _pid: u32) -> Option<String> {
+            Some("/system.slice/fallback.service".into())
+        }
+        fn hostname(&self) -> String {
+            "h1".into()
+        }
+        fn caps(&self) -> Caps {
+            Caps(self.caps)
+        }
+    }
+
+    fn ns(inode: u64, name: &str, current: bool) -> NetnsEntry {
+        NetnsEntry {
+            id: NetnsId {
+                inode,
+                name: name.into(),
+            },
+            current,
+            handles: vec![],
+            pids: vec![],
+        }
+    }
+
+    fn sock(proto: Protocol, addr: &str, port: u16, v6only: Option<bool>, inode: u64) -> RawSocket {
+        let address: IpAddr = addr.parse().unwrap();
+        RawSocket {
+            protocol: proto,
+            family: if address.is_ipv4() {
+                Family::Ipv4
+            } else {
+                Family::Ipv6
+            },
+            address,
+            port,
+            v6only,
+            ifindex: 0,
+            freebind: None,
+            transparent: None,
+            uid: 0,
+            inode,
+            cgroup_id: Some(inode + 1000),
+        }
+    }
+
+    fn proc(pid: u32, comm: &str) -> (u32, ProcessInfo) {
+        (
+            pid,
+            ProcessInfo {
+                pid,
+                comm: comm.into(),
+                cmdline: comm.into(),
+                user: "root".into(),
+            },
+        )
+    }
+
+    fn fake() -> Fake {
+        Fake {
+            namespaces: vec![
+                (
+                    ns(100, "blue", false),
+                    Ok(vec![sock(Protocol::Udp, "::", 53, Some(false), 7)]),
+                ),
+                (
+                    ns(1, "host", true),
+                    Ok(vec![
+                        sock(Protocol::Tcp, "::", 80, Some(false), 1),
+                        sock(Protocol::Tcp, "0.0.0.0", 22, None, 2),
+                        sock(Protocol::Tcp, "::", 22, Some(true), 3),
+                        sock(Protocol::Tcp, "10.9.9.9", 8080, None, 4),
+                    ]),
+                ),
+                (ns(200, "red", false), Err(())),
+            ],
+            owners: HashMap::from([
+                (1, vec![12, 11]),
+                (2, vec![20]),
+                (3, vec![20]),
+                (7, vec![99]),
+            ]),
+            // pid 99 exited between the walk and the process read.
+            processes: HashMap::from([proc(11, "apache2"), proc(12, "apache2"), proc(20, "sshd")]),
+            cgroups: HashMap::from([(1001, "/system.slice/apache2.service".into())]),
+            denied: 0,
+            caps: u64::MAX,
+        }
+    }
+
+    fn rows(inv: &Inventory) -> Vec<String> {
+        inv.listeners
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {} {} {}/{} trap={} hidden={} pids={:?}",
+                    l.netns.name,
+                    l.class.netstat_proto,
+                    l.class.shown_as,
+                    l.class.reach_ipv4.as_str(),
+                    l.class.reach_ipv6.as_str(),
+                    l.class.trap,
+                    l.hidden_ipv4_exposure,
+                    l.pids
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn whole_scan() {
+        let inv = scan(&fake(), &ScanOptions::default()).unwrap();
+        assert_eq!(
+            rows(&inv),
+            [
+                "host tcp 0.0.0.0:22 any/none trap=false hidden=false pids=[20]",
+                "host tcp6 :::22 none/any trap=false hidden=false pids=[20]",
+                "host tcp6 :::80 any/any trap=true hidden=true pids=[11, 12]",
+                "host tcp 10.9.9.9:8080 none/none trap=false hidden=false pids=[]",
+                "blue udp6 :::53 any/any trap=true hidden=true pids=[]",
+            ]
+        );
+        assert!(inv.listeners[3].class.latent);
+        assert_eq!(
+            inv.processes.keys().copied().collect::<Vec<_>>(),
+            [11, 12, 20]
+        );
+        // Unreadable namespace: a warning, the rest still scanned.
+        assert!(
+            inv.warnings
+                .iter()
+                .any(|w| w.contains("netns red (inode 200) not scanned")),
+            "{:?}",
+            inv.warnings
+        );
+        // Unit from the socket's cgroup id, else from the owner's cgroup.
+        assert_eq!(inv.listeners[2].unit.as_deref(), Some("apache2.service"));
+        assert_eq!(inv.listeners[0].unit.as_deref(), Some("fallback.service"));
+        assert_eq!(inv.listeners[3].unit, None);
+        assert_eq!(inv.host, "h1");
+    }
+
+    #[test]
+    fn filters_do_not_change_port_facts() {
+        let opts = ScanOptions {
+            port: Some(80),
+            ..ScanOptions::default()
+        };
+        let inv = scan(&fake(), &opts).unwrap();
+        assert_eq!(
+            rows(&inv),
+            ["host tcp6 :::80 any/any trap=true hidden=true pids=[11, 12]"]
+        );
+
+        let opts = ScanOptions {
+            trap_only: true,
+            protocols: vec![Protocol::Udp],
+            ..ScanOptions::default()
+        };
+        let inv = scan(&fake(), &opts).unwrap();
+        assert_eq!(
+            rows(&inv),
+            ["blue udp6 :::53 any/any trap=true hidden=true pids=[]"]
+        );
+    }
+
+    #[test]
+    fn netns_selection() {
+        let pick = |s: &str| {
+            let opts = ScanOptions {
+                netns: s.parse().unwrap(),
+                ..ScanOptions::default()
+            };
+            scan(&fake(), &opts).map(|inv| {
+                inv.namespaces
+                    .iter()
+                    .map(|n| n.id.name.clone())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(pick("current").unwrap(), ["host"]);
+        assert_eq!(pick("blue").unwrap(), ["blue"]);
+        assert_eq!(pick("100").unwrap(), ["blue"]);
+        assert_eq!(pick("all").unwrap(), ["host", "blue", "red"]);
+        let err = pick("green").unwrap_err().to_string();
+        assert!(
+            err.contains("--netns green") && err.contains("blue (100)"),
+            "{err}"
+        );
+        assert!("".parse::<NetnsSelector>().is_err());
+    }
+
+    #[test]
+    fn says_what_it_could_not_see() {
+        let mut f = fake();
+        f.denied = 3;
+        f.caps = 0;
+        let inv = scan(&f, &ScanOptions::default()).unwrap();
+        let w = inv.warnings.join("\n");
+        assert!(
+            w.contains("open files of 3 processes")
+                && w.contains("CAP_SYS_PTRACE + CAP_DAC_READ_SEARCH"),
+            "{w}"
+        );
+        assert!(w.contains("CAP_SYS_ADMIN"), "{w}");
+    }
+
+    #[test]
+    fn v6only_unknown_stays_unknown() {
+        let mut f = fake();
+        f.namespaces = vec![(
+            ns(1, "host", true),
+            Ok(vec![sock(Protocol::Tcp, "::", 80, None, 1)]),
+        )];
+        let inv = scan(&f, &ScanOptions::default()).unwrap();
+        let l = &inv.listeners[0];
+        assert_eq!(
+            (l.class.reach_ipv4, l.class.trap, l.hidden_ipv4_exposure),
+            (Reach::Unknown, false, false)
+        );
+    }
+}

@@ -1,0 +1,148 @@
+//! Without root the scan still runs, shows what it can, and says what it could not see and
+//! which capability would fix it.
+
+mod util;
+
+use std::process::{Child, Command, Stdio};
+
+use util::*;
+
+const NOBODY: &str = "65534";
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn as_nobody(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            NOBODY,
+            "--regid",
+            NOBODY,
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_listenscope-agent"))
+        .args(args)
+        .output()
+        .expect("setpriv");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn unprivileged_scan_says_what_it_could_not_see() {
+    // One namespace with a process of nobody's inside (readable through /proc/PID/net),
+    // one with no process nobody may look at.
+    let visible = Netns::new();
+    let hidden = Netns::new();
+    let _sockets = visible.enter(|| {
+        vec![
+            Bind::tcp("::", 9300).v6only(false).open(),
+            Bind::tcp("0.0.0.0", 9301).open(),
+        ]
+    });
+    let _hidden_socket = hidden.enter(|| Bind::tcp("::", 9302).v6only(false).open());
+    let _member = Kill(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &visible.name,
+                "setpriv",
+                "--reuid",
+                NOBODY,
+                "--regid",
+                NOBODY,
+            ])
+            .args(["--clear-groups", "sleep", "300"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Wait until nobody's sleep is running inside the namespace.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let out = Command::new("ip")
+            .args(["netns", "pids", &visible.name])
+            .output()
+            .unwrap();
+        if !out.stdout.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "member process did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    let (ok, stdout, stderr) = as_nobody(&["scan", "--json"]);
+    assert!(ok, "unprivileged scan must still run: {stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let warnings = doc["warnings"].to_string();
+
+    // The visible namespace came from /proc/PID/net: no v6only there, so never guessed.
+    let ns = doc["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["inode"] == visible.inode())
+        .unwrap_or_else(|| panic!("namespace with nobody's process is listed: {doc}"));
+    assert_eq!(ns["source"], "procfs");
+    let dual = doc["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["netns"]["inode"] == visible.inode() && l["port"] == 9300)
+        .unwrap_or_else(|| panic!("listener read through procfs: {doc}"));
+    assert_eq!(dual["v6only"], serde_json::Value::Null);
+    assert_eq!(dual["reach_ipv4"], "unknown");
+    assert_eq!(dual["reach_ipv6"], "any");
+    assert_eq!(dual["trap"], false, "unknown is not claimed");
+    assert_eq!(dual["source"], "procfs");
+    // root's sockets: nobody cannot see their owners, and is told why.
+    assert_eq!(dual["processes"], serde_json::json!([]));
+    assert!(
+        warnings.contains("CAP_SYS_PTRACE + CAP_DAC_READ_SEARCH"),
+        "{warnings}"
+    );
+    assert!(warnings.contains("CAP_SYS_ADMIN"), "{warnings}");
+    // The other namespace: listed, not scanned, and the fix named.
+    let h = doc["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["inode"] == hidden.inode())
+        .unwrap_or_else(|| panic!("/run/netns namespace is listed: {doc}"));
+    assert_eq!(h["source"], serde_json::Value::Null);
+    assert!(
+        warnings.contains(&format!(
+            "netns {} (inode {}) not scanned",
+            hidden.name,
+            hidden.inode()
+        )),
+        "{warnings}"
+    );
+
+    // The table run prints the same warnings on stderr.
+    let (ok, table, stderr) = as_nobody(&["scan"]);
+    assert!(ok);
+    assert!(
+        stderr.contains("warning:") && stderr.contains("CAP_SYS_ADMIN"),
+        "{stderr}"
+    );
+    assert!(
+        table.contains(" ? "),
+        "v6only unknown is shown as ?: {table}"
+    );
+}
