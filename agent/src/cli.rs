@@ -5,6 +5,9 @@ use std::io::{self, Write};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use std::path::PathBuf;
+
+use crate::config::{ConfigErrors, RawConfig, RunConfig};
 use crate::model::Protocol;
 use crate::os::LinuxSystem;
 use crate::output;
@@ -23,6 +26,64 @@ pub struct Cli {
 pub enum Command {
     /// Scan once and print every listening socket with what it really accepts.
     Scan(ScanArgs),
+    /// Scan every interval and stream the inventory to a collector over mutual TLS.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML configuration file (example: deploy/agent.toml); flags override its keys.
+    #[arg(long, env = "LISTENSCOPE_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Collector URL.
+    #[arg(long, env = "LISTENSCOPE_COLLECTOR", value_name = "https://HOST:PORT")]
+    pub collector: Option<String>,
+    /// CA certificate (PEM) that signed the collector's certificate.
+    #[arg(long, env = "LISTENSCOPE_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This host's certificate (PEM); its DNS name is the identity the collector records.
+    #[arg(long, env = "LISTENSCOPE_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This host's private key (PEM).
+    #[arg(long, env = "LISTENSCOPE_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Time between scans (default 10s).
+    #[arg(long, value_name = "DURATION")]
+    pub interval: Option<String>,
+    /// Namespaces to scan: all (default) or current.
+    #[arg(long, value_name = "all|current")]
+    pub netns: Option<String>,
+    /// Name expected in the collector's certificate (default: the URL's host).
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
+    /// Longest wait between reconnect attempts (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub reconnect_max: Option<String>,
+    /// Most listener changes held while the collector is unreachable (default 100000).
+    #[arg(long, value_name = "N")]
+    pub max_pending_changes: Option<usize>,
+}
+
+impl RunArgs {
+    /// The file (if any) overridden by the flags, validated.
+    pub fn config(&self) -> Result<RunConfig, ConfigErrors> {
+        let file = match &self.config {
+            Some(path) => RawConfig::load(path)?,
+            None => RawConfig::default(),
+        };
+        let flags = RawConfig {
+            collector: self.collector.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            interval: self.interval.clone(),
+            netns: self.netns.clone(),
+            server_name: self.server_name.clone(),
+            reconnect_max: self.reconnect_max.clone(),
+            max_pending_changes: self.max_pending_changes,
+        };
+        file.overridden_by(flags).validate()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -69,6 +130,41 @@ impl ScanArgs {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Scan(args) => run_scan(&args),
+        Command::Run(args) => run_agent(&args),
+    }
+}
+
+fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
+    let cfg = args.config()?;
+    // One scan thread plus a small async side: a current-thread runtime is plenty.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        crate::transport::run(
+            cfg,
+            std::sync::Arc::new(LinuxSystem::new()),
+            shutdown_signal(),
+        )
+        .await
+    })?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

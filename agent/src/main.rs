@@ -7,11 +7,18 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    listenscope_agent::tls::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("LISTENSCOPE_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
+            EnvFilter::try_from_env("LISTENSCOPE_LOG").unwrap_or_else(|_| {
+                EnvFilter::new(match cli.command {
+                    cli::Command::Run(_) => "info",
+                    cli::Command::Scan(_) => "warn",
+                })
+            }),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -88,7 +88,7 @@ impl Reach {
 }
 
 /// Where a namespace's sockets were read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
     /// NETLINK_SOCK_DIAG: carries v6only, bound device and socket options.
@@ -200,7 +200,7 @@ pub struct ProcessInfo {
 }
 
 /// A container a socket belongs to, derived from its cgroup path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Container {
     /// `docker`, `containerd`, `cri-o`, `podman`, `lxc`, or `kubernetes` when only the pod
     /// layout shows which runtime it is not.

@@ -146,3 +146,47 @@ fn unprivileged_scan_says_what_it_could_not_see() {
         "v6only unknown is shown as ?: {table}"
     );
 }
+
+/// The capability set the systemd unit grants (deploy/systemd/listenscope-agent.service) is
+/// enough for the whole truth: as `nobody` with only those three capabilities, the scan
+/// enters other namespaces (v6only known), names the owners, and warns about nothing.
+#[test]
+fn the_deployed_capability_set_sees_everything() {
+    let ns = Netns::new();
+    let _sockets = ns.enter(|| vec![Bind::tcp("::", 9400).v6only(false).open()]);
+    let caps = "+sys_admin,+sys_ptrace,+dac_read_search";
+    let out = Command::new("setpriv")
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
+        .args(["--inh-caps", caps, "--ambient-caps", caps])
+        .arg(env!("CARGO_BIN_EXE_listenscope-agent"))
+        .args(["scan", "--json", "--netns", &ns.name])
+        .output()
+        .expect("setpriv");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let l = find(&doc, &ns.name, "tcp", 9400);
+    assert_eq!(l.len(), 1, "{doc}");
+    assert_eq!(
+        l[0]["v6only"], false,
+        "entered the namespace: the kernel's answer"
+    );
+    assert_eq!(l[0]["source"], "sock_diag");
+    assert!(
+        owner_pids(l[0]).contains(&std::process::id()),
+        "owners of root's processes: {doc}"
+    );
+    let warnings: Vec<&str> = doc["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w.as_str())
+        .collect();
+    assert!(
+        warnings.iter().all(|w| w.contains("not dumpable")),
+        "only the sandbox's undumpable pid 1 may be invisible: {warnings:?}"
+    );
+}

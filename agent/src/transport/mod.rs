@@ -1,0 +1,216 @@
+//! `listenscope-agent run`: scan every interval, stream changes to the collector.
+//!
+//! Two loops share an [`outbox::Outbox`]:
+//! - the scanner runs a scan every `interval` (on a blocking thread), records the result
+//!   in the outbox (snapshot first, then deltas) and wakes the sender;
+//! - the connection loop keeps one mutual-TLS session open (`session.rs`), resending what
+//!   the collector has not acknowledged and reconnecting with capped exponential backoff
+//!   and jitter. Certificate files are reread on every attempt, so rotating them needs no
+//!   restart.
+//!
+//! While the collector is unreachable scanning goes on; changes wait in the outbox with
+//! their observation times (bounded, see `outbox.rs`).
+
+pub mod outbox;
+mod session;
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+
+use crate::config::RunConfig;
+use crate::os::System;
+use crate::record::{State, state_of};
+use crate::scan::{self, ScanOptions};
+use outbox::{Outbox, Recorded};
+
+pub use session::SessionError;
+
+/// Shared between the scanner and the connection.
+pub(crate) struct Shared {
+    pub outbox: Mutex<Outbox>,
+    /// A scan found nothing new: send a heartbeat with this time.
+    pub heartbeat: Mutex<Option<OffsetDateTime>>,
+    pub wake: Notify,
+}
+
+impl Shared {
+    pub(crate) fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Why `run` gave up. Everything else (collector down, rejected, scan hiccups) is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the first scan failed: {0}")]
+    FirstScan(#[from] scan::ScanError),
+    #[error("the scan thread failed: {0}")]
+    ScanThread(String),
+}
+
+async fn scan_state(
+    sys: Arc<dyn System + Send + Sync>,
+    opts: ScanOptions,
+) -> Result<(State, OffsetDateTime), RunError> {
+    tokio::task::spawn_blocking(move || {
+        let inv = scan::scan(&*sys, &opts)?;
+        Ok((state_of(&inv), inv.scanned_at))
+    })
+    .await
+    .map_err(|e| RunError::ScanThread(e.to_string()))?
+}
+
+/// 16 random bytes from the OS-seeded hasher keys (no RNG crate needed for this).
+fn session_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    for chunk in id.chunks_mut(8) {
+        let n = std::hash::RandomState::new().build_hasher().finish();
+        chunk.copy_from_slice(&n.to_le_bytes());
+    }
+    id
+}
+
+/// Runs until `shutdown` resolves. Unacknowledged changes are lost on shutdown (the
+/// collector asks for a snapshot from the next agent session).
+pub async fn run(
+    cfg: RunConfig,
+    sys: Arc<dyn System + Send + Sync>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let opts = ScanOptions {
+        netns: cfg.netns.clone(),
+        ..ScanOptions::default()
+    };
+    // Scan before connecting: an early connection must never send an empty inventory.
+    let (state, at) = scan_state(Arc::clone(&sys), opts.clone()).await?;
+    tracing::info!(listeners = state.len(), "First scan done.");
+    let shared = Arc::new(Shared {
+        outbox: Mutex::new(Outbox::new(
+            session_id(),
+            state,
+            at,
+            cfg.max_pending_changes,
+        )),
+        heartbeat: Mutex::new(None),
+        wake: Notify::new(),
+    });
+
+    let scanner = {
+        let shared = Arc::clone(&shared);
+        let interval = cfg.interval;
+        async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await; // the first tick is immediate: the first scan already ran
+            loop {
+                tick.tick().await;
+                match scan_state(Arc::clone(&sys), opts.clone()).await {
+                    Ok((state, at)) => {
+                        let recorded = shared.outbox().record_scan(state, at);
+                        match recorded {
+                            Recorded::Unchanged => {
+                                *shared.heartbeat.lock().unwrap_or_else(|p| p.into_inner()) =
+                                    Some(at);
+                            }
+                            Recorded::Changed(n) => tracing::debug!(changes = n, "Changes queued."),
+                            Recorded::Collapsed => tracing::warn!(
+                                "Pending changes exceeded max_pending_changes: they are replaced by \
+                                 one snapshot, so the history loses their exact times."
+                            ),
+                        }
+                        shared.wake.notify_one();
+                    }
+                    Err(e) => tracing::error!(error = %e, "Scan failed; retrying next interval."),
+                }
+            }
+        }
+    };
+
+    let connection = {
+        let shared = Arc::clone(&shared);
+        async move {
+            let mut backoff = Backoff::new(Duration::from_millis(500), cfg.reconnect_max);
+            loop {
+                let (welcomed, _ended) = session::run(&cfg, &shared).await;
+                if welcomed {
+                    backoff.reset();
+                }
+                let wait = backoff.next_wait();
+                tracing::info!(retry_in_ms = wait.as_millis() as u64, "Reconnecting.");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    };
+
+    tokio::select! {
+        () = shutdown => tracing::info!("Shutting down."),
+        () = scanner => {}
+        () = connection => {}
+    }
+    Ok(())
+}
+
+/// Capped exponential backoff with jitter: each wait is uniform in [cap/2, cap], where cap
+/// doubles from `base` up to `max`.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff {
+            base,
+            max: max.max(base),
+            attempt: 0,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn next_wait(&mut self) -> Duration {
+        let cap = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let r = std::hash::RandomState::new().build_hasher().finish();
+        let half = cap / 2;
+        half + Duration::from_nanos(r % (half.as_nanos() as u64).max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let waits: Vec<Duration> = (0..10).map(|_| b.next_wait()).collect();
+        for (i, w) in waits.iter().enumerate() {
+            let cap = Duration::from_millis(100 * (1 << i)).min(Duration::from_secs(2));
+            assert!(
+                *w >= cap / 2 && *w <= cap,
+                "attempt {i}: {w:?} outside [{:?}, {cap:?}]",
+                cap / 2
+            );
+        }
+        b.reset();
+        assert!(b.next_wait() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn session_ids_differ() {
+        assert_ne!(session_id(), session_id());
+    }
+}

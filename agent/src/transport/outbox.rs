@@ -1,0 +1,364 @@
+//! What the agent owes the collector: every message not yet acknowledged, in sequence.
+//!
+//! Pure bookkeeping, no I/O, so the rules are unit-tested:
+//! - The first scan becomes a snapshot; each later scan that changes anything becomes one
+//!   or more deltas (at most [`MAX_PER_DELTA`] listeners each), stamped with the scan time.
+//! - A message leaves the outbox only when the collector acknowledges it (after its
+//!   commit). Until then it is resent on every reconnect, so history keeps the time a
+//!   change was observed even if the collector was away.
+//! - The outbox is bounded: past `max_entries` listener entries it collapses into a single
+//!   snapshot of the current state (the collector then closes and opens what differs at
+//!   that snapshot's time). Each collapse is counted in `overflows`.
+//! - Whenever continuity is lost (collector does not know the session, a sequence gap,
+//!   Resync), the outbox restarts from a snapshot of the current state.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+
+use crate::diff::{Changes, diff};
+use crate::record::State;
+
+/// Listeners per delta message; larger change sets are split over consecutive sequences.
+pub const MAX_PER_DELTA: usize = 1000;
+
+/// One message the collector has not acknowledged yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    Snapshot {
+        seq: u64,
+        at: OffsetDateTime,
+        state: Arc<State>,
+    },
+    Delta {
+        seq: u64,
+        at: OffsetDateTime,
+        changes: Changes,
+    },
+}
+
+impl Pending {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Pending::Snapshot { seq, .. } | Pending::Delta { seq, .. } => *seq,
+        }
+    }
+
+    fn entries(&self) -> usize {
+        match self {
+            Pending::Snapshot { state, .. } => state.len(),
+            Pending::Delta { changes, .. } => changes.len(),
+        }
+    }
+}
+
+/// What a scan did to the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Nothing changed: a heartbeat is due instead.
+    Unchanged,
+    /// This many listener entries were queued as deltas.
+    Changed(usize),
+    /// The outbox was full and collapsed into one snapshot.
+    Collapsed,
+}
+
+#[derive(Debug)]
+pub struct Outbox {
+    pub session_id: [u8; 16],
+    next_seq: u64,
+    acked: u64,
+    current: Arc<State>,
+    current_at: OffsetDateTime,
+    queue: VecDeque<Pending>,
+    entries: usize,
+    max_entries: usize,
+    /// Times the outbox overflowed and collapsed into a snapshot.
+    pub overflows: u64,
+}
+
+impl Outbox {
+    /// A new session whose first message is a snapshot of `state`, observed at `at`.
+    pub fn new(session_id: [u8; 16], state: State, at: OffsetDateTime, max_entries: usize) -> Self {
+        let mut o = Outbox {
+            session_id,
+            next_seq: 1,
+            acked: 0,
+            current: Arc::new(state),
+            current_at: at,
+            queue: VecDeque::new(),
+            entries: 0,
+            max_entries: max_entries.max(1),
+            overflows: 0,
+        };
+        o.restart_from_snapshot();
+        o
+    }
+
+    /// Highest sequence the collector acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Listener entries waiting for acknowledgement.
+    pub fn pending_entries(&self) -> usize {
+        self.entries
+    }
+
+    pub fn pending(&self) -> impl Iterator<Item = &Pending> {
+        self.queue.iter()
+    }
+
+    /// Messages with a sequence above `after`, in order.
+    pub fn after(&self, after: u64) -> impl Iterator<Item = &Pending> {
+        self.queue.iter().filter(move |p| p.seq() > after)
+    }
+
+    /// Records a scan.
+    pub fn record_scan(&mut self, state: State, at: OffsetDateTime) -> Recorded {
+        let changes = diff(&self.current, &state);
+        self.current = Arc::new(state);
+        self.current_at = at;
+        if changes.is_empty() {
+            return Recorded::Unchanged;
+        }
+        let n = changes.len();
+        if self.entries + n > self.max_entries {
+            self.overflows += 1;
+            self.restart_from_snapshot();
+            return Recorded::Collapsed;
+        }
+        for part in split(changes, MAX_PER_DELTA) {
+            self.push(Pending::Delta {
+                seq: 0,
+                at,
+                changes: part,
+            });
+        }
+        Recorded::Changed(n)
+    }
+
+    /// The collector's answer to Hello: resume after a sequence it holds, or (None) start
+    /// over from a snapshot. Returns true when the outbox restarted from a snapshot.
+    pub fn on_welcome(&mut self, resume_after: Option<u64>) -> bool {
+        let Some(r) = resume_after else {
+            // Already starting with an unsent snapshot of the current state: keep it.
+            let fresh = self.queue.len() == 1
+                && matches!(self.queue.front(), Some(Pending::Snapshot { state, .. })
+                    if Arc::ptr_eq(state, &self.current));
+            if !fresh {
+                self.restart_from_snapshot();
+            }
+            return true;
+        };
+        let last_assigned = self.next_seq - 1;
+        if r > last_assigned || r < self.acked {
+            // The collector claims what we never sent, or forgot what it acknowledged.
+            self.restart_from_snapshot();
+            return true;
+        }
+        self.on_ack(r);
+        match self.queue.front() {
+            Some(p) if p.seq() != r + 1 => {
+                self.restart_from_snapshot();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Everything up to `seq` is committed.
+    pub fn on_ack(&mut self, seq: u64) {
+        while let Some(p) = self.queue.front() {
+            if p.seq() > seq {
+                break;
+            }
+            self.entries -= p.entries();
+            self.queue.pop_front();
+        }
+        self.acked = self.acked.max(seq);
+    }
+
+    /// Drop everything unacknowledged and start over from a snapshot of the current state.
+    pub fn restart_from_snapshot(&mut self) {
+        self.queue.clear();
+        self.entries = 0;
+        let snapshot = Pending::Snapshot {
+            seq: 0,
+            at: self.current_at,
+            state: Arc::clone(&self.current),
+        };
+        self.push(snapshot);
+    }
+
+    fn push(&mut self, mut p: Pending) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        match &mut p {
+            Pending::Snapshot { seq: s, .. } | Pending::Delta { seq: s, .. } => *s = seq,
+        }
+        self.entries += p.entries();
+        self.queue.push_back(p);
+    }
+}
+
+/// Splits a change set into parts of at most `max` entries (closed first, then opened,
+/// then changed), preserving meaning when applied in order.
+fn split(changes: Changes, max: usize) -> Vec<Changes> {
+    if changes.len() <= max {
+        return vec![changes];
+    }
+    let mut parts = Vec::new();
+    let mut cur = Changes::default();
+    let flush = |cur: &mut Changes, parts: &mut Vec<Changes>| {
+        if cur.len() >= max {
+            parts.push(std::mem::take(cur));
+        }
+    };
+    for k in changes.closed {
+        cur.closed.push(k);
+        flush(&mut cur, &mut parts);
+    }
+    for r in changes.opened {
+        cur.opened.push(r);
+        flush(&mut cur, &mut parts);
+    }
+    for r in changes.changed {
+        cur.changed.push(r);
+        flush(&mut cur, &mut parts);
+    }
+    if !cur.is_empty() {
+        parts.push(cur);
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::tests::record;
+    use crate::record::{ListenerRecord, State};
+
+    fn state(ports: &[u16]) -> State {
+        ports
+            .iter()
+            .map(|&p| {
+                let r: ListenerRecord = record("host", "::", p, Some(false));
+                (r.key.clone(), r)
+            })
+            .collect()
+    }
+
+    fn t(s: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_800_000_000 + s).unwrap()
+    }
+
+    fn seqs(o: &Outbox) -> Vec<(u64, &'static str)> {
+        o.pending()
+            .map(|p| match p {
+                Pending::Snapshot { seq, .. } => (*seq, "snapshot"),
+                Pending::Delta { seq, .. } => (*seq, "delta"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn snapshot_then_deltas_then_acks() {
+        let mut o = Outbox::new([1; 16], state(&[80]), t(0), 100);
+        assert_eq!(seqs(&o), [(1, "snapshot")]);
+        assert_eq!(o.record_scan(state(&[80]), t(10)), Recorded::Unchanged);
+        assert_eq!(
+            o.record_scan(state(&[80, 443]), t(20)),
+            Recorded::Changed(1)
+        );
+        assert_eq!(o.record_scan(state(&[443]), t(30)), Recorded::Changed(1));
+        assert_eq!(seqs(&o), [(1, "snapshot"), (2, "delta"), (3, "delta")]);
+        o.on_ack(2);
+        assert_eq!(seqs(&o), [(3, "delta")]);
+        assert_eq!(o.acked(), 2);
+        // Delta 3 keeps its observation time until acknowledged.
+        match o.pending().next().unwrap() {
+            Pending::Delta { at, changes, .. } => {
+                assert_eq!(*at, t(30));
+                assert_eq!(changes.closed.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        o.on_ack(3);
+        assert_eq!(o.pending_entries(), 0);
+    }
+
+    #[test]
+    fn resume_keeps_deltas_and_their_times() {
+        let mut o = Outbox::new([1; 16], state(&[80]), t(0), 100);
+        o.on_ack(1);
+        o.record_scan(state(&[80, 81]), t(10));
+        o.record_scan(state(&[80, 81, 82]), t(20));
+        // Collector committed 2 but its ack was lost; it says resume after 2.
+        assert!(!o.on_welcome(Some(2)));
+        assert_eq!(seqs(&o), [(3, "delta")]);
+        assert_eq!(o.after(2).count(), 1);
+    }
+
+    #[test]
+    fn unknown_session_or_gap_restarts_from_snapshot() {
+        let mut o = Outbox::new([1; 16], state(&[80]), t(0), 100);
+        // A brand-new session keeps its first snapshot.
+        assert!(o.on_welcome(None));
+        assert_eq!(seqs(&o), [(1, "snapshot")]);
+        o.on_ack(1);
+        o.record_scan(state(&[80, 81]), t(10));
+        assert!(o.on_welcome(None));
+        assert_eq!(seqs(&o), [(3, "snapshot")]);
+        match o.pending().next().unwrap() {
+            Pending::Snapshot { state, at, .. } => {
+                assert_eq!(state.len(), 2);
+                assert_eq!(*at, t(10));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The collector claims a sequence we never sent.
+        assert!(o.on_welcome(Some(99)));
+        assert_eq!(seqs(&o), [(4, "snapshot")]);
+        // The collector forgot what it acknowledged (restored database).
+        o.on_ack(4);
+        assert!(o.on_welcome(Some(1)));
+        assert_eq!(seqs(&o), [(5, "snapshot")]);
+    }
+
+    #[test]
+    fn full_outbox_collapses_into_one_snapshot() {
+        let mut o = Outbox::new([1; 16], state(&[1]), t(0), 5);
+        o.on_ack(1);
+        assert_eq!(o.record_scan(state(&[1, 2, 3]), t(1)), Recorded::Changed(2));
+        assert_eq!(
+            o.record_scan(state(&[1, 2, 3, 4, 5]), t(2)),
+            Recorded::Changed(2)
+        );
+        assert_eq!(
+            o.record_scan(state(&[1, 2, 3, 4, 5, 6, 7]), t(3)),
+            Recorded::Collapsed
+        );
+        assert_eq!(seqs(&o), [(4, "snapshot")]);
+        assert_eq!(o.overflows, 1);
+        assert_eq!(o.pending_entries(), 7);
+    }
+
+    #[test]
+    fn big_change_sets_are_split() {
+        let ports: Vec<u16> = (1..=2500).collect();
+        let mut o = Outbox::new([1; 16], State::new(), t(0), 10_000);
+        o.on_ack(1);
+        assert_eq!(o.record_scan(state(&ports), t(1)), Recorded::Changed(2500));
+        let sizes: Vec<usize> = o
+            .pending()
+            .map(|p| match p {
+                Pending::Delta { changes, .. } => changes.len(),
+                Pending::Snapshot { .. } => 0,
+            })
+            .collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        assert_eq!(seqs(&o).iter().map(|s| s.0).collect::<Vec<_>>(), [2, 3, 4]);
+    }
+}

@@ -1,0 +1,307 @@
+//! One mutual-TLS session with the collector: Hello/Welcome, then send what the outbox
+//! holds (within a window of unacknowledged messages) and apply Acks and Resyncs until
+//! the stream ends.
+
+use std::time::Duration;
+
+use listenscope_proto::v1;
+use listenscope_proto::v1::inventory_client::InventoryClient;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use super::Shared;
+use super::outbox::Pending;
+use crate::config::{RunConfig, url_host};
+use crate::tls::{self, TlsFileError};
+use crate::wire;
+
+/// Wire protocol version spoken by this agent.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest message either side sends or accepts (the collector enforces the same).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Snapshot chunks are cut before they reach this size.
+const CHUNK_BYTES: usize = 2 * 1024 * 1024;
+/// Listeners per chunk when the collector does not say.
+const DEFAULT_PER_MESSAGE: usize = 1000;
+/// Outbox messages sent ahead of acknowledgements.
+const WINDOW: u64 = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    TlsFile(#[from] TlsFileError),
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
+    #[error("the collector refused the session: {0}")]
+    Refused(tonic::Status),
+    #[error("the session broke: {0}")]
+    Broken(tonic::Status),
+    #[error("protocol violation by the collector: {0}")]
+    Protocol(String),
+    #[error("the collector closed the session")]
+    Closed,
+}
+
+async fn connect(cfg: &RunConfig) -> Result<Channel, SessionError> {
+    // Read and check the files on every attempt: rotated certificates are picked up, and
+    // an expired or mismatched one is reported by name instead of as a handshake failure.
+    tls::load_certs(&cfg.tls_ca)?;
+    tls::load_identity(&cfg.tls_cert, &cfg.tls_key)?;
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|source| TlsFileError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let ca = read(&cfg.tls_ca)?;
+    let cert = read(&cfg.tls_cert)?;
+    let key = read(&cfg.tls_key)?;
+    let domain = cfg
+        .server_name
+        .clone()
+        .or_else(|| url_host(&cfg.collector))
+        .unwrap_or_default();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name(domain);
+    let err = |source| SessionError::Connect {
+        url: cfg.collector.clone(),
+        source,
+    };
+    Endpoint::from_shared(cfg.collector.clone())
+        .map_err(err)?
+        .tls_config(tls)
+        .map_err(err)?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(err)
+}
+
+/// Runs one session. Returns whether the collector welcomed it (then the backoff resets)
+/// and how it ended.
+pub async fn run(cfg: &RunConfig, shared: &Shared) -> (bool, Result<(), SessionError>) {
+    let mut welcomed = false;
+    let result = session(cfg, shared, &mut welcomed).await;
+    match &result {
+        Ok(()) => tracing::info!("Session ended."),
+        Err(e) => tracing::warn!(error = %e, "Session failed."),
+    }
+    (welcomed, result)
+}
+
+async fn session(
+    cfg: &RunConfig,
+    shared: &Shared,
+    welcomed: &mut bool,
+) -> Result<(), SessionError> {
+    let channel = connect(cfg).await?;
+    let mut client = InventoryClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel::<v1::AgentMessage>(16);
+    let hello = {
+        let o = shared.outbox();
+        v1::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            os_hostname: crate::os::procfs::hostname(),
+            session_id: o.session_id.to_vec(),
+            acked_sequence: o.acked(),
+        }
+    };
+    let _ = tx.send(body(v1::agent_message::Body::Hello(hello))).await;
+    // With TLS 1.3 a refused client certificate surfaces here, on the first call.
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .map_err(SessionError::Refused)?
+        .into_inner();
+    let welcome = match inbound.message().await.map_err(SessionError::Refused)? {
+        Some(v1::CollectorMessage {
+            body: Some(v1::collector_message::Body::Welcome(w)),
+        }) => w,
+        Some(other) => {
+            return Err(SessionError::Protocol(format!(
+                "expected Welcome, got {other:?}"
+            )));
+        }
+        None => return Err(SessionError::Closed),
+    };
+    *welcomed = true;
+    let per_message = match welcome.max_listeners_per_message {
+        0 => DEFAULT_PER_MESSAGE,
+        n => (n as usize).min(DEFAULT_PER_MESSAGE),
+    };
+    let mut sent_upto = {
+        let mut o = shared.outbox();
+        if o.on_welcome(welcome.resume_after) {
+            tracing::info!("Collector needs a snapshot; sending the current inventory.");
+        }
+        o.acked()
+    };
+    tracing::info!(
+        collector = %cfg.collector,
+        collector_version = %welcome.collector_version,
+        resume_after = ?welcome.resume_after,
+        "Connected to collector."
+    );
+
+    loop {
+        // What the window allows, cloned out of the lock (snapshots share their state).
+        let batch: Vec<Pending> = {
+            let o = shared.outbox();
+            let limit = o.acked() + WINDOW;
+            o.after(sent_upto)
+                .take_while(|p| p.seq() <= limit)
+                .cloned()
+                .collect()
+        };
+        for p in batch {
+            sent_upto = p.seq();
+            for m in encode(&p, per_message) {
+                tx.send(m).await.map_err(|_| SessionError::Closed)?;
+            }
+        }
+        let beat = shared
+            .heartbeat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(at) = beat {
+            let hb = v1::Heartbeat {
+                observed_at: Some(wire::timestamp(at)),
+            };
+            tx.send(body(v1::agent_message::Body::Heartbeat(hb)))
+                .await
+                .map_err(|_| SessionError::Closed)?;
+        }
+        tokio::select! {
+            msg = inbound.message() => {
+                match msg.map_err(SessionError::Broken)?.and_then(|m| m.body) {
+                    Some(v1::collector_message::Body::Ack(a)) => shared.outbox().on_ack(a.sequence),
+                    Some(v1::collector_message::Body::Resync(r)) => {
+                        tracing::warn!(reason = %r.reason, "Collector asked for a resync; sending a snapshot.");
+                        let mut o = shared.outbox();
+                        o.restart_from_snapshot();
+                        sent_upto = o.acked();
+                    }
+                    Some(v1::collector_message::Body::Welcome(_)) => {
+                        return Err(SessionError::Protocol("second Welcome".into()));
+                    }
+                    None => return Err(SessionError::Closed),
+                }
+            }
+            () = shared.wake.notified() => {}
+        }
+    }
+}
+
+fn body(b: v1::agent_message::Body) -> v1::AgentMessage {
+    v1::AgentMessage { body: Some(b) }
+}
+
+/// One outbox entry as wire messages: a delta is one message, a snapshot as many chunks as
+/// its size needs (by count and by encoded bytes).
+fn encode(p: &Pending, per_message: usize) -> Vec<v1::AgentMessage> {
+    match p {
+        Pending::Delta { seq, at, changes } => {
+            vec![body(v1::agent_message::Body::Delta(v1::Delta {
+                sequence: *seq,
+                observed_at: Some(wire::timestamp(*at)),
+                opened: changes.opened.iter().map(Into::into).collect(),
+                closed: changes.closed.iter().map(Into::into).collect(),
+                changed: changes.changed.iter().map(Into::into).collect(),
+            }))]
+        }
+        Pending::Snapshot { seq, at, state } => {
+            let mut chunks: Vec<Vec<v1::Listener>> = vec![Vec::new()];
+            let mut bytes = 0;
+            for r in state.values() {
+                let l = v1::Listener::from(r);
+                let size = l.encoded_len();
+                let cur = chunks.last_mut().expect("never empty");
+                if !cur.is_empty() && (cur.len() >= per_message || bytes + size > CHUNK_BYTES) {
+                    chunks.push(Vec::new());
+                    bytes = 0;
+                }
+                bytes += size;
+                chunks.last_mut().expect("never empty").push(l);
+            }
+            let n = chunks.len();
+            chunks
+                .into_iter()
+                .enumerate()
+                .map(|(i, listeners)| {
+                    body(v1::agent_message::Body::Snapshot(v1::SnapshotChunk {
+                        sequence: *seq,
+                        chunk_index: i as u32,
+                        last: i + 1 == n,
+                        observed_at: Some(wire::timestamp(*at)),
+                        listeners,
+                    }))
+                })
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::State;
+    use crate::record::tests::record;
+    use std::sync::Arc;
+
+    #[test]
+    fn snapshots_are_chunked_and_empty_ones_still_sent() {
+        let state: State = (1..=2500u16)
+            .map(|p| {
+                let r = record("host", "::", p, Some(false));
+                (r.key.clone(), r)
+            })
+            .collect();
+        let at = time::OffsetDateTime::now_utc();
+        let msgs = encode(
+            &Pending::Snapshot {
+                seq: 7,
+                at,
+                state: Arc::new(state),
+            },
+            1000,
+        );
+        let chunks: Vec<(u32, bool, usize)> = msgs
+            .iter()
+            .map(|m| match &m.body {
+                Some(v1::agent_message::Body::Snapshot(c)) => {
+                    assert_eq!(c.sequence, 7);
+                    (c.chunk_index, c.last, c.listeners.len())
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(chunks, [(0, false, 1000), (1, false, 1000), (2, true, 500)]);
+        for m in &msgs {
+            assert!(m.encoded_len() < MAX_MESSAGE_BYTES);
+        }
+        // A host with no listeners still sends one (empty, last) chunk: it closes the rest.
+        let empty = encode(
+            &Pending::Snapshot {
+                seq: 1,
+                at,
+                state: Arc::new(State::new()),
+            },
+            1000,
+        );
+        assert_eq!(empty.len(), 1);
+    }
+}

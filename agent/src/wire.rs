@@ -1,0 +1,454 @@
+//! The protobuf edge: domain records ↔ `listenscope.v1` messages.
+//!
+//! Domain → wire is infallible (`From`). Wire → domain is where every rule of the .proto
+//! file is enforced (`TryFrom`): a collector that accepts a message through these
+//! conversions stores nothing that breaks them. Errors name the field and the rule.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use listenscope_proto::v1;
+use time::OffsetDateTime;
+
+use crate::model::{Container, Family, ProcessInfo, Protocol, Reach, Source};
+use crate::record::{ListenerKey, ListenerRecord};
+
+/// Upper bounds on what one listener may carry (bytes for strings).
+pub mod limits {
+    pub const NETNS: usize = 4096;
+    pub const INTERFACE: usize = 64;
+    pub const SHOWN_AS: usize = 64;
+    pub const PROCESSES: usize = 4096;
+    pub const COMM: usize = 64;
+    pub const CMDLINE: usize = 8192;
+    pub const USER: usize = 255;
+    pub const UNIT: usize = 255;
+    pub const CGROUP: usize = 4096;
+    pub const RUNTIME: usize = 32;
+    pub const CONTAINER_ID: usize = 255;
+    pub const POD_UID: usize = 64;
+    pub const AGENT_VERSION: usize = 64;
+    pub const OS_HOSTNAME: usize = 255;
+    /// How far ahead of the collector's clock an observation may claim to be.
+    pub const CLOCK_SKEW_SECS: i64 = 600;
+}
+
+/// A message field that breaks a protocol rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct WireError {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+fn bad(field: &'static str, problem: impl Into<String>) -> WireError {
+    WireError {
+        field,
+        problem: problem.into(),
+    }
+}
+
+fn bounded(field: &'static str, s: String, max: usize) -> Result<String, WireError> {
+    if s.len() > max {
+        return Err(bad(
+            field,
+            format!("{} bytes, at most {max} allowed", s.len()),
+        ));
+    }
+    Ok(s)
+}
+
+fn nonempty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+impl From<Protocol> for v1::Protocol {
+    fn from(p: Protocol) -> Self {
+        match p {
+            Protocol::Tcp => v1::Protocol::Tcp,
+            Protocol::Udp => v1::Protocol::Udp,
+        }
+    }
+}
+
+impl From<Family> for v1::Family {
+    fn from(f: Family) -> Self {
+        match f {
+            Family::Ipv4 => v1::Family::Ipv4,
+            Family::Ipv6 => v1::Family::Ipv6,
+        }
+    }
+}
+
+impl From<Reach> for v1::Reach {
+    fn from(r: Reach) -> Self {
+        match r {
+            Reach::Any => v1::Reach::Any,
+            Reach::Loopback => v1::Reach::Loopback,
+            Reach::Specific => v1::Reach::Specific,
+            Reach::None => v1::Reach::None,
+            Reach::Unknown => v1::Reach::Unknown,
+        }
+    }
+}
+
+impl From<Source> for v1::Source {
+    fn from(s: Source) -> Self {
+        match s {
+            Source::SockDiag => v1::Source::SockDiag,
+            Source::Procfs => v1::Source::Procfs,
+        }
+    }
+}
+
+fn protocol(v: i32) -> Result<Protocol, WireError> {
+    match v1::Protocol::try_from(v) {
+        Ok(v1::Protocol::Tcp) => Ok(Protocol::Tcp),
+        Ok(v1::Protocol::Udp) => Ok(Protocol::Udp),
+        _ => Err(bad(
+            "key.protocol",
+            format!("{v} is not TCP (1) or UDP (2)"),
+        )),
+    }
+}
+
+fn family(v: i32) -> Result<Family, WireError> {
+    match v1::Family::try_from(v) {
+        Ok(v1::Family::Ipv4) => Ok(Family::Ipv4),
+        Ok(v1::Family::Ipv6) => Ok(Family::Ipv6),
+        _ => Err(bad(
+            "key.family",
+            format!("{v} is not IPV4 (1) or IPV6 (2)"),
+        )),
+    }
+}
+
+fn reach(field: &'static str, v: i32) -> Result<Reach, WireError> {
+    Ok(match v1::Reach::try_from(v) {
+        Ok(v1::Reach::Any) => Reach::Any,
+        Ok(v1::Reach::Loopback) => Reach::Loopback,
+        Ok(v1::Reach::Specific) => Reach::Specific,
+        Ok(v1::Reach::None) => Reach::None,
+        Ok(v1::Reach::Unknown) => Reach::Unknown,
+        _ => return Err(bad(field, format!("{v} is not a known reach (1–5)"))),
+    })
+}
+
+fn source(v: i32) -> Result<Source, WireError> {
+    match v1::Source::try_from(v) {
+        Ok(v1::Source::SockDiag) => Ok(Source::SockDiag),
+        Ok(v1::Source::Procfs) => Ok(Source::Procfs),
+        _ => Err(bad(
+            "source",
+            format!("{v} is not SOCK_DIAG (1) or PROCFS (2)"),
+        )),
+    }
+}
+
+impl From<&ListenerKey> for v1::ListenerKey {
+    fn from(k: &ListenerKey) -> Self {
+        v1::ListenerKey {
+            netns: k.netns.clone(),
+            protocol: v1::Protocol::from(k.protocol) as i32,
+            family: v1::Family::from(k.family) as i32,
+            address: match k.address {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            },
+            port: u32::from(k.port),
+            interface: k.interface.clone().unwrap_or_default(),
+            v6only: k.v6only,
+        }
+    }
+}
+
+impl TryFrom<v1::ListenerKey> for ListenerKey {
+    type Error = WireError;
+
+    fn try_from(k: v1::ListenerKey) -> Result<Self, WireError> {
+        let family = family(k.family)?;
+        let address = match (family, k.address.len()) {
+            (Family::Ipv4, 4) => {
+                IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&k.address[..]).unwrap()))
+            }
+            (Family::Ipv6, 16) => IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(&k.address[..]).unwrap(),
+            )),
+            (f, n) => {
+                return Err(bad(
+                    "key.address",
+                    format!("{n} bytes for {}; IPv4 needs 4, IPv6 16", f.as_str()),
+                ));
+            }
+        };
+        if k.port == 0 || k.port > 65535 {
+            return Err(bad("key.port", format!("{} is outside 1–65535", k.port)));
+        }
+        if k.netns.is_empty() {
+            return Err(bad("key.netns", "empty"));
+        }
+        if family == Family::Ipv4 && k.v6only.is_some() {
+            return Err(bad("key.v6only", "set on an IPv4 socket"));
+        }
+        Ok(ListenerKey {
+            netns: bounded("key.netns", k.netns, limits::NETNS)?,
+            protocol: protocol(k.protocol)?,
+            family,
+            address,
+            port: k.port as u16,
+            interface: nonempty(bounded("key.interface", k.interface, limits::INTERFACE)?),
+            v6only: k.v6only,
+        })
+    }
+}
+
+impl From<&ProcessInfo> for v1::Process {
+    fn from(p: &ProcessInfo) -> Self {
+        v1::Process {
+            pid: p.pid,
+            comm: p.comm.clone(),
+            cmdline: p.cmdline.clone(),
+            user: p.user.clone(),
+        }
+    }
+}
+
+impl From<&ListenerRecord> for v1::Listener {
+    fn from(r: &ListenerRecord) -> Self {
+        v1::Listener {
+            key: Some((&r.key).into()),
+            netns_inode: r.netns_inode,
+            reach_ipv4: v1::Reach::from(r.reach_ipv4) as i32,
+            reach_ipv6: v1::Reach::from(r.reach_ipv6) as i32,
+            latent: r.latent,
+            shown_as: r.shown_as.clone(),
+            netstat_proto: r.netstat_proto.clone(),
+            trap: r.trap,
+            hidden_ipv4_exposure: r.hidden_ipv4_exposure,
+            processes: r.processes.iter().map(Into::into).collect(),
+            container: r.container.as_ref().map(|c| v1::Container {
+                runtime: c.runtime.clone(),
+                id: c.id.clone(),
+                pod_uid: c.pod_uid.clone().unwrap_or_default(),
+            }),
+            unit: r.unit.clone().unwrap_or_default(),
+            cgroup: r.cgroup.clone().unwrap_or_default(),
+            uid: r.uid,
+            freebind: r.freebind,
+            transparent: r.transparent,
+            source: v1::Source::from(r.source) as i32,
+            sockets: r.sockets,
+        }
+    }
+}
+
+impl TryFrom<v1::Listener> for ListenerRecord {
+    type Error = WireError;
+
+    fn try_from(l: v1::Listener) -> Result<Self, WireError> {
+        let key: ListenerKey = l.key.ok_or_else(|| bad("key", "missing"))?.try_into()?;
+        if !matches!(l.netstat_proto.as_str(), "tcp" | "tcp6" | "udp" | "udp6") {
+            return Err(bad(
+                "netstat_proto",
+                format!("{:?} is not tcp, tcp6, udp or udp6", l.netstat_proto),
+            ));
+        }
+        if l.sockets == 0 {
+            return Err(bad("sockets", "0; a listener has at least one socket"));
+        }
+        if l.processes.len() > limits::PROCESSES {
+            return Err(bad(
+                "processes",
+                format!(
+                    "{} entries, at most {}",
+                    l.processes.len(),
+                    limits::PROCESSES
+                ),
+            ));
+        }
+        let mut processes = Vec::with_capacity(l.processes.len());
+        for p in l.processes {
+            if p.pid == 0 {
+                return Err(bad("processes.pid", "0 is not a process"));
+            }
+            processes.push(ProcessInfo {
+                pid: p.pid,
+                comm: bounded("processes.comm", p.comm, limits::COMM)?,
+                cmdline: bounded("processes.cmdline", p.cmdline, limits::CMDLINE)?,
+                user: bounded("processes.user", p.user, limits::USER)?,
+            });
+        }
+        processes.sort_by_key(|p| p.pid);
+        processes.dedup_by_key(|p| p.pid);
+        let container = match l.container {
+            Some(c) => {
+                if c.runtime.is_empty() {
+                    return Err(bad("container.runtime", "empty"));
+                }
+                Some(Container {
+                    runtime: bounded("container.runtime", c.runtime, limits::RUNTIME)?,
+                    id: bounded("container.id", c.id, limits::CONTAINER_ID)?,
+                    pod_uid: nonempty(bounded("container.pod_uid", c.pod_uid, limits::POD_UID)?),
+                })
+            }
+            None => None,
+        };
+        Ok(ListenerRecord {
+            key,
+            netns_inode: l.netns_inode,
+            reach_ipv4: reach("reach_ipv4", l.reach_ipv4)?,
+            reach_ipv6: reach("reach_ipv6", l.reach_ipv6)?,
+            latent: l.latent,
+            shown_as: bounded("shown_as", l.shown_as, limits::SHOWN_AS)?,
+            netstat_proto: l.netstat_proto,
+            trap: l.trap,
+            hidden_ipv4_exposure: l.hidden_ipv4_exposure,
+            processes,
+            container,
+            unit: nonempty(bounded("unit", l.unit, limits::UNIT)?),
+            cgroup: nonempty(bounded("cgroup", l.cgroup, limits::CGROUP)?),
+            uid: l.uid,
+            freebind: l.freebind,
+            transparent: l.transparent,
+            source: source(l.source)?,
+            sockets: l.sockets,
+        })
+    }
+}
+
+pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: t.nanosecond() as i32,
+    }
+}
+
+/// A required observation time: present, well-formed, not before 2000, and not more than
+/// [`limits::CLOCK_SKEW_SECS`] ahead of `now`.
+pub fn observed_at(
+    field: &'static str,
+    t: Option<prost_types::Timestamp>,
+    now: OffsetDateTime,
+) -> Result<OffsetDateTime, WireError> {
+    let t = t.ok_or_else(|| bad(field, "missing"))?;
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(bad(field, format!("nanos {} outside 0–999999999", t.nanos)));
+    }
+    let at = OffsetDateTime::from_unix_timestamp(t.seconds)
+        .map_err(|_| bad(field, format!("{} seconds is not a date", t.seconds)))?
+        + time::Duration::nanoseconds(i64::from(t.nanos));
+    if at.year() < 2000 {
+        return Err(bad(
+            field,
+            format!("{at} is before 2000: is the agent's clock set?"),
+        ));
+    }
+    if at - now > time::Duration::seconds(limits::CLOCK_SKEW_SECS) {
+        return Err(bad(
+            field,
+            format!(
+                "{at} is more than {} s ahead of the collector's clock ({now})",
+                limits::CLOCK_SKEW_SECS
+            ),
+        ));
+    }
+    Ok(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::tests::record;
+
+    #[test]
+    fn round_trip() {
+        let mut r = record("host", "::ffff:10.0.0.5", 8080, Some(false));
+        r.container = Some(Container {
+            runtime: "docker".into(),
+            id: "abc".into(),
+            pod_uid: None,
+        });
+        r.key.interface = Some("eth0".into());
+        let back = ListenerRecord::try_from(v1::Listener::from(&r)).unwrap();
+        assert_eq!(back, r);
+        let r4 = record("blue", "10.0.0.5", 22, None);
+        assert_eq!(
+            ListenerRecord::try_from(v1::Listener::from(&r4)).unwrap(),
+            r4
+        );
+    }
+
+    #[track_caller]
+    fn rejects(edit: impl FnOnce(&mut v1::Listener), field: &str) {
+        let mut l = v1::Listener::from(&record("host", "::", 80, Some(false)));
+        edit(&mut l);
+        let err = ListenerRecord::try_from(l).unwrap_err();
+        assert_eq!(err.field, field, "{err}");
+    }
+
+    #[test]
+    fn validation() {
+        rejects(|l| l.key.as_mut().unwrap().port = 0, "key.port");
+        rejects(|l| l.key.as_mut().unwrap().port = 65536, "key.port");
+        rejects(
+            |l| l.key.as_mut().unwrap().address = vec![1, 2, 3, 4],
+            "key.address",
+        );
+        rejects(|l| l.key.as_mut().unwrap().family = 9, "key.family");
+        rejects(|l| l.key.as_mut().unwrap().protocol = 0, "key.protocol");
+        rejects(
+            |l| l.key.as_mut().unwrap().netns = String::new(),
+            "key.netns",
+        );
+        rejects(
+            |l| l.key.as_mut().unwrap().interface = "x".repeat(65),
+            "key.interface",
+        );
+        rejects(|l| l.key = None, "key");
+        rejects(|l| l.reach_ipv4 = 42, "reach_ipv4");
+        rejects(|l| l.reach_ipv6 = 0, "reach_ipv6");
+        rejects(|l| l.source = 7, "source");
+        rejects(|l| l.sockets = 0, "sockets");
+        rejects(|l| l.netstat_proto = "sctp".into(), "netstat_proto");
+        rejects(|l| l.processes[0].pid = 0, "processes.pid");
+        rejects(
+            |l| l.processes[0].cmdline = "x".repeat(9000),
+            "processes.cmdline",
+        );
+        rejects(
+            |l| {
+                l.key.as_mut().unwrap().family = v1::Family::Ipv4 as i32;
+                l.key.as_mut().unwrap().address = vec![10, 0, 0, 1];
+            },
+            "key.v6only",
+        );
+    }
+
+    #[test]
+    fn observation_times() {
+        let now = OffsetDateTime::now_utc();
+        assert!(observed_at("t", Some(timestamp(now)), now).is_ok());
+        assert_eq!(observed_at("t", None, now).unwrap_err().problem, "missing");
+        let future = timestamp(now + time::Duration::hours(1));
+        assert!(
+            observed_at("t", Some(future), now)
+                .unwrap_err()
+                .problem
+                .contains("ahead")
+        );
+        let old = prost_types::Timestamp {
+            seconds: 5,
+            nanos: 0,
+        };
+        assert!(
+            observed_at("t", Some(old), now)
+                .unwrap_err()
+                .problem
+                .contains("2000")
+        );
+        let bad_nanos = prost_types::Timestamp {
+            seconds: now.unix_timestamp(),
+            nanos: -1,
+        };
+        assert!(observed_at("t", Some(bad_nanos), now).is_err());
+    }
+}

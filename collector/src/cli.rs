@@ -1,0 +1,312 @@
+//! Command line of `listenscope-collector`.
+
+#![allow(clippy::print_stdout)] // CLI output code: printing to stdout is its job
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::RawConfig;
+use crate::ingest::Limits;
+use crate::query::{self, Format, ReadOnly};
+use crate::store::{DbUrl, Store, StoreOptions};
+use crate::{pki, quickstart, server, tls};
+
+/// listenscope collector: stores what agents report, answers questions across the fleet.
+#[derive(Debug, Parser)]
+#[command(name = "listenscope-collector", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server that agents stream to.
+    Serve(ServeArgs),
+    /// Create the fleet CA, the server certificate and agent certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Run SQL on a read-only connection (views: current_listeners, hidden_ipv4_exposure,
+    /// hosts, listener_changes, listener_history; see docs/views.md).
+    Query(QueryArgs),
+    /// Which hosts expose a port over IPv4 although netstat shows only IPv6 lines.
+    Exposure(ExposureArgs),
+    /// Hosts with their last contact; silent (stale) ones first.
+    Hosts(HostsArgs),
+    /// Try it on this machine: dev certificates, a collector on SQLite and an agent, then
+    /// the inventory and the headline answer.
+    Quickstart(QuickstartArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration (example: deploy/collector.toml); flags override its keys.
+    #[arg(long, env = "LISTENSCOPE_COLLECTOR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Database: sqlite://PATH or postgres://USER@HOST/DB.
+    #[arg(long, env = "LISTENSCOPE_DB", value_name = "URL")]
+    pub db: Option<String>,
+    /// CA certificate that signs agent certificates.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// The collector's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The collector's private key.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics here (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// A host silent for longer is stale (default 5m).
+    #[arg(long, value_name = "DURATION")]
+    pub stale_after: Option<String>,
+    /// Database connection pool size (default 4).
+    #[arg(long, value_name = "N")]
+    pub pool_size: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create DIR/ca.pem, ca.key, server.pem, server.key (keys mode 0600).
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Name or IP the collector is reached by (repeatable). Default: localhost,
+        /// 127.0.0.1, ::1 and this machine's host name.
+        #[arg(long = "server-name", value_name = "NAME")]
+        server_names: Vec<String>,
+        /// Validity of the server certificate in days (the CA gets at least 10 years).
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Replace an existing CA (every agent certificate must then be issued again).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create DIR/NAME.pem and DIR/NAME.key for one host (DNS SAN = NAME, clientAuth).
+    Issue {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The host's identity in the fleet.
+        #[arg(long, value_name = "NAME")]
+        host: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ProtoArg {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// JSON array of objects.
+    #[arg(long, conflicts_with = "csv")]
+    pub json: bool,
+    /// CSV with a header line.
+    #[arg(long)]
+    pub csv: bool,
+}
+
+impl OutputArgs {
+    fn format(&self) -> Format {
+        if self.json {
+            Format::Json
+        } else if self.csv {
+            Format::Csv
+        } else {
+            Format::Table
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// Database URL.
+    #[arg(long, env = "LISTENSCOPE_DB", value_name = "URL")]
+    pub db: String,
+    /// The SQL to run (read-only).
+    pub sql: String,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExposureArgs {
+    #[arg(long, env = "LISTENSCOPE_DB", value_name = "URL")]
+    pub db: String,
+    /// Only this port (default: every port).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    /// Only this protocol.
+    #[arg(long, value_enum)]
+    pub proto: Option<ProtoArg>,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct HostsArgs {
+    #[arg(long, env = "LISTENSCOPE_DB", value_name = "URL")]
+    pub db: String,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct QuickstartArgs {
+    /// Where certificates and the database go (created if missing).
+    #[arg(long, default_value = ".listenscope", value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Database (default: sqlite://STATE_DIR/listenscope.db).
+    #[arg(long, value_name = "URL")]
+    pub db: Option<String>,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Certs(c) => certs(c),
+        Command::Serve(a) => runtime()?.block_on(serve(a)),
+        Command::Query(a) => runtime()?.block_on(query_cmd(a)),
+        Command::Exposure(a) => runtime()?.block_on(exposure_cmd(a)),
+        Command::Hosts(a) => runtime()?.block_on(hosts_cmd(a)),
+        Command::Quickstart(a) => runtime()?.block_on(quickstart::run(a)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn certs(c: CertsCommand) -> anyhow::Result<()> {
+    let written = match c {
+        CertsCommand::Init {
+            dir,
+            server_names,
+            days,
+            force,
+        } => {
+            let names = if server_names.is_empty() {
+                pki::default_server_names()
+            } else {
+                server_names
+            };
+            let w = pki::init(&dir, &names, days, force)?;
+            println!("Server certificate names: {}", names.join(", "));
+            w
+        }
+        CertsCommand::Issue { dir, host, days } => pki::issue(&dir, &host, days)?,
+    };
+    for f in written.files {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let file = match &a.config {
+        Some(p) => RawConfig::load(p)?,
+        None => RawConfig::default(),
+    };
+    let cfg = file
+        .overridden_by(RawConfig {
+            listen: a.listen,
+            db: a.db,
+            tls_ca: a.tls_ca,
+            tls_cert: a.tls_cert,
+            tls_key: a.tls_key,
+            metrics_listen: a.metrics_listen,
+            stale_after: a.stale_after,
+            pool_size: a.pool_size,
+        })
+        .validate()?;
+    let tls = tls::server_config(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key)?;
+    let store = Store::open(
+        &cfg.db,
+        &StoreOptions {
+            stale_after_secs: cfg.stale_after_secs,
+            pool_size: cfg.pool_size,
+        },
+    )
+    .await?;
+    if let Some(addr) = cfg.metrics_listen {
+        crate::metrics::install(addr).map_err(anyhow::Error::msg)?;
+        tracing::info!(%addr, "Serving metrics.");
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    tracing::info!(db = %cfg.db, "Store open.");
+    server::serve(
+        listener,
+        tls,
+        store,
+        Limits::default(),
+        listenscope_agent::cli::shutdown_signal(),
+    )
+    .await?;
+    Ok(())
+}
+
+fn print(rs: &query::ResultSet, format: Format) -> anyhow::Result<()> {
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    match query::write(rs, format, &mut out).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+async fn open_ro(db: &str) -> anyhow::Result<ReadOnly> {
+    let url: DbUrl = db.parse().map_err(anyhow::Error::msg)?;
+    Ok(ReadOnly::open(&url).await?)
+}
+
+async fn query_cmd(a: QueryArgs) -> anyhow::Result<()> {
+    let ro = open_ro(&a.db).await?;
+    let rs = ro.run(&a.sql, &[]).await?;
+    ro.close().await;
+    print(&rs, a.output.format())
+}
+
+async fn exposure_cmd(a: ExposureArgs) -> anyhow::Result<()> {
+    let ro = open_ro(&a.db).await?;
+    let proto = a.proto.map(|p| match p {
+        ProtoArg::Tcp => "tcp",
+        ProtoArg::Udp => "udp",
+    });
+    let rs = query::exposure(&ro, a.port, proto).await?;
+    ro.close().await;
+    let format = a.output.format();
+    if format == Format::Table && rs.rows.is_empty() {
+        let what = match (a.port, proto) {
+            (Some(p), Some(pr)) => format!("{pr} port {p}"),
+            (Some(p), None) => format!("port {p}"),
+            (None, Some(pr)) => format!("any {pr} port"),
+            (None, None) => "any port".to_string(),
+        };
+        println!("No host exposes {what} over IPv4 while netstat shows only IPv6 lines for it.");
+        return Ok(());
+    }
+    print(&rs, format)
+}
+
+async fn hosts_cmd(a: HostsArgs) -> anyhow::Result<()> {
+    let ro = open_ro(&a.db).await?;
+    let rs = query::hosts(&ro).await?;
+    ro.close().await;
+    print(&rs, a.output.format())
+}

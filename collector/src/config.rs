@@ -1,0 +1,191 @@
+//! `listenscope-collector serve` configuration: a TOML file (example in
+//! `deploy/collector.toml`) overridden by flags, validated all at once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use listenscope_agent::config::parse_duration;
+use serde::Deserialize;
+
+use crate::store::DbUrl;
+
+/// The collector's TOML file. Required keys may come from flags instead.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// gRPC listen address, e.g. "0.0.0.0:7443". Required.
+    pub listen: Option<String>,
+    /// Database URL: "sqlite://PATH" or "postgres://…". Required.
+    pub db: Option<String>,
+    /// CA certificate (PEM) that signs agent certificates. Required.
+    pub tls_ca: Option<PathBuf>,
+    /// The collector's certificate (PEM). Required.
+    pub tls_cert: Option<PathBuf>,
+    /// The collector's private key (PEM). Required.
+    pub tls_key: Option<PathBuf>,
+    /// Prometheus metrics listen address, e.g. "127.0.0.1:9464". Optional (off).
+    pub metrics_listen: Option<String>,
+    /// A host silent for longer is stale, e.g. "5m". Default 5m.
+    pub stale_after: Option<String>,
+    /// Database connections for readers (and PostgreSQL writers). Default 4.
+    pub pool_size: Option<u32>,
+}
+
+/// Validated `serve` settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub db: DbUrl,
+    pub tls_ca: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
+    pub stale_after_secs: u64,
+    pub pool_size: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid collector configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl RawConfig {
+    pub fn load(path: &Path) -> Result<RawConfig, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("{}: cannot read it: {e}", path.display())]))?;
+        toml::from_str(&text).map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))
+    }
+
+    /// Values from `other` win where set.
+    pub fn overridden_by(self, other: RawConfig) -> RawConfig {
+        RawConfig {
+            listen: other.listen.or(self.listen),
+            db: other.db.or(self.db),
+            tls_ca: other.tls_ca.or(self.tls_ca),
+            tls_cert: other.tls_cert.or(self.tls_cert),
+            tls_key: other.tls_key.or(self.tls_key),
+            metrics_listen: other.metrics_listen.or(self.metrics_listen),
+            stale_after: other.stale_after.or(self.stale_after),
+            pool_size: other.pool_size.or(self.pool_size),
+        }
+    }
+
+    pub fn validate(self) -> Result<ServeConfig, ConfigErrors> {
+        let mut errs = Vec::new();
+        let mut addr = |v: Option<String>, name: &str, required: bool| -> Option<SocketAddr> {
+            match v {
+                None if required => {
+                    errs.push(format!(
+                        "{name} is required (e.g. --{} 0.0.0.0:7443)",
+                        name.replace('_', "-")
+                    ));
+                    None
+                }
+                None => None,
+                Some(s) => match s.parse() {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        errs.push(format!(
+                            "{name} {s:?} is not IP:PORT (e.g. 0.0.0.0:7443 or [::]:7443)"
+                        ));
+                        None
+                    }
+                },
+            }
+        };
+        let listen = addr(self.listen, "listen", true);
+        let metrics_listen = addr(self.metrics_listen, "metrics_listen", false);
+        let db = match self.db.as_deref().map(str::parse::<DbUrl>) {
+            None => {
+                errs.push("db is required (--db sqlite://PATH or postgres://…)".into());
+                None
+            }
+            Some(Err(e)) => {
+                errs.push(format!("db: {e}"));
+                None
+            }
+            Some(Ok(u)) => Some(u),
+        };
+        let mut required = |v: Option<PathBuf>, name: &str| {
+            if v.is_none() {
+                errs.push(format!(
+                    "{name} is required (--{}; create certificates with `listenscope-collector certs init`)",
+                    name.replace('_', "-")
+                ));
+            }
+            v.unwrap_or_default()
+        };
+        let tls_ca = required(self.tls_ca, "tls_ca");
+        let tls_cert = required(self.tls_cert, "tls_cert");
+        let tls_key = required(self.tls_key, "tls_key");
+        let stale_after_secs = match self.stale_after.as_deref().map(parse_duration) {
+            None => 300,
+            Some(Ok(d)) if d.as_secs() >= 1 => d.as_secs(),
+            Some(Ok(_)) => {
+                errs.push("stale_after must be at least 1s".into());
+                300
+            }
+            Some(Err(e)) => {
+                errs.push(format!("stale_after: {e}"));
+                300
+            }
+        };
+        let pool_size = self.pool_size.unwrap_or(4);
+        if pool_size == 0 || pool_size > 256 {
+            errs.push(format!("pool_size {pool_size} must be between 1 and 256"));
+        }
+        if !errs.is_empty() {
+            return Err(ConfigErrors(errs));
+        }
+        Ok(ServeConfig {
+            listen: listen.expect("checked"),
+            db: db.expect("checked"),
+            tls_ca,
+            tls_cert,
+            tls_key,
+            metrics_listen,
+            stale_after_secs,
+            pool_size,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_problems_at_once() {
+        let raw: RawConfig = toml::from_str(
+            "listen = \"nope\"\ndb = \"mysql://x\"\nstale_after = \"5 minutes\"\npool_size = 0\n",
+        )
+        .unwrap();
+        let err = raw.validate().unwrap_err().to_string();
+        for needle in [
+            "listen \"nope\"",
+            "db: unsupported",
+            "tls_ca is required",
+            "tls_cert",
+            "tls_key",
+            "stale_after",
+            "pool_size",
+        ] {
+            assert!(err.contains(needle), "{needle} missing:\n{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<RawConfig>("listn = \"x\"").is_err());
+    }
+
+    #[test]
+    fn valid() {
+        let raw: RawConfig = toml::from_str(
+            "listen = \"127.0.0.1:7443\"\ndb = \"sqlite://x.db\"\ntls_ca = \"ca.pem\"\ntls_cert = \"s.pem\"\ntls_key = \"s.key\"\nstale_after = \"2m\"\n",
+        )
+        .unwrap();
+        let c = raw.validate().unwrap();
+        assert_eq!(c.stale_after_secs, 120);
+        assert_eq!(c.metrics_listen, None);
+    }
+}

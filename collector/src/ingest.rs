@@ -1,0 +1,419 @@
+//! One agent session on the collector side: the protocol state machine.
+//!
+//! Hello → Welcome, then snapshots (assembled from chunks, committed at the last one),
+//! deltas and heartbeats. Every message is validated completely before anything is
+//! stored; a rule broken ends the stream with INVALID_ARGUMENT and stores nothing of that
+//! message (nor of a snapshot it belongs to). Acks are sent only after the commit.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use listenscope_agent::diff::Changes;
+use listenscope_agent::record::{ListenerKey, ListenerRecord};
+use listenscope_agent::wire::{self, WireError, limits};
+use listenscope_proto::v1;
+use prost::Message;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Status, Streaming};
+
+use crate::metrics as m;
+use crate::store::{Applied, Store, StoreError};
+
+/// Wire protocol version this collector speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest message accepted (tonic's own decoder limit is set higher, so anything between
+/// is refused here with INVALID_ARGUMENT rather than by the transport).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// What tonic may decode at all (bounds memory per stream).
+pub const DECODE_LIMIT_BYTES: usize = 16 * 1024 * 1024;
+
+/// Per-collector limits on what agents may send.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Listeners per SnapshotChunk or Delta (advertised in Welcome).
+    pub per_message: usize,
+    /// Listeners in one whole snapshot.
+    pub per_snapshot: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            per_message: 5000,
+            per_snapshot: 1_000_000,
+        }
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        tracing::error!(error = %e, "Store failure; the agent will retry.");
+        Status::unavailable(format!("collector storage failed, retry later: {e}"))
+    }
+}
+
+fn invalid(e: WireError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// A snapshot being assembled from chunks.
+struct Assembling {
+    seq: u64,
+    at: OffsetDateTime,
+    next_chunk: u32,
+    records: Vec<ListenerRecord>,
+    keys: HashSet<ListenerKey>,
+}
+
+/// What the session expects next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// Only a snapshot is applied; deltas are dropped (they were sent before the agent
+    /// saw our Resync/Welcome).
+    Snapshot,
+    /// Deltas continue after this committed sequence.
+    After(u64),
+}
+
+/// Runs one session to its end; errors go to the agent as the stream's final status.
+pub async fn run(
+    host: String,
+    store: Store,
+    limits: Limits,
+    mut inbound: Streaming<v1::AgentMessage>,
+    tx: mpsc::Sender<Result<v1::CollectorMessage, Status>>,
+    shutdown: CancellationToken,
+) {
+    metrics::gauge!(m::CONNECTED_AGENTS).increment(1.0);
+    let result = session(&host, &store, &limits, &mut inbound, &tx, &shutdown).await;
+    metrics::gauge!(m::CONNECTED_AGENTS).decrement(1.0);
+    match result {
+        Ok(()) => tracing::info!(host = %host, "Agent disconnected."),
+        Err(status) => {
+            if status.code() == tonic::Code::InvalidArgument {
+                metrics::counter!(m::REJECTED_MESSAGES, "reason" => "invalid_argument")
+                    .increment(1);
+            }
+            tracing::warn!(host = %host, code = ?status.code(), message = %status.message(), "Session ended with an error.");
+            let _ = tx.send(Err(status)).await;
+        }
+    }
+}
+
+fn reply(b: v1::collector_message::Body) -> Result<v1::CollectorMessage, Status> {
+    Ok(v1::CollectorMessage { body: Some(b) })
+}
+
+async fn send(
+    tx: &mpsc::Sender<Result<v1::CollectorMessage, Status>>,
+    b: v1::collector_message::Body,
+) -> Result<(), Status> {
+    tx.send(reply(b))
+        .await
+        .map_err(|_| Status::cancelled("the agent went away"))
+}
+
+async fn next(
+    inbound: &mut Streaming<v1::AgentMessage>,
+    shutdown: &CancellationToken,
+) -> Result<Option<v1::AgentMessage>, Status> {
+    tokio::select! {
+        // A message already being stored finishes first: we only get here between messages.
+        () = shutdown.cancelled() => Err(Status::unavailable("collector shutting down; reconnect later")),
+        msg = inbound.message() => msg,
+    }
+}
+
+async fn session(
+    host: &str,
+    store: &Store,
+    limits: &Limits,
+    inbound: &mut Streaming<v1::AgentMessage>,
+    tx: &mpsc::Sender<Result<v1::CollectorMessage, Status>>,
+    shutdown: &CancellationToken,
+) -> Result<(), Status> {
+    let Some(first) = next(inbound, shutdown).await? else {
+        return Ok(());
+    };
+    check_size(&first)?;
+    let hello = match first.body {
+        Some(v1::agent_message::Body::Hello(h)) => h,
+        _ => {
+            return Err(Status::invalid_argument(
+                "the first message of a session must be Hello",
+            ));
+        }
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(Status::invalid_argument(format!(
+            "protocol_version {} is not supported; this collector speaks {PROTOCOL_VERSION}: upgrade the agent or the collector",
+            hello.protocol_version
+        )));
+    }
+    if hello.session_id.len() != 16 {
+        return Err(Status::invalid_argument(format!(
+            "session_id: {} bytes, expected 16",
+            hello.session_id.len()
+        )));
+    }
+    if hello.agent_version.len() > limits::AGENT_VERSION
+        || hello.os_hostname.len() > limits::OS_HOSTNAME
+    {
+        return Err(Status::invalid_argument(
+            "agent_version or os_hostname too long",
+        ));
+    }
+    let session_id = hello.session_id;
+    let now = OffsetDateTime::now_utc();
+    let stored = store
+        .hello(host, &hello.os_hostname, &hello.agent_version, now)
+        .await?;
+    let host_id = stored.host_id;
+    let resume = (stored.session_id.as_deref() == Some(session_id.as_slice())
+        && stored.committed_seq >= hello.acked_sequence)
+        .then_some(stored.committed_seq);
+    send(
+        tx,
+        v1::collector_message::Body::Welcome(v1::Welcome {
+            resume_after: resume,
+            collector_version: env!("CARGO_PKG_VERSION").to_string(),
+            max_listeners_per_message: limits.per_message as u32,
+        }),
+    )
+    .await?;
+    tracing::info!(host = %host, os_hostname = %hello.os_hostname, agent_version = %hello.agent_version, resume_after = ?resume, "Agent connected.");
+    let mut expect = match resume {
+        Some(c) => Expect::After(c),
+        None => Expect::Snapshot,
+    };
+    let mut assembling: Option<Assembling> = None;
+
+    while let Some(msg) = next(inbound, shutdown).await? {
+        check_size(&msg)?;
+        let now = OffsetDateTime::now_utc();
+        match msg.body {
+            None => return Err(Status::invalid_argument("empty AgentMessage")),
+            Some(v1::agent_message::Body::Hello(_)) => {
+                return Err(Status::invalid_argument(
+                    "Hello may only be the first message",
+                ));
+            }
+            Some(v1::agent_message::Body::Heartbeat(h)) => {
+                metrics::counter!(m::MESSAGES, "kind" => "heartbeat").increment(1);
+                wire::observed_at("observed_at", h.observed_at, now).map_err(invalid)?;
+                store.heartbeat(host_id, now).await?;
+            }
+            Some(v1::agent_message::Body::Snapshot(chunk)) => {
+                metrics::counter!(m::MESSAGES, "kind" => "snapshot_chunk").increment(1);
+                let done = add_chunk(&mut assembling, chunk, limits, now)?;
+                if let Some(snap) = done {
+                    let seq = snap.seq;
+                    let started = Instant::now();
+                    let applied = store
+                        .apply_snapshot(host_id, &session_id, seq, snap.at, snap.records, now)
+                        .await?;
+                    metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                    let acked = match applied {
+                        Applied::Committed { rows } => {
+                            metrics::counter!(m::ROWS).increment(rows as u64);
+                            tracing::info!(host = %host, seq, rows, "Snapshot stored.");
+                            seq
+                        }
+                        Applied::Duplicate { committed } => committed,
+                        Applied::Gap { .. } | Applied::Superseded => {
+                            unreachable!("snapshots always apply")
+                        }
+                    };
+                    expect = Expect::After(acked);
+                    send(
+                        tx,
+                        v1::collector_message::Body::Ack(v1::Ack { sequence: acked }),
+                    )
+                    .await?;
+                }
+            }
+            Some(v1::agent_message::Body::Delta(d)) => {
+                metrics::counter!(m::MESSAGES, "kind" => "delta").increment(1);
+                let (seq, at, changes) = validate_delta(d, limits, now)?;
+                if assembling.is_some() {
+                    return Err(Status::invalid_argument(
+                        "a Delta arrived in the middle of a chunked snapshot",
+                    ));
+                }
+                if expect == Expect::Snapshot {
+                    continue; // sent before the agent learnt it must resync
+                }
+                let started = Instant::now();
+                let applied = store
+                    .apply_delta(host_id, &session_id, seq, at, changes, now)
+                    .await?;
+                metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                match applied {
+                    Applied::Committed { rows } => {
+                        metrics::counter!(m::ROWS).increment(rows as u64);
+                        expect = Expect::After(seq);
+                        send(
+                            tx,
+                            v1::collector_message::Body::Ack(v1::Ack { sequence: seq }),
+                        )
+                        .await?;
+                    }
+                    Applied::Duplicate { committed } => {
+                        send(
+                            tx,
+                            v1::collector_message::Body::Ack(v1::Ack {
+                                sequence: committed,
+                            }),
+                        )
+                        .await?;
+                    }
+                    Applied::Gap { committed } => {
+                        let reason = format!(
+                            "sequence gap: expected {}, got {seq}; send a fresh snapshot",
+                            committed + 1
+                        );
+                        metrics::counter!(m::RESYNCS, "reason" => "gap").increment(1);
+                        tracing::warn!(host = %host, %reason, "Asking for a resync.");
+                        expect = Expect::Snapshot;
+                        send(
+                            tx,
+                            v1::collector_message::Body::Resync(v1::Resync { reason }),
+                        )
+                        .await?;
+                    }
+                    Applied::Superseded => {
+                        return Err(Status::aborted(
+                            "a newer session of this host has taken over; this one is finished",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_size(msg: &v1::AgentMessage) -> Result<(), Status> {
+    let n = msg.encoded_len();
+    if n > MAX_MESSAGE_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "message of {n} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit: split snapshots into chunks"
+        )));
+    }
+    Ok(())
+}
+
+/// Adds a chunk; returns the whole snapshot when this was its last chunk.
+fn add_chunk(
+    assembling: &mut Option<Assembling>,
+    chunk: v1::SnapshotChunk,
+    limits: &Limits,
+    now: OffsetDateTime,
+) -> Result<Option<Assembling>, Status> {
+    let at = wire::observed_at("observed_at", chunk.observed_at, now).map_err(invalid)?;
+    if chunk.sequence == 0 {
+        return Err(Status::invalid_argument(
+            "sequence: 0 is not a sequence number (they start at 1)",
+        ));
+    }
+    if chunk.listeners.len() > limits.per_message {
+        return Err(Status::invalid_argument(format!(
+            "listeners: {} in one chunk, at most {}",
+            chunk.listeners.len(),
+            limits.per_message
+        )));
+    }
+    let a = match assembling {
+        None => {
+            if chunk.chunk_index != 0 {
+                return Err(Status::invalid_argument(format!(
+                    "chunk_index {} of snapshot {} arrived before chunk 0",
+                    chunk.chunk_index, chunk.sequence
+                )));
+            }
+            assembling.insert(Assembling {
+                seq: chunk.sequence,
+                at,
+                next_chunk: 0,
+                records: Vec::new(),
+                keys: HashSet::new(),
+            })
+        }
+        Some(a) => {
+            if chunk.sequence != a.seq || chunk.chunk_index != a.next_chunk || at != a.at {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot chunk out of order: expected sequence {} chunk {} at {}, got sequence {} chunk {}",
+                    a.seq, a.next_chunk, a.at, chunk.sequence, chunk.chunk_index
+                )));
+            }
+            a
+        }
+    };
+    if a.records.len() + chunk.listeners.len() > limits.per_snapshot {
+        return Err(Status::invalid_argument(format!(
+            "snapshot larger than {} listeners",
+            limits.per_snapshot
+        )));
+    }
+    for l in chunk.listeners {
+        let r = ListenerRecord::try_from(l).map_err(invalid)?;
+        if !a.keys.insert(r.key.clone()) {
+            return Err(Status::invalid_argument(format!(
+                "listener {:?} appears twice in snapshot {}",
+                r.key, a.seq
+            )));
+        }
+        a.records.push(r);
+    }
+    a.next_chunk += 1;
+    Ok(if chunk.last { assembling.take() } else { None })
+}
+
+fn validate_delta(
+    d: v1::Delta,
+    limits: &Limits,
+    now: OffsetDateTime,
+) -> Result<(u64, OffsetDateTime, Changes), Status> {
+    let at = wire::observed_at("observed_at", d.observed_at, now).map_err(invalid)?;
+    if d.sequence == 0 {
+        return Err(Status::invalid_argument(
+            "sequence: 0 is not a sequence number (they start at 1)",
+        ));
+    }
+    let n = d.opened.len() + d.closed.len() + d.changed.len();
+    if n > limits.per_message {
+        return Err(Status::invalid_argument(format!(
+            "delta carries {n} listeners, at most {}",
+            limits.per_message
+        )));
+    }
+    let opened = d
+        .opened
+        .into_iter()
+        .map(ListenerRecord::try_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    let changed = d
+        .changed
+        .into_iter()
+        .map(ListenerRecord::try_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    let closed = d
+        .closed
+        .into_iter()
+        .map(ListenerKey::try_from)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
+    Ok((
+        d.sequence,
+        at,
+        Changes {
+            opened,
+            closed,
+            changed,
+        },
+    ))
+}

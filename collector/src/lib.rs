@@ -1,0 +1,19 @@
+//! listenscope collector library: the gRPC ingest server (mutual TLS, host identity from
+//! the client certificate), the store (SQLite embedded; PostgreSQL), the read-only query
+//! and report layer, the fleet CA, and the quickstart.
+//!
+//! Map (see ARCHITECTURE.md): `server` + `tls` accept sessions, `ingest` runs each
+//! session's protocol state machine, `store` commits (one transaction per message, plan
+//! computed once in `store::plan`), `query` answers SREs, `pki` makes certificates,
+//! `cli` and `quickstart` are the faces.
+
+pub mod cli;
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod pki;
+pub mod query;
+pub mod quickstart;
+pub mod server;
+pub mod store;
+pub mod tls;

@@ -1,0 +1,276 @@
+//! What a message does to a host's stored listeners, decided in Rust once for both
+//! databases.
+//!
+//! Input: the host's live rows (id, key, fingerprints) and the incoming records. Output: a
+//! [`Plan`] of row operations that each backend executes in one transaction with batched
+//! statements. Versioning rules:
+//! - a new key → a new row (its lifetime starts: `first_seen` = observation time);
+//! - a known key whose *material* fields changed (classification, owner names, attribution)
+//!   → the live row is closed as `changed` and a new version starts, keeping `first_seen`;
+//! - a known key where only pids, cmdlines, socket count or namespace inode changed → the
+//!   live row is refreshed in place (no history event: worker recycling is not news);
+//! - a closed key, or (snapshots) any live key absent from the snapshot → closed as `closed`.
+
+use std::collections::HashMap;
+use std::hash::Hasher;
+
+use listenscope_agent::fasthash::FxHasher;
+use listenscope_agent::model::Protocol;
+use listenscope_agent::record::{ListenerKey, ListenerRecord};
+use time::OffsetDateTime;
+
+/// A live (current) row as the backend read it.
+#[derive(Debug, Clone)]
+pub struct LiveRow {
+    pub id: i64,
+    pub material_hash: i64,
+    pub full_hash: i64,
+    pub first_seen: OffsetDateTime,
+}
+
+/// An incoming record with its key string and fingerprints.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub lkey: String,
+    pub material_hash: i64,
+    pub full_hash: i64,
+    pub record: ListenerRecord,
+}
+
+impl Prepared {
+    pub fn new(record: ListenerRecord) -> Prepared {
+        Prepared {
+            lkey: lkey(&record.key),
+            material_hash: fingerprint(&record.material()),
+            full_hash: fingerprint(&record),
+            record,
+        }
+    }
+}
+
+/// A row to insert: a record and when its lifetime began.
+#[derive(Debug, Clone)]
+pub struct NewRow<'a> {
+    pub prepared: &'a Prepared,
+    pub first_seen: OffsetDateTime,
+}
+
+#[derive(Debug, Default)]
+pub struct Plan<'a> {
+    pub insert: Vec<NewRow<'a>>,
+    pub close_changed: Vec<i64>,
+    pub close_closed: Vec<i64>,
+    pub refresh: Vec<(i64, &'a Prepared)>,
+}
+
+impl Plan<'_> {
+    /// Rows written.
+    pub fn rows(&self) -> usize {
+        self.insert.len() + self.close_changed.len() + self.close_closed.len() + self.refresh.len()
+    }
+}
+
+/// The canonical key string stored in `listener.lkey` (unit-separator joined; unique per
+/// live listener of a host).
+pub fn lkey(k: &ListenerKey) -> String {
+    let proto = match k.protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    };
+    let v6only = match k.v6only {
+        Some(true) => "1",
+        Some(false) => "0",
+        None => "-",
+    };
+    format!(
+        "{}\u{1f}{proto}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{v6only}",
+        k.netns,
+        k.family.as_str(),
+        k.address,
+        k.port,
+        k.interface.as_deref().unwrap_or("")
+    )
+}
+
+/// Stable 64-bit fingerprint of a value's JSON form.
+pub fn fingerprint<T: serde::Serialize>(v: &T) -> i64 {
+    let bytes = serde_json::to_vec(v).expect("records serialize");
+    let mut h = FxHasher::default();
+    h.write(&bytes);
+    h.finish() as i64
+}
+
+/// Plans one message. `live` holds the host's live rows for (at least) every key the
+/// message mentions; with `close_others` (snapshots) it must hold all of them.
+pub fn plan<'a>(
+    live: &HashMap<String, LiveRow>,
+    upserts: &'a [Prepared],
+    closes: &[String],
+    close_others: bool,
+    at: OffsetDateTime,
+) -> Plan<'a> {
+    let mut p = Plan::default();
+    let mut touched = std::collections::HashSet::new();
+    for u in upserts {
+        touched.insert(u.lkey.as_str());
+        match live.get(&u.lkey) {
+            None => p.insert.push(NewRow {
+                prepared: u,
+                first_seen: at,
+            }),
+            Some(row) if row.material_hash != u.material_hash => {
+                p.close_changed.push(row.id);
+                p.insert.push(NewRow {
+                    prepared: u,
+                    first_seen: row.first_seen,
+                });
+            }
+            Some(row) if row.full_hash != u.full_hash => p.refresh.push((row.id, u)),
+            Some(_) => {}
+        }
+    }
+    for k in closes {
+        if touched.contains(k.as_str()) {
+            continue; // opened again in the same message: the upsert wins
+        }
+        if let Some(row) = live.get(k) {
+            p.close_closed.push(row.id);
+        }
+    }
+    if close_others {
+        for (k, row) in live {
+            if !touched.contains(k.as_str()) {
+                p.close_closed.push(row.id);
+            }
+        }
+    }
+    p.close_closed.sort_unstable();
+    p.close_closed.dedup();
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use listenscope_agent::model::{Family, ProcessInfo, Reach, Source};
+    use std::net::IpAddr;
+
+    fn rec(port: u16, reach4: Reach, pid: u32) -> ListenerRecord {
+        let address: IpAddr = "::".parse().unwrap();
+        ListenerRecord {
+            key: ListenerKey {
+                netns: "host".into(),
+                protocol: Protocol::Tcp,
+                family: Family::Ipv6,
+                address,
+                port,
+                interface: None,
+                v6only: Some(false),
+            },
+            netns_inode: 1,
+            reach_ipv4: reach4,
+            reach_ipv6: Reach::Any,
+            latent: false,
+            shown_as: format!(":::{port}"),
+            netstat_proto: "tcp6".into(),
+            trap: true,
+            hidden_ipv4_exposure: true,
+            processes: vec![ProcessInfo {
+                pid,
+                comm: "nginx".into(),
+                cmdline: "nginx".into(),
+                user: "root".into(),
+            }],
+            container: None,
+            unit: None,
+            cgroup: None,
+            uid: 0,
+            freebind: None,
+            transparent: None,
+            source: Source::SockDiag,
+            sockets: 1,
+        }
+    }
+
+    fn t(s: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_800_000_000 + s).unwrap()
+    }
+
+    fn live_of(rows: &[(i64, &Prepared, i64)]) -> HashMap<String, LiveRow> {
+        rows.iter()
+            .map(|(id, p, first)| {
+                (
+                    p.lkey.clone(),
+                    LiveRow {
+                        id: *id,
+                        material_hash: p.material_hash,
+                        full_hash: p.full_hash,
+                        first_seen: t(*first),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn versions_and_refreshes() {
+        let a = Prepared::new(rec(80, Reach::Any, 10));
+        let b = Prepared::new(rec(443, Reach::Any, 10));
+        let c = Prepared::new(rec(22, Reach::Any, 10));
+        let live = live_of(&[(1, &a, 0), (2, &b, 0), (3, &c, 0)]);
+        let a2 = Prepared::new(rec(80, Reach::None, 10)); // material change
+        let b2 = Prepared::new(rec(443, Reach::Any, 11)); // pid churn only
+        let d = Prepared::new(rec(8080, Reach::Any, 10)); // new
+        let upserts = vec![a2, b2, d];
+        let p = plan(
+            &live,
+            &upserts,
+            std::slice::from_ref(&c.lkey),
+            false,
+            t(100),
+        );
+        assert_eq!(p.close_changed, [1]);
+        assert_eq!(p.close_closed, [3]);
+        assert_eq!(p.refresh.iter().map(|r| r.0).collect::<Vec<_>>(), [2]);
+        let inserted: Vec<(u16, OffsetDateTime)> = p
+            .insert
+            .iter()
+            .map(|n| (n.prepared.record.key.port, n.first_seen))
+            .collect();
+        assert_eq!(
+            inserted,
+            [(80, t(0)), (8080, t(100))],
+            "a new version keeps first_seen"
+        );
+        assert_eq!(p.rows(), 5);
+    }
+
+    #[test]
+    fn snapshot_closes_the_rest_and_repeats_are_noops() {
+        let a = Prepared::new(rec(80, Reach::Any, 10));
+        let b = Prepared::new(rec(443, Reach::Any, 10));
+        let live = live_of(&[(1, &a, 0), (2, &b, 0)]);
+        let snapshot = vec![a.clone()];
+        let p = plan(&live, &snapshot, &[], true, t(5));
+        assert_eq!(
+            (p.close_closed.clone(), p.insert.len(), p.rows()),
+            (vec![2], 0, 1)
+        );
+        // The same snapshot against the state it produced: nothing to do.
+        let live = live_of(&[(1, &a, 0)]);
+        assert_eq!(plan(&live, &snapshot, &[], true, t(6)).rows(), 0);
+    }
+
+    #[test]
+    fn keys_distinguish_v6only_and_interface() {
+        let mut k = rec(80, Reach::Any, 1).key;
+        let base = lkey(&k);
+        k.v6only = Some(true);
+        assert_ne!(lkey(&k), base);
+        k.v6only = None;
+        assert_ne!(lkey(&k), base);
+        k.v6only = Some(false);
+        k.interface = Some("eth0".into());
+        assert_ne!(lkey(&k), base);
+    }
+}

@@ -1,0 +1,260 @@
+//! The command line as an operator meets it: certificates, configuration mistakes,
+//! read-only queries in three formats, and the quickstart.
+
+mod util;
+
+use std::process::{Command, Output};
+
+use listenscope_collector::store::DbUrl;
+use listenscope_proto::v1;
+use util::*;
+
+fn collector(args: &[&str]) -> Output {
+    Command::new(collector_bin()).args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn certs_init_issue_and_their_errors() {
+    let dir = TempDir::new("certs");
+    let d = dir.path().join("pki");
+    let d = d.to_str().unwrap();
+    let o = collector(&[
+        "certs",
+        "init",
+        "--dir",
+        d,
+        "--server-name",
+        "collector.example",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = collector(&["certs", "init", "--dir", d]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("a CA already exists") && stderr(&o).contains("--force"),
+        "{}",
+        stderr(&o)
+    );
+    let o = collector(&["certs", "issue", "--dir", d, "--host", "web-01"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("web-01.pem") && stdout(&o).contains("web-01.key"));
+    let o = collector(&["certs", "issue", "--dir", d, "--host", "bad host"]);
+    assert!(
+        stderr(&o).contains("not a valid host name"),
+        "{}",
+        stderr(&o)
+    );
+    let empty = dir.path().join("empty");
+    let o = collector(&[
+        "certs",
+        "issue",
+        "--dir",
+        empty.to_str().unwrap(),
+        "--host",
+        "h1",
+    ]);
+    assert!(stderr(&o).contains("certs init --dir"), "{}", stderr(&o));
+    let o = collector(&["certs", "init", "--dir", d, "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn serve_names_bad_files_and_settings() {
+    let pki = Pki::new(&["h1"]);
+    let dir = TempDir::new("serve");
+    let db = format!("sqlite://{}", dir.path().join("x.db").display());
+    let p = |f: &str| pki.path(f).to_str().unwrap().to_string();
+    let serve = |ca: &str, cert: &str, key: &str| {
+        collector(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &db,
+            "--tls-ca",
+            ca,
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+        ])
+    };
+    // Missing file.
+    let o = serve(&p("ca.pem"), &p("nope.pem"), &p("server.key"));
+    assert!(
+        !o.status.success() && stderr(&o).contains("nope.pem: cannot read it"),
+        "{}",
+        stderr(&o)
+    );
+    // Key of another certificate.
+    let o = serve(&p("ca.pem"), &p("server.pem"), &p("h1.key"));
+    assert!(
+        stderr(&o).contains("does not belong to the certificate"),
+        "{}",
+        stderr(&o)
+    );
+    // A key where a certificate belongs.
+    let o = serve(&p("ca.pem"), &p("server.key"), &p("server.key"));
+    assert!(stderr(&o).contains("no PEM certificate"), "{}", stderr(&o));
+    // Everything wrong at once is reported at once.
+    let o = collector(&["serve", "--listen", "nowhere", "--db", "mysql://x"]);
+    let e = stderr(&o);
+    assert!(
+        e.contains("listen \"nowhere\"")
+            && e.contains("db: unsupported")
+            && e.contains("tls_ca is required"),
+        "{e}"
+    );
+    // Unknown keys in the config file.
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:1\"\nstale_afterr = \"1m\"\n").unwrap();
+    let o = collector(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        stderr(&o).contains("unknown field") && stderr(&o).contains("stale_afterr"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[tokio::test]
+async fn query_is_read_only_and_speaks_three_formats() {
+    let pki = Pki::new(&["h1"]);
+    let dir = TempDir::new("query");
+    let db = DbUrl::Sqlite(dir.path().join("ls.db"));
+    let c = InProcess::start(&pki, &db).await;
+    let ch = channel(
+        c.addr,
+        &pki.path("ca.pem"),
+        Some((&pki.path("h1.pem"), &pki.path("h1.key"))),
+    )
+    .await
+    .unwrap();
+    let mut s = RawSession::open(ch, hello(1, 0, "h1")).await.unwrap();
+    s.recv().await.unwrap();
+    s.send(snapshot(
+        1,
+        vec![listener("host", 80), listener("host", 443)],
+    ))
+    .await;
+    assert!(matches!(
+        s.recv().await.unwrap(),
+        Some(v1::collector_message::Body::Ack(_))
+    ));
+    drop(s);
+    c.shutdown().await;
+    let url = db.to_string();
+
+    let o = collector(&[
+        "query",
+        "--db",
+        &url,
+        "SELECT host, port, trap FROM current_listeners ORDER BY port",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = stdout(&o);
+    assert!(
+        t.contains("HOST") && t.contains("443") && t.trim_end().ends_with("(2 rows)"),
+        "{t}"
+    );
+    let o = collector(&[
+        "query",
+        "--db",
+        &url,
+        "--json",
+        "SELECT host, port FROM current_listeners ORDER BY port",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[1]["port"], 443);
+    let o = collector(&[
+        "query",
+        "--db",
+        &url,
+        "--csv",
+        "SELECT host, port, processes FROM current_listeners ORDER BY port",
+    ]);
+    assert!(
+        stdout(&o).starts_with("host,port,processes\r\nh1,80,apache2\r\n"),
+        "{}",
+        stdout(&o)
+    );
+
+    // Writes are refused, whatever their form, and nothing changes.
+    for sql in [
+        "DELETE FROM listener",
+        "UPDATE host SET name = 'x'",
+        "INSERT INTO setting VALUES ('a', 'b')",
+        "DROP VIEW hosts",
+        "CREATE TABLE t (x)",
+    ] {
+        let o = collector(&["query", "--db", &url, sql]);
+        assert!(!o.status.success(), "{sql} was allowed");
+        assert!(
+            stderr(&o).contains("refused: this connection is read-only"),
+            "{sql}: {}",
+            stderr(&o)
+        );
+    }
+    let o = collector(&["query", "--db", &url, "SELECT count(*) AS n FROM listener"]);
+    assert!(stdout(&o).contains(" 2"), "{}", stdout(&o));
+    let o = collector(&["query", "--db", &url, "SELEC nonsense"]);
+    assert!(stderr(&o).contains("SQL error"), "{}", stderr(&o));
+    let missing = format!("sqlite://{}", dir.path().join("none.db").display());
+    let o = collector(&["query", "--db", &missing, "SELECT 1"]);
+    assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
+
+    // Reports.
+    let o = collector(&["exposure", "--db", &url, "--port", "80"]);
+    assert!(
+        stdout(&o).contains("h1") && stdout(&o).contains(":::80"),
+        "{}",
+        stdout(&o)
+    );
+    let o = collector(&["exposure", "--db", &url, "--port", "22", "--proto", "tcp"]);
+    assert!(
+        stdout(&o).contains("No host exposes tcp port 22"),
+        "{}",
+        stdout(&o)
+    );
+    let o = collector(&["hosts", "--db", &url, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["host"], "h1");
+    assert_eq!(v[0]["listeners"], 2);
+}
+
+#[test]
+fn quickstart_shows_inventory_and_headline() {
+    require_root();
+    let dir = TempDir::new("qs");
+    let run = || {
+        Command::new(collector_bin())
+            .arg("quickstart")
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let o = run();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("(created: CA, server, agent"), "{out}");
+    assert!(
+        out.contains("Inventory of") && out.contains("current_listeners"),
+        "{out}"
+    );
+    assert!(out.contains("hidden_ipv4_exposure"), "{out}");
+    // Its own collector's listener is part of the truth on this host.
+    assert!(out.contains("127.0.0.1:"), "{out}");
+    let o = run();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("(reused: CA, server, agent"),
+        "{}",
+        stdout(&o)
+    );
+}

@@ -1,0 +1,215 @@
+//! Mutual TLS against the real collector binary: clients without a certificate, with one
+//! from another CA, or with an expired one are refused, store nothing, and are counted by
+//! reason in the metrics; a host's certificate decides which rows it writes, whatever its
+//! messages say.
+
+mod util;
+
+use std::time::Duration;
+
+use listenscope_collector::store::DbUrl;
+use listenscope_proto::v1;
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use util::*;
+
+type Body = v1::collector_message::Body;
+
+/// An agent certificate for `host` signed by the real CA but already expired.
+fn expired_cert(pki: &Pki, host: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(pki.path("ca.key")).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(pki.path("ca.pem")).unwrap(),
+        &ca_key,
+    )
+    .unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec![host.to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, host);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = OffsetDateTime::now_utc() - time::Duration::days(10);
+    params.not_after = OffsetDateTime::now_utc() - time::Duration::days(1);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (c, k) = (
+        pki.path(&format!("{host}-expired.pem")),
+        pki.path(&format!("{host}-expired.key")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+/// Opens a session with the given identity and expects the collector to refuse it, at the
+/// connection, the call or the first read.
+async fn expect_refused(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    id: Option<(&std::path::Path, &std::path::Path)>,
+) {
+    let ch = match channel(addr, ca, id).await {
+        Ok(ch) => ch,
+        Err(_) => return,
+    };
+    let mut s = match RawSession::open(ch, hello(1, 0, "intruder")).await {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    s.send(snapshot(1, vec![listener("host", 80)])).await;
+    match s.recv().await {
+        Err(_) => {}
+        Ok(m) => panic!("a refused client got an answer: {m:?}"),
+    }
+}
+
+async fn metrics(addr: std::net::SocketAddr) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    tcp.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+fn counter(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[tokio::test]
+async fn refused_clients_store_nothing_and_are_counted() {
+    let pki = Pki::new(&["h1"]);
+    let stranger = Pki::new(&["h1"]); // another CA, same host name
+    let (exp_cert, exp_key) = expired_cert(&pki, "h3");
+    let dir = TempDir::new("sec");
+    let db = DbUrl::Sqlite(dir.path().join("ls.db"));
+    let addr = free_port("127.0.0.1");
+    let maddr = free_port("127.0.0.1");
+    let mut collector = spawn_collector(
+        &pki,
+        &db,
+        addr,
+        Some(maddr),
+        &dir.path().join("collector.log"),
+    );
+    wait_listening(addr).await;
+    wait_listening(maddr).await;
+
+    let ca = pki.path("ca.pem");
+    expect_refused(addr, &ca, None).await;
+    expect_refused(
+        addr,
+        &ca,
+        Some((&stranger.path("h1.pem"), &stranger.path("h1.key"))),
+    )
+    .await;
+    expect_refused(addr, &ca, Some((&exp_cert, &exp_key))).await;
+
+    let hosts = query(&db, "SELECT count(*) FROM hosts", &[]).await;
+    assert_eq!(
+        hosts.rows[0][0],
+        serde_json::Value::from(0),
+        "nothing stored for refused clients"
+    );
+    let listeners = query(&db, "SELECT count(*) FROM listener", &[]).await;
+    assert_eq!(listeners.rows[0][0], serde_json::Value::from(0));
+
+    let counted = |text: &str| {
+        ["no_certificate", "unknown_ca", "expired"].iter().all(|r| {
+            counter(
+                text,
+                "listenscope_rejected_connections_total",
+                &format!("reason=\"{r}\""),
+            ) >= 1
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics(maddr).await;
+        if counted(&text) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rejections not counted:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(dir.path().join("collector.log")).unwrap();
+    assert!(log.contains("Connection refused."), "{log}");
+    assert_eq!(
+        collector.terminate().code(),
+        Some(0),
+        "graceful shutdown on SIGTERM"
+    );
+}
+
+#[tokio::test]
+async fn a_host_writes_only_its_own_rows() {
+    let pki = Pki::new(&["h1", "h2"]);
+    let dir = TempDir::new("ident");
+    let db = DbUrl::Sqlite(dir.path().join("ls.db"));
+    let c = InProcess::start(&pki, &db).await;
+    let ca = pki.path("ca.pem");
+
+    // h2 stores its own inventory.
+    let ch = channel(
+        c.addr,
+        &ca,
+        Some((&pki.path("h2.pem"), &pki.path("h2.key"))),
+    )
+    .await
+    .unwrap();
+    let mut s2 = RawSession::open(ch, hello(2, 0, "h2")).await.unwrap();
+    assert!(matches!(s2.recv().await.unwrap(), Some(Body::Welcome(_))));
+    s2.send(snapshot(1, vec![listener("host", 22)])).await;
+    assert!(matches!(s2.recv().await.unwrap(), Some(Body::Ack(_))));
+    drop(s2);
+
+    // h1's certificate, messages claiming to be h2 (host name and netns), and even h2's
+    // session id: it still writes as h1 only.
+    let ch = channel(
+        c.addr,
+        &ca,
+        Some((&pki.path("h1.pem"), &pki.path("h1.key"))),
+    )
+    .await
+    .unwrap();
+    let mut s1 = RawSession::open(ch, hello(2, 1, "h2")).await.unwrap();
+    match s1.recv().await.unwrap() {
+        Some(Body::Welcome(w)) => {
+            assert_eq!(w.resume_after, None, "h2's session means nothing to h1")
+        }
+        other => panic!("{other:?}"),
+    }
+    s1.send(snapshot(1, vec![listener("h2", 80)])).await;
+    assert!(matches!(s1.recv().await.unwrap(), Some(Body::Ack(_))));
+    s1.send(delta(2, vec![], vec![listener("host", 22).key.unwrap()]))
+        .await;
+    assert!(matches!(s1.recv().await.unwrap(), Some(Body::Ack(_))));
+    drop(s1);
+
+    let rows = query(
+        &db,
+        "SELECT host, port FROM current_listeners ORDER BY host, port",
+        &[],
+    )
+    .await;
+    let got: Vec<(String, i64)> = rows
+        .rows
+        .iter()
+        .map(|r| (r[0].as_str().unwrap().to_string(), r[1].as_i64().unwrap()))
+        .collect();
+    assert_eq!(got, [("h1".to_string(), 80), ("h2".to_string(), 22)]);
+    let h1 = query(&db, "SELECT os_hostname FROM hosts WHERE host = 'h1'", &[]).await;
+    assert_eq!(
+        h1.rows[0][0], "h2",
+        "the claimed name is kept as information only"
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    c.shutdown().await;
+}
