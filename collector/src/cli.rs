@@ -12,7 +12,7 @@ use crate::config::RawConfig;
 use crate::ingest::Limits;
 use crate::query::{self, Format, ReadOnly};
 use crate::store::{DbUrl, Store, StoreOptions};
-use crate::{pki, quickstart, server, tls};
+use crate::{history, pki, quickstart, server, tls};
 
 /// listenscope collector: stores what agents report, answers questions across the fleet.
 #[derive(Debug, Parser)]
@@ -36,6 +36,9 @@ pub enum Command {
     Exposure(ExposureArgs),
     /// Hosts with their last contact; silent (stale) ones first.
     Hosts(HostsArgs),
+    /// What changed between two times: listeners opened, changed and closed, and ports
+    /// whose exposure changed (e.g. became reachable over IPv4).
+    Diff(DiffArgs),
     /// Try it on this machine: dev certificates, a collector on SQLite and an agent, then
     /// the inventory and the headline answer.
     Quickstart(QuickstartArgs),
@@ -70,6 +73,10 @@ pub struct ServeArgs {
     /// Database connection pool size (default 4).
     #[arg(long, value_name = "N")]
     pub pool_size: Option<u32>,
+    /// Prune history older than this (e.g. 90d); default: keep forever. The current state
+    /// is never pruned.
+    #[arg(long, value_name = "DURATION")]
+    pub retain: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,6 +158,26 @@ pub struct ExposureArgs {
     /// Only this protocol.
     #[arg(long, value_enum)]
     pub proto: Option<ProtoArg>,
+    /// As of this time (RFC 3339, or an age such as 24h) instead of now.
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    #[arg(long, env = "LISTENSCOPE_DB", value_name = "URL")]
+    pub db: String,
+    /// Only this host (default: the whole fleet).
+    #[arg(long, value_name = "NAME")]
+    pub host: Option<String>,
+    /// Start of the window: RFC 3339 (2026-11-24T10:00:00Z) or an age (24h, 7d).
+    #[arg(long, value_name = "TIME")]
+    pub since: String,
+    /// End of the window (default: now).
+    #[arg(long, value_name = "TIME", default_value = "now")]
+    pub until: String,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -180,6 +207,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Query(a) => runtime()?.block_on(query_cmd(a)),
         Command::Exposure(a) => runtime()?.block_on(exposure_cmd(a)),
         Command::Hosts(a) => runtime()?.block_on(hosts_cmd(a)),
+        Command::Diff(a) => runtime()?.block_on(diff_cmd(a)),
         Command::Quickstart(a) => runtime()?.block_on(quickstart::run(a)),
     }
 }
@@ -231,6 +259,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             metrics_listen: a.metrics_listen,
             stale_after: a.stale_after,
             pool_size: a.pool_size,
+            retain: a.retain,
         })
         .validate()?;
     let tls = tls::server_config(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key)?;
@@ -250,14 +279,24 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     tracing::info!(db = %cfg.db, "Store open.");
-    server::serve(
-        listener,
-        tls,
-        store,
-        Limits::default(),
-        listenscope_agent::cli::shutdown_signal(),
-    )
-    .await?;
+    let stop_pruning = tokio_util::sync::CancellationToken::new();
+    if let Some(retain) = cfg.retain {
+        tracing::info!(
+            retain_secs = retain.as_secs(),
+            "Pruning history older than the retention period."
+        );
+        tokio::spawn(crate::retention::run(
+            store.clone(),
+            retain,
+            stop_pruning.clone(),
+        ));
+    }
+    let shutdown = async move {
+        listenscope_agent::cli::shutdown_signal().await;
+        stop_pruning.cancel();
+    };
+    let limits = Limits::for_stale_after(std::time::Duration::from_secs(cfg.stale_after_secs));
+    server::serve(listener, tls, store, limits, shutdown).await?;
     Ok(())
 }
 
@@ -288,7 +327,15 @@ async fn exposure_cmd(a: ExposureArgs) -> anyhow::Result<()> {
         ProtoArg::Tcp => "tcp",
         ProtoArg::Udp => "udp",
     });
-    let rs = query::exposure(&ro, a.port, proto).await?;
+    let now = time::OffsetDateTime::now_utc();
+    let at = match &a.at {
+        Some(t) => Some(history::parse_time(t, now).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let rs = match at {
+        Some(at) => history::exposure_at(&ro, at, a.port, proto).await?,
+        None => query::exposure(&ro, a.port, proto).await?,
+    };
     ro.close().await;
     let format = a.output.format();
     if format == Format::Table && rs.rows.is_empty() {
@@ -298,7 +345,38 @@ async fn exposure_cmd(a: ExposureArgs) -> anyhow::Result<()> {
             (None, Some(pr)) => format!("any {pr} port"),
             (None, None) => "any port".to_string(),
         };
-        println!("No host exposes {what} over IPv4 while netstat shows only IPv6 lines for it.");
+        match at {
+            Some(at) => println!(
+                "No host exposed {what} over IPv4 while netstat showed only IPv6 lines for it at {}.",
+                crate::store::sqlite::fmt_time(at)
+            ),
+            None => println!(
+                "No host exposes {what} over IPv4 while netstat shows only IPv6 lines for it."
+            ),
+        }
+        return Ok(());
+    }
+    print(&rs, format)
+}
+
+async fn diff_cmd(a: DiffArgs) -> anyhow::Result<()> {
+    let now = time::OffsetDateTime::now_utc();
+    let since = history::parse_time(&a.since, now).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
+    let until = history::parse_time(&a.until, now).map_err(|e| anyhow::anyhow!("--until: {e}"))?;
+    if since >= until {
+        anyhow::bail!("--since must be before --until ({since} is not before {until})");
+    }
+    let ro = open_ro(&a.db).await?;
+    let rs = history::diff(&ro, a.host.as_deref(), since, until).await?;
+    ro.close().await;
+    let format = a.output.format();
+    if format == Format::Table && rs.rows.is_empty() {
+        let who = a.host.as_deref().unwrap_or("the fleet");
+        println!(
+            "Nothing changed on {who} between {} and {}.",
+            crate::store::sqlite::fmt_time(since),
+            crate::store::sqlite::fmt_time(until)
+        );
         return Ok(());
     }
     print(&rs, format)

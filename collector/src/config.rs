@@ -29,6 +29,9 @@ pub struct RawConfig {
     pub stale_after: Option<String>,
     /// Database connections for readers (and PostgreSQL writers). Default 4.
     pub pool_size: Option<u32>,
+    /// Keep history (closed listeners, superseded versions) this long, e.g. "90d".
+    /// Default: forever. The current state is never pruned.
+    pub retain: Option<String>,
 }
 
 /// Validated `serve` settings.
@@ -42,6 +45,7 @@ pub struct ServeConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub stale_after_secs: u64,
     pub pool_size: u32,
+    pub retain: Option<std::time::Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +70,7 @@ impl RawConfig {
             metrics_listen: other.metrics_listen.or(self.metrics_listen),
             stale_after: other.stale_after.or(self.stale_after),
             pool_size: other.pool_size.or(self.pool_size),
+            retain: other.retain.or(self.retain),
         }
     }
 
@@ -129,6 +134,20 @@ impl RawConfig {
                 300
             }
         };
+        let retain = match self.retain.as_deref().map(parse_duration) {
+            None => None,
+            Some(Ok(d)) if d.as_secs() >= 3600 => Some(d),
+            Some(Ok(_)) => {
+                errs.push(
+                    "retain must be at least 1h (history younger than that is always kept)".into(),
+                );
+                None
+            }
+            Some(Err(e)) => {
+                errs.push(format!("retain: {e}"));
+                None
+            }
+        };
         let pool_size = self.pool_size.unwrap_or(4);
         if pool_size == 0 || pool_size > 256 {
             errs.push(format!("pool_size {pool_size} must be between 1 and 256"));
@@ -145,6 +164,7 @@ impl RawConfig {
             metrics_listen,
             stale_after_secs,
             pool_size,
+            retain,
         })
     }
 }
@@ -156,7 +176,7 @@ mod tests {
     #[test]
     fn all_problems_at_once() {
         let raw: RawConfig = toml::from_str(
-            "listen = \"nope\"\ndb = \"mysql://x\"\nstale_after = \"5 minutes\"\npool_size = 0\n",
+            "listen = \"nope\"\ndb = \"mysql://x\"\nstale_after = \"5 minutes\"\npool_size = 0\nretain = \"10m\"\n",
         )
         .unwrap();
         let err = raw.validate().unwrap_err().to_string();

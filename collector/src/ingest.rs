@@ -29,13 +29,17 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// What tonic may decode at all (bounds memory per stream).
 pub const DECODE_LIMIT_BYTES: usize = 16 * 1024 * 1024;
 
-/// Per-collector limits on what agents may send.
+/// Per-collector limits on what agents may send, and write pacing.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Listeners per SnapshotChunk or Delta (advertised in Welcome).
     pub per_message: usize,
     /// Listeners in one whole snapshot.
     pub per_snapshot: usize,
+    /// A heartbeat updates `last_seen` at most this often per session: at a 10 s scan
+    /// interval, 10,000 quiet hosts would otherwise cost 1,000 durable commits a second.
+    /// Keep it well under `stale_after` (serve uses a quarter of it, at most 30 s).
+    pub heartbeat_every: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -43,6 +47,17 @@ impl Default for Limits {
         Limits {
             per_message: 5000,
             per_snapshot: 1_000_000,
+            heartbeat_every: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
+impl Limits {
+    /// Defaults, with heartbeat writes paced for `stale_after`.
+    pub fn for_stale_after(stale_after: std::time::Duration) -> Limits {
+        Limits {
+            heartbeat_every: (stale_after / 4).min(std::time::Duration::from_secs(30)),
+            ..Limits::default()
         }
     }
 }
@@ -91,6 +106,10 @@ pub async fn run(
     metrics::gauge!(m::CONNECTED_AGENTS).decrement(1.0);
     match result {
         Ok(()) => tracing::info!(host = %host, "Agent disconnected."),
+        Err(status) if shutdown.is_cancelled() && status.code() == tonic::Code::Unavailable => {
+            tracing::info!(host = %host, "Session closed for shutdown.");
+            let _ = tx.send(Err(status)).await;
+        }
         Err(status) => {
             if status.code() == tonic::Code::InvalidArgument {
                 metrics::counter!(m::REJECTED_MESSAGES, "reason" => "invalid_argument")
@@ -189,6 +208,8 @@ async fn session(
         None => Expect::Snapshot,
     };
     let mut assembling: Option<Assembling> = None;
+    // When this session last wrote last_seen (hello, commits and heartbeats all do).
+    let mut seen_written = Instant::now();
 
     while let Some(msg) = next(inbound, shutdown).await? {
         check_size(&msg)?;
@@ -203,7 +224,10 @@ async fn session(
             Some(v1::agent_message::Body::Heartbeat(h)) => {
                 metrics::counter!(m::MESSAGES, "kind" => "heartbeat").increment(1);
                 wire::observed_at("observed_at", h.observed_at, now).map_err(invalid)?;
-                store.heartbeat(host_id, now).await?;
+                if seen_written.elapsed() >= limits.heartbeat_every {
+                    store.heartbeat(host_id, now).await?;
+                    seen_written = Instant::now();
+                }
             }
             Some(v1::agent_message::Body::Snapshot(chunk)) => {
                 metrics::counter!(m::MESSAGES, "kind" => "snapshot_chunk").increment(1);
@@ -215,6 +239,7 @@ async fn session(
                         .apply_snapshot(host_id, &session_id, seq, snap.at, snap.records, now)
                         .await?;
                     metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                    seen_written = Instant::now();
                     let acked = match applied {
                         Applied::Committed { rows } => {
                             metrics::counter!(m::ROWS).increment(rows as u64);

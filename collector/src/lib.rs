@@ -9,11 +9,13 @@
 
 pub mod cli;
 pub mod config;
+pub mod history;
 pub mod ingest;
 pub mod metrics;
 pub mod pki;
 pub mod query;
 pub mod quickstart;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -12,7 +12,7 @@ use futures_util::TryStreamExt;
 use serde_json::{Map, Value};
 use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 
-use crate::store::{DbUrl, StoreError, sqlite};
+use crate::store::{DbUrl, StoreError, postgres, sqlite};
 
 /// Most rows one answer carries; bigger results are an error asking for LIMIT.
 pub const MAX_ROWS: usize = 1_000_000;
@@ -37,6 +37,14 @@ pub enum QueryError {
 #[derive(Debug, Clone)]
 pub enum ReadOnly {
     Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+/// SQL dialect of a handle, for the few statements written per database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
 }
 
 /// A parameter for the prepared report queries.
@@ -44,6 +52,8 @@ pub enum ReadOnly {
 pub enum Param {
     Int(Option<i64>),
     Text(Option<String>),
+    /// A time: text in SQLite's format there, timestamptz on PostgreSQL.
+    Time(time::OffsetDateTime),
 }
 
 /// Column names and rows of JSON values (integers, reals, text, null; blobs as hex text).
@@ -57,15 +67,29 @@ impl ReadOnly {
     pub async fn open(url: &DbUrl) -> Result<ReadOnly, StoreError> {
         match url {
             DbUrl::Sqlite(path) => Ok(ReadOnly::Sqlite(sqlite::open_read_only(path).await?)),
-            DbUrl::Postgres(_) => Err(StoreError::Corrupt(
-                "PostgreSQL is not supported by this build".into(),
-            )),
+            DbUrl::Postgres(url) => Ok(ReadOnly::Postgres(postgres::open_read_only(url, 2).await?)),
         }
     }
 
     pub async fn close(&self) {
         match self {
             ReadOnly::Sqlite(p) => p.close().await,
+            ReadOnly::Postgres(p) => p.close().await,
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            ReadOnly::Sqlite(_) => Dialect::Sqlite,
+            ReadOnly::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// Picks the statement written for this handle's database.
+    pub fn pick<'a>(&self, sqlite: &'a str, postgres: &'a str) -> &'a str {
+        match self.dialect() {
+            Dialect::Sqlite => sqlite,
+            Dialect::Postgres => postgres,
         }
     }
 
@@ -78,6 +102,7 @@ impl ReadOnly {
                     q = match p {
                         Param::Int(v) => q.bind(*v),
                         Param::Text(v) => q.bind(v.clone()),
+                        Param::Time(t) => q.bind(sqlite::fmt_time(*t)),
                     };
                 }
                 let mut rows = q.fetch(pool);
@@ -93,13 +118,181 @@ impl ReadOnly {
                 }
                 Ok(out)
             }
+            ReadOnly::Postgres(pool) => {
+                // The connection defaults to read-only transactions; say it again here so a
+                // session setting changed by an earlier statement cannot matter.
+                let mut tx = pool.begin().await.map_err(sql_error)?;
+                sqlx::query("SET TRANSACTION READ ONLY")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sql_error)?;
+                let mut q = sqlx::query(AssertSqlSafe(sql.to_string()));
+                for p in params {
+                    q = match p {
+                        Param::Int(v) => q.bind(*v),
+                        Param::Text(v) => q.bind(v.clone()),
+                        Param::Time(t) => q.bind(*t),
+                    };
+                }
+                let mut out = ResultSet::default();
+                {
+                    let mut rows = q.fetch(&mut *tx);
+                    while let Some(row) = rows.try_next().await.map_err(sql_error)? {
+                        if out.columns.is_empty() {
+                            out.columns =
+                                row.columns().iter().map(|c| c.name().to_string()).collect();
+                        }
+                        if out.rows.len() == MAX_ROWS {
+                            return Err(QueryError::TooManyRows);
+                        }
+                        out.rows.push(pg_row(&row)?);
+                    }
+                }
+                tx.rollback().await.map_err(sql_error)?;
+                Ok(out)
+            }
         }
     }
 }
 
+fn pg_row(row: &sqlx::postgres::PgRow) -> Result<Vec<Value>, QueryError> {
+    use sqlx::postgres::types::PgInterval;
+    let mut out = Vec::with_capacity(row.len());
+    for i in 0..row.len() {
+        let raw = row.try_get_raw(i).map_err(sql_error)?;
+        if raw.is_null() {
+            out.push(Value::Null);
+            continue;
+        }
+        let ty = raw.type_info().name().to_string();
+        let e = sql_error;
+        let v = match ty.as_str() {
+            "BOOL" => Value::from(row.try_get_unchecked::<bool, _>(i).map_err(e)?),
+            "INT2" => Value::from(row.try_get_unchecked::<i16, _>(i).map_err(e)?),
+            "INT4" => Value::from(row.try_get_unchecked::<i32, _>(i).map_err(e)?),
+            "INT8" => Value::from(row.try_get_unchecked::<i64, _>(i).map_err(e)?),
+            "FLOAT4" => Value::from(row.try_get_unchecked::<f32, _>(i).map_err(e)?),
+            "FLOAT8" => Value::from(row.try_get_unchecked::<f64, _>(i).map_err(e)?),
+            "NUMERIC" => numeric(raw.as_bytes().map_err(|x| QueryError::Sql(x.to_string()))?)?,
+            "TEXT" | "VARCHAR" | "NAME" | "BPCHAR" | "CHAR" => {
+                Value::from(row.try_get_unchecked::<String, _>(i).map_err(e)?)
+            }
+            "TIMESTAMPTZ" => Value::from(sqlite::fmt_time(
+                row.try_get_unchecked::<time::OffsetDateTime, _>(i)
+                    .map_err(e)?,
+            )),
+            "TIMESTAMP" => Value::from(sqlite::fmt_time(
+                row.try_get_unchecked::<time::PrimitiveDateTime, _>(i)
+                    .map_err(e)?
+                    .assume_utc(),
+            )),
+            "DATE" => Value::from(
+                row.try_get_unchecked::<time::Date, _>(i)
+                    .map_err(e)?
+                    .to_string(),
+            ),
+            "INTERVAL" => {
+                let iv: PgInterval = row.try_get_unchecked(i).map_err(e)?;
+                Value::from(interval(&iv))
+            }
+            "JSON" | "JSONB" => row.try_get_unchecked::<Value, _>(i).map_err(e)?,
+            "BYTEA" => {
+                let b: Vec<u8> = row.try_get_unchecked(i).map_err(e)?;
+                Value::from(b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+            }
+            other => {
+                let name = row.columns()[i].name();
+                return Err(QueryError::Sql(format!(
+                    "column {name} has type {other}, which query cannot show; select {name}::text"
+                )));
+            }
+        };
+        out.push(v);
+    }
+    Ok(out)
+}
+
+/// `N days HH:MM:SS[.ffffff]` (months shown as such).
+fn interval(iv: &sqlx::postgres::types::PgInterval) -> String {
+    let mut parts = Vec::new();
+    if iv.months != 0 {
+        parts.push(format!("{} mons", iv.months));
+    }
+    if iv.days != 0 {
+        parts.push(format!("{} days", iv.days));
+    }
+    let us = iv.microseconds;
+    let sign = if us < 0 { "-" } else { "" };
+    let us = us.unsigned_abs();
+    let (h, m, s, frac) = (
+        us / 3_600_000_000,
+        us / 60_000_000 % 60,
+        us / 1_000_000 % 60,
+        us % 1_000_000,
+    );
+    let mut t = format!("{sign}{h:02}:{m:02}:{s:02}");
+    if frac != 0 {
+        t.push_str(&format!(".{frac:06}"));
+    }
+    parts.push(t);
+    parts.join(" ")
+}
+
+/// PostgreSQL's binary NUMERIC: an integer when it has no fraction, else a float.
+fn numeric(b: &[u8]) -> Result<Value, QueryError> {
+    let bad = || QueryError::Sql("malformed NUMERIC value".into());
+    if b.len() < 8 {
+        return Err(bad());
+    }
+    let word = |i: usize| i16::from_be_bytes([b[i], b[i + 1]]);
+    let (ndigits, weight, sign) = (
+        word(0) as usize,
+        word(2) as i32,
+        u16::from_be_bytes([b[4], b[5]]),
+    );
+    if sign == 0xC000 {
+        return Ok(Value::Null); // NaN
+    }
+    if b.len() < 8 + 2 * ndigits {
+        return Err(bad());
+    }
+    let mut int: i128 = 0;
+    let mut frac = 0f64;
+    let mut exact = true;
+    for d in 0..ndigits {
+        let digit = i128::from(word(8 + 2 * d));
+        let power = weight - d as i32;
+        if power >= 0 {
+            let scale = 10_000i128.checked_pow(power as u32).ok_or_else(bad)?;
+            int = digit
+                .checked_mul(scale)
+                .and_then(|x| int.checked_add(x))
+                .ok_or_else(bad)?;
+        } else {
+            exact = false;
+            frac += digit as f64 * 10_000f64.powi(power);
+        }
+    }
+    let negative = sign == 0x4000;
+    if exact || frac == 0.0 {
+        let v = if negative { -int } else { int };
+        return Ok(i64::try_from(v)
+            .map(Value::from)
+            .unwrap_or_else(|_| Value::from(v as f64)));
+    }
+    let v = int as f64 + frac;
+    Ok(Value::from(if negative { -v } else { v }))
+}
+
 fn sql_error(e: sqlx::Error) -> QueryError {
     let msg = match &e {
-        sqlx::Error::Database(d) => d.message().to_string(),
+        sqlx::Error::Database(d) => {
+            // 25006: read_only_sql_transaction (PostgreSQL).
+            if d.code().as_deref() == Some("25006") {
+                return QueryError::WriteRefused(d.message().to_string());
+            }
+            d.message().to_string()
+        }
         other => other.to_string(),
     };
     let lower = msg.to_lowercase();
@@ -142,9 +335,14 @@ pub async fn exposure(
     protocol: Option<&str>,
 ) -> Result<ResultSet, QueryError> {
     ro.run(
-        "SELECT host, netns, protocol, port, shown_as, processes FROM hidden_ipv4_exposure
-         WHERE (?1 IS NULL OR port = ?1) AND (?2 IS NULL OR protocol = ?2)
-         ORDER BY host, netns, protocol, port",
+        ro.pick(
+            "SELECT host, netns, protocol, port, shown_as, processes FROM hidden_ipv4_exposure
+             WHERE (?1 IS NULL OR port = ?1) AND (?2 IS NULL OR protocol = ?2)
+             ORDER BY host, netns, protocol, port",
+            "SELECT host, netns, protocol, port, shown_as, processes FROM hidden_ipv4_exposure
+             WHERE ($1::bigint IS NULL OR port = $1) AND ($2::text IS NULL OR protocol = $2)
+             ORDER BY host, netns, protocol, port",
+        ),
         &[
             Param::Int(port.map(i64::from)),
             Param::Text(protocol.map(str::to_string)),
@@ -283,6 +481,59 @@ mod tests {
         assert_eq!(v[0]["host"], "h1");
         assert_eq!(v[0]["note"], Value::Null);
         assert_eq!(v[1]["port"], 443);
+    }
+
+    fn numeric_bytes(ndigits: i16, weight: i16, sign: u16, digits: &[i16]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend(ndigits.to_be_bytes());
+        b.extend(weight.to_be_bytes());
+        b.extend(sign.to_be_bytes());
+        b.extend(0i16.to_be_bytes());
+        for d in digits {
+            b.extend(d.to_be_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn numerics() {
+        // 12345.678 = 1·10000¹ + 2345 + 6780·10000⁻¹
+        let v = numeric(&numeric_bytes(3, 1, 0, &[1, 2345, 6780])).unwrap();
+        assert!((v.as_f64().unwrap() - 12345.678).abs() < 1e-9, "{v}");
+        assert_eq!(
+            numeric(&numeric_bytes(1, 0, 0, &[42])).unwrap(),
+            Value::from(42)
+        );
+        assert_eq!(
+            numeric(&numeric_bytes(2, 1, 0x4000, &[3, 0])).unwrap(),
+            Value::from(-30000)
+        );
+        assert_eq!(
+            numeric(&numeric_bytes(0, 0, 0, &[])).unwrap(),
+            Value::from(0)
+        );
+        assert_eq!(
+            numeric(&numeric_bytes(0, 0, 0xC000, &[])).unwrap(),
+            Value::Null
+        );
+        assert!(numeric(&[0, 5]).is_err());
+    }
+
+    #[test]
+    fn intervals() {
+        use sqlx::postgres::types::PgInterval;
+        let iv = PgInterval {
+            months: 0,
+            days: 1,
+            microseconds: 3_723_500_000,
+        };
+        assert_eq!(interval(&iv), "1 days 01:02:03.500000");
+        let iv = PgInterval {
+            months: 0,
+            days: 0,
+            microseconds: -5_000_000,
+        };
+        assert_eq!(interval(&iv), "-00:00:05");
     }
 
     #[test]

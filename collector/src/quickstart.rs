@@ -104,8 +104,14 @@ pub async fn run(a: QuickstartArgs) -> anyhow::Result<()> {
 
     let inventory = ro
         .run(
-            "SELECT netns, netstat_proto AS proto, shown_as, reach_ipv4, reach_ipv6, v6only, trap, processes
-             FROM current_listeners WHERE host = ?1 ORDER BY netns = 'host' DESC, netns, protocol, port, family",
+            ro.pick(
+                "SELECT netns, netstat_proto AS proto, shown_as, reach_ipv4, reach_ipv6, v6only, trap, processes
+                 FROM current_listeners WHERE host = ?1
+                 ORDER BY netns = 'host' DESC, netns, protocol, port, family",
+                "SELECT netns, netstat_proto AS proto, shown_as, reach_ipv4, reach_ipv6, v6only, trap, processes
+                 FROM current_listeners WHERE host = $1
+                 ORDER BY netns = 'host' DESC, netns, protocol, port, family",
+            ),
             &[Param::Text(Some(host.clone()))],
         )
         .await?;
@@ -153,7 +159,10 @@ async fn wait_for_snapshot(ro: &ReadOnly, host: &str) -> anyhow::Result<i64> {
     loop {
         let rs = ro
             .run(
-                "SELECT committed_seq FROM host WHERE name = ?1 AND last_snapshot_at IS NOT NULL",
+                ro.pick(
+                    "SELECT committed_seq FROM host WHERE name = ?1 AND last_snapshot_at IS NOT NULL",
+                    "SELECT committed_seq FROM host WHERE name = $1 AND last_snapshot_at IS NOT NULL",
+                ),
                 &[Param::Text(Some(host.to_string()))],
             )
             .await?;

@@ -258,3 +258,119 @@ fn quickstart_shows_inventory_and_headline() {
         stdout(&o)
     );
 }
+
+#[tokio::test]
+async fn diff_and_point_in_time_from_the_command_line() {
+    let pki = Pki::new(&["h1"]);
+    let dir = TempDir::new("diffcli");
+    let db = DbUrl::Sqlite(dir.path().join("ls.db"));
+    let c = InProcess::start(&pki, &db).await;
+    let ch = channel(
+        c.addr,
+        &pki.path("ca.pem"),
+        Some((&pki.path("h1.pem"), &pki.path("h1.key"))),
+    )
+    .await
+    .unwrap();
+    let mut s = RawSession::open(ch, hello(1, 0, "h1")).await.unwrap();
+    s.recv().await.unwrap();
+    let mut v6only = listener("host", 80);
+    v6only.key.as_mut().unwrap().v6only = Some(true);
+    v6only.reach_ipv4 = v1::Reach::None as i32;
+    v6only.trap = false;
+    s.send(snapshot(1, vec![v6only.clone()])).await;
+    s.recv().await.unwrap();
+    let before = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    s.send(delta(
+        2,
+        vec![listener("host", 80)],
+        vec![v6only.key.clone().unwrap()],
+    ))
+    .await;
+    s.recv().await.unwrap();
+    drop(s);
+    c.shutdown().await;
+    let url = db.to_string();
+    let rfc = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+
+    let o = collector(&["diff", "--db", &url, "--since", &rfc(before)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("closed") && out.contains("opened") && out.contains("exposure"),
+        "{out}"
+    );
+    assert!(
+        out.contains("IPv4 none → any") && out.contains("hidden from netstat no → yes"),
+        "{out}"
+    );
+    let o = collector(&[
+        "diff",
+        "--db",
+        &url,
+        "--since",
+        "1h",
+        "--host",
+        "nobody-here",
+    ]);
+    assert!(
+        stdout(&o).contains("Nothing changed on nobody-here"),
+        "{}",
+        stdout(&o)
+    );
+    let o = collector(&["diff", "--db", &url, "--since", "1h", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v.as_array().unwrap().len(),
+        4,
+        "opened at the snapshot, closed, opened, exposure"
+    );
+    let o = collector(&["diff", "--db", &url, "--since", "yesterday"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--since") && stderr(&o).contains("RFC 3339"),
+        "{}",
+        stderr(&o)
+    );
+    let o = collector(&["diff", "--db", &url, "--since", "now", "--until", "1h"]);
+    assert!(stderr(&o).contains("must be before"), "{}", stderr(&o));
+
+    // Point in time: before the flip nothing was exposed, now port 80 is.
+    let o = collector(&["exposure", "--db", &url, "--at", &rfc(before)]);
+    assert!(
+        stdout(&o).contains("No host exposed any port"),
+        "{}",
+        stdout(&o)
+    );
+    let o = collector(&["exposure", "--db", &url, "--at", "now", "--port", "80"]);
+    assert!(
+        stdout(&o).contains("h1") && stdout(&o).contains(":::80"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_on_postgres() {
+    require_root();
+    let server = tokio::task::block_in_place(util::pg::PgServer::start);
+    let url = server.database("qs").await;
+    let dir = TempDir::new("qspg");
+    let o = Command::new(collector_bin())
+        .args(["quickstart", "--db", &url])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("postgres://") && out.contains("Inventory of"),
+        "{out}"
+    );
+    let o = collector(&["hosts", "--db", &url, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["stale"], false, "native booleans on PostgreSQL");
+}

@@ -8,6 +8,7 @@
 //! stored and acknowledged, or not stored at all, and a retry is recognized.
 
 pub mod plan;
+pub mod postgres;
 pub mod sqlite;
 
 use std::path::PathBuf;
@@ -48,6 +49,16 @@ impl FromStr for DbUrl {
         Err(format!(
             "unsupported database URL {s:?}: use sqlite://PATH or postgres://USER@HOST/DB"
         ))
+    }
+}
+
+impl DbUrl {
+    /// The full URL, password included (for passing on; use Display for logs).
+    pub fn as_url(&self) -> String {
+        match self {
+            DbUrl::Sqlite(p) => format!("sqlite://{}", p.display()),
+            DbUrl::Postgres(url) => url.clone(),
+        }
     }
 }
 
@@ -132,6 +143,7 @@ impl Default for StoreOptions {
 #[derive(Debug, Clone)]
 pub enum Store {
     Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
 }
 
 impl Store {
@@ -139,9 +151,7 @@ impl Store {
     pub async fn open(url: &DbUrl, opts: &StoreOptions) -> Result<Store, StoreError> {
         match url {
             DbUrl::Sqlite(path) => Ok(Store::Sqlite(sqlite::SqliteStore::open(path, opts).await?)),
-            DbUrl::Postgres(_) => Err(StoreError::Corrupt(
-                "PostgreSQL is not supported by this build".into(),
-            )),
+            DbUrl::Postgres(url) => Ok(Store::Postgres(postgres::PgStore::open(url, opts).await?)),
         }
     }
 
@@ -155,6 +165,7 @@ impl Store {
     ) -> Result<HostSession, StoreError> {
         match self {
             Store::Sqlite(s) => s.hello(host, os_hostname, agent_version, now).await,
+            Store::Postgres(s) => s.hello(host, os_hostname, agent_version, now).await,
         }
     }
 
@@ -170,6 +181,10 @@ impl Store {
     ) -> Result<Applied, StoreError> {
         match self {
             Store::Sqlite(s) => {
+                s.apply_snapshot(host_id, session_id, seq, at, records, now)
+                    .await
+            }
+            Store::Postgres(s) => {
                 s.apply_snapshot(host_id, session_id, seq, at, records, now)
                     .await
             }
@@ -191,6 +206,10 @@ impl Store {
                 s.apply_delta(host_id, session_id, seq, at, changes, now)
                     .await
             }
+            Store::Postgres(s) => {
+                s.apply_delta(host_id, session_id, seq, at, changes, now)
+                    .await
+            }
         }
     }
 
@@ -198,12 +217,23 @@ impl Store {
     pub async fn heartbeat(&self, host_id: i64, now: OffsetDateTime) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(s) => s.heartbeat(host_id, now).await,
+            Store::Postgres(s) => s.heartbeat(host_id, now).await,
+        }
+    }
+
+    /// Deletes up to `batch` listener versions that ended before `cutoff` (history only:
+    /// live rows have no end). Returns how many went.
+    pub async fn prune_batch(&self, cutoff: OffsetDateTime, batch: i64) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.prune_batch(cutoff, batch).await,
+            Store::Postgres(s) => s.prune_batch(cutoff, batch).await,
         }
     }
 
     pub async fn close(&self) {
         match self {
             Store::Sqlite(s) => s.close().await,
+            Store::Postgres(s) => s.close().await,
         }
     }
 }

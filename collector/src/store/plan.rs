@@ -92,12 +92,23 @@ pub fn lkey(k: &ListenerKey) -> String {
     )
 }
 
-/// Stable 64-bit fingerprint of a value's JSON form.
+/// Stable 64-bit fingerprint of a value's JSON form (stable across versions as long as
+/// the JSON is: a new field only changes fingerprints once). Streams the JSON straight
+/// into the hasher, no buffer.
 pub fn fingerprint<T: serde::Serialize>(v: &T) -> i64 {
-    let bytes = serde_json::to_vec(v).expect("records serialize");
-    let mut h = FxHasher::default();
-    h.write(&bytes);
-    h.finish() as i64
+    struct HashWriter(FxHasher);
+    impl std::io::Write for HashWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.write(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut w = HashWriter(FxHasher::default());
+    serde_json::to_writer(&mut w, v).expect("records serialize");
+    w.0.finish() as i64
 }
 
 /// Plans one message. `live` holds the host's live rows for (at least) every key the

@@ -122,6 +122,18 @@ impl SqliteStore {
         })
     }
 
+    pub async fn prune_batch(&self, cutoff: OffsetDateTime, batch: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM listener WHERE id IN (
+                 SELECT id FROM listener WHERE valid_to IS NOT NULL AND valid_to < ? LIMIT ?)",
+        )
+        .bind(fmt_time(cutoff))
+        .bind(batch)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     pub async fn heartbeat(&self, host_id: i64, now: OffsetDateTime) -> Result<(), StoreError> {
         sqlx::query("UPDATE host SET last_seen = ? WHERE id = ?")
             .bind(fmt_time(now))
@@ -308,19 +320,25 @@ async fn execute(
             q.execute(&mut **tx).await?;
         }
     }
-    for (id, u) in &p.refresh {
-        let r = &u.record;
-        sqlx::query(
-            "UPDATE listener SET netns_inode = ?, processes = ?, sockets = ?, full_hash = ?
-             WHERE id = ?",
-        )
-        .bind(r.netns_inode as i64)
-        .bind(processes_json(r))
-        .bind(i64::from(r.sockets))
-        .bind(u.full_hash)
-        .bind(*id)
-        .execute(&mut **tx)
-        .await?;
+    // Refreshes in one statement per chunk: UPDATE … FROM (VALUES …).
+    for chunk in p.refresh.chunks(INSERT_CHUNK) {
+        let sql = format!(
+            "UPDATE listener SET netns_inode = v.column2, processes = v.column3,
+                 sockets = v.column4, full_hash = v.column5
+             FROM (VALUES {}) AS v WHERE listener.id = v.column1",
+            vec!["(?,?,?,?,?)"; chunk.len()].join(",")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (id, u) in chunk {
+            let r = &u.record;
+            q = q
+                .bind(*id)
+                .bind(r.netns_inode as i64)
+                .bind(processes_json(r))
+                .bind(i64::from(r.sockets))
+                .bind(u.full_hash);
+        }
+        q.execute(&mut **tx).await?;
     }
     for chunk in p.insert.chunks(INSERT_CHUNK) {
         let row = format!("({})", placeholders(NCOLS));

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod pg;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -253,10 +255,25 @@ pub fn delta(
     }))
 }
 
-/// Read-only query helper.
+/// Read-only query helper. `?N` placeholders become `$N` on PostgreSQL.
 pub async fn query(db: &DbUrl, sql: &str, params: &[Param]) -> ResultSet {
     let ro = ReadOnly::open(db).await.unwrap();
-    let rs = ro.run(sql, params).await.unwrap();
+    let sql = match db {
+        DbUrl::Postgres(_) => {
+            let mut out = String::with_capacity(sql.len());
+            let mut chars = sql.chars().peekable();
+            while let Some(c) = chars.next() {
+                if c == '?' && chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+                    out.push('$');
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        }
+        DbUrl::Sqlite(_) => sql.to_string(),
+    };
+    let rs = ro.run(&sql, params).await.unwrap();
     ro.close().await;
     rs
 }
@@ -334,7 +351,7 @@ pub fn spawn_collector(
         .arg("--listen")
         .arg(listen.to_string())
         .arg("--db")
-        .arg(db.to_string())
+        .arg(db.as_url())
         .arg("--tls-ca")
         .arg(pki.path("ca.pem"))
         .arg("--tls-cert")
@@ -343,6 +360,8 @@ pub fn spawn_collector(
         .arg(pki.path("server.key"))
         .arg("--stale-after")
         .arg("3s")
+        .arg("--retain")
+        .arg("90d")
         .env("LISTENSCOPE_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
@@ -381,7 +400,8 @@ pub fn run(program: &str, args: &[&str]) -> std::process::Output {
 }
 
 /// A network namespace joined to the host by a veth pair: host side `10.77.N.1/24`,
-/// namespace side `10.77.N.2/24`. Deleted on drop.
+/// namespace side `10.77.N.2/24`, N unique in this test process (tests run in parallel and
+/// share the host's routing table). Deleted on drop.
 pub struct HostNs {
     pub name: String,
     pub host_if: String,
@@ -389,8 +409,11 @@ pub struct HostNs {
 }
 
 impl HostNs {
-    pub fn new(n: u8) -> HostNs {
+    pub fn new() -> HostNs {
+        static SUBNET: AtomicUsize = AtomicUsize::new(1);
         require_root();
+        let n = SUBNET.fetch_add(1, Ordering::SeqCst);
+        assert!(n < 250, "out of test subnets");
         let c = COUNTER.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         let name = format!("lsc-{pid}-{c}");
