@@ -56,11 +56,17 @@ pub struct RunConfig {
 #[error("invalid agent configuration:\n  - {}", .0.join("\n  - "))]
 pub struct ConfigErrors(pub Vec<String>);
 
+/// Reads a TOML file into `T`; the error names the file (and, from toml, the line and
+/// the key).
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 impl RawConfig {
     pub fn load(path: &Path) -> Result<RawConfig, ConfigErrors> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigErrors(vec![format!("{}: cannot read it: {e}", path.display())]))?;
-        toml::from_str(&text).map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))
+        read_toml(path).map_err(|e| ConfigErrors(vec![e]))
     }
 
     /// Values from `other` win where set.

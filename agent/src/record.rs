@@ -59,6 +59,13 @@ pub struct ListenerRecord {
 /// A host's inventory at one moment.
 pub type State = BTreeMap<ListenerKey, ListenerRecord>;
 
+/// Most owners one record carries (the collector refuses more; `wire::limits`).
+pub const MAX_PROCESSES: usize = crate::wire::limits::PROCESSES;
+/// Command-line bytes one record carries in all; past it the remaining owners keep their
+/// pid, name and user but an empty cmdline. Bounds a record (a socket shared by thousands
+/// of workers) far below the message limit.
+pub const CMDLINE_BUDGET: usize = 64 * 1024;
+
 impl ListenerRecord {
     /// The fields whose change is an event worth a new history version. Owner pids,
     /// cmdlines, the socket count and the namespace inode churn on healthy hosts (worker
@@ -92,6 +99,38 @@ impl ListenerRecord {
     /// Distinct owner command names, sorted, comma-separated (`apache2,php-fpm`).
     pub fn process_names(&self) -> String {
         self.material().process_names.join(",")
+    }
+
+    /// Rough size on the wire, for splitting messages.
+    pub fn approx_bytes(&self) -> usize {
+        let k = &self.key;
+        let strings = k.netns.len()
+            + k.interface.as_ref().map_or(0, String::len)
+            + self.shown_as.len()
+            + self.unit.as_ref().map_or(0, String::len)
+            + self.cgroup.as_ref().map_or(0, String::len)
+            + self
+                .container
+                .as_ref()
+                .map_or(0, |c| c.id.len() + c.runtime.len() + 40);
+        let procs: usize = self
+            .processes
+            .iter()
+            .map(|p| p.comm.len() + p.cmdline.len() + p.user.len() + 16)
+            .sum();
+        128 + strings + procs
+    }
+
+    /// Applies [`MAX_PROCESSES`] and [`CMDLINE_BUDGET`].
+    fn bound(&mut self) {
+        self.processes.truncate(MAX_PROCESSES);
+        let mut budget = CMDLINE_BUDGET;
+        for p in &mut self.processes {
+            if p.cmdline.len() > budget {
+                p.cmdline.clear();
+            }
+            budget = budget.saturating_sub(p.cmdline.len());
+        }
     }
 }
 
@@ -145,34 +184,34 @@ pub fn state_of(inv: &Inventory) -> State {
                 }
                 r.freebind = or_opt(r.freebind, l.socket.freebind);
                 r.transparent = or_opt(r.transparent, l.socket.transparent);
+                r.bound();
             }
             None => {
                 let mut processes: Vec<ProcessInfo> = owners.cloned().collect();
                 processes.sort_by_key(|p| p.pid);
                 processes.dedup_by_key(|p| p.pid);
-                state.insert(
-                    key.clone(),
-                    ListenerRecord {
-                        key,
-                        netns_inode: l.netns.inode,
-                        reach_ipv4: l.class.reach_ipv4,
-                        reach_ipv6: l.class.reach_ipv6,
-                        latent: l.class.latent,
-                        shown_as: l.class.shown_as.clone(),
-                        netstat_proto: l.class.netstat_proto.to_string(),
-                        trap: l.class.trap,
-                        hidden_ipv4_exposure: l.hidden_ipv4_exposure,
-                        processes,
-                        container: l.container.clone(),
-                        unit: l.unit.clone(),
-                        cgroup: l.cgroup.clone(),
-                        uid: l.socket.uid,
-                        freebind: l.socket.freebind,
-                        transparent: l.socket.transparent,
-                        source: l.source,
-                        sockets: 1,
-                    },
-                );
+                let mut record = ListenerRecord {
+                    key: key.clone(),
+                    netns_inode: l.netns.inode,
+                    reach_ipv4: l.class.reach_ipv4,
+                    reach_ipv6: l.class.reach_ipv6,
+                    latent: l.class.latent,
+                    shown_as: l.class.shown_as.clone(),
+                    netstat_proto: l.class.netstat_proto.to_string(),
+                    trap: l.class.trap,
+                    hidden_ipv4_exposure: l.hidden_ipv4_exposure,
+                    processes,
+                    container: l.container.clone(),
+                    unit: l.unit.clone(),
+                    cgroup: l.cgroup.clone(),
+                    uid: l.socket.uid,
+                    freebind: l.socket.freebind,
+                    transparent: l.socket.transparent,
+                    source: l.source,
+                    sockets: 1,
+                };
+                record.bound();
+                state.insert(key, record);
             }
         }
     }
@@ -236,6 +275,29 @@ pub(crate) mod tests {
             source: Source::SockDiag,
             sockets: 1,
         }
+    }
+
+    #[test]
+    fn records_are_bounded() {
+        let mut r = record("host", "::", 80, Some(false));
+        r.processes = (1..=5000u32)
+            .map(|pid| ProcessInfo {
+                pid,
+                comm: "worker".into(),
+                cmdline: "x".repeat(1000),
+                user: "www-data".into(),
+            })
+            .collect();
+        r.bound();
+        assert_eq!(r.processes.len(), MAX_PROCESSES);
+        let cmd: usize = r.processes.iter().map(|p| p.cmdline.len()).sum();
+        assert!(cmd <= CMDLINE_BUDGET, "{cmd}");
+        assert_eq!(
+            r.processes.last().unwrap().comm,
+            "worker",
+            "names and pids stay"
+        );
+        assert!(r.approx_bytes() < 300 * 1024);
     }
 
     #[test]

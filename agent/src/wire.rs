@@ -57,6 +57,14 @@ fn bounded(field: &'static str, s: String, max: usize) -> Result<String, WireErr
     Ok(s)
 }
 
+/// Key fields must be printable: they are joined into the stored key.
+fn printable(field: &'static str, s: String) -> Result<String, WireError> {
+    if s.chars().any(char::is_control) {
+        return Err(bad(field, "contains control characters"));
+    }
+    Ok(s)
+}
+
 fn nonempty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
@@ -190,12 +198,15 @@ impl TryFrom<v1::ListenerKey> for ListenerKey {
             return Err(bad("key.v6only", "set on an IPv4 socket"));
         }
         Ok(ListenerKey {
-            netns: bounded("key.netns", k.netns, limits::NETNS)?,
+            netns: printable("key.netns", bounded("key.netns", k.netns, limits::NETNS)?)?,
             protocol: protocol(k.protocol)?,
             family,
             address,
             port: k.port as u16,
-            interface: nonempty(bounded("key.interface", k.interface, limits::INTERFACE)?),
+            interface: nonempty(printable(
+                "key.interface",
+                bounded("key.interface", k.interface, limits::INTERFACE)?,
+            )?),
             v6only: k.v6only,
         })
     }
@@ -404,6 +415,14 @@ mod tests {
             "key.interface",
         );
         rejects(|l| l.key = None, "key");
+        rejects(
+            |l| l.key.as_mut().unwrap().netns = "a\u{1f}b".into(),
+            "key.netns",
+        );
+        rejects(
+            |l| l.key.as_mut().unwrap().interface = "eth\n0".into(),
+            "key.interface",
+        );
         rejects(|l| l.reach_ipv4 = 42, "reach_ipv4");
         rejects(|l| l.reach_ipv6 = 0, "reach_ipv6");
         rejects(|l| l.source = 7, "source");

@@ -54,9 +54,7 @@ pub struct ConfigErrors(pub Vec<String>);
 
 impl RawConfig {
     pub fn load(path: &Path) -> Result<RawConfig, ConfigErrors> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigErrors(vec![format!("{}: cannot read it: {e}", path.display())]))?;
-        toml::from_str(&text).map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))
+        listenscope_agent::config::read_toml(path).map_err(|e| ConfigErrors(vec![e]))
     }
 
     /// Values from `other` win where set.

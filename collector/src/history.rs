@@ -114,9 +114,8 @@ pub async fn ports_at(
         a.v4_line |= r[4].as_str() == Some("ipv4");
         a.exposed_v4 |= r4.0 >= 3;
         a.shown.insert(s(&r[7]));
-        for p in s(&r[8]).split(',') {
-            a.procs.insert(p.to_string());
-        }
+        // Whole owner lists, as the hidden_ipv4_exposure view aggregates them.
+        a.procs.insert(s(&r[8]));
     }
     Ok(acc
         .into_iter()
@@ -193,7 +192,7 @@ pub async fn diff(
                         reach_ipv4, reach_ipv6, processes
                  FROM listener_changes
                  WHERE at > $1 AND at <= $2 AND ($3::text IS NULL OR host = $3)
-                 ORDER BY at, host, netns, protocol, port, change",
+                 ORDER BY at, host COLLATE \"C\", netns COLLATE \"C\", protocol, port, change",
             ),
             &[
                 Param::Time(since),

@@ -32,10 +32,15 @@ pub const DECODE_LIMIT_BYTES: usize = 16 * 1024 * 1024;
 /// Per-collector limits on what agents may send, and write pacing.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Listeners per SnapshotChunk or Delta (advertised in Welcome).
+    /// Listeners per SnapshotChunk or Delta (advertised in Welcome; never below 1000,
+    /// which agents may always send).
     pub per_message: usize,
     /// Listeners in one whole snapshot.
     pub per_snapshot: usize,
+    /// Encoded bytes of one whole snapshot being assembled.
+    pub per_snapshot_bytes: usize,
+    /// Agent sessions open at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_sessions: usize,
     /// A heartbeat updates `last_seen` at most this often per session: at a 10 s scan
     /// interval, 10,000 quiet hosts would otherwise cost 1,000 durable commits a second.
     /// Keep it well under `stale_after` (serve uses a quarter of it, at most 30 s).
@@ -46,7 +51,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             per_message: 5000,
-            per_snapshot: 1_000_000,
+            per_snapshot: 250_000,
+            per_snapshot_bytes: 256 * 1024 * 1024,
+            max_sessions: 10_000,
             heartbeat_every: std::time::Duration::from_secs(30),
         }
     }
@@ -64,8 +71,27 @@ impl Limits {
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
+        use sqlx::error::ErrorKind;
+        if let StoreError::Sql(sqlx::Error::Database(d)) = &e
+            && matches!(
+                d.kind(),
+                ErrorKind::UniqueViolation
+                    | ErrorKind::ForeignKeyViolation
+                    | ErrorKind::NotNullViolation
+                    | ErrorKind::CheckViolation
+            )
+        {
+            // The data, not the database, is at fault: retrying the same message would
+            // fail forever. The agent starts over from a snapshot on INVALID_ARGUMENT.
+            tracing::warn!(error = %e, "A message broke a database constraint.");
+            return Status::invalid_argument(
+                "the message conflicts with the stored data (a database constraint refused it); \
+                 send a fresh snapshot",
+            );
+        }
+        // Details stay in the collector's log; the agent only needs to retry.
         tracing::error!(error = %e, "Store failure; the agent will retry.");
-        Status::unavailable(format!("collector storage failed, retry later: {e}"))
+        Status::unavailable("collector storage failed; retry later")
     }
 }
 
@@ -78,6 +104,7 @@ struct Assembling {
     seq: u64,
     at: OffsetDateTime,
     next_chunk: u32,
+    bytes: usize,
     records: Vec<ListenerRecord>,
     keys: HashSet<ListenerKey>,
 }
@@ -92,6 +119,15 @@ enum Expect {
     After(u64),
 }
 
+/// Why a session may have to stop between messages.
+#[derive(Debug, Clone)]
+pub struct Stop {
+    /// The collector is shutting down.
+    pub shutdown: CancellationToken,
+    /// A newer connection of the same host replaced this one (one session per host).
+    pub replaced: CancellationToken,
+}
+
 /// Runs one session to its end; errors go to the agent as the stream's final status.
 pub async fn run(
     host: String,
@@ -99,15 +135,20 @@ pub async fn run(
     limits: Limits,
     mut inbound: Streaming<v1::AgentMessage>,
     tx: mpsc::Sender<Result<v1::CollectorMessage, Status>>,
-    shutdown: CancellationToken,
+    stop: Stop,
 ) {
+    let shutdown = &stop.shutdown;
     metrics::gauge!(m::CONNECTED_AGENTS).increment(1.0);
-    let result = session(&host, &store, &limits, &mut inbound, &tx, &shutdown).await;
+    let result = session(&host, &store, &limits, &mut inbound, &tx, &stop).await;
     metrics::gauge!(m::CONNECTED_AGENTS).decrement(1.0);
     match result {
         Ok(()) => tracing::info!(host = %host, "Agent disconnected."),
         Err(status) if shutdown.is_cancelled() && status.code() == tonic::Code::Unavailable => {
             tracing::info!(host = %host, "Session closed for shutdown.");
+            let _ = tx.send(Err(status)).await;
+        }
+        Err(status) if stop.replaced.is_cancelled() && status.code() == tonic::Code::Aborted => {
+            tracing::info!(host = %host, "Session replaced by a newer connection of this host.");
             let _ = tx.send(Err(status)).await;
         }
         Err(status) => {
@@ -136,11 +177,12 @@ async fn send(
 
 async fn next(
     inbound: &mut Streaming<v1::AgentMessage>,
-    shutdown: &CancellationToken,
+    stop: &Stop,
 ) -> Result<Option<v1::AgentMessage>, Status> {
     tokio::select! {
         // A message already being stored finishes first: we only get here between messages.
-        () = shutdown.cancelled() => Err(Status::unavailable("collector shutting down; reconnect later")),
+        () = stop.shutdown.cancelled() => Err(Status::unavailable("collector shutting down; reconnect later")),
+        () = stop.replaced.cancelled() => Err(Status::aborted("replaced by a newer connection from this host")),
         msg = inbound.message() => msg,
     }
 }
@@ -151,9 +193,9 @@ async fn session(
     limits: &Limits,
     inbound: &mut Streaming<v1::AgentMessage>,
     tx: &mpsc::Sender<Result<v1::CollectorMessage, Status>>,
-    shutdown: &CancellationToken,
+    stop: &Stop,
 ) -> Result<(), Status> {
-    let Some(first) = next(inbound, shutdown).await? else {
+    let Some(first) = next(inbound, stop).await? else {
         return Ok(());
     };
     check_size(&first)?;
@@ -211,7 +253,7 @@ async fn session(
     // When this session last wrote last_seen (hello, commits and heartbeats all do).
     let mut seen_written = Instant::now();
 
-    while let Some(msg) = next(inbound, shutdown).await? {
+    while let Some(msg) = next(inbound, stop).await? {
         check_size(&msg)?;
         let now = OffsetDateTime::now_utc();
         match msg.body {
@@ -247,9 +289,15 @@ async fn session(
                             seq
                         }
                         Applied::Duplicate { committed } => committed,
-                        Applied::Gap { .. } | Applied::Superseded => {
-                            unreachable!("snapshots always apply")
+                        Applied::Superseded => {
+                            metrics::counter!(m::RESYNCS, "reason" => "stale_snapshot")
+                                .increment(1);
+                            return Err(Status::aborted(
+                                "this host's stored state is newer than this snapshot (another \
+                                 agent session with the same certificate?); not applied",
+                            ));
                         }
+                        Applied::Gap { .. } => unreachable!("snapshots have no sequence gaps"),
                     };
                     expect = Expect::After(acked);
                     send(
@@ -362,6 +410,7 @@ fn add_chunk(
                 seq: chunk.sequence,
                 at,
                 next_chunk: 0,
+                bytes: 0,
                 records: Vec::new(),
                 keys: HashSet::new(),
             })
@@ -369,7 +418,8 @@ fn add_chunk(
         Some(a) => {
             if chunk.sequence != a.seq || chunk.chunk_index != a.next_chunk || at != a.at {
                 return Err(Status::invalid_argument(format!(
-                    "snapshot chunk out of order: expected sequence {} chunk {} at {}, got sequence {} chunk {}",
+                    "snapshot chunk out of order: expected sequence {} chunk {} observed at {}, \
+                     got sequence {} chunk {} observed at {at}",
                     a.seq, a.next_chunk, a.at, chunk.sequence, chunk.chunk_index
                 )));
             }
@@ -380,6 +430,13 @@ fn add_chunk(
         return Err(Status::invalid_argument(format!(
             "snapshot larger than {} listeners",
             limits.per_snapshot
+        )));
+    }
+    a.bytes += chunk.encoded_len();
+    if a.bytes > limits.per_snapshot_bytes {
+        return Err(Status::invalid_argument(format!(
+            "snapshot larger than {} bytes",
+            limits.per_snapshot_bytes
         )));
     }
     for l in chunk.listeners {
@@ -432,6 +489,15 @@ fn validate_delta(
         .map(ListenerKey::try_from)
         .collect::<Result<Vec<_>, _>>()
         .map_err(invalid)?;
+    let mut seen = HashSet::new();
+    for k in opened.iter().chain(&changed).map(|r| &r.key).chain(&closed) {
+        if !seen.insert(k) {
+            return Err(Status::invalid_argument(format!(
+                "listener {k:?} appears twice in delta {}",
+                d.sequence
+            )));
+        }
+    }
     Ok((
         d.sequence,
         at,

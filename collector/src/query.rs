@@ -341,7 +341,7 @@ pub async fn exposure(
              ORDER BY host, netns, protocol, port",
             "SELECT host, netns, protocol, port, shown_as, processes FROM hidden_ipv4_exposure
              WHERE ($1::bigint IS NULL OR port = $1) AND ($2::text IS NULL OR protocol = $2)
-             ORDER BY host, netns, protocol, port",
+             ORDER BY host COLLATE \"C\", netns COLLATE \"C\", protocol, port",
         ),
         &[
             Param::Int(port.map(i64::from)),
@@ -354,8 +354,12 @@ pub async fn exposure(
 /// Hosts, silent ones first.
 pub async fn hosts(ro: &ReadOnly) -> Result<ResultSet, QueryError> {
     ro.run(
-        "SELECT host, os_hostname, agent_version, first_seen, last_seen, stale, listeners
-         FROM hosts ORDER BY stale DESC, host",
+        ro.pick(
+            "SELECT host, os_hostname, agent_version, first_seen, last_seen, stale, listeners
+             FROM hosts ORDER BY stale DESC, host",
+            "SELECT host, os_hostname, agent_version, first_seen, last_seen, stale, listeners
+             FROM hosts ORDER BY stale DESC, host COLLATE \"C\"",
+        ),
         &[],
     )
     .await

@@ -5,15 +5,17 @@
 //! finish the message they are storing, tell their agents to come back later
 //! (UNAVAILABLE), and the server stops once they are done.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use listenscope_proto::v1::inventory_server::{Inventory, InventoryServer};
 use listenscope_proto::{FILE_DESCRIPTOR_SET, v1};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,6 +35,12 @@ pub struct InventoryService {
     limits: Limits,
     sessions: TaskTracker,
     shutdown: CancellationToken,
+    /// Bounds open sessions ([`Limits::max_sessions`]).
+    slots: Arc<Semaphore>,
+    /// The live session of each host (one per host: a new connection replaces the old,
+    /// e.g. a half-open one the agent already gave up on).
+    by_host: Arc<Mutex<HashMap<String, (u64, CancellationToken)>>>,
+    next_id: Arc<AtomicU64>,
 }
 
 #[tonic::async_trait]
@@ -49,16 +57,47 @@ impl Inventory for InventoryService {
                 "collector shutting down; reconnect later",
             ));
         }
+        let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
+            metrics::counter!(crate::metrics::REJECTED_MESSAGES, "reason" => "session_limit")
+                .increment(1);
+            return Err(Status::resource_exhausted(format!(
+                "the collector is at its limit of {} sessions; retry later",
+                self.limits.max_sessions
+            )));
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let replaced = CancellationToken::new();
+        let older = self
+            .by_host
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.clone(), (id, replaced.clone()));
+        if let Some((_, older)) = older {
+            older.cancel();
+        }
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(32);
-        self.sessions.spawn(ingest::run(
-            host,
+        let by_host = Arc::clone(&self.by_host);
+        let stop = ingest::Stop {
+            shutdown: self.shutdown.clone(),
+            replaced,
+        };
+        let session = ingest::run(
+            host.clone(),
             self.store.clone(),
             self.limits.clone(),
             inbound,
             tx,
-            self.shutdown.clone(),
-        ));
+            stop,
+        );
+        self.sessions.spawn(async move {
+            session.await;
+            let mut map = by_host.lock().unwrap_or_else(|p| p.into_inner());
+            if map.get(&host).is_some_and(|(i, _)| *i == id) {
+                map.remove(&host);
+            }
+            drop(slot);
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -84,9 +123,12 @@ pub async fn serve(
     let stop_sessions = CancellationToken::new();
     let service = InventoryService {
         store: store.clone(),
+        slots: Arc::new(Semaphore::new(limits.max_sessions)),
         limits,
         sessions: sessions.clone(),
         shutdown: stop_sessions.clone(),
+        by_host: Arc::default(),
+        next_id: Arc::default(),
     };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter

@@ -155,7 +155,8 @@ pub fn host_of<T>(req: &tonic::Request<T>) -> Result<String, Status> {
             "the client certificate's name {name:?} is not a host name"
         )));
     }
-    Ok(name)
+    // DNS names are case-insensitive: WEB01 and web01 are one host.
+    Ok(name.to_ascii_lowercase())
 }
 
 /// Letters, digits, `-`, `_`, `.`; 1–253 bytes.

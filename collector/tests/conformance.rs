@@ -72,10 +72,15 @@ suite!(
 
 // ---------------------------------------------------------------------------------------
 
-/// A day ago, on a whole second: the base of every scenario's timeline.
+/// A day ago, on a whole second, fixed for the whole test run: the base of every
+/// scenario's timeline.
 fn base() -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc() - Duration::days(1);
-    now.replace_nanosecond(0).unwrap()
+    static BASE: std::sync::OnceLock<OffsetDateTime> = std::sync::OnceLock::new();
+    *BASE.get_or_init(|| {
+        (OffsetDateTime::now_utc() - Duration::days(1))
+            .replace_nanosecond(0)
+            .unwrap()
+    })
 }
 
 fn rec(
@@ -230,20 +235,31 @@ async fn snapshots_versions_and_views(db: &DbUrl) {
         "java",
         40,
     );
+    // A second port-80 socket nobody holds (a kernel socket): no owner names.
+    let mut ownerless = rec(
+        Protocol::Tcp,
+        "::ffff:10.0.0.5",
+        80,
+        Some(false),
+        (Reach::Specific, No),
+        "x",
+        1,
+    );
+    ownerless.processes.clear();
     let applied = store
         .apply_snapshot(
             h.host_id,
             S1,
             2,
             t2,
-            vec![dual80("nginx", 101), ssh4(21), ssh6(), specific],
+            vec![dual80("nginx", 101), ssh4(21), ssh6(), specific, ownerless],
             now,
         )
         .await
         .unwrap();
     assert_eq!(
         applied,
-        Applied::Committed { rows: 5 },
+        Applied::Committed { rows: 6 },
         "changed: close+insert, refresh, close, insert"
     );
     // A retried snapshot is recognized.
@@ -289,7 +305,7 @@ async fn snapshots_versions_and_views(db: &DbUrl) {
         ]
     );
     assert_eq!(
-        same(db, "SELECT protocol, family, address, port, v6only, reach_ipv4, trap, processes, shown_as FROM current_listeners ORDER BY port, family").await,
+        same(db, "SELECT protocol, family, address, port, v6only, reach_ipv4, trap, processes, shown_as FROM current_listeners WHERE processes <> '' ORDER BY port, family").await,
         vec![
             vec![json!("tcp"), json!("ipv4"), json!("0.0.0.0"), json!(22), Value::Null, json!("any"), json!(0), json!("sshd"), json!("0.0.0.0:22")],
             vec![json!("tcp"), json!("ipv6"), json!("::"), json!(22), json!(1), json!("none"), json!(0), json!("sshd"), json!(":::22")],
@@ -314,9 +330,19 @@ async fn snapshots_versions_and_views(db: &DbUrl) {
     );
     assert_eq!(
         same(db, "SELECT host, netns, protocol, port, shown_as, processes FROM hidden_ipv4_exposure ORDER BY port").await,
-        vec![vec![json!("h1"), json!("host"), json!("tcp"), json!(80), json!(":::80"), json!("nginx")]],
-        "sshd's pair and the specific IPv4 socket show IPv4 lines; DNS is gone"
+        vec![vec![json!("h1"), json!("host"), json!("tcp"), json!(80), json!("10.0.0.5:80,:::80"), json!("nginx")]],
+        "sshd's pair and the specific IPv4 socket show IPv4 lines; DNS is gone; no empty owner entries"
     );
+    // The reconstruction at any time agrees with the view, lists included.
+    let ro = ReadOnly::open(db).await.unwrap();
+    assert_eq!(
+        history::exposure_at(&ro, OffsetDateTime::now_utc(), None, None)
+            .await
+            .unwrap()
+            .rows,
+        query::exposure(&ro, None, None).await.unwrap().rows
+    );
+    ro.close().await;
     assert_eq!(
         columns(db, "listener_changes").await,
         [
@@ -346,11 +372,12 @@ async fn snapshots_versions_and_views(db: &DbUrl) {
             vec![json!("opened"), json!(t(t1)), json!("tcp"), json!(80), json!("apache2")],
             vec![json!("closed"), json!(t(t2)), json!("udp"), json!(53), json!("dnsmasq")],
             vec![json!("changed"), json!(t(t2)), json!("tcp"), json!(80), json!("nginx")],
+            vec![json!("opened"), json!(t(t2)), json!("tcp"), json!(80), json!("")],
             vec![json!("opened"), json!(t(t2)), json!("tcp"), json!(8080), json!("java")],
         ]
     );
     assert_eq!(
-        same(db, "SELECT port, first_seen, gone_at FROM listener_history WHERE port IN (53, 80) ORDER BY port").await,
+        same(db, "SELECT port, first_seen, gone_at FROM listener_history WHERE port IN (53, 80) AND processes <> '' ORDER BY port").await,
         vec![
             vec![json!(53), json!(t(t1)), json!(t(t2))],
             vec![json!(80), json!(t(t1)), Value::Null],
@@ -382,7 +409,7 @@ async fn snapshots_versions_and_views(db: &DbUrl) {
             json!("0.1.0"),
             json!(t(t2)),
             json!(0),
-            json!(4)
+            json!(5)
         ]]
     );
     assert_eq!(

@@ -226,6 +226,18 @@ async fn malformed_input_is_refused_with_invalid_argument() {
             "source",
         ),
     ];
+    // The same listener twice in one delta.
+    refused(
+        msg(v1::agent_message::Body::Delta(v1::Delta {
+            sequence: 2,
+            observed_at: Some(now_ts()),
+            opened: vec![listener("host", 443)],
+            closed: vec![listener("host", 443).key.unwrap()],
+            changed: vec![],
+        })),
+        "appears twice in delta 2",
+    )
+    .await;
     for (bad, needle) in cases {
         refused(
             delta(2, vec![listener("host", 443), bad.clone()], vec![]),
@@ -319,5 +331,109 @@ async fn health_and_reflection() {
         names.contains(&"listenscope.v1.Inventory".to_string()),
         "{names:?}"
     );
+    c.shutdown().await;
+}
+
+/// One session per host: a new connection of the same host replaces the old one (a
+/// half-open connection the agent gave up on must not keep writing).
+#[tokio::test]
+async fn a_new_connection_replaces_the_old_one() {
+    let (pki, _dir, db, c) = setup().await;
+    let mut first = session(&pki, &c, "h1", hello(1, 0, "h1")).await;
+    welcome(&mut first).await;
+    let mut second = session(&pki, &c, "h1", hello(2, 0, "h1")).await;
+    welcome(&mut second).await;
+    let st = first.recv().await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::Aborted, "{st:?}");
+    assert!(
+        st.message().contains("replaced by a newer connection"),
+        "{st:?}"
+    );
+    second.send(snapshot(1, vec![listener("host", 80)])).await;
+    assert_eq!(ack(&mut second).await, 1);
+    assert_eq!(live_ports(&db, "h1").await, [80]);
+    c.shutdown().await;
+}
+
+/// A snapshot from another session that is older than the stored state is refused: a
+/// stale agent process (or a cloned machine with the same certificate) cannot roll the
+/// host back.
+#[tokio::test]
+async fn an_older_sessions_snapshot_does_not_roll_back() {
+    let (pki, _dir, db, c) = setup().await;
+    let mut s = session(&pki, &c, "h1", hello(1, 0, "h1")).await;
+    welcome(&mut s).await;
+    s.send(snapshot(
+        1,
+        vec![listener("host", 80), listener("host", 443)],
+    ))
+    .await;
+    assert_eq!(ack(&mut s).await, 1);
+    drop(s);
+    let mut old = session(&pki, &c, "h1", hello(7, 0, "h1")).await;
+    welcome(&mut old).await;
+    let an_hour_ago = listenscope_agent::wire::timestamp(
+        time::OffsetDateTime::now_utc() - time::Duration::hours(1),
+    );
+    old.send(msg(v1::agent_message::Body::Snapshot(v1::SnapshotChunk {
+        sequence: 1,
+        chunk_index: 0,
+        last: true,
+        observed_at: Some(an_hour_ago),
+        listeners: vec![listener("host", 22)],
+    })))
+    .await;
+    let st = old.recv().await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::Aborted, "{st:?}");
+    assert_eq!(live_ports(&db, "h1").await, [80, 443]);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn limits_on_sessions_and_snapshot_size() {
+    let pki = Pki::new(&["h1", "h2"]);
+    let dir = TempDir::new("limits");
+    let db = DbUrl::Sqlite(dir.path().join("ls.db"));
+    let limits = listenscope_collector::ingest::Limits {
+        max_sessions: 1,
+        per_snapshot_bytes: 2000,
+        ..Default::default()
+    };
+    let c = InProcess::start_with(&pki, &db, limits).await;
+    let mut s1 = session(&pki, &c, "h1", hello(1, 0, "h1")).await;
+    welcome(&mut s1).await;
+    let ch = channel(
+        c.addr,
+        &pki.path("ca.pem"),
+        Some((&pki.path("h2.pem"), &pki.path("h2.key"))),
+    )
+    .await
+    .unwrap();
+    let st = RawSession::open(ch, hello(2, 0, "h2"))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(st.code(), tonic::Code::ResourceExhausted, "{st:?}");
+    // A snapshot past the byte budget is refused, in pieces or not.
+    let at = now_ts();
+    let chunk = |i: u32, last: bool| {
+        msg(v1::agent_message::Body::Snapshot(v1::SnapshotChunk {
+            sequence: 1,
+            chunk_index: i,
+            last,
+            observed_at: Some(at),
+            listeners: (1..=4).map(|p| listener("host", i * 10 + p)).collect(),
+        }))
+    };
+    s1.send(chunk(0, false)).await;
+    s1.send(chunk(1, false)).await;
+    s1.send(chunk(2, true)).await;
+    let st = s1.recv().await.unwrap_err();
+    assert_eq!(st.code(), tonic::Code::InvalidArgument, "{st:?}");
+    assert!(
+        st.message().contains("snapshot larger than 2000 bytes"),
+        "{st:?}"
+    );
+    assert!(live_ports(&db, "h1").await.is_empty());
     c.shutdown().await;
 }

@@ -178,11 +178,19 @@ pub fn discover() -> Discovery {
             .then_some(PROC_NET_INIT_INO)
     });
     d.host_unknown = host.is_none();
+    let mut taken = std::collections::HashSet::new();
     for (ino, mut ns) in found {
         if Some(ino) == host {
             ns.id.name = "host".to_string();
         } else if ns.id.name.is_empty() {
             ns.id.name = format!("net:[{ino}]");
+        } else {
+            // Names become keys in the fleet store: printable, and never "host" twice.
+            ns.id.name = ns.id.name.replace(char::is_control, "?");
+        }
+        let reserved = Some(ino) != host && ns.id.name == "host";
+        if reserved || !taken.insert(ns.id.name.clone()) {
+            ns.id.name = format!("{} (net:[{ino}])", ns.id.name);
         }
         d.namespaces.push(ns);
     }

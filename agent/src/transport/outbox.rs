@@ -21,7 +21,10 @@ use crate::diff::{Changes, diff};
 use crate::record::State;
 
 /// Listeners per delta message; larger change sets are split over consecutive sequences.
+/// The collector advertises how many it accepts and never less than this (the .proto).
 pub const MAX_PER_DELTA: usize = 1000;
+/// Approximate bytes per delta message, well under the 4 MiB message limit.
+pub const MAX_DELTA_BYTES: usize = 2 * 1024 * 1024;
 
 /// One message the collector has not acknowledged yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +118,17 @@ impl Outbox {
         self.queue.iter().filter(move |p| p.seq() > after)
     }
 
+    /// What may be sent now: the messages above `sent_upto` among the first `window`
+    /// unacknowledged ones. The window counts queued messages, not sequence numbers: after
+    /// a restart from a snapshot the next sequence can be far above the last acknowledged
+    /// one, and a sequence-based window would never open again.
+    pub fn sendable(&self, sent_upto: u64, window: usize) -> impl Iterator<Item = &Pending> {
+        self.queue
+            .iter()
+            .take(window)
+            .filter(move |p| p.seq() > sent_upto)
+    }
+
     /// Records a scan.
     pub fn record_scan(&mut self, state: State, at: OffsetDateTime) -> Recorded {
         let changes = diff(&self.current, &state);
@@ -129,7 +143,7 @@ impl Outbox {
             self.restart_from_snapshot();
             return Recorded::Collapsed;
         }
-        for part in split(changes, MAX_PER_DELTA) {
+        for part in split(changes, MAX_PER_DELTA, MAX_DELTA_BYTES) {
             self.push(Pending::Delta {
                 seq: 0,
                 at,
@@ -203,30 +217,31 @@ impl Outbox {
     }
 }
 
-/// Splits a change set into parts of at most `max` entries (closed first, then opened,
-/// then changed), preserving meaning when applied in order.
-fn split(changes: Changes, max: usize) -> Vec<Changes> {
-    if changes.len() <= max {
-        return vec![changes];
-    }
+/// Splits a change set into parts of at most `max` entries and about `max_bytes` each
+/// (closed first, then opened, then changed), preserving meaning when applied in order.
+fn split(changes: Changes, max: usize, max_bytes: usize) -> Vec<Changes> {
     let mut parts = Vec::new();
     let mut cur = Changes::default();
-    let flush = |cur: &mut Changes, parts: &mut Vec<Changes>| {
-        if cur.len() >= max {
+    let mut bytes = 0;
+    // Starts a new part when adding `size` would break a limit (never leaves one empty).
+    let mut room = |cur: &mut Changes, parts: &mut Vec<Changes>, size: usize| {
+        if !cur.is_empty() && (cur.len() >= max || bytes + size > max_bytes) {
             parts.push(std::mem::take(cur));
+            bytes = 0;
         }
+        bytes += size;
     };
     for k in changes.closed {
+        room(&mut cur, &mut parts, 64 + k.netns.len());
         cur.closed.push(k);
-        flush(&mut cur, &mut parts);
     }
     for r in changes.opened {
+        room(&mut cur, &mut parts, r.approx_bytes());
         cur.opened.push(r);
-        flush(&mut cur, &mut parts);
     }
     for r in changes.changed {
+        room(&mut cur, &mut parts, r.approx_bytes());
         cur.changed.push(r);
-        flush(&mut cur, &mut parts);
     }
     if !cur.is_empty() {
         parts.push(cur);
@@ -327,6 +342,33 @@ mod tests {
         assert_eq!(seqs(&o), [(5, "snapshot")]);
     }
 
+    /// Regression: 40 unacknowledged deltas, then the collector asks for a snapshot. The
+    /// snapshot (sequence 42, far above acked + window) must still be sendable.
+    #[test]
+    fn window_opens_after_restart_from_snapshot() {
+        let mut o = Outbox::new([1; 16], state(&[1]), t(0), 1_000_000);
+        for i in 2..=41u16 {
+            let ports: Vec<u16> = (1..=i).collect();
+            o.record_scan(state(&ports), t(i64::from(i)));
+        }
+        assert_eq!(o.sendable(0, 32).count(), 32);
+        assert!(o.on_welcome(None));
+        let now: Vec<u64> = o.sendable(0, 32).map(Pending::seq).collect();
+        assert_eq!(now, [42]);
+        // Sent, not yet acknowledged: nothing more until the ack.
+        assert_eq!(o.sendable(42, 32).count(), 0);
+        o.record_scan(state(&[1, 2, 3]), t(100));
+        assert_eq!(
+            o.sendable(42, 32).map(Pending::seq).collect::<Vec<_>>(),
+            [43]
+        );
+        assert_eq!(
+            o.sendable(42, 1).count(),
+            0,
+            "the window counts queued messages"
+        );
+    }
+
     #[test]
     fn full_outbox_collapses_into_one_snapshot() {
         let mut o = Outbox::new([1; 16], state(&[1]), t(0), 5);
@@ -343,6 +385,21 @@ mod tests {
         assert_eq!(seqs(&o), [(4, "snapshot")]);
         assert_eq!(o.overflows, 1);
         assert_eq!(o.pending_entries(), 7);
+    }
+
+    #[test]
+    fn big_records_split_by_bytes() {
+        let mut big = state(&[1, 2, 3, 4]);
+        for r in big.values_mut() {
+            r.processes[0].cmdline = "x".repeat(60_000);
+        }
+        let parts = split(diff(&State::new(), &big), 1000, 100_000);
+        assert_eq!(
+            parts.iter().map(Changes::len).collect::<Vec<_>>(),
+            [1, 1, 1, 1]
+        );
+        let parts = split(diff(&State::new(), &big), 1000, 10 * 1024 * 1024);
+        assert_eq!(parts.len(), 1);
     }
 
     #[test]

@@ -26,7 +26,7 @@ const CHUNK_BYTES: usize = 2 * 1024 * 1024;
 /// Listeners per chunk when the collector does not say.
 const DEFAULT_PER_MESSAGE: usize = 1000;
 /// Outbox messages sent ahead of acknowledgements.
-const WINDOW: u64 = 32;
+const WINDOW: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -94,6 +94,17 @@ pub async fn run(cfg: &RunConfig, shared: &Shared) -> (bool, Result<(), SessionE
     let result = session(cfg, shared, &mut welcomed).await;
     match &result {
         Ok(()) => tracing::info!("Session ended."),
+        Err(SessionError::Broken(status) | SessionError::Refused(status))
+            if status.code() == tonic::Code::InvalidArgument =>
+        {
+            // Resending the same refused message would loop forever: start over from a
+            // snapshot of the current state. The refused changes' history is lost.
+            tracing::error!(
+                reason = %status.message(),
+                "The collector refused a message as invalid; starting over with a fresh snapshot."
+            );
+            shared.outbox().restart_from_snapshot();
+        }
         Err(e) => tracing::warn!(error = %e, "Session failed."),
     }
     (welcomed, result)
@@ -160,11 +171,7 @@ async fn session(
         // What the window allows, cloned out of the lock (snapshots share their state).
         let batch: Vec<Pending> = {
             let o = shared.outbox();
-            let limit = o.acked() + WINDOW;
-            o.after(sent_upto)
-                .take_while(|p| p.seq() <= limit)
-                .cloned()
-                .collect()
+            o.sendable(sent_upto, WINDOW).cloned().collect()
         };
         for p in batch {
             sent_upto = p.seq();

@@ -14,10 +14,13 @@
 use std::collections::HashMap;
 use std::hash::Hasher;
 
+use listenscope_agent::diff::Changes;
 use listenscope_agent::fasthash::FxHasher;
 use listenscope_agent::model::Protocol;
 use listenscope_agent::record::{ListenerKey, ListenerRecord};
 use time::OffsetDateTime;
+
+use super::Applied;
 
 /// A live (current) row as the backend read it.
 #[derive(Debug, Clone)]
@@ -26,6 +29,7 @@ pub struct LiveRow {
     pub material_hash: i64,
     pub full_hash: i64,
     pub first_seen: OffsetDateTime,
+    pub valid_from: OffsetDateTime,
 }
 
 /// An incoming record with its key string and fingerprints.
@@ -48,11 +52,14 @@ impl Prepared {
     }
 }
 
-/// A row to insert: a record and when its lifetime began.
+/// A row to insert: a record, when its lifetime began and when this version starts.
 #[derive(Debug, Clone)]
 pub struct NewRow<'a> {
     pub prepared: &'a Prepared,
     pub first_seen: OffsetDateTime,
+    /// The observation time, but never before the version it replaces began (an agent
+    /// clock stepping back must not make versions overlap or an event vanish).
+    pub valid_from: OffsetDateTime,
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +74,81 @@ impl Plan<'_> {
     /// Rows written.
     pub fn rows(&self) -> usize {
         self.insert.len() + self.close_changed.len() + self.close_closed.len() + self.refresh.len()
+    }
+}
+
+/// What the host row says about the stored session.
+#[derive(Debug, Clone, Copy)]
+pub struct Stored<'a> {
+    pub session: Option<&'a [u8]>,
+    pub committed: u64,
+    /// Observation time of the last stored snapshot.
+    pub snapshot_at: Option<OffsetDateTime>,
+}
+
+/// The sequence rules for a snapshot: `Some(Duplicate)` when it was already stored,
+/// `Some(Superseded)` when it comes from another session and is older than the stored
+/// state (a stale agent process, or two machines sharing one certificate, must not roll
+/// a host back), `None` to apply it (a newer snapshot from any session takes over).
+pub fn snapshot_rule(
+    stored: Stored<'_>,
+    session: &[u8],
+    seq: u64,
+    at: OffsetDateTime,
+) -> Option<Applied> {
+    if stored.session == Some(session) {
+        return (stored.committed >= seq).then_some(Applied::Duplicate {
+            committed: stored.committed,
+        });
+    }
+    stored
+        .snapshot_at
+        .is_some_and(|last| at < last)
+        .then_some(Applied::Superseded)
+}
+
+/// The sequence rules for a delta: `None` to apply it (it is exactly the next sequence of
+/// the stored session), else why not.
+pub fn delta_rule(stored: Stored<'_>, session: &[u8], seq: u64) -> Option<Applied> {
+    let committed = stored.committed;
+    if stored.session != Some(session) {
+        Some(Applied::Superseded)
+    } else if seq <= committed {
+        Some(Applied::Duplicate { committed })
+    } else if seq != committed + 1 {
+        Some(Applied::Gap { committed })
+    } else {
+        None
+    }
+}
+
+/// A delta prepared for planning: upserts (opened, then changed) and closed keys.
+#[derive(Debug)]
+pub struct DeltaWork {
+    pub upserts: Vec<Prepared>,
+    pub closes: Vec<String>,
+}
+
+impl DeltaWork {
+    pub fn new(changes: Changes) -> DeltaWork {
+        DeltaWork {
+            closes: changes.closed.iter().map(lkey).collect(),
+            upserts: changes
+                .opened
+                .into_iter()
+                .chain(changes.changed)
+                .map(Prepared::new)
+                .collect(),
+        }
+    }
+
+    /// Every key the delta touches: the live rows the plan needs.
+    pub fn keys(&self) -> Vec<&str> {
+        self.upserts
+            .iter()
+            .map(|u| u.lkey.as_str())
+            .chain(self.closes.iter().map(String::as_str))
+            .collect()
     }
 }
 
@@ -128,12 +210,14 @@ pub fn plan<'a>(
             None => p.insert.push(NewRow {
                 prepared: u,
                 first_seen: at,
+                valid_from: at,
             }),
             Some(row) if row.material_hash != u.material_hash => {
                 p.close_changed.push(row.id);
                 p.insert.push(NewRow {
                     prepared: u,
                     first_seen: row.first_seen,
+                    valid_from: at.max(row.valid_from),
                 });
             }
             Some(row) if row.full_hash != u.full_hash => p.refresh.push((row.id, u)),
@@ -217,6 +301,7 @@ mod tests {
                         material_hash: p.material_hash,
                         full_hash: p.full_hash,
                         first_seen: t(*first),
+                        valid_from: t(*first),
                     },
                 )
             })
@@ -270,6 +355,56 @@ mod tests {
         // The same snapshot against the state it produced: nothing to do.
         let live = live_of(&[(1, &a, 0)]);
         assert_eq!(plan(&live, &snapshot, &[], true, t(6)).rows(), 0);
+    }
+
+    #[test]
+    fn sequence_rules() {
+        let (a, b) = ([1u8; 16], [2u8; 16]);
+        let st = |session: Option<&'static [u8; 16]>, committed, snap: Option<i64>| Stored {
+            session: session.map(|s| &s[..]),
+            committed,
+            snapshot_at: snap.map(t),
+        };
+        static A: [u8; 16] = [1; 16];
+        // Snapshots: a retry of the stored session is a duplicate; a newer one applies.
+        assert_eq!(
+            snapshot_rule(st(Some(&A), 5, Some(0)), &a, 5, t(9)),
+            Some(Applied::Duplicate { committed: 5 })
+        );
+        assert_eq!(snapshot_rule(st(Some(&A), 5, Some(0)), &a, 6, t(9)), None);
+        assert_eq!(
+            snapshot_rule(st(Some(&A), 5, Some(0)), &b, 1, t(9)),
+            None,
+            "a newer session takes over"
+        );
+        assert_eq!(
+            snapshot_rule(st(Some(&A), 5, Some(10)), &b, 1, t(9)),
+            Some(Applied::Superseded),
+            "an older session's stale snapshot does not roll the host back"
+        );
+        assert_eq!(snapshot_rule(st(None, 0, None), &a, 1, t(0)), None);
+        // Deltas: only the next sequence of the stored session applies.
+        assert_eq!(delta_rule(st(Some(&A), 5, None), &a, 6), None);
+        assert_eq!(
+            delta_rule(st(Some(&A), 5, None), &a, 5),
+            Some(Applied::Duplicate { committed: 5 })
+        );
+        assert_eq!(
+            delta_rule(st(Some(&A), 5, None), &a, 3),
+            Some(Applied::Duplicate { committed: 5 })
+        );
+        assert_eq!(
+            delta_rule(st(Some(&A), 5, None), &a, 7),
+            Some(Applied::Gap { committed: 5 })
+        );
+        assert_eq!(
+            delta_rule(st(Some(&A), 5, None), &b, 6),
+            Some(Applied::Superseded)
+        );
+        assert_eq!(
+            delta_rule(st(None, 0, None), &a, 1),
+            Some(Applied::Superseded)
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
 
-use super::plan::{LiveRow, Plan, Prepared, lkey, plan};
+use super::plan::{DeltaWork, LiveRow, Plan, Prepared, Stored, delta_rule, plan, snapshot_rule};
 use super::{Applied, HostSession, StoreError, StoreOptions, redact};
 
 #[derive(Debug, Clone)]
@@ -111,15 +111,17 @@ impl PgStore {
     async fn lock_host(
         tx: &mut Transaction<'_, Postgres>,
         host_id: i64,
-    ) -> Result<(Option<Vec<u8>>, u64), StoreError> {
-        let row =
-            sqlx::query("SELECT session_id, committed_seq FROM host WHERE id = $1 FOR UPDATE")
-                .bind(host_id)
-                .fetch_one(&mut **tx)
-                .await?;
+    ) -> Result<(Option<Vec<u8>>, u64, Option<OffsetDateTime>), StoreError> {
+        let row = sqlx::query(
+            "SELECT session_id, committed_seq, last_snapshot_at FROM host WHERE id = $1 FOR UPDATE",
+        )
+        .bind(host_id)
+        .fetch_one(&mut **tx)
+        .await?;
         Ok((
             row.try_get("session_id")?,
             row.try_get::<i64, _>("committed_seq")? as u64,
+            row.try_get("last_snapshot_at")?,
         ))
     }
 
@@ -134,9 +136,14 @@ impl PgStore {
     ) -> Result<Applied, StoreError> {
         let prepared: Vec<Prepared> = records.into_iter().map(Prepared::new).collect();
         let mut tx = self.pool.begin().await?;
-        let (stored, committed) = Self::lock_host(&mut tx, host_id).await?;
-        if stored.as_deref() == Some(session_id) && committed >= seq {
-            return Ok(Applied::Duplicate { committed });
+        let (session, committed, snapshot_at) = Self::lock_host(&mut tx, host_id).await?;
+        let stored = Stored {
+            session: session.as_deref(),
+            committed,
+            snapshot_at,
+        };
+        if let Some(done) = snapshot_rule(stored, session_id, seq, at) {
+            return Ok(done);
         }
         let live = live_rows(&mut tx, host_id, None).await?;
         let p = plan(&live, &prepared, &[], true, at);
@@ -166,30 +173,18 @@ impl PgStore {
         now: OffsetDateTime,
     ) -> Result<Applied, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let (stored, committed) = Self::lock_host(&mut tx, host_id).await?;
-        if stored.as_deref() != Some(session_id) {
-            return Ok(Applied::Superseded);
+        let (session, committed, snapshot_at) = Self::lock_host(&mut tx, host_id).await?;
+        let stored = Stored {
+            session: session.as_deref(),
+            committed,
+            snapshot_at,
+        };
+        if let Some(not_applied) = delta_rule(stored, session_id, seq) {
+            return Ok(not_applied);
         }
-        if seq <= committed {
-            return Ok(Applied::Duplicate { committed });
-        }
-        if seq != committed + 1 {
-            return Ok(Applied::Gap { committed });
-        }
-        let upserts: Vec<Prepared> = changes
-            .opened
-            .into_iter()
-            .chain(changes.changed)
-            .map(Prepared::new)
-            .collect();
-        let closes: Vec<String> = changes.closed.iter().map(lkey).collect();
-        let keys: Vec<String> = upserts
-            .iter()
-            .map(|u| u.lkey.clone())
-            .chain(closes.iter().cloned())
-            .collect();
-        let live = live_rows(&mut tx, host_id, Some(&keys)).await?;
-        let p = plan(&live, &upserts, &closes, false, at);
+        let work = DeltaWork::new(changes);
+        let live = live_rows(&mut tx, host_id, Some(&work.keys())).await?;
+        let p = plan(&live, &work.upserts, &work.closes, false, at);
         let rows = execute(&mut tx, host_id, &p, at).await?;
         sqlx::query("UPDATE host SET committed_seq = $1, last_seen = $2 WHERE id = $3")
             .bind(seq as i64)
@@ -205,29 +200,26 @@ impl PgStore {
 async fn live_rows(
     tx: &mut Transaction<'_, Postgres>,
     host_id: i64,
-    keys: Option<&[String]>,
+    keys: Option<&[&str]>,
 ) -> Result<HashMap<String, LiveRow>, StoreError> {
-    let rows = match keys {
-        None => {
-            sqlx::query(
-                "SELECT id, lkey, material_hash, full_hash, first_seen FROM listener
+    let rows =
+        match keys {
+            None => sqlx::query(
+                "SELECT id, lkey, material_hash, full_hash, first_seen, valid_from FROM listener
                  WHERE host_id = $1 AND valid_to IS NULL",
             )
             .bind(host_id)
             .fetch_all(&mut **tx)
-            .await?
-        }
-        Some(keys) => {
-            sqlx::query(
-                "SELECT id, lkey, material_hash, full_hash, first_seen FROM listener
+            .await?,
+            Some(keys) => sqlx::query(
+                "SELECT id, lkey, material_hash, full_hash, first_seen, valid_from FROM listener
                  WHERE host_id = $1 AND valid_to IS NULL AND lkey = ANY($2)",
             )
             .bind(host_id)
             .bind(keys)
             .fetch_all(&mut **tx)
-            .await?
-        }
-    };
+            .await?,
+        };
     let mut out = HashMap::with_capacity(rows.len());
     for r in rows {
         out.insert(
@@ -237,6 +229,7 @@ async fn live_rows(
                 material_hash: r.try_get("material_hash")?,
                 full_hash: r.try_get("full_hash")?,
                 first_seen: r.try_get("first_seen")?,
+                valid_from: r.try_get("valid_from")?,
             },
         );
     }
@@ -301,7 +294,7 @@ async fn execute(
     if !p.insert.is_empty() {
         let mut c = Columns::default();
         for row in &p.insert {
-            c.push(row.prepared, row.first_seen);
+            c.push(row.prepared, row.first_seen, row.valid_from);
         }
         sqlx::query(
             "INSERT INTO listener (host_id, lkey, netns, netns_inode, protocol, family, address,
@@ -309,12 +302,12 @@ async fn execute(
                  trap, hidden_ipv4_exposure, process_names, processes, container_runtime,
                  container_id, pod_uid, unit, cgroup, uid, freebind, transparent, source, sockets,
                  material_hash, full_hash, first_seen, valid_from)
-             SELECT $1, u.*, $32 FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::text[],
+             SELECT $1, u.* FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::text[],
                  $6::text[], $7::text[], $8::int[], $9::text[], $10::bool[], $11::text[],
                  $12::text[], $13::bool[], $14::text[], $15::text[], $16::bool[], $17::bool[],
                  $18::text[], $19::text[]::jsonb[], $20::text[], $21::text[], $22::text[], $23::text[],
                  $24::text[], $25::bigint[], $26::bool[], $27::bool[], $28::text[], $29::int[],
-                 $30::bigint[], $31::bigint[], $33::timestamptz[]) AS u",
+                 $30::bigint[], $31::bigint[], $32::timestamptz[], $33::timestamptz[]) AS u",
         )
         .bind(host_id)
         .bind(c.lkey)
@@ -347,8 +340,8 @@ async fn execute(
         .bind(c.sockets)
         .bind(c.material_hash)
         .bind(c.full_hash)
-        .bind(at)
         .bind(c.first_seen)
+        .bind(c.valid_from)
         .execute(&mut **tx)
         .await?;
     }
@@ -395,10 +388,11 @@ struct Columns {
     material_hash: Vec<i64>,
     full_hash: Vec<i64>,
     first_seen: Vec<OffsetDateTime>,
+    valid_from: Vec<OffsetDateTime>,
 }
 
 impl Columns {
-    fn push(&mut self, p: &Prepared, first_seen: OffsetDateTime) {
+    fn push(&mut self, p: &Prepared, first_seen: OffsetDateTime, valid_from: OffsetDateTime) {
         let r = &p.record;
         let k = &r.key;
         self.lkey.push(p.lkey.clone());
@@ -435,6 +429,7 @@ impl Columns {
         self.material_hash.push(p.material_hash);
         self.full_hash.push(p.full_hash);
         self.first_seen.push(first_seen);
+        self.valid_from.push(valid_from);
     }
 }
 

@@ -1,8 +1,9 @@
 //! The embedded default: SQLite through sqlx.
 //!
 //! One writer connection (SQLite allows one writer; a pool of one serializes them without
-//! lock errors), WAL journal so readers never block it, `synchronous=NORMAL` (durable at
-//! checkpoints, never corrupt). Writes are batched: multi-row `VALUES` inserts and `IN (…)`
+//! lock errors), WAL journal so readers never block it, `synchronous=FULL`: every commit
+//! is on disk before it is acknowledged (NORMAL would survive a crash of the process but
+//! not of the machine, and agents forget what we acknowledge). Writes are batched: multi-row `VALUES` inserts and `IN (…)`
 //! updates in chunks well under SQLite's 32766 bound parameters.
 
 use std::collections::HashMap;
@@ -20,7 +21,7 @@ use time::OffsetDateTime;
 use time::format_description::BorrowedFormatItem;
 use time::macros::format_description;
 
-use super::plan::{LiveRow, Plan, Prepared, lkey, plan};
+use super::plan::{DeltaWork, LiveRow, Plan, Prepared, Stored, delta_rule, plan, snapshot_rule};
 use super::{Applied, HostSession, StoreError, StoreOptions};
 
 /// How times are stored: UTC, millisecond precision, SQLite's own text format so that
@@ -71,7 +72,7 @@ impl SqliteStore {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let writer = SqlitePoolOptions::new()
@@ -146,14 +147,21 @@ impl SqliteStore {
     async fn session_of(
         tx: &mut Transaction<'_, Sqlite>,
         host_id: i64,
-    ) -> Result<(Option<Vec<u8>>, u64), StoreError> {
-        let row = sqlx::query("SELECT session_id, committed_seq FROM host WHERE id = ?")
-            .bind(host_id)
-            .fetch_one(&mut **tx)
-            .await?;
+    ) -> Result<(Option<Vec<u8>>, u64, Option<OffsetDateTime>), StoreError> {
+        let row = sqlx::query(
+            "SELECT session_id, committed_seq, last_snapshot_at FROM host WHERE id = ?",
+        )
+        .bind(host_id)
+        .fetch_one(&mut **tx)
+        .await?;
+        let snapshot_at = match row.try_get::<Option<String>, _>("last_snapshot_at")? {
+            Some(s) => Some(parse_time(&s)?),
+            None => None,
+        };
         Ok((
             row.try_get("session_id")?,
             row.try_get::<i64, _>("committed_seq")? as u64,
+            snapshot_at,
         ))
     }
 
@@ -168,9 +176,14 @@ impl SqliteStore {
     ) -> Result<Applied, StoreError> {
         let prepared: Vec<Prepared> = records.into_iter().map(Prepared::new).collect();
         let mut tx = self.writer.begin().await?;
-        let (stored_session, committed) = Self::session_of(&mut tx, host_id).await?;
-        if stored_session.as_deref() == Some(session_id) && committed >= seq {
-            return Ok(Applied::Duplicate { committed });
+        let (session, committed, snapshot_at) = Self::session_of(&mut tx, host_id).await?;
+        let stored = Stored {
+            session: session.as_deref(),
+            committed,
+            snapshot_at,
+        };
+        if let Some(done) = snapshot_rule(stored, session_id, seq, at) {
+            return Ok(done);
         }
         let live = live_rows(&mut tx, host_id, None).await?;
         let p = plan(&live, &prepared, &[], true, at);
@@ -200,30 +213,18 @@ impl SqliteStore {
         now: OffsetDateTime,
     ) -> Result<Applied, StoreError> {
         let mut tx = self.writer.begin().await?;
-        let (stored_session, committed) = Self::session_of(&mut tx, host_id).await?;
-        if stored_session.as_deref() != Some(session_id) {
-            return Ok(Applied::Superseded);
+        let (session, committed, snapshot_at) = Self::session_of(&mut tx, host_id).await?;
+        let stored = Stored {
+            session: session.as_deref(),
+            committed,
+            snapshot_at,
+        };
+        if let Some(not_applied) = delta_rule(stored, session_id, seq) {
+            return Ok(not_applied);
         }
-        if seq <= committed {
-            return Ok(Applied::Duplicate { committed });
-        }
-        if seq != committed + 1 {
-            return Ok(Applied::Gap { committed });
-        }
-        let upserts: Vec<Prepared> = changes
-            .opened
-            .into_iter()
-            .chain(changes.changed)
-            .map(Prepared::new)
-            .collect();
-        let closes: Vec<String> = changes.closed.iter().map(lkey).collect();
-        let keys: Vec<&str> = upserts
-            .iter()
-            .map(|u| u.lkey.as_str())
-            .chain(closes.iter().map(String::as_str))
-            .collect();
-        let live = live_rows(&mut tx, host_id, Some(&keys)).await?;
-        let p = plan(&live, &upserts, &closes, false, at);
+        let work = DeltaWork::new(changes);
+        let live = live_rows(&mut tx, host_id, Some(&work.keys())).await?;
+        let p = plan(&live, &work.upserts, &work.closes, false, at);
         let rows = execute(&mut tx, host_id, &p, at).await?;
         sqlx::query("UPDATE host SET committed_seq = ?, last_seen = ? WHERE id = ?")
             .bind(seq as i64)
@@ -242,8 +243,8 @@ async fn live_rows(
     host_id: i64,
     keys: Option<&[&str]>,
 ) -> Result<HashMap<String, LiveRow>, StoreError> {
-    const SELECT: &str = "SELECT id, lkey, material_hash, full_hash, first_seen FROM listener
-                          WHERE host_id = ? AND valid_to IS NULL";
+    const SELECT: &str = "SELECT id, lkey, material_hash, full_hash, first_seen, valid_from
+                          FROM listener WHERE host_id = ? AND valid_to IS NULL";
     let mut out = HashMap::new();
     let mut collect = |rows: Vec<sqlx::sqlite::SqliteRow>| -> Result<(), StoreError> {
         for r in rows {
@@ -254,6 +255,7 @@ async fn live_rows(
                     material_hash: r.try_get("material_hash")?,
                     full_hash: r.try_get("full_hash")?,
                     first_seen: parse_time(&r.try_get::<String, _>("first_seen")?)?,
+                    valid_from: parse_time(&r.try_get::<String, _>("valid_from")?)?,
                 },
             );
         }
@@ -383,7 +385,7 @@ async fn execute(
                 .bind(n.prepared.material_hash)
                 .bind(n.prepared.full_hash)
                 .bind(fmt_time(n.first_seen))
-                .bind(&at_s);
+                .bind(fmt_time(n.valid_from));
         }
         q.execute(&mut **tx).await?;
     }

@@ -100,6 +100,10 @@ pub struct InProcess {
 
 impl InProcess {
     pub async fn start(pki: &Pki, db: &DbUrl) -> InProcess {
+        InProcess::start_with(pki, db, Limits::default()).await
+    }
+
+    pub async fn start_with(pki: &Pki, db: &DbUrl, limits: Limits) -> InProcess {
         let store = Store::open(db, &StoreOptions::default()).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -108,7 +112,7 @@ impl InProcess {
             listener,
             pki.server_tls(),
             store,
-            Limits::default(),
+            limits,
             stop.clone().cancelled_owned(),
         ));
         InProcess { addr, stop, task }
