@@ -270,7 +270,7 @@ async fn live_rows(
         )?,
         Some(keys) => {
             for chunk in keys.chunks(IN_CHUNK) {
-                let sql = format!("{SELECT} AND lkey IN ({})", placeholders(chunk.len()));
+                let sql = format!("{SELECT} AND lkey IN ({})", question_marks(chunk.len()));
                 let mut q = sqlx::query(AssertSqlSafe(sql)).bind(host_id);
                 for k in chunk {
                     q = q.bind(*k);
@@ -282,7 +282,7 @@ async fn live_rows(
     Ok(out)
 }
 
-fn placeholders(n: usize) -> String {
+fn question_marks(n: usize) -> String {
     let mut s = String::with_capacity(n * 2);
     for i in 0..n {
         if i > 0 {
@@ -313,7 +313,7 @@ async fn execute(
         for chunk in ids.chunks(IN_CHUNK) {
             let sql = format!(
                 "UPDATE listener SET valid_to = max(?, valid_from), end_reason = ? WHERE id IN ({})",
-                placeholders(chunk.len())
+                question_marks(chunk.len())
             );
             let mut q = sqlx::query(AssertSqlSafe(sql)).bind(&at_s).bind(reason);
             for id in chunk {
@@ -343,7 +343,7 @@ async fn execute(
         q.execute(&mut **tx).await?;
     }
     for chunk in p.insert.chunks(INSERT_CHUNK) {
-        let row = format!("({})", placeholders(NCOLS));
+        let row = format!("({})", question_marks(NCOLS));
         let sql = format!(
             "INSERT INTO listener ({COLUMNS}) VALUES {}",
             vec![row; chunk.len()].join(",")
