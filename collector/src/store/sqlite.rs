@@ -282,6 +282,7 @@ async fn live_rows(
     Ok(out)
 }
 
+/// `?,?,…`: a bind list of `n` parameters.
 fn question_marks(n: usize) -> String {
     let mut s = String::with_capacity(n * 2);
     for i in 0..n {
