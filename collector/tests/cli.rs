@@ -129,14 +129,7 @@ async fn query_is_read_only_and_speaks_three_formats() {
     let dir = TempDir::new("query");
     let db = DbUrl::Sqlite(dir.path().join("ls.db"));
     let c = InProcess::start(&pki, &db).await;
-    let ch = channel(
-        c.addr,
-        &pki.path("ca.pem"),
-        Some((&pki.path("h1.pem"), &pki.path("h1.key"))),
-    )
-    .await
-    .unwrap();
-    let mut s = RawSession::open(ch, hello(1, 0, "h1")).await.unwrap();
+    let mut s = session_as(&pki, c.addr, "h1", hello(1, 0, "h1")).await;
     s.recv().await.unwrap();
     s.send(snapshot(
         1,
@@ -265,14 +258,7 @@ async fn diff_and_point_in_time_from_the_command_line() {
     let dir = TempDir::new("diffcli");
     let db = DbUrl::Sqlite(dir.path().join("ls.db"));
     let c = InProcess::start(&pki, &db).await;
-    let ch = channel(
-        c.addr,
-        &pki.path("ca.pem"),
-        Some((&pki.path("h1.pem"), &pki.path("h1.key"))),
-    )
-    .await
-    .unwrap();
-    let mut s = RawSession::open(ch, hello(1, 0, "h1")).await.unwrap();
+    let mut s = session_as(&pki, c.addr, "h1", hello(1, 0, "h1")).await;
     s.recv().await.unwrap();
     let mut v6only = listener("host", 80);
     v6only.key.as_mut().unwrap().v6only = Some(true);

@@ -20,17 +20,7 @@ async fn setup() -> (Pki, TempDir, DbUrl, InProcess) {
 }
 
 async fn session(pki: &Pki, c: &InProcess, host: &str, first: v1::AgentMessage) -> RawSession {
-    let ch = channel(
-        c.addr,
-        &pki.path("ca.pem"),
-        Some((
-            &pki.path(&format!("{host}.pem")),
-            &pki.path(&format!("{host}.key")),
-        )),
-    )
-    .await
-    .unwrap();
-    RawSession::open(ch, first).await.unwrap()
+    session_as(pki, c.addr, host, first).await
 }
 
 async fn welcome(s: &mut RawSession) -> v1::Welcome {

@@ -180,6 +180,26 @@ impl RawSession {
     }
 }
 
+/// A session as `host` (its certificate from `pki`), opened with `first`.
+pub async fn session_as(
+    pki: &Pki,
+    addr: SocketAddr,
+    host: &str,
+    first: v1::AgentMessage,
+) -> RawSession {
+    let ch = channel(
+        addr,
+        &pki.path("ca.pem"),
+        Some((
+            &pki.path(&format!("{host}.pem")),
+            &pki.path(&format!("{host}.key")),
+        )),
+    )
+    .await
+    .unwrap();
+    RawSession::open(ch, first).await.unwrap()
+}
+
 pub fn msg(b: v1::agent_message::Body) -> v1::AgentMessage {
     v1::AgentMessage { body: Some(b) }
 }
