@@ -1,7 +1,7 @@
 //! The classifier: what a listening socket really accepts, and what netstat shows for it.
 //!
-//! Pure functions over plain values; the spec is `shared/KERNEL_FACTS.md` ("Reach of a
-//! listening socket" and "What the usual tools print"). Every row of those tables is a
+//! Pure functions over plain values; the spec is `docs/kernel.md` ("Reach of a
+//! listening socket" and "What the usual tools show"). Every row of those tables is a
 //! one-line case in the tests below. Nothing here reads the system: the OS layer hands in
 //! the socket as the kernel reported it and the namespace's local addresses.
 
@@ -312,7 +312,7 @@ mod tests {
         }
     }
 
-    // The reach table of KERNEL_FACTS.md, row by row, then its "shown as" table.
+    // The reach table of docs/kernel.md, row by row, then its "shown as" table.
     #[test]
     fn reach_table() {
         // AF_INET 0.0.0.0 → every local IPv4 address, no IPv6.

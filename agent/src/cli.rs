@@ -145,27 +145,11 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
         crate::transport::run(
             cfg,
             std::sync::Arc::new(LinuxSystem::new()),
-            shutdown_signal(),
+            listenscope_core::signal::shutdown_signal(),
         )
         .await
     })?;
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 fn run_scan(args: &ScanArgs) -> anyhow::Result<()> {

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use listenscope_core::config::{format_duration, parse_duration, read_toml};
+
 use crate::scan::NetnsSelector;
 
 /// The agent's TOML file. Every key is optional in the file; the required ones must then
@@ -58,12 +60,6 @@ pub struct ConfigErrors(pub Vec<String>);
 
 /// Reads a TOML file into `T`; the error names the file (and, from toml, the line and
 /// the key).
-pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: cannot read it: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 impl RawConfig {
     pub fn load(path: &Path) -> Result<RawConfig, ConfigErrors> {
         read_toml(path).map_err(|e| ConfigErrors(vec![e]))
@@ -188,75 +184,9 @@ pub fn url_host(url: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_string())
 }
 
-/// "10s", "500ms", "5m", "24h", "90d", "1h30m" → Duration.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty duration; use e.g. 10s, 5m, 24h, 90d".into());
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!(
-                "{s:?}: expected a number; use e.g. 10s, 5m, 24h, 90d"
-            ));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("{s:?}: number too large"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let part = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "d" => Duration::from_secs(n.saturating_mul(86_400)),
-            "w" => Duration::from_secs(n.saturating_mul(604_800)),
-            "" => return Err(format!("{s:?}: missing unit (ms, s, m, h, d or w)")),
-            other => {
-                return Err(format!(
-                    "{s:?}: unknown unit {other:?} (ms, s, m, h, d or w)"
-                ));
-            }
-        };
-        total = total.saturating_add(part);
-    }
-    Ok(total)
-}
-
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if !ms.is_multiple_of(1000) {
-        format!("{ms}ms")
-    } else {
-        format!("{}s", ms / 1000)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86400)));
-        assert!(parse_duration("10").unwrap_err().contains("missing unit"));
-        assert!(parse_duration("10y").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("s").is_err());
-    }
 
     #[test]
     fn hosts_of_urls() {

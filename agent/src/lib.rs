@@ -5,21 +5,18 @@
 //! Layers (see ARCHITECTURE.md): `os` is the only code that touches Linux; `classify` and
 //! `attribution` are pure; `scan` assembles an [`scan::Inventory`] through the
 //! [`os::System`] seam; `output` and `cli` are the human and machine faces. For the fleet:
-//! `record` groups sockets into endpoint records, `diff` computes changes, `wire` is the
-//! protobuf edge (with validation, also used by the collector), `transport` streams to
-//! the collector, `tls` loads and checks certificate files.
+//! `record` groups sockets into endpoint records (the record, its diff, the protobuf edge
+//! and certificate loading are shared with the collector in `listenscope_core`), and
+//! `transport` streams to the collector.
 
 pub mod attribution;
 pub mod classify;
 pub mod cli;
 pub mod config;
-pub mod diff;
 pub mod fasthash;
 pub mod model;
 pub mod os;
 pub mod output;
 pub mod record;
 pub mod scan;
-pub mod tls;
 pub mod transport;
-pub mod wire;

@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    listenscope_agent::tls::install_crypto_provider();
+    listenscope_core::pem::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("LISTENSCOPE_LOG").unwrap_or_else(|_| {

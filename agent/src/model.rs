@@ -4,107 +4,10 @@
 //! what the agent concludes ([`Classification`], [`Listener`]). Nothing here does I/O, and
 //! nothing here is protobuf: the wire format converts at the transport edge.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+pub use listenscope_core::domain::{Container, Family, ProcessInfo, Protocol, Reach, Source};
 use serde::Serialize;
-
-/// Transport protocol of a listening socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Address family of the socket itself (AF_INET or AF_INET6), not of the traffic it accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    Ipv4,
-    Ipv6,
-}
-
-impl Family {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Family::Ipv4 => "ipv4",
-            Family::Ipv6 => "ipv6",
-        }
-    }
-}
-
-/// What a socket accepts over one IP version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Reach {
-    /// Every local address of that version in the socket's namespace.
-    Any,
-    /// Only a loopback address (127.0.0.0/8, ::1) or only through the `lo` interface.
-    Loopback,
-    /// Only the one bound, non-loopback address (or multicast group).
-    Specific,
-    /// Nothing of that version.
-    None,
-    /// The kernel did not say (no `INET_DIAG_SKV6ONLY`): never guessed.
-    Unknown,
-}
-
-impl Reach {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reach::Any => "any",
-            Reach::Loopback => "loopback",
-            Reach::Specific => "specific",
-            Reach::None => "none",
-            Reach::Unknown => "unknown",
-        }
-    }
-
-    /// True when the socket accepts at least something of that version.
-    pub fn accepts(self) -> bool {
-        matches!(self, Reach::Any | Reach::Loopback | Reach::Specific)
-    }
-
-    /// True when clients off this host can reach it (any or a specific non-loopback address).
-    pub fn exposed(self) -> bool {
-        matches!(self, Reach::Any | Reach::Specific)
-    }
-}
-
-/// Where a namespace's sockets were read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    /// NETLINK_SOCK_DIAG: carries v6only, bound device and socket options.
-    SockDiag,
-    /// `/proc/PID/net/{tcp,tcp6,udp,udp6}`: no v6only, no device (fallback without CAP_SYS_ADMIN).
-    Procfs,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::SockDiag => "sock_diag",
-            Source::Procfs => "procfs",
-        }
-    }
-}
 
 /// One listening TCP socket or unconnected UDP socket, as the kernel reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,28 +92,7 @@ pub struct NetnsView {
     pub notes: Vec<String>,
 }
 
-/// A process that holds a socket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ProcessInfo {
-    pub pid: u32,
-    pub comm: String,
-    pub cmdline: String,
-    /// Effective user name (or the numeric uid when /etc/passwd does not name it).
-    pub user: String,
-}
-
-/// A container a socket belongs to, derived from its cgroup path.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-pub struct Container {
-    /// `docker`, `containerd`, `cri-o`, `podman`, `lxc`, or `kubernetes` when only the pod
-    /// layout shows which runtime it is not.
-    pub runtime: String,
-    pub id: String,
-    /// Kubernetes pod UID when the cgroup path carries one.
-    pub pod_uid: Option<String>,
-}
-
-/// The classifier's verdict for one socket. See `classify.rs` and KERNEL_FACTS.md.
+/// The classifier's verdict for one socket. See `classify.rs` and `docs/kernel.md`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Classification {
     pub reach_ipv4: Reach,

@@ -10,10 +10,10 @@
 use std::net::IpAddr;
 use std::time::Instant;
 
-use listenscope_agent::diff::Changes;
-use listenscope_agent::model::{Family, ProcessInfo, Protocol, Reach, Source};
-use listenscope_agent::record::{ListenerKey, ListenerRecord};
 use listenscope_collector::store::{DbUrl, Store, StoreOptions};
+use listenscope_core::diff::Changes;
+use listenscope_core::domain::{Family, ProcessInfo, Protocol, Reach, Source};
+use listenscope_core::record::{ListenerKey, ListenerRecord};
 use time::OffsetDateTime;
 
 fn record(port: u16, comm: &str, pid: u32) -> ListenerRecord {

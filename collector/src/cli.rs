@@ -11,8 +11,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::config::RawConfig;
 use crate::ingest::Limits;
 use crate::query::{self, Format, ReadOnly};
+#[cfg(feature = "quickstart")]
+use crate::quickstart;
 use crate::store::{DbUrl, Store, StoreOptions};
-use crate::{history, pki, quickstart, server, tls};
+use crate::{history, pki, server, tls};
 
 /// listenscope collector: stores what agents report, answers questions across the fleet.
 #[derive(Debug, Parser)]
@@ -41,7 +43,8 @@ pub enum Command {
     Diff(DiffArgs),
     /// Try it on this machine: dev certificates, a collector on SQLite and an agent, then
     /// the inventory and the headline answer.
-    Quickstart(QuickstartArgs),
+    #[cfg(feature = "quickstart")]
+    Quickstart(quickstart::Args),
 }
 
 #[derive(Debug, Args)]
@@ -190,16 +193,6 @@ pub struct HostsArgs {
     pub output: OutputArgs,
 }
 
-#[derive(Debug, Args)]
-pub struct QuickstartArgs {
-    /// Where certificates and the database go (created if missing).
-    #[arg(long, default_value = ".listenscope", value_name = "DIR")]
-    pub state_dir: PathBuf,
-    /// Database (default: sqlite://STATE_DIR/listenscope.db).
-    #[arg(long, value_name = "URL")]
-    pub db: Option<String>,
-}
-
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Certs(c) => certs(c),
@@ -208,6 +201,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Exposure(a) => runtime()?.block_on(exposure_cmd(a)),
         Command::Hosts(a) => runtime()?.block_on(hosts_cmd(a)),
         Command::Diff(a) => runtime()?.block_on(diff_cmd(a)),
+        #[cfg(feature = "quickstart")]
         Command::Quickstart(a) => runtime()?.block_on(quickstart::run(a)),
     }
 }
@@ -292,7 +286,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         ));
     }
     let shutdown = async move {
-        listenscope_agent::cli::shutdown_signal().await;
+        listenscope_core::signal::shutdown_signal().await;
         stop_pruning.cancel();
     };
     let limits = Limits::for_stale_after(std::time::Duration::from_secs(cfg.stale_after_secs));
@@ -348,7 +342,7 @@ async fn exposure_cmd(a: ExposureArgs) -> anyhow::Result<()> {
         match at {
             Some(at) => println!(
                 "No host exposed {what} over IPv4 while netstat showed only IPv6 lines for it at {}.",
-                crate::store::sqlite::fmt_time(at)
+                crate::timefmt::format(at)
             ),
             None => println!(
                 "No host exposes {what} over IPv4 while netstat shows only IPv6 lines for it."
@@ -374,8 +368,8 @@ async fn diff_cmd(a: DiffArgs) -> anyhow::Result<()> {
         let who = a.host.as_deref().unwrap_or("the fleet");
         println!(
             "Nothing changed on {who} between {} and {}.",
-            crate::store::sqlite::fmt_time(since),
-            crate::store::sqlite::fmt_time(until)
+            crate::timefmt::format(since),
+            crate::timefmt::format(until)
         );
         return Ok(());
     }

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use listenscope_agent::config::parse_duration;
+use listenscope_core::config::parse_duration;
 use serde::Deserialize;
 
 use crate::store::DbUrl;
@@ -54,7 +54,7 @@ pub struct ConfigErrors(pub Vec<String>);
 
 impl RawConfig {
     pub fn load(path: &Path) -> Result<RawConfig, ConfigErrors> {
-        listenscope_agent::config::read_toml(path).map_err(|e| ConfigErrors(vec![e]))
+        listenscope_core::config::read_toml(path).map_err(|e| ConfigErrors(vec![e]))
     }
 
     /// Values from `other` win where set.
@@ -174,7 +174,7 @@ mod tests {
     #[test]
     fn all_problems_at_once() {
         let raw: RawConfig = toml::from_str(
-            "listen = \"nope\"\ndb = \"mysql://x\"\nstale_after = \"5 minutes\"\npool_size = 0\nretain = \"10m\"\n",
+            "listen = \"nope\"\ndb = \"mysql://x\"\nstale_after = \"5 parsecs\"\npool_size = 0\nretain = \"10m\"\n",
         )
         .unwrap();
         let err = raw.validate().unwrap_err().to_string();

@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::query::{Param, QueryError, ReadOnly, ResultSet};
-use crate::store::sqlite::fmt_time;
+use crate::timefmt;
 
 /// Parses `now`, an RFC 3339 time (`2026-11-24T10:00:00Z`) or an age (`24h`, `7d`, `90m`:
 /// that long before `now`).
@@ -25,7 +25,7 @@ pub fn parse_time(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String
     if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
         return Ok(t);
     }
-    match listenscope_agent::config::parse_duration(s) {
+    match listenscope_core::config::parse_duration(s) {
         Ok(d) => Ok(now - d),
         Err(_) => Err(format!(
             "{s:?} is not a time: use RFC 3339 (2026-11-24T10:00:00Z), an age (24h, 7d) or now"
@@ -273,7 +273,7 @@ pub async fn diff(
         let at = last_event
             .get(k)
             .cloned()
-            .unwrap_or_else(|| Value::from(fmt_time(until)));
+            .unwrap_or_else(|| Value::from(timefmt::format(until)));
         let shown = if a.shown_as.is_empty() {
             &b.shown_as
         } else {

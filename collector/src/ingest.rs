@@ -8,24 +8,20 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use listenscope_agent::diff::Changes;
-use listenscope_agent::record::{ListenerKey, ListenerRecord};
-use listenscope_agent::wire::{self, WireError, limits};
+use listenscope_core::diff::Changes;
+use listenscope_core::record::{ListenerKey, ListenerRecord};
+use listenscope_core::wire::{self, WireError};
 use listenscope_proto::v1;
-use prost::Message;
+use prost::Message as _;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::metrics as m;
-use crate::store::{Applied, Store, StoreError};
+use crate::store::{Applied, Message, Store, StoreError};
 
-/// Wire protocol version this collector speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
-/// Largest message accepted (tonic's own decoder limit is set higher, so anything between
-/// is refused here with INVALID_ARGUMENT rather than by the transport).
-pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+pub use listenscope_core::limits::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 /// What tonic may decode at all (bounds memory per stream).
 pub const DECODE_LIMIT_BYTES: usize = 16 * 1024 * 1024;
 
@@ -200,59 +196,14 @@ async fn session(
     };
     check_size(&first)?;
     let hello = match first.body {
-        Some(v1::agent_message::Body::Hello(h)) => h,
+        Some(v1::agent_message::Body::Hello(h)) => wire::Hello::try_from(h).map_err(invalid)?,
         _ => {
             return Err(Status::invalid_argument(
                 "the first message of a session must be Hello",
             ));
         }
     };
-    if hello.protocol_version != PROTOCOL_VERSION {
-        return Err(Status::invalid_argument(format!(
-            "protocol_version {} is not supported; this collector speaks {PROTOCOL_VERSION}: upgrade the agent or the collector",
-            hello.protocol_version
-        )));
-    }
-    if hello.session_id.len() != 16 {
-        return Err(Status::invalid_argument(format!(
-            "session_id: {} bytes, expected 16",
-            hello.session_id.len()
-        )));
-    }
-    if hello.agent_version.len() > limits::AGENT_VERSION
-        || hello.os_hostname.len() > limits::OS_HOSTNAME
-    {
-        return Err(Status::invalid_argument(
-            "agent_version or os_hostname too long",
-        ));
-    }
-    let session_id = hello.session_id;
-    let now = OffsetDateTime::now_utc();
-    let stored = store
-        .hello(host, &hello.os_hostname, &hello.agent_version, now)
-        .await?;
-    let host_id = stored.host_id;
-    let resume = (stored.session_id.as_deref() == Some(session_id.as_slice())
-        && stored.committed_seq >= hello.acked_sequence)
-        .then_some(stored.committed_seq);
-    send(
-        tx,
-        v1::collector_message::Body::Welcome(v1::Welcome {
-            resume_after: resume,
-            collector_version: env!("CARGO_PKG_VERSION").to_string(),
-            max_listeners_per_message: limits.per_message as u32,
-        }),
-    )
-    .await?;
-    tracing::info!(host = %host, os_hostname = %hello.os_hostname, agent_version = %hello.agent_version, resume_after = ?resume, "Agent connected.");
-    let mut expect = match resume {
-        Some(c) => Expect::After(c),
-        None => Expect::Snapshot,
-    };
-    let mut assembling: Option<Assembling> = None;
-    // When this session last wrote last_seen (hello, commits and heartbeats all do).
-    let mut seen_written = Instant::now();
-
+    let mut s = Session::open(host, store, limits, tx, hello).await?;
     while let Some(msg) = next(inbound, stop).await? {
         check_size(&msg)?;
         let now = OffsetDateTime::now_utc();
@@ -263,109 +214,179 @@ async fn session(
                     "Hello may only be the first message",
                 ));
             }
-            Some(v1::agent_message::Body::Heartbeat(h)) => {
-                metrics::counter!(m::MESSAGES, "kind" => "heartbeat").increment(1);
-                wire::observed_at("observed_at", h.observed_at, now).map_err(invalid)?;
-                if seen_written.elapsed() >= limits.heartbeat_every {
-                    store.heartbeat(host_id, now).await?;
-                    seen_written = Instant::now();
-                }
-            }
-            Some(v1::agent_message::Body::Snapshot(chunk)) => {
-                metrics::counter!(m::MESSAGES, "kind" => "snapshot_chunk").increment(1);
-                let done = add_chunk(&mut assembling, chunk, limits, now)?;
-                if let Some(snap) = done {
-                    let seq = snap.seq;
-                    let started = Instant::now();
-                    let applied = store
-                        .apply_snapshot(host_id, &session_id, seq, snap.at, snap.records, now)
-                        .await?;
-                    metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
-                    seen_written = Instant::now();
-                    let acked = match applied {
-                        Applied::Committed { rows } => {
-                            metrics::counter!(m::ROWS).increment(rows as u64);
-                            tracing::info!(host = %host, seq, rows, "Snapshot stored.");
-                            seq
-                        }
-                        Applied::Duplicate { committed } => committed,
-                        Applied::Superseded => {
-                            metrics::counter!(m::RESYNCS, "reason" => "stale_snapshot")
-                                .increment(1);
-                            return Err(Status::aborted(
-                                "this host's stored state is newer than this snapshot (another \
-                                 agent session with the same certificate?); not applied",
-                            ));
-                        }
-                        Applied::Gap { .. } => unreachable!("snapshots have no sequence gaps"),
-                    };
-                    expect = Expect::After(acked);
-                    send(
-                        tx,
-                        v1::collector_message::Body::Ack(v1::Ack { sequence: acked }),
-                    )
-                    .await?;
-                }
-            }
-            Some(v1::agent_message::Body::Delta(d)) => {
-                metrics::counter!(m::MESSAGES, "kind" => "delta").increment(1);
-                let (seq, at, changes) = validate_delta(d, limits, now)?;
-                if assembling.is_some() {
-                    return Err(Status::invalid_argument(
-                        "a Delta arrived in the middle of a chunked snapshot",
-                    ));
-                }
-                if expect == Expect::Snapshot {
-                    continue; // sent before the agent learnt it must resync
-                }
-                let started = Instant::now();
-                let applied = store
-                    .apply_delta(host_id, &session_id, seq, at, changes, now)
-                    .await?;
-                metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
-                match applied {
-                    Applied::Committed { rows } => {
-                        metrics::counter!(m::ROWS).increment(rows as u64);
-                        expect = Expect::After(seq);
-                        send(
-                            tx,
-                            v1::collector_message::Body::Ack(v1::Ack { sequence: seq }),
-                        )
-                        .await?;
-                    }
-                    Applied::Duplicate { committed } => {
-                        send(
-                            tx,
-                            v1::collector_message::Body::Ack(v1::Ack {
-                                sequence: committed,
-                            }),
-                        )
-                        .await?;
-                    }
-                    Applied::Gap { committed } => {
-                        let reason = format!(
-                            "sequence gap: expected {}, got {seq}; send a fresh snapshot",
-                            committed + 1
-                        );
-                        metrics::counter!(m::RESYNCS, "reason" => "gap").increment(1);
-                        tracing::warn!(host = %host, %reason, "Asking for a resync.");
-                        expect = Expect::Snapshot;
-                        send(
-                            tx,
-                            v1::collector_message::Body::Resync(v1::Resync { reason }),
-                        )
-                        .await?;
-                    }
-                    Applied::Superseded => {
-                        return Err(Status::aborted(
-                            "a newer session of this host has taken over; this one is finished",
-                        ));
-                    }
-                }
-            }
+            Some(v1::agent_message::Body::Heartbeat(h)) => s.heartbeat(h, now).await?,
+            Some(v1::agent_message::Body::Snapshot(chunk)) => s.snapshot_chunk(chunk, now).await?,
+            Some(v1::agent_message::Body::Delta(d)) => s.delta(d, now).await?,
         }
     }
     Ok(())
+}
+
+/// Which kind of message a store outcome answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Snapshot,
+    Delta,
+}
+
+/// One agent's session after its Hello: one method per message kind.
+struct Session<'a> {
+    host: &'a str,
+    store: &'a Store,
+    limits: &'a Limits,
+    tx: &'a mpsc::Sender<Result<v1::CollectorMessage, Status>>,
+    host_id: i64,
+    session_id: [u8; 16],
+    expect: Expect,
+    assembling: Option<Assembling>,
+    /// When this session last wrote last_seen (hello, commits and heartbeats all do).
+    seen_written: Instant,
+}
+
+impl<'a> Session<'a> {
+    /// Records the host and answers Hello with Welcome (and where to resume).
+    async fn open(
+        host: &'a str,
+        store: &'a Store,
+        limits: &'a Limits,
+        tx: &'a mpsc::Sender<Result<v1::CollectorMessage, Status>>,
+        hello: wire::Hello,
+    ) -> Result<Session<'a>, Status> {
+        let now = OffsetDateTime::now_utc();
+        let stored = store
+            .hello(host, &hello.os_hostname, &hello.agent_version, now)
+            .await?;
+        let resume = (stored.session_id.as_deref() == Some(hello.session_id.as_slice())
+            && stored.committed_seq >= hello.acked_sequence)
+            .then_some(stored.committed_seq);
+        send(
+            tx,
+            v1::collector_message::Body::Welcome(v1::Welcome {
+                resume_after: resume,
+                collector_version: env!("CARGO_PKG_VERSION").to_string(),
+                max_listeners_per_message: limits.per_message as u32,
+            }),
+        )
+        .await?;
+        tracing::info!(host = %host, os_hostname = %hello.os_hostname, agent_version = %hello.agent_version, resume_after = ?resume, "Agent connected.");
+        Ok(Session {
+            host,
+            store,
+            limits,
+            tx,
+            host_id: stored.host_id,
+            session_id: hello.session_id,
+            expect: match resume {
+                Some(c) => Expect::After(c),
+                None => Expect::Snapshot,
+            },
+            assembling: None,
+            seen_written: Instant::now(),
+        })
+    }
+
+    async fn heartbeat(&mut self, h: v1::Heartbeat, now: OffsetDateTime) -> Result<(), Status> {
+        metrics::counter!(m::MESSAGES, "kind" => "heartbeat").increment(1);
+        wire::observed_at("observed_at", h.observed_at, now).map_err(invalid)?;
+        if self.seen_written.elapsed() >= self.limits.heartbeat_every {
+            self.store.heartbeat(self.host_id, now).await?;
+            self.seen_written = Instant::now();
+        }
+        Ok(())
+    }
+
+    async fn snapshot_chunk(
+        &mut self,
+        chunk: v1::SnapshotChunk,
+        now: OffsetDateTime,
+    ) -> Result<(), Status> {
+        metrics::counter!(m::MESSAGES, "kind" => "snapshot_chunk").increment(1);
+        let Some(snap) = add_chunk(&mut self.assembling, chunk, self.limits, now)? else {
+            return Ok(());
+        };
+        let (seq, at) = (snap.seq, snap.at);
+        let applied = self
+            .store_message(seq, at, Message::Snapshot(snap.records), now)
+            .await?;
+        self.answer(Kind::Snapshot, seq, applied).await
+    }
+
+    async fn delta(&mut self, d: v1::Delta, now: OffsetDateTime) -> Result<(), Status> {
+        metrics::counter!(m::MESSAGES, "kind" => "delta").increment(1);
+        let (seq, at, changes) = validate_delta(d, self.limits, now)?;
+        if self.assembling.is_some() {
+            return Err(Status::invalid_argument(
+                "a Delta arrived in the middle of a chunked snapshot",
+            ));
+        }
+        if self.expect == Expect::Snapshot {
+            return Ok(()); // sent before the agent learnt it must resync
+        }
+        let applied = self
+            .store_message(seq, at, Message::Delta(changes), now)
+            .await?;
+        self.answer(Kind::Delta, seq, applied).await
+    }
+
+    async fn store_message(
+        &mut self,
+        seq: u64,
+        at: OffsetDateTime,
+        message: Message,
+        now: OffsetDateTime,
+    ) -> Result<Applied, Status> {
+        let started = Instant::now();
+        let applied = self
+            .store
+            .apply(self.host_id, &self.session_id, seq, at, message, now)
+            .await?;
+        metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        self.seen_written = Instant::now();
+        Ok(applied)
+    }
+
+    /// Tells the agent what became of message `seq`: an Ack only for what is committed.
+    async fn answer(&mut self, kind: Kind, seq: u64, applied: Applied) -> Result<(), Status> {
+        let body = match applied {
+            Applied::Committed { rows } => {
+                metrics::counter!(m::ROWS).increment(rows as u64);
+                if kind == Kind::Snapshot {
+                    tracing::info!(host = %self.host, seq, rows, "Snapshot stored.");
+                }
+                self.expect = Expect::After(seq);
+                v1::collector_message::Body::Ack(v1::Ack { sequence: seq })
+            }
+            Applied::Duplicate { committed } => {
+                self.expect = Expect::After(committed);
+                v1::collector_message::Body::Ack(v1::Ack {
+                    sequence: committed,
+                })
+            }
+            Applied::Gap { committed } => {
+                let reason = format!(
+                    "sequence gap: expected {}, got {seq}; send a fresh snapshot",
+                    committed + 1
+                );
+                metrics::counter!(m::RESYNCS, "reason" => "gap").increment(1);
+                tracing::warn!(host = %self.host, %reason, "Asking for a resync.");
+                self.expect = Expect::Snapshot;
+                v1::collector_message::Body::Resync(v1::Resync { reason })
+            }
+            Applied::Superseded if kind == Kind::Snapshot => {
+                metrics::counter!(m::RESYNCS, "reason" => "stale_snapshot").increment(1);
+                return Err(Status::aborted(
+                    "this host's stored state is newer than this snapshot (another agent \
+                     session with the same certificate?); not applied",
+                ));
+            }
+            Applied::Superseded => {
+                return Err(Status::aborted(
+                    "a newer session of this host has taken over; this one is finished",
+                ));
+            }
+        };
+        send(self.tx, body).await
+    }
 }
 
 fn check_size(msg: &v1::AgentMessage) -> Result<(), Status> {

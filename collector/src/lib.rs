@@ -14,8 +14,10 @@ pub mod ingest;
 pub mod metrics;
 pub mod pki;
 pub mod query;
+#[cfg(feature = "quickstart")]
 pub mod quickstart;
 pub mod retention;
 pub mod server;
 pub mod store;
+pub mod timefmt;
 pub mod tls;

@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    listenscope_agent::tls::install_crypto_provider();
+    listenscope_core::pem::install_crypto_provider();
     // The server logs its life at info; one-shot commands only speak up when it matters.
     let default = match cli.command {
         cli::Command::Serve(_) => "info",

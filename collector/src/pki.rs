@@ -186,6 +186,13 @@ pub fn issue(dir: &Path, host: &str, days: u32) -> Result<Written, PkiError> {
     })
 }
 
+/// This machine's name (this UTS namespace's), or "" when it cannot be read.
+pub fn this_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// Default names for the server certificate: loopback plus this machine's name.
 pub fn default_server_names() -> Vec<String> {
     let mut names = vec![
@@ -193,7 +200,7 @@ pub fn default_server_names() -> Vec<String> {
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ];
-    let host = listenscope_agent::os::procfs::hostname();
+    let host = this_hostname();
     if valid_host_name(&host) && !names.contains(&host) {
         names.push(host);
     }
@@ -224,10 +231,9 @@ mod tests {
         assert!(matches!(err, PkiError::CaExists { .. }), "{err}");
         issue(&dir, "h1", 30).unwrap();
         let (certs, _) =
-            listenscope_agent::tls::load_identity(&dir.join("h1.pem"), &dir.join("h1.key"))
-                .unwrap();
+            listenscope_core::pem::load_identity(&dir.join("h1.pem"), &dir.join("h1.key")).unwrap();
         assert_eq!(
-            listenscope_agent::tls::identity_of(&certs[0]).as_deref(),
+            listenscope_core::pem::identity_of(&certs[0]).as_deref(),
             Some("h1")
         );
         // The server certificate and the CA load and match.
@@ -239,7 +245,7 @@ mod tests {
         .unwrap();
         // A key from another issue run does not match.
         issue(&dir, "h2", 30).unwrap();
-        let err = listenscope_agent::tls::load_identity(&dir.join("h1.pem"), &dir.join("h2.key"))
+        let err = listenscope_core::pem::load_identity(&dir.join("h1.pem"), &dir.join("h2.key"))
             .unwrap_err();
         assert!(err.to_string().contains("does not belong"), "{err}");
         // --force replaces it.

@@ -102,7 +102,7 @@ impl ReadOnly {
                     q = match p {
                         Param::Int(v) => q.bind(*v),
                         Param::Text(v) => q.bind(v.clone()),
-                        Param::Time(t) => q.bind(sqlite::fmt_time(*t)),
+                        Param::Time(t) => q.bind(crate::timefmt::format(*t)),
                     };
                 }
                 let mut rows = q.fetch(pool);
@@ -177,11 +177,11 @@ fn pg_row(row: &sqlx::postgres::PgRow) -> Result<Vec<Value>, QueryError> {
             "TEXT" | "VARCHAR" | "NAME" | "BPCHAR" | "CHAR" => {
                 Value::from(row.try_get_unchecked::<String, _>(i).map_err(e)?)
             }
-            "TIMESTAMPTZ" => Value::from(sqlite::fmt_time(
+            "TIMESTAMPTZ" => Value::from(crate::timefmt::format(
                 row.try_get_unchecked::<time::OffsetDateTime, _>(i)
                     .map_err(e)?,
             )),
-            "TIMESTAMP" => Value::from(sqlite::fmt_time(
+            "TIMESTAMP" => Value::from(crate::timefmt::format(
                 row.try_get_unchecked::<time::PrimitiveDateTime, _>(i)
                     .map_err(e)?
                     .assume_utc(),

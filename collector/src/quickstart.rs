@@ -7,7 +7,7 @@
 
 #![allow(clippy::print_stdout)] // CLI output code: printing to stdout is its job
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,22 +17,32 @@ use listenscope_agent::os::LinuxSystem;
 use listenscope_agent::scan::NetnsSelector;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::QuickstartArgs;
 use crate::ingest::Limits;
 use crate::query::{self, Format, Param, ReadOnly};
 use crate::store::{DbUrl, Store, StoreOptions};
 use crate::tls::valid_host_name;
 use crate::{pki, server, tls};
 
+/// `quickstart` flags.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Where certificates and the database go (created if missing).
+    #[arg(long, default_value = ".listenscope", value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Database (default: sqlite://STATE_DIR/listenscope.db).
+    #[arg(long, value_name = "URL")]
+    pub db: Option<String>,
+}
+
 /// How long to wait for the first snapshot to be stored.
 const FIRST_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub async fn run(a: QuickstartArgs) -> anyhow::Result<()> {
+pub async fn run(a: Args) -> anyhow::Result<()> {
     let dir = &a.state_dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let certs = dir.join("certs");
     let host = {
-        let h = listenscope_agent::os::procfs::hostname();
+        let h = pki::this_hostname();
         if valid_host_name(&h) {
             h
         } else {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use listenscope_agent::tls::{TlsFileError, identity_of, load_certs, load_identity};
+use listenscope_core::pem::{TlsFileError, identity_of, load_certs, load_identity};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};

@@ -7,12 +7,12 @@ mod util;
 
 use std::net::IpAddr;
 
-use listenscope_agent::diff::Changes;
-use listenscope_agent::model::{Family, ProcessInfo, Protocol, Reach, Source};
-use listenscope_agent::record::{ListenerKey, ListenerRecord};
 use listenscope_collector::history;
 use listenscope_collector::query::{self, Param, QueryError, ReadOnly};
 use listenscope_collector::store::{Applied, DbUrl, Store, StoreOptions};
+use listenscope_core::diff::Changes;
+use listenscope_core::domain::{Family, ProcessInfo, Protocol, Reach, Source};
+use listenscope_core::record::{ListenerKey, ListenerRecord};
 use serde_json::{Value, json};
 use time::{Duration, OffsetDateTime};
 use util::TempDir;
@@ -104,7 +104,13 @@ fn rec(
         (Protocol::Udp, Family::Ipv4) => "udp",
         (Protocol::Udp, Family::Ipv6) => "udp6",
     };
-    let shown_as = listenscope_agent::classify::netstat_local_address(address, port);
+    // netstat's form: v4-mapped addresses print as IPv4 (`10.0.0.5:80`), others as is.
+    let shown_as = match address {
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
+            format!("{}:{port}", a.to_ipv4_mapped().unwrap())
+        }
+        a => format!("{a}:{port}"),
+    };
     ListenerRecord {
         key: ListenerKey {
             netns: "host".into(),
@@ -200,7 +206,7 @@ fn norm(v: Value) -> Value {
 }
 
 fn t(at: OffsetDateTime) -> String {
-    listenscope_collector::store::sqlite::fmt_time(at)
+    listenscope_collector::timefmt::format(at)
 }
 
 const S1: &[u8] = &[1; 16];

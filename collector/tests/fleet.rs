@@ -145,7 +145,7 @@ async fn fleet(db: DbUrl) {
     .await;
 
     // Nothing lost: the changes carry the time they were observed, during the outage.
-    let fmt = listenscope_collector::store::sqlite::fmt_time;
+    let fmt = listenscope_collector::timefmt::format;
     let at = rows(
         &db,
         "SELECT at FROM listener_changes WHERE host = 'h1' AND change = 'opened' AND port = 8080",

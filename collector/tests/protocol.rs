@@ -271,7 +271,7 @@ async fn first_message_must_be_a_supported_hello() {
     }
     let mut s = session(&pki, &c, "h1", bad).await;
     let st = s.recv().await.unwrap_err();
-    assert!(st.message().contains("protocol_version 2"), "{st:?}");
+    assert!(st.message().contains("protocol_version: 2"), "{st:?}");
     c.shutdown().await;
 }
 
@@ -362,7 +362,7 @@ async fn an_older_sessions_snapshot_does_not_roll_back() {
     drop(s);
     let mut old = session(&pki, &c, "h1", hello(7, 0, "h1")).await;
     welcome(&mut old).await;
-    let an_hour_ago = listenscope_agent::wire::timestamp(
+    let an_hour_ago = listenscope_core::wire::timestamp(
         time::OffsetDateTime::now_utc() - time::Duration::hours(1),
     );
     old.send(msg(v1::agent_message::Body::Snapshot(v1::SnapshotChunk {

@@ -1,6 +1,6 @@
 //! Finding every network namespace on the host and entering one.
 //!
-//! Sources (KERNEL_FACTS.md, "Network namespaces"): `/proc/*/ns/net` links, `/run/netns/*`
+//! Sources (docs/kernel.md, "Network namespaces"): `/proc/*/ns/net` links, `/run/netns/*`
 //! files and `nsfs` mounts in `/proc/self/mountinfo` (docker keeps some alive with no
 //! process). All refer to nsfs inodes; namespaces are deduplicated by inode (every net
 //! namespace lives on the one nsfs superblock, checked by device for files and mounts).

@@ -1,6 +1,6 @@
 //! Everything read from `/proc`, `/sys/fs/cgroup` and `/etc/passwd`.
 //!
-//! The socket → process walk is the hot path of a scan (KERNEL_FACTS.md: ≈ 4.6 µs per fd).
+//! The socket → process walk is the hot path of a scan (docs/kernel.md: ≈ 4.6 µs per fd).
 //! It opens each `/proc/PID/fd` once and `readlinkat`s every entry relative to that
 //! directory fd, keeps only `socket:[INODE]` targets the caller asked for, and splits the
 //! pids over a few threads. The `procfs` crate was measured slower here (a `PathBuf` per

@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
-use crate::diff::{Changes, diff};
 use crate::record::State;
+use listenscope_core::diff::{Changes, diff};
 
 /// Listeners per delta message; larger change sets are split over consecutive sequences.
 /// The collector advertises how many it accepts and never less than this (the .proto).
@@ -252,8 +252,8 @@ fn split(changes: Changes, max: usize, max_bytes: usize) -> Vec<Changes> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::tests::record;
     use crate::record::{ListenerRecord, State};
+    use listenscope_core::record::testkit::record;
 
     fn state(ports: &[u16]) -> State {
         ports

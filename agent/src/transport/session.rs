@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+use listenscope_core::limits::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use listenscope_core::pem::{self as tls, TlsFileError};
+use listenscope_core::wire;
 use listenscope_proto::v1;
 use listenscope_proto::v1::inventory_client::InventoryClient;
 use prost::Message;
@@ -14,13 +17,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use super::Shared;
 use super::outbox::Pending;
 use crate::config::{RunConfig, url_host};
-use crate::tls::{self, TlsFileError};
-use crate::wire;
 
-/// Wire protocol version spoken by this agent.
-pub const PROTOCOL_VERSION: u32 = 1;
-/// Largest message either side sends or accepts (the collector enforces the same).
-pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Snapshot chunks are cut before they reach this size.
 const CHUNK_BYTES: usize = 2 * 1024 * 1024;
 /// Listeners per chunk when the collector does not say.
@@ -266,7 +263,7 @@ fn encode(p: &Pending, per_message: usize) -> Vec<v1::AgentMessage> {
 mod tests {
     use super::*;
     use crate::record::State;
-    use crate::record::tests::record;
+    use listenscope_core::record::testkit::record;
     use std::sync::Arc;
 
     #[test]

@@ -7,15 +7,19 @@
 //! host's committed sequence is written in that transaction: a message is either fully
 //! stored and acknowledged, or not stored at all, and a retry is recognized.
 
+mod flow;
 pub mod plan;
 pub mod postgres;
+mod row;
 pub mod sqlite;
+
+pub use flow::Message;
 
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use listenscope_agent::diff::Changes;
-use listenscope_agent::record::ListenerRecord;
+use listenscope_core::diff::Changes;
+use listenscope_core::record::ListenerRecord;
 use time::OffsetDateTime;
 
 /// Where the data lives.
@@ -179,16 +183,15 @@ impl Store {
         records: Vec<ListenerRecord>,
         now: OffsetDateTime,
     ) -> Result<Applied, StoreError> {
-        match self {
-            Store::Sqlite(s) => {
-                s.apply_snapshot(host_id, session_id, seq, at, records, now)
-                    .await
-            }
-            Store::Postgres(s) => {
-                s.apply_snapshot(host_id, session_id, seq, at, records, now)
-                    .await
-            }
-        }
+        self.apply(
+            host_id,
+            session_id,
+            seq,
+            at,
+            Message::Snapshot(records),
+            now,
+        )
+        .await
     }
 
     /// Applies one delta if it is the next sequence of the stored session.
@@ -201,15 +204,23 @@ impl Store {
         changes: Changes,
         now: OffsetDateTime,
     ) -> Result<Applied, StoreError> {
+        self.apply(host_id, session_id, seq, at, Message::Delta(changes), now)
+            .await
+    }
+
+    /// Stores one message in one transaction (see `flow.rs`).
+    pub async fn apply(
+        &self,
+        host_id: i64,
+        session_id: &[u8],
+        seq: u64,
+        at: OffsetDateTime,
+        message: Message,
+        now: OffsetDateTime,
+    ) -> Result<Applied, StoreError> {
         match self {
-            Store::Sqlite(s) => {
-                s.apply_delta(host_id, session_id, seq, at, changes, now)
-                    .await
-            }
-            Store::Postgres(s) => {
-                s.apply_delta(host_id, session_id, seq, at, changes, now)
-                    .await
-            }
+            Store::Sqlite(s) => s.apply(host_id, session_id, seq, at, message, now).await,
+            Store::Postgres(s) => s.apply(host_id, session_id, seq, at, message, now).await,
         }
     }
 

@@ -12,12 +12,11 @@
 //! - a closed key, or (snapshots) any live key absent from the snapshot → closed as `closed`.
 
 use std::collections::HashMap;
-use std::hash::Hasher;
 
-use listenscope_agent::diff::Changes;
-use listenscope_agent::fasthash::FxHasher;
-use listenscope_agent::model::Protocol;
-use listenscope_agent::record::{ListenerKey, ListenerRecord};
+use listenscope_core::diff::Changes;
+use listenscope_core::domain::Protocol;
+use listenscope_core::fingerprint::{Fingerprints, fingerprints};
+use listenscope_core::record::{ListenerKey, ListenerRecord};
 use time::OffsetDateTime;
 
 use super::Applied;
@@ -36,8 +35,7 @@ pub struct LiveRow {
 #[derive(Debug, Clone)]
 pub struct Prepared {
     pub lkey: String,
-    pub material_hash: i64,
-    pub full_hash: i64,
+    pub fingerprints: Fingerprints,
     pub record: ListenerRecord,
 }
 
@@ -45,8 +43,7 @@ impl Prepared {
     pub fn new(record: ListenerRecord) -> Prepared {
         Prepared {
             lkey: lkey(&record.key),
-            material_hash: fingerprint(&record.material()),
-            full_hash: fingerprint(&record),
+            fingerprints: fingerprints(&record),
             record,
         }
     }
@@ -174,25 +171,6 @@ pub fn lkey(k: &ListenerKey) -> String {
     )
 }
 
-/// Stable 64-bit fingerprint of a value's JSON form (stable across versions as long as
-/// the JSON is: a new field only changes fingerprints once). Streams the JSON straight
-/// into the hasher, no buffer.
-pub fn fingerprint<T: serde::Serialize>(v: &T) -> i64 {
-    struct HashWriter(FxHasher);
-    impl std::io::Write for HashWriter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.write(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut w = HashWriter(FxHasher::default());
-    serde_json::to_writer(&mut w, v).expect("records serialize");
-    w.0.finish() as i64
-}
-
 /// Plans one message. `live` holds the host's live rows for (at least) every key the
 /// message mentions; with `close_others` (snapshots) it must hold all of them.
 pub fn plan<'a>(
@@ -212,7 +190,7 @@ pub fn plan<'a>(
                 first_seen: at,
                 valid_from: at,
             }),
-            Some(row) if row.material_hash != u.material_hash => {
+            Some(row) if row.material_hash != u.fingerprints.material => {
                 p.close_changed.push(row.id);
                 p.insert.push(NewRow {
                     prepared: u,
@@ -220,7 +198,7 @@ pub fn plan<'a>(
                     valid_from: at.max(row.valid_from),
                 });
             }
-            Some(row) if row.full_hash != u.full_hash => p.refresh.push((row.id, u)),
+            Some(row) if row.full_hash != u.fingerprints.full => p.refresh.push((row.id, u)),
             Some(_) => {}
         }
     }
@@ -247,7 +225,7 @@ pub fn plan<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use listenscope_agent::model::{Family, ProcessInfo, Reach, Source};
+    use listenscope_core::domain::{Family, ProcessInfo, Reach, Source};
     use std::net::IpAddr;
 
     fn rec(port: u16, reach4: Reach, pid: u32) -> ListenerRecord {
@@ -298,8 +276,8 @@ mod tests {
                     p.lkey.clone(),
                     LiveRow {
                         id: *id,
-                        material_hash: p.material_hash,
-                        full_hash: p.full_hash,
+                        material_hash: p.fingerprints.material,
+                        full_hash: p.fingerprints.full,
                         first_seen: t(*first),
                         valid_from: t(*first),
                     },

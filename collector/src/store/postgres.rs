@@ -1,5 +1,6 @@
 //! PostgreSQL: for fleets that outgrow one SQLite file, and for teams that already point
-//! psql and Grafana at PostgreSQL.
+//! psql and Grafana at PostgreSQL. This file holds only PostgreSQL's SQL and batching; the
+//! write flow is `flow.rs`.
 //!
 //! A pool of `pool_size` connections serves all sessions in parallel. Messages of one host
 //! are serialized by locking its `host` row (`SELECT … FOR UPDATE`), which is also where
@@ -8,15 +9,18 @@
 //! its size (no per-row round trips).
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use listenscope_agent::diff::Changes;
-use listenscope_agent::record::ListenerRecord;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Postgres, Row, Transaction};
+use listenscope_core::fingerprint::Fingerprints;
+use listenscope_core::record::ListenerRecord;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Postgres, Row};
 use time::OffsetDateTime;
 
-use super::plan::{DeltaWork, LiveRow, Plan, Prepared, Stored, delta_rule, plan, snapshot_rule};
+use super::flow::{self, Backend, HostRow, HostUpdate, Message};
+use super::plan::{LiveRow, Plan};
+use super::row::{self, COLUMNS, Kind, Val};
 use super::{Applied, HostSession, StoreError, StoreOptions, redact};
 
 #[derive(Debug, Clone)]
@@ -44,11 +48,13 @@ impl PgStore {
                 source,
             })?;
         sqlx::migrate!("../migrations/postgres").run(&pool).await?;
-        sqlx::query("UPDATE setting SET value = $1 WHERE key = 'stale_after_seconds'")
-            .bind(opts.stale_after_secs.to_string())
-            .execute(&pool)
-            .await?;
-        Ok(PgStore { pool })
+        let store = PgStore { pool };
+        flow::guarded(&store, async |c| {
+            Self::set_setting(c, "stale_after_seconds", &opts.stale_after_secs.to_string()).await
+        })
+        .await?;
+        flow::upgrade_fingerprints(&store).await?;
+        Ok(store)
     }
 
     pub async fn close(&self) {
@@ -66,18 +72,21 @@ impl PgStore {
         agent_version: &str,
         now: OffsetDateTime,
     ) -> Result<HostSession, StoreError> {
-        let row = sqlx::query(
-            "INSERT INTO host (name, os_hostname, agent_version, first_seen, last_seen)
-             VALUES ($1, $2, $3, $4, $4)
-             ON CONFLICT (name) DO UPDATE SET os_hostname = excluded.os_hostname,
-                 agent_version = excluded.agent_version, last_seen = excluded.last_seen
-             RETURNING id, session_id, committed_seq",
-        )
-        .bind(host)
-        .bind(os_hostname)
-        .bind(agent_version)
-        .bind(now)
-        .fetch_one(&self.pool)
+        let row = flow::guarded(self, async |c| {
+            Ok(sqlx::query(
+                "INSERT INTO host (name, os_hostname, agent_version, first_seen, last_seen)
+                     VALUES ($1, $2, $3, $4, $4)
+                     ON CONFLICT (name) DO UPDATE SET os_hostname = excluded.os_hostname,
+                         agent_version = excluded.agent_version, last_seen = excluded.last_seen
+                     RETURNING id, session_id, committed_seq",
+            )
+            .bind(host)
+            .bind(os_hostname)
+            .bind(agent_version)
+            .bind(now)
+            .fetch_one(c)
+            .await?)
+        })
         .await?;
         Ok(HostSession {
             host_id: row.try_get("id")?,
@@ -87,349 +96,333 @@ impl PgStore {
     }
 
     pub async fn prune_batch(&self, cutoff: OffsetDateTime, batch: i64) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "DELETE FROM listener WHERE id IN (
-                 SELECT id FROM listener WHERE valid_to IS NOT NULL AND valid_to < $1 LIMIT $2)",
-        )
-        .bind(cutoff)
-        .bind(batch)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        flow::guarded(self, async |c| {
+            let done = sqlx::query(
+                "DELETE FROM listener WHERE id IN (
+                     SELECT id FROM listener WHERE valid_to IS NOT NULL AND valid_to < $1 LIMIT $2)",
+            )
+            .bind(cutoff)
+            .bind(batch)
+            .execute(c)
+            .await?;
+            Ok(done.rows_affected())
+        })
+        .await
     }
 
     pub async fn heartbeat(&self, host_id: i64, now: OffsetDateTime) -> Result<(), StoreError> {
-        sqlx::query("UPDATE host SET last_seen = $1 WHERE id = $2")
-            .bind(now)
-            .bind(host_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        flow::guarded(self, async |c| {
+            sqlx::query("UPDATE host SET last_seen = $1 WHERE id = $2")
+                .bind(now)
+                .bind(host_id)
+                .execute(c)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
-    /// Locks the host row for this transaction and returns its session.
-    async fn lock_host(
-        tx: &mut Transaction<'_, Postgres>,
+    pub async fn apply(
+        &self,
         host_id: i64,
-    ) -> Result<(Option<Vec<u8>>, u64, Option<OffsetDateTime>), StoreError> {
+        session_id: &[u8],
+        seq: u64,
+        at: OffsetDateTime,
+        message: Message,
+        now: OffsetDateTime,
+    ) -> Result<Applied, StoreError> {
+        flow::apply(self, host_id, session_id, seq, at, message, now).await
+    }
+}
+
+/// One insert column as a PostgreSQL array.
+enum Array {
+    Text(Vec<Option<String>>),
+    Int4(Vec<i32>),
+    Int8(Vec<i64>),
+    Bool(Vec<Option<bool>>),
+    Time(Vec<OffsetDateTime>),
+}
+
+impl Array {
+    fn new(kind: Kind, n: usize) -> Array {
+        match kind {
+            Kind::Text | Kind::Json => Array::Text(Vec::with_capacity(n)),
+            Kind::Int4 => Array::Int4(Vec::with_capacity(n)),
+            Kind::Int8 => Array::Int8(Vec::with_capacity(n)),
+            Kind::Bool => Array::Bool(Vec::with_capacity(n)),
+            Kind::Time => Array::Time(Vec::with_capacity(n)),
+        }
+    }
+
+    fn push(&mut self, v: Val<'_>) -> Result<(), StoreError> {
+        match (self, v) {
+            (Array::Text(a), Val::Text(s)) => a.push(s.map(|s| s.into_owned())),
+            (Array::Int4(a), Val::Int(i)) => a.push(
+                i32::try_from(i).map_err(|_| StoreError::Corrupt(format!("{i} exceeds int")))?,
+            ),
+            (Array::Int8(a), Val::Int(i)) => a.push(i),
+            (Array::Bool(a), Val::Bool(b)) => a.push(b),
+            (Array::Time(a), Val::Time(t)) => a.push(t),
+            (_, v) => {
+                return Err(StoreError::Corrupt(format!(
+                    "value {v:?} does not fit its column"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn pg_type(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Text => "text[]",
+        Kind::Json => "text[]::jsonb[]",
+        Kind::Int4 => "int[]",
+        Kind::Int8 => "bigint[]",
+        Kind::Bool => "bool[]",
+        Kind::Time => "timestamptz[]",
+    }
+}
+
+/// `INSERT INTO listener (…) SELECT * FROM UNNEST($1::bigint[], …)`, from the column list.
+static INSERT: LazyLock<String> = LazyLock::new(|| {
+    let arrays: Vec<String> = COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(i, (_, kind))| format!("${}::{}", i + 1, pg_type(*kind)))
+        .collect();
+    format!(
+        "INSERT INTO listener ({}) SELECT * FROM UNNEST({})",
+        row::column_list(),
+        arrays.join(", ")
+    )
+});
+
+impl Backend for PgStore {
+    type Db = Postgres;
+
+    fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn host_row(c: &mut PgConnection, host_id: i64) -> Result<HostRow, StoreError> {
         let row = sqlx::query(
             "SELECT session_id, committed_seq, last_snapshot_at FROM host WHERE id = $1 FOR UPDATE",
         )
         .bind(host_id)
-        .fetch_one(&mut **tx)
+        .fetch_one(c)
         .await?;
-        Ok((
-            row.try_get("session_id")?,
-            row.try_get::<i64, _>("committed_seq")? as u64,
-            row.try_get("last_snapshot_at")?,
-        ))
+        Ok(HostRow {
+            session: row.try_get("session_id")?,
+            committed: row.try_get::<i64, _>("committed_seq")? as u64,
+            snapshot_at: row.try_get("last_snapshot_at")?,
+        })
     }
 
-    pub async fn apply_snapshot(
-        &self,
+    async fn live_rows(
+        c: &mut PgConnection,
         host_id: i64,
-        session_id: &[u8],
-        seq: u64,
-        at: OffsetDateTime,
-        records: Vec<ListenerRecord>,
-        now: OffsetDateTime,
-    ) -> Result<Applied, StoreError> {
-        let prepared: Vec<Prepared> = records.into_iter().map(Prepared::new).collect();
-        let mut tx = self.pool.begin().await?;
-        let (session, committed, snapshot_at) = Self::lock_host(&mut tx, host_id).await?;
-        let stored = Stored {
-            session: session.as_deref(),
-            committed,
-            snapshot_at,
+        keys: Option<&[&str]>,
+    ) -> Result<HashMap<String, LiveRow>, StoreError> {
+        let rows = match keys {
+            None => {
+                sqlx::query(
+                    "SELECT id, lkey, material_hash, full_hash, first_seen, valid_from
+                     FROM listener WHERE host_id = $1 AND valid_to IS NULL",
+                )
+                .bind(host_id)
+                .fetch_all(c)
+                .await?
+            }
+            Some(keys) => {
+                sqlx::query(
+                    "SELECT id, lkey, material_hash, full_hash, first_seen, valid_from
+                     FROM listener WHERE host_id = $1 AND valid_to IS NULL AND lkey = ANY($2)",
+                )
+                .bind(host_id)
+                .bind(keys)
+                .fetch_all(c)
+                .await?
+            }
         };
-        if let Some(done) = snapshot_rule(stored, session_id, seq, at) {
-            return Ok(done);
+        let mut out = HashMap::with_capacity(rows.len());
+        for r in rows {
+            out.insert(
+                r.try_get::<String, _>("lkey")?,
+                LiveRow {
+                    id: r.try_get("id")?,
+                    material_hash: r.try_get("material_hash")?,
+                    full_hash: r.try_get("full_hash")?,
+                    first_seen: r.try_get("first_seen")?,
+                    valid_from: r.try_get("valid_from")?,
+                },
+            );
         }
-        let live = live_rows(&mut tx, host_id, None).await?;
-        let p = plan(&live, &prepared, &[], true, at);
-        let rows = execute(&mut tx, host_id, &p, at).await?;
-        sqlx::query(
-            "UPDATE host SET session_id = $1, committed_seq = $2, last_seen = $3,
-                 last_snapshot_at = $4 WHERE id = $5",
-        )
-        .bind(session_id)
-        .bind(seq as i64)
-        .bind(now)
-        .bind(at)
-        .bind(host_id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(Applied::Committed { rows })
+        Ok(out)
     }
 
-    pub async fn apply_delta(
-        &self,
+    async fn execute(
+        c: &mut PgConnection,
         host_id: i64,
-        session_id: &[u8],
-        seq: u64,
+        p: &Plan<'_>,
         at: OffsetDateTime,
-        changes: Changes,
-        now: OffsetDateTime,
-    ) -> Result<Applied, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let (session, committed, snapshot_at) = Self::lock_host(&mut tx, host_id).await?;
-        let stored = Stored {
-            session: session.as_deref(),
-            committed,
-            snapshot_at,
-        };
-        if let Some(not_applied) = delta_rule(stored, session_id, seq) {
-            return Ok(not_applied);
-        }
-        let work = DeltaWork::new(changes);
-        let live = live_rows(&mut tx, host_id, Some(&work.keys())).await?;
-        let p = plan(&live, &work.upserts, &work.closes, false, at);
-        let rows = execute(&mut tx, host_id, &p, at).await?;
-        sqlx::query("UPDATE host SET committed_seq = $1, last_seen = $2 WHERE id = $3")
-            .bind(seq as i64)
-            .bind(now)
-            .bind(host_id)
-            .execute(&mut *tx)
+    ) -> Result<(), StoreError> {
+        for (ids, reason) in [(&p.close_changed, "changed"), (&p.close_closed, "closed")] {
+            if ids.is_empty() {
+                continue;
+            }
+            // Never end a version before it began (agent clock stepped back).
+            sqlx::query(
+                "UPDATE listener SET valid_to = GREATEST($1, valid_from), end_reason = $2
+                 WHERE id = ANY($3)",
+            )
+            .bind(at)
+            .bind(reason)
+            .bind(ids)
+            .execute(&mut *c)
             .await?;
-        tx.commit().await?;
-        Ok(Applied::Committed { rows })
-    }
-}
-
-async fn live_rows(
-    tx: &mut Transaction<'_, Postgres>,
-    host_id: i64,
-    keys: Option<&[&str]>,
-) -> Result<HashMap<String, LiveRow>, StoreError> {
-    let rows =
-        match keys {
-            None => sqlx::query(
-                "SELECT id, lkey, material_hash, full_hash, first_seen, valid_from FROM listener
-                 WHERE host_id = $1 AND valid_to IS NULL",
-            )
-            .bind(host_id)
-            .fetch_all(&mut **tx)
-            .await?,
-            Some(keys) => sqlx::query(
-                "SELECT id, lkey, material_hash, full_hash, first_seen, valid_from FROM listener
-                 WHERE host_id = $1 AND valid_to IS NULL AND lkey = ANY($2)",
-            )
-            .bind(host_id)
-            .bind(keys)
-            .fetch_all(&mut **tx)
-            .await?,
-        };
-    let mut out = HashMap::with_capacity(rows.len());
-    for r in rows {
-        out.insert(
-            r.try_get::<String, _>("lkey")?,
-            LiveRow {
-                id: r.try_get("id")?,
-                material_hash: r.try_get("material_hash")?,
-                full_hash: r.try_get("full_hash")?,
-                first_seen: r.try_get("first_seen")?,
-                valid_from: r.try_get("valid_from")?,
-            },
-        );
-    }
-    Ok(out)
-}
-
-/// Executes a plan with array statements; returns rows written.
-async fn execute(
-    tx: &mut Transaction<'_, Postgres>,
-    host_id: i64,
-    p: &Plan<'_>,
-    at: OffsetDateTime,
-) -> Result<usize, StoreError> {
-    for (ids, reason) in [(&p.close_changed, "changed"), (&p.close_closed, "closed")] {
-        if ids.is_empty() {
-            continue;
         }
-        // Never end a version before it began (agent clock stepped back).
-        sqlx::query(
-            "UPDATE listener SET valid_to = GREATEST($1, valid_from), end_reason = $2
-             WHERE id = ANY($3)",
-        )
-        .bind(at)
-        .bind(reason)
-        .bind(ids)
-        .execute(&mut **tx)
-        .await?;
+        if !p.refresh.is_empty() {
+            let n = p.refresh.len();
+            let (mut ids, mut inodes, mut procs, mut sockets, mut hashes) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for (id, u) in &p.refresh {
+                ids.push(*id);
+                inodes.push(u.record.netns_inode as i64);
+                procs.push(row::processes_json(&u.record));
+                sockets.push(u.record.sockets as i32);
+                hashes.push(u.fingerprints.full);
+            }
+            sqlx::query(
+                "UPDATE listener AS l SET netns_inode = u.netns_inode, processes = u.processes,
+                     sockets = u.sockets, full_hash = u.full_hash
+                 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[]::jsonb[], $4::int[], $5::bigint[])
+                     AS u (id, netns_inode, processes, sockets, full_hash)
+                 WHERE l.id = u.id",
+            )
+            .bind(ids)
+            .bind(inodes)
+            .bind(procs)
+            .bind(sockets)
+            .bind(hashes)
+            .execute(&mut *c)
+            .await?;
+        }
+        if !p.insert.is_empty() {
+            let mut arrays: Vec<Array> = COLUMNS
+                .iter()
+                .map(|(_, kind)| Array::new(*kind, p.insert.len()))
+                .collect();
+            for n in &p.insert {
+                for (a, v) in arrays.iter_mut().zip(row::values(host_id, n)) {
+                    a.push(v)?;
+                }
+            }
+            let mut q = sqlx::query(AssertSqlSafe(INSERT.as_str()));
+            for a in arrays {
+                q = match a {
+                    Array::Text(v) => q.bind(v),
+                    Array::Int4(v) => q.bind(v),
+                    Array::Int8(v) => q.bind(v),
+                    Array::Bool(v) => q.bind(v),
+                    Array::Time(v) => q.bind(v),
+                };
+            }
+            q.execute(&mut *c).await?;
+        }
+        Ok(())
     }
-    if !p.refresh.is_empty() {
-        let ids: Vec<i64> = p.refresh.iter().map(|(id, _)| *id).collect();
-        let inodes: Vec<i64> = p
-            .refresh
-            .iter()
-            .map(|(_, u)| u.record.netns_inode as i64)
-            .collect();
-        let procs: Vec<String> = p
-            .refresh
-            .iter()
-            .map(|(_, u)| processes_json(&u.record))
-            .collect();
-        let sockets: Vec<i32> = p
-            .refresh
-            .iter()
-            .map(|(_, u)| u.record.sockets as i32)
-            .collect();
-        let hashes: Vec<i64> = p.refresh.iter().map(|(_, u)| u.full_hash).collect();
+
+    async fn update_host(
+        c: &mut PgConnection,
+        host_id: i64,
+        u: HostUpdate<'_>,
+    ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE listener AS l SET netns_inode = u.netns_inode, processes = u.processes,
-                 sockets = u.sockets, full_hash = u.full_hash
-             FROM UNNEST($1::bigint[], $2::bigint[], $3::text[]::jsonb[], $4::int[], $5::bigint[])
-                 AS u (id, netns_inode, processes, sockets, full_hash)
+            "UPDATE host SET session_id = coalesce($1, session_id), committed_seq = $2,
+                 last_seen = $3, last_snapshot_at = coalesce($4, last_snapshot_at)
+             WHERE id = $5",
+        )
+        .bind(u.session)
+        .bind(u.committed as i64)
+        .bind(u.last_seen)
+        .bind(u.snapshot_at)
+        .bind(host_id)
+        .execute(c)
+        .await?;
+        Ok(())
+    }
+
+    async fn setting(c: &mut PgConnection, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM setting WHERE key = $1")
+                .bind(key)
+                .fetch_optional(c)
+                .await?,
+        )
+    }
+
+    async fn set_setting(c: &mut PgConnection, key: &str, value: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO setting (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(c)
+        .await?;
+        Ok(())
+    }
+
+    async fn live_records(
+        c: &mut PgConnection,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, ListenerRecord)>, StoreError> {
+        // The casts give every integer column as bigint and the JSON as text: the shared
+        // decoder reads the same types as on SQLite.
+        let rows = sqlx::query(
+            "SELECT id, netns, netns_inode, protocol, family, address, port::bigint AS port,
+                 interface, v6only, reach_ipv4, reach_ipv6, latent, shown_as, netstat_proto, trap,
+                 hidden_ipv4_exposure, processes::text AS processes, container_runtime,
+                 container_id, pod_uid, unit, cgroup, uid, freebind, transparent, source,
+                 sockets::bigint AS sockets
+             FROM listener WHERE valid_to IS NULL AND id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(c)
+        .await?;
+        rows.iter().map(row::record_of).collect()
+    }
+
+    async fn set_fingerprints(
+        c: &mut PgConnection,
+        rows: &[(i64, Fingerprints)],
+    ) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+        let material: Vec<i64> = rows.iter().map(|(_, f)| f.material).collect();
+        let full: Vec<i64> = rows.iter().map(|(_, f)| f.full).collect();
+        sqlx::query(
+            "UPDATE listener AS l SET material_hash = u.material, full_hash = u.full
+             FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS u (id, material, full)
              WHERE l.id = u.id",
         )
         .bind(ids)
-        .bind(inodes)
-        .bind(procs)
-        .bind(sockets)
-        .bind(hashes)
-        .execute(&mut **tx)
+        .bind(material)
+        .bind(full)
+        .execute(c)
         .await?;
-    }
-    if !p.insert.is_empty() {
-        let mut c = Columns::default();
-        for row in &p.insert {
-            c.push(row.prepared, row.first_seen, row.valid_from);
-        }
-        sqlx::query(
-            "INSERT INTO listener (host_id, lkey, netns, netns_inode, protocol, family, address,
-                 port, interface, v6only, reach_ipv4, reach_ipv6, latent, shown_as, netstat_proto,
-                 trap, hidden_ipv4_exposure, process_names, processes, container_runtime,
-                 container_id, pod_uid, unit, cgroup, uid, freebind, transparent, source, sockets,
-                 material_hash, full_hash, first_seen, valid_from)
-             SELECT $1, u.* FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::text[],
-                 $6::text[], $7::text[], $8::int[], $9::text[], $10::bool[], $11::text[],
-                 $12::text[], $13::bool[], $14::text[], $15::text[], $16::bool[], $17::bool[],
-                 $18::text[], $19::text[]::jsonb[], $20::text[], $21::text[], $22::text[], $23::text[],
-                 $24::text[], $25::bigint[], $26::bool[], $27::bool[], $28::text[], $29::int[],
-                 $30::bigint[], $31::bigint[], $32::timestamptz[], $33::timestamptz[]) AS u",
-        )
-        .bind(host_id)
-        .bind(c.lkey)
-        .bind(c.netns)
-        .bind(c.netns_inode)
-        .bind(c.protocol)
-        .bind(c.family)
-        .bind(c.address)
-        .bind(c.port)
-        .bind(c.interface)
-        .bind(c.v6only)
-        .bind(c.reach_ipv4)
-        .bind(c.reach_ipv6)
-        .bind(c.latent)
-        .bind(c.shown_as)
-        .bind(c.netstat_proto)
-        .bind(c.trap)
-        .bind(c.hidden)
-        .bind(c.process_names)
-        .bind(c.processes)
-        .bind(c.container_runtime)
-        .bind(c.container_id)
-        .bind(c.pod_uid)
-        .bind(c.unit)
-        .bind(c.cgroup)
-        .bind(c.uid)
-        .bind(c.freebind)
-        .bind(c.transparent)
-        .bind(c.source)
-        .bind(c.sockets)
-        .bind(c.material_hash)
-        .bind(c.full_hash)
-        .bind(c.first_seen)
-        .bind(c.valid_from)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(p.rows())
-}
-
-/// JSON text, cast to jsonb by the server: cheaper than building `serde_json::Value`
-/// trees for sqlx to encode (10k of them per snapshot).
-fn processes_json(r: &ListenerRecord) -> String {
-    serde_json::to_string(&r.processes).expect("processes serialize")
-}
-
-/// The insert's columns as arrays (one element per row).
-#[derive(Default)]
-struct Columns {
-    lkey: Vec<String>,
-    netns: Vec<String>,
-    netns_inode: Vec<i64>,
-    protocol: Vec<&'static str>,
-    family: Vec<&'static str>,
-    address: Vec<String>,
-    port: Vec<i32>,
-    interface: Vec<Option<String>>,
-    v6only: Vec<Option<bool>>,
-    reach_ipv4: Vec<&'static str>,
-    reach_ipv6: Vec<&'static str>,
-    latent: Vec<bool>,
-    shown_as: Vec<String>,
-    netstat_proto: Vec<String>,
-    trap: Vec<bool>,
-    hidden: Vec<bool>,
-    process_names: Vec<String>,
-    processes: Vec<String>,
-    container_runtime: Vec<Option<String>>,
-    container_id: Vec<Option<String>>,
-    pod_uid: Vec<Option<String>>,
-    unit: Vec<Option<String>>,
-    cgroup: Vec<Option<String>>,
-    uid: Vec<i64>,
-    freebind: Vec<Option<bool>>,
-    transparent: Vec<Option<bool>>,
-    source: Vec<&'static str>,
-    sockets: Vec<i32>,
-    material_hash: Vec<i64>,
-    full_hash: Vec<i64>,
-    first_seen: Vec<OffsetDateTime>,
-    valid_from: Vec<OffsetDateTime>,
-}
-
-impl Columns {
-    fn push(&mut self, p: &Prepared, first_seen: OffsetDateTime, valid_from: OffsetDateTime) {
-        let r = &p.record;
-        let k = &r.key;
-        self.lkey.push(p.lkey.clone());
-        self.netns.push(k.netns.clone());
-        self.netns_inode.push(r.netns_inode as i64);
-        self.protocol.push(k.protocol.as_str());
-        self.family.push(k.family.as_str());
-        self.address.push(k.address.to_string());
-        self.port.push(i32::from(k.port));
-        self.interface.push(k.interface.clone());
-        self.v6only.push(k.v6only);
-        self.reach_ipv4.push(r.reach_ipv4.as_str());
-        self.reach_ipv6.push(r.reach_ipv6.as_str());
-        self.latent.push(r.latent);
-        self.shown_as.push(r.shown_as.clone());
-        self.netstat_proto.push(r.netstat_proto.clone());
-        self.trap.push(r.trap);
-        self.hidden.push(r.hidden_ipv4_exposure);
-        self.process_names.push(r.process_names());
-        self.processes.push(processes_json(r));
-        self.container_runtime
-            .push(r.container.as_ref().map(|c| c.runtime.clone()));
-        self.container_id
-            .push(r.container.as_ref().map(|c| c.id.clone()));
-        self.pod_uid
-            .push(r.container.as_ref().and_then(|c| c.pod_uid.clone()));
-        self.unit.push(r.unit.clone());
-        self.cgroup.push(r.cgroup.clone());
-        self.uid.push(i64::from(r.uid));
-        self.freebind.push(r.freebind);
-        self.transparent.push(r.transparent);
-        self.source.push(r.source.as_str());
-        self.sockets.push(r.sockets as i32);
-        self.material_hash.push(p.material_hash);
-        self.full_hash.push(p.full_hash);
-        self.first_seen.push(first_seen);
-        self.valid_from.push(valid_from);
+        Ok(())
     }
 }
 

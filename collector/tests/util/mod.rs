@@ -64,7 +64,7 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(hosts: &[&str]) -> Pki {
-        listenscope_agent::tls::install_crypto_provider();
+        listenscope_core::pem::install_crypto_provider();
         let dir = TempDir::new("pki");
         pki::init(
             dir.path(),
@@ -215,7 +215,7 @@ pub fn hello(session: u8, acked: u64, os_hostname: &str) -> v1::AgentMessage {
 }
 
 pub fn now_ts() -> prost_types::Timestamp {
-    listenscope_agent::wire::timestamp(time::OffsetDateTime::now_utc())
+    listenscope_core::wire::timestamp(time::OffsetDateTime::now_utc())
 }
 
 /// A valid wire listener: TCP `::`:port dual-stack (the trap).

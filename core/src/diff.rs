@@ -79,8 +79,8 @@ pub fn apply(state: &mut State, changes: &Changes) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Reach;
-    use crate::record::tests::record;
+    use crate::domain::Reach;
+    use crate::record::testkit::record;
 
     fn state(records: &[ListenerRecord]) -> State {
         records.iter().map(|r| (r.key.clone(), r.clone())).collect()

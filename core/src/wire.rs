@@ -9,28 +9,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use listenscope_proto::v1;
 use time::OffsetDateTime;
 
-use crate::model::{Container, Family, ProcessInfo, Protocol, Reach, Source};
+use crate::domain::{Container, Family, ProcessInfo, Protocol, Reach, Source};
+use crate::limits;
 use crate::record::{ListenerKey, ListenerRecord};
-
-/// Upper bounds on what one listener may carry (bytes for strings).
-pub mod limits {
-    pub const NETNS: usize = 4096;
-    pub const INTERFACE: usize = 64;
-    pub const SHOWN_AS: usize = 64;
-    pub const PROCESSES: usize = 4096;
-    pub const COMM: usize = 64;
-    pub const CMDLINE: usize = 8192;
-    pub const USER: usize = 255;
-    pub const UNIT: usize = 255;
-    pub const CGROUP: usize = 4096;
-    pub const RUNTIME: usize = 32;
-    pub const CONTAINER_ID: usize = 255;
-    pub const POD_UID: usize = 64;
-    pub const AGENT_VERSION: usize = 64;
-    pub const OS_HOSTNAME: usize = 255;
-    /// How far ahead of the collector's clock an observation may claim to be.
-    pub const CLOCK_SKEW_SECS: i64 = 600;
-}
 
 /// A message field that breaks a protocol rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -326,6 +307,43 @@ impl TryFrom<v1::Listener> for ListenerRecord {
     }
 }
 
+/// A session's opening message, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub session_id: [u8; 16],
+    /// Highest sequence of this session the agent saw acknowledged.
+    pub acked_sequence: u64,
+    pub agent_version: String,
+    pub os_hostname: String,
+}
+
+impl TryFrom<v1::Hello> for Hello {
+    type Error = WireError;
+
+    fn try_from(h: v1::Hello) -> Result<Self, WireError> {
+        if h.protocol_version != limits::PROTOCOL_VERSION {
+            return Err(bad(
+                "protocol_version",
+                format!(
+                    "{} is not supported; this collector speaks {}: upgrade the agent or the \
+                     collector",
+                    h.protocol_version,
+                    limits::PROTOCOL_VERSION
+                ),
+            ));
+        }
+        let n = h.session_id.len();
+        let session_id = <[u8; 16]>::try_from(h.session_id.as_slice())
+            .map_err(|_| bad("session_id", format!("{n} bytes, expected 16")))?;
+        Ok(Hello {
+            session_id,
+            acked_sequence: h.acked_sequence,
+            agent_version: bounded("agent_version", h.agent_version, limits::AGENT_VERSION)?,
+            os_hostname: bounded("os_hostname", h.os_hostname, limits::OS_HOSTNAME)?,
+        })
+    }
+}
+
 pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.unix_timestamp(),
@@ -368,7 +386,7 @@ pub fn observed_at(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::tests::record;
+    use crate::record::testkit::record;
 
     #[test]
     fn round_trip() {
@@ -440,6 +458,28 @@ mod tests {
             },
             "key.v6only",
         );
+    }
+
+    #[test]
+    fn hellos() {
+        let ok = v1::Hello {
+            protocol_version: limits::PROTOCOL_VERSION,
+            agent_version: "0.2.0".into(),
+            os_hostname: "web-01".into(),
+            session_id: vec![7; 16],
+            acked_sequence: 3,
+        };
+        let h = Hello::try_from(ok.clone()).unwrap();
+        assert_eq!((h.session_id, h.acked_sequence), ([7; 16], 3));
+        let field = |edit: fn(&mut v1::Hello)| {
+            let mut m = ok.clone();
+            edit(&mut m);
+            Hello::try_from(m).unwrap_err().field
+        };
+        assert_eq!(field(|m| m.protocol_version = 2), "protocol_version");
+        assert_eq!(field(|m| m.session_id = vec![1; 15]), "session_id");
+        assert_eq!(field(|m| m.agent_version = "x".repeat(65)), "agent_version");
+        assert_eq!(field(|m| m.os_hostname = "x".repeat(256)), "os_hostname");
     }
 
     #[test]

@@ -1,0 +1,255 @@
+//! The listener row, defined once: its columns in order with their kinds, the values of
+//! one new version, and the way back from stored columns to a record. Each backend turns
+//! the column list into its own statement (SQLite: multi-row `VALUES`; PostgreSQL: one
+//! array per column through `UNNEST`), so no backend spells out the 33 columns.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+
+use listenscope_core::domain::{Container, ProcessInfo};
+use listenscope_core::record::{ListenerKey, ListenerRecord};
+use sqlx::{ColumnIndex, Decode, Row, Type};
+use time::OffsetDateTime;
+
+use super::StoreError;
+use super::plan::NewRow;
+
+/// How a column is typed (PostgreSQL's type; SQLite stores integers and text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Text,
+    /// Text holding a JSON document (`jsonb` on PostgreSQL).
+    Json,
+    Int4,
+    Int8,
+    Bool,
+    Time,
+}
+
+/// Columns of a new `listener` row, in insert order.
+pub(crate) const COLUMNS: [(&str, Kind); 33] = [
+    ("host_id", Kind::Int8),
+    ("lkey", Kind::Text),
+    ("netns", Kind::Text),
+    ("netns_inode", Kind::Int8),
+    ("protocol", Kind::Text),
+    ("family", Kind::Text),
+    ("address", Kind::Text),
+    ("port", Kind::Int4),
+    ("interface", Kind::Text),
+    ("v6only", Kind::Bool),
+    ("reach_ipv4", Kind::Text),
+    ("reach_ipv6", Kind::Text),
+    ("latent", Kind::Bool),
+    ("shown_as", Kind::Text),
+    ("netstat_proto", Kind::Text),
+    ("trap", Kind::Bool),
+    ("hidden_ipv4_exposure", Kind::Bool),
+    ("process_names", Kind::Text),
+    ("processes", Kind::Json),
+    ("container_runtime", Kind::Text),
+    ("container_id", Kind::Text),
+    ("pod_uid", Kind::Text),
+    ("unit", Kind::Text),
+    ("cgroup", Kind::Text),
+    ("uid", Kind::Int8),
+    ("freebind", Kind::Bool),
+    ("transparent", Kind::Bool),
+    ("source", Kind::Text),
+    ("sockets", Kind::Int4),
+    ("material_hash", Kind::Int8),
+    ("full_hash", Kind::Int8),
+    ("first_seen", Kind::Time),
+    ("valid_from", Kind::Time),
+];
+
+/// `col, col, …` of [`COLUMNS`].
+pub(crate) fn column_list() -> String {
+    COLUMNS.map(|(name, _)| name).join(", ")
+}
+
+/// One column's value.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Val<'a> {
+    /// [`Kind::Text`] and [`Kind::Json`].
+    Text(Option<Cow<'a, str>>),
+    /// [`Kind::Int4`] and [`Kind::Int8`].
+    Int(i64),
+    Bool(Option<bool>),
+    Time(OffsetDateTime),
+}
+
+fn text(s: &str) -> Val<'_> {
+    Val::Text(Some(Cow::Borrowed(s)))
+}
+
+fn opt_text(s: Option<&str>) -> Val<'_> {
+    Val::Text(s.map(Cow::Borrowed))
+}
+
+fn owned(s: String) -> Val<'static> {
+    Val::Text(Some(Cow::Owned(s)))
+}
+
+/// The values of a new row, in [`COLUMNS`] order.
+pub(crate) fn values<'a>(host_id: i64, n: &NewRow<'a>) -> [Val<'a>; 33] {
+    let p = n.prepared;
+    let r = &p.record;
+    let k = &r.key;
+    let c = r.container.as_ref();
+    [
+        Val::Int(host_id),
+        text(&p.lkey),
+        text(&k.netns),
+        Val::Int(r.netns_inode as i64),
+        text(k.protocol.as_str()),
+        text(k.family.as_str()),
+        owned(k.address.to_string()),
+        Val::Int(i64::from(k.port)),
+        opt_text(k.interface.as_deref()),
+        Val::Bool(k.v6only),
+        text(r.reach_ipv4.as_str()),
+        text(r.reach_ipv6.as_str()),
+        Val::Bool(Some(r.latent)),
+        text(&r.shown_as),
+        text(&r.netstat_proto),
+        Val::Bool(Some(r.trap)),
+        Val::Bool(Some(r.hidden_ipv4_exposure)),
+        owned(r.process_names()),
+        owned(processes_json(r)),
+        opt_text(c.map(|c| c.runtime.as_str())),
+        opt_text(c.map(|c| c.id.as_str())),
+        opt_text(c.and_then(|c| c.pod_uid.as_deref())),
+        opt_text(r.unit.as_deref()),
+        opt_text(r.cgroup.as_deref()),
+        Val::Int(i64::from(r.uid)),
+        Val::Bool(r.freebind),
+        Val::Bool(r.transparent),
+        text(r.source.as_str()),
+        Val::Int(i64::from(r.sockets)),
+        Val::Int(p.fingerprints.material),
+        Val::Int(p.fingerprints.full),
+        Val::Time(n.first_seen),
+        Val::Time(n.valid_from),
+    ]
+}
+
+/// Owners as a JSON array of `{"pid","comm","cmdline","user"}` (the `processes` column,
+/// `process_details` in the views).
+pub(crate) fn processes_json(r: &ListenerRecord) -> String {
+    // Serializing plain strings and integers cannot fail.
+    serde_json::to_string(&r.processes).unwrap_or_else(|_| "[]".to_string())
+}
+
+/// Columns [`record_of`] reads, for SQLite; PostgreSQL casts the integer and JSON columns
+/// to `bigint`/`text` so that one decoder serves both.
+pub(crate) const RECORD_COLUMNS: &str = "id, netns, netns_inode, protocol, family, address, \
+    port, interface, v6only, reach_ipv4, reach_ipv6, latent, shown_as, netstat_proto, trap, \
+    hidden_ipv4_exposure, processes, container_runtime, container_id, pod_uid, unit, cgroup, \
+    uid, freebind, transparent, source, sockets";
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+/// A stored row back as the record that produced it (and its id): exactly what the agent
+/// sent, so fingerprints recomputed from it equal those of a fresh ingest.
+pub(crate) fn record_of<R>(r: &R) -> Result<(i64, ListenerRecord), StoreError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'q> i64: Decode<'q, R::Database> + Type<R::Database>,
+    for<'q> bool: Decode<'q, R::Database> + Type<R::Database>,
+    for<'q> String: Decode<'q, R::Database> + Type<R::Database>,
+{
+    let s = |c: &str| r.try_get::<String, _>(c);
+    let os = |c: &str| r.try_get::<Option<String>, _>(c);
+    let i = |c: &str| r.try_get::<i64, _>(c);
+    let ob = |c: &str| r.try_get::<Option<bool>, _>(c);
+    let b = |c: &str| r.try_get::<bool, _>(c);
+    let id = i("id")?;
+    let address: IpAddr = s("address")?.parse().map_err(|e| corrupt("address", e))?;
+    let processes: Vec<ProcessInfo> =
+        serde_json::from_str(&s("processes")?).map_err(|e| corrupt("processes", e))?;
+    let container = match os("container_runtime")? {
+        Some(runtime) => Some(Container {
+            runtime,
+            id: os("container_id")?.unwrap_or_default(),
+            pod_uid: os("pod_uid")?,
+        }),
+        None => None,
+    };
+    let int = |c: &str| -> Result<i64, StoreError> { Ok(i(c)?) };
+    let ranged =
+        |c: &str| -> Result<u32, StoreError> { u32::try_from(int(c)?).map_err(|e| corrupt(c, e)) };
+    let record = ListenerRecord {
+        key: ListenerKey {
+            netns: s("netns")?,
+            protocol: s("protocol")?.parse().map_err(|e| corrupt("protocol", e))?,
+            family: s("family")?.parse().map_err(|e| corrupt("family", e))?,
+            address,
+            port: u16::try_from(int("port")?).map_err(|e| corrupt("port", e))?,
+            interface: os("interface")?,
+            v6only: ob("v6only")?,
+        },
+        netns_inode: int("netns_inode")? as u64,
+        reach_ipv4: s("reach_ipv4")?
+            .parse()
+            .map_err(|e| corrupt("reach_ipv4", e))?,
+        reach_ipv6: s("reach_ipv6")?
+            .parse()
+            .map_err(|e| corrupt("reach_ipv6", e))?,
+        latent: b("latent")?,
+        shown_as: s("shown_as")?,
+        netstat_proto: s("netstat_proto")?,
+        trap: b("trap")?,
+        hidden_ipv4_exposure: b("hidden_ipv4_exposure")?,
+        processes,
+        container,
+        unit: os("unit")?,
+        cgroup: os("cgroup")?,
+        uid: ranged("uid")?,
+        freebind: ob("freebind")?,
+        transparent: ob("transparent")?,
+        source: s("source")?.parse().map_err(|e| corrupt("source", e))?,
+        sockets: ranged("sockets")?,
+    };
+    Ok((id, record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::plan::Prepared;
+    use listenscope_core::record::testkit::record;
+
+    /// Every value has the variant its column's kind needs, so the backends' binders
+    /// cannot drift from the list.
+    #[test]
+    fn values_match_column_kinds() {
+        let mut r = record("host", "::", 80, Some(false));
+        r.container = Some(Container {
+            runtime: "docker".into(),
+            id: "abc".into(),
+            pod_uid: None,
+        });
+        let p = Prepared::new(r);
+        let t = OffsetDateTime::UNIX_EPOCH;
+        let n = NewRow {
+            prepared: &p,
+            first_seen: t,
+            valid_from: t,
+        };
+        for ((name, kind), v) in COLUMNS.iter().zip(values(7, &n)) {
+            let ok = matches!(
+                (kind, &v),
+                (Kind::Text | Kind::Json, Val::Text(_))
+                    | (Kind::Int4 | Kind::Int8, Val::Int(_))
+                    | (Kind::Bool, Val::Bool(_))
+                    | (Kind::Time, Val::Time(_))
+            );
+            assert!(ok, "{name}: {kind:?} got {v:?}");
+        }
+        assert!(column_list().starts_with("host_id, lkey, netns,"));
+    }
+}

@@ -1,0 +1,185 @@
+//! The inventory's vocabulary, shared by agent and collector: protocol, address family,
+//! reach, where sockets were read from, owners and containers.
+//!
+//! Plain values, no I/O and no protobuf (the `wire` module converts at the edge).
+
+use std::fmt;
+
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Transport protocol of a listening socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Address family of the socket itself (AF_INET or AF_INET6), not of the traffic it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// What a socket accepts over one IP version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reach {
+    /// Every local address of that version in the socket's namespace.
+    Any,
+    /// Only a loopback address (127.0.0.0/8, ::1) or only through the `lo` interface.
+    Loopback,
+    /// Only the one bound, non-loopback address (or multicast group).
+    Specific,
+    /// Nothing of that version.
+    None,
+    /// The kernel did not say (no `INET_DIAG_SKV6ONLY`): never guessed.
+    Unknown,
+}
+
+impl Reach {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reach::Any => "any",
+            Reach::Loopback => "loopback",
+            Reach::Specific => "specific",
+            Reach::None => "none",
+            Reach::Unknown => "unknown",
+        }
+    }
+
+    /// True when the socket accepts at least something of that version.
+    pub fn accepts(self) -> bool {
+        matches!(self, Reach::Any | Reach::Loopback | Reach::Specific)
+    }
+
+    /// True when clients off this host can reach it (any or a specific non-loopback address).
+    pub fn exposed(self) -> bool {
+        matches!(self, Reach::Any | Reach::Specific)
+    }
+}
+
+/// Where a namespace's sockets were read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// NETLINK_SOCK_DIAG: carries v6only, bound device and socket options.
+    SockDiag,
+    /// `/proc/PID/net/{tcp,tcp6,udp,udp6}`: no v6only, no device (fallback without CAP_SYS_ADMIN).
+    Procfs,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::SockDiag => "sock_diag",
+            Source::Procfs => "procfs",
+        }
+    }
+}
+
+/// A process that holds a socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub comm: String,
+    pub cmdline: String,
+    /// Effective user name (or the numeric uid when /etc/passwd does not name it).
+    pub user: String,
+}
+
+/// A container a socket belongs to, derived from its cgroup path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Container {
+    /// `docker`, `containerd`, `cri-o`, `podman`, `lxc`, or `kubernetes` when only the pod
+    /// layout shows which runtime it is not.
+    pub runtime: String,
+    pub id: String,
+    /// Kubernetes pod UID when the cgroup path carries one.
+    pub pod_uid: Option<String>,
+}
+
+/// A name that is not one of an enum's [`as_str`](Protocol::as_str) forms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{name:?} is not a known {what}")]
+pub struct UnknownName {
+    pub what: &'static str,
+    pub name: String,
+}
+
+macro_rules! from_names {
+    ($ty:ident, $what:literal, [$($v:ident),+]) => {
+        impl FromStr for $ty {
+            type Err = UnknownName;
+
+            /// The inverse of `as_str`.
+            fn from_str(s: &str) -> Result<Self, UnknownName> {
+                $(if s == $ty::$v.as_str() {
+                    return Ok($ty::$v);
+                })+
+                Err(UnknownName { what: $what, name: s.to_string() })
+            }
+        }
+    };
+}
+
+from_names!(Protocol, "protocol", [Tcp, Udp]);
+from_names!(Family, "address family", [Ipv4, Ipv6]);
+from_names!(Reach, "reach", [Any, Loopback, Specific, None, Unknown]);
+from_names!(Source, "source", [SockDiag, Procfs]);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for r in [
+            Reach::Any,
+            Reach::Loopback,
+            Reach::Specific,
+            Reach::None,
+            Reach::Unknown,
+        ] {
+            assert_eq!(r.as_str().parse(), Ok(r));
+        }
+        for p in [Protocol::Tcp, Protocol::Udp] {
+            assert_eq!(p.as_str().parse(), Ok(p));
+        }
+        for f in [Family::Ipv4, Family::Ipv6] {
+            assert_eq!(f.as_str().parse(), Ok(f));
+        }
+        for s in [Source::SockDiag, Source::Procfs] {
+            assert_eq!(s.as_str().parse(), Ok(s));
+        }
+        assert_eq!("sctp".parse::<Protocol>().unwrap_err().what, "protocol");
+    }
+}

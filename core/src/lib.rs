@@ -1,0 +1,23 @@
+//! What the agent and the collector share: the inventory model and its rules.
+//!
+//! - `domain`: the vocabulary (protocol, family, reach, source, owners, containers);
+//! - `record`: one listener per endpoint ([`record::ListenerRecord`]) and what of it is
+//!   material history; `diff`: the changes between two states of a host;
+//! - `fingerprint`: the stable, documented fingerprints the collector stores;
+//! - `limits`: every bound of the protocol, once; `wire`: the protobuf edge, where every
+//!   rule is enforced (`TryFrom`);
+//! - `pem`: loading and checking the PEM files of mutual TLS; `config`: durations and TOML;
+//!   `signal`: the shutdown signal.
+//!
+//! Nothing here touches the OS beyond reading named files; the agent's Linux layer stays
+//! in the agent, the store in the collector (see ARCHITECTURE.md).
+
+pub mod config;
+pub mod diff;
+pub mod domain;
+pub mod fingerprint;
+pub mod limits;
+pub mod pem;
+pub mod record;
+pub mod signal;
+pub mod wire;

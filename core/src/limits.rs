@@ -1,0 +1,44 @@
+//! Every bound of the protocol, defined once: what one message and one listener may
+//! carry. The agent builds records within them (`ListenerRecord::bound`), the collector
+//! refuses anything past them (`wire`), and `proto/listenscope/v1/inventory.proto`
+//! documents the same numbers.
+
+/// Wire protocol version both sides speak (`Hello.protocol_version`).
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest encoded message either side sends or accepts.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Bytes of the namespace name.
+pub const NETNS: usize = 4096;
+/// Bytes of a bound device name.
+pub const INTERFACE: usize = 64;
+/// Bytes of netstat's "Local Address" form.
+pub const SHOWN_AS: usize = 64;
+/// Owners one record carries.
+pub const PROCESSES: usize = 4096;
+/// Bytes of one owner's command name.
+pub const COMM: usize = 64;
+/// Bytes of one owner's command line.
+pub const CMDLINE: usize = 8192;
+/// Command-line bytes one record carries in all; past it the remaining owners keep their
+/// pid, name and user but an empty cmdline. Bounds a record (a socket shared by thousands
+/// of workers) far below the message limit.
+pub const CMDLINE_BUDGET: usize = 64 * 1024;
+/// Bytes of one owner's user name.
+pub const USER: usize = 255;
+/// Bytes of a systemd unit name.
+pub const UNIT: usize = 255;
+/// Bytes of a cgroup path.
+pub const CGROUP: usize = 4096;
+/// Bytes of a container runtime name.
+pub const RUNTIME: usize = 32;
+/// Bytes of a container id.
+pub const CONTAINER_ID: usize = 255;
+/// Bytes of a Kubernetes pod UID.
+pub const POD_UID: usize = 64;
+/// Bytes of `Hello.agent_version`.
+pub const AGENT_VERSION: usize = 64;
+/// Bytes of `Hello.os_hostname`.
+pub const OS_HOSTNAME: usize = 255;
+/// How far ahead of the collector's clock an observation may claim to be, in seconds.
+pub const CLOCK_SKEW_SECS: i64 = 600;
