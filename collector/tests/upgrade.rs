@@ -44,7 +44,7 @@ async fn old_database_records_no_false_history() {
         rs.rows.iter().map(|r| (r[0].as_i64().unwrap(),)).collect()
     };
     let mut state = fixture_state(1);
-    state.sort_by(|a, b| (a.key.port, a.key.protocol).cmp(&(b.key.port, b.key.protocol)));
+    state.sort_by_key(|r| (r.key.port, r.key.protocol));
     assert_eq!(old.len(), state.len());
     let differing = old
         .iter()
