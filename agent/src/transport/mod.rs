@@ -51,6 +51,8 @@ pub enum RunError {
     FirstScan(#[from] scan::ScanError),
     #[error("the scan thread failed: {0}")]
     ScanThread(String),
+    #[error("the operating system gave no random bytes for a session id: {0}")]
+    Random(String),
 }
 
 async fn scan_state(
@@ -65,14 +67,12 @@ async fn scan_state(
     .map_err(|e| RunError::ScanThread(e.to_string()))?
 }
 
-/// 16 random bytes from the OS-seeded hasher keys (no RNG crate needed for this).
-fn session_id() -> [u8; 16] {
+/// 16 random bytes from the OS (getrandom): the collector tells a restarted agent from a
+/// retry by them, so two processes must never pick the same.
+fn session_id() -> Result<[u8; 16], RunError> {
     let mut id = [0u8; 16];
-    for chunk in id.chunks_mut(8) {
-        let n = std::hash::RandomState::new().build_hasher().finish();
-        chunk.copy_from_slice(&n.to_le_bytes());
-    }
-    id
+    getrandom::fill(&mut id).map_err(|e| RunError::Random(e.to_string()))?;
+    Ok(id)
 }
 
 /// Runs until `shutdown` resolves. Unacknowledged changes are lost on shutdown (the
@@ -91,7 +91,7 @@ pub async fn run(
     tracing::info!(listeners = state.len(), "First scan done.");
     let shared = Arc::new(Shared {
         outbox: Mutex::new(Outbox::new(
-            session_id(),
+            session_id()?,
             state,
             at,
             cfg.max_pending_changes,
@@ -211,6 +211,10 @@ mod tests {
 
     #[test]
     fn session_ids_differ() {
-        assert_ne!(session_id(), session_id());
+        let ids: std::collections::HashSet<[u8; 16]> =
+            (0..64).map(|_| session_id().unwrap()).collect();
+        assert_eq!(ids.len(), 64);
+        // Not a constant pattern either: both halves vary.
+        assert!(ids.iter().any(|id| id[..8] != id[8..]));
     }
 }
