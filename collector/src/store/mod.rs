@@ -219,8 +219,8 @@ impl Store {
         now: OffsetDateTime,
     ) -> Result<Applied, StoreError> {
         match self {
-            Store::Sqlite(s) => s.apply(host_id, session_id, seq, at, message, now).await,
-            Store::Postgres(s) => s.apply(host_id, session_id, seq, at, message, now).await,
+            Store::Sqlite(s) => flow::apply(s, host_id, session_id, seq, at, message, now).await,
+            Store::Postgres(s) => flow::apply(s, host_id, session_id, seq, at, message, now).await,
         }
     }
 

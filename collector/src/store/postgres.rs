@@ -18,10 +18,10 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Row};
 use time::OffsetDateTime;
 
-use super::flow::{self, Backend, HostRow, HostUpdate, Message};
+use super::flow::{self, Backend, HostRow, HostUpdate};
 use super::plan::{LiveRow, Plan};
 use super::row::{self, COLUMNS, Kind, Val};
-use super::{Applied, HostSession, StoreError, StoreOptions, redact};
+use super::{HostSession, StoreError, StoreOptions, redact};
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -120,18 +120,6 @@ impl PgStore {
             Ok(())
         })
         .await
-    }
-
-    pub async fn apply(
-        &self,
-        host_id: i64,
-        session_id: &[u8],
-        seq: u64,
-        at: OffsetDateTime,
-        message: Message,
-        now: OffsetDateTime,
-    ) -> Result<Applied, StoreError> {
-        flow::apply(self, host_id, session_id, seq, at, message, now).await
     }
 }
 

@@ -22,10 +22,10 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
-use super::flow::{self, Backend, HostRow, HostUpdate, Message};
+use super::flow::{self, Backend, HostRow, HostUpdate};
 use super::plan::{LiveRow, Plan};
 use super::row::{self, COLUMNS, RECORD_COLUMNS, Val};
-use super::{Applied, HostSession, StoreError, StoreOptions};
+use super::{HostSession, StoreError, StoreOptions};
 use crate::timefmt;
 
 /// Rows per multi-row INSERT (33 columns each: 13k parameters).
@@ -146,19 +146,6 @@ impl SqliteStore {
             Ok(())
         })
         .await
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub async fn apply(
-        &self,
-        host_id: i64,
-        session_id: &[u8],
-        seq: u64,
-        at: OffsetDateTime,
-        message: Message,
-        now: OffsetDateTime,
-    ) -> Result<Applied, StoreError> {
-        flow::apply(self, host_id, session_id, seq, at, message, now).await
     }
 }
 
