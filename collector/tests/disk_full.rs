@@ -269,17 +269,7 @@ async fn open_raw(
     session: u8,
     acked: u64,
 ) -> Result<(RawSession, Option<u64>), Status> {
-    let ch = channel(
-        addr,
-        &pki.path("ca.pem"),
-        Some((
-            &pki.path(&format!("{host}.pem")),
-            &pki.path(&format!("{host}.key")),
-        )),
-    )
-    .await
-    .map_err(|e| Status::unavailable(format!("connect: {e}")))?;
-    let mut s = RawSession::open(ch, hello(session, acked, host)).await?;
+    let mut s = try_session_as(pki, addr, host, hello(session, acked, host)).await?;
     match s.recv().await? {
         Some(v1::collector_message::Body::Welcome(w)) => Ok((s, w.resume_after)),
         None => Err(Status::unavailable("stream ended before Welcome")),

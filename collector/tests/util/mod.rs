@@ -187,6 +187,17 @@ pub async fn session_as(
     host: &str,
     first: v1::AgentMessage,
 ) -> RawSession {
+    try_session_as(pki, addr, host, first).await.unwrap()
+}
+
+/// [`session_as`] for tests where the collector may refuse: connection and open errors
+/// come back as a status.
+pub async fn try_session_as(
+    pki: &Pki,
+    addr: SocketAddr,
+    host: &str,
+    first: v1::AgentMessage,
+) -> Result<RawSession, tonic::Status> {
     let ch = channel(
         addr,
         &pki.path("ca.pem"),
@@ -196,8 +207,8 @@ pub async fn session_as(
         )),
     )
     .await
-    .unwrap();
-    RawSession::open(ch, first).await.unwrap()
+    .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
+    RawSession::open(ch, first).await
 }
 
 pub fn msg(b: v1::agent_message::Body) -> v1::AgentMessage {
