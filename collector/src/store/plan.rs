@@ -225,44 +225,15 @@ pub fn plan<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use listenscope_core::domain::{Family, ProcessInfo, Reach, Source};
-    use std::net::IpAddr;
+    use listenscope_core::domain::Reach;
+    use listenscope_core::record::testkit::record;
 
+    /// A dual-stack `:::port` owned by `pid`, reaching IPv4 as `reach4`.
     fn rec(port: u16, reach4: Reach, pid: u32) -> ListenerRecord {
-        let address: IpAddr = "::".parse().unwrap();
-        ListenerRecord {
-            key: ListenerKey {
-                netns: "host".into(),
-                protocol: Protocol::Tcp,
-                family: Family::Ipv6,
-                address,
-                port,
-                interface: None,
-                v6only: Some(false),
-            },
-            netns_inode: 1,
-            reach_ipv4: reach4,
-            reach_ipv6: Reach::Any,
-            latent: false,
-            shown_as: format!(":::{port}"),
-            netstat_proto: "tcp6".into(),
-            trap: true,
-            hidden_ipv4_exposure: true,
-            processes: vec![ProcessInfo {
-                pid,
-                comm: "nginx".into(),
-                cmdline: "nginx".into(),
-                user: "root".into(),
-            }],
-            container: None,
-            unit: None,
-            cgroup: None,
-            uid: 0,
-            freebind: None,
-            transparent: None,
-            source: Source::SockDiag,
-            sockets: 1,
-        }
+        let mut r = record("host", "::", port, Some(false));
+        r.reach_ipv4 = reach4;
+        r.processes[0].pid = pid;
+        r
     }
 
     fn t(s: i64) -> OffsetDateTime {
