@@ -12,7 +12,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::query::{Param, QueryError, ReadOnly, ResultSet};
+use crate::query::{FromRow, Named, Param, QueryError, ReadOnly, ResultSet};
 use crate::timefmt;
 
 /// Parses `now`, an RFC 3339 time (`2026-11-24T10:00:00Z`) or an age (`24h`, `7d`, `90m`:
@@ -64,7 +64,36 @@ fn join(set: std::collections::BTreeSet<String>) -> String {
         .join(",")
 }
 
-/// Per-port state of every listener version valid at `at` (optionally one host).
+/// One listener version valid at some time, as `ports_at` reads it.
+struct VersionRow {
+    port: PortKey,
+    reach_ipv4: (u8, &'static str),
+    reach_ipv6: (u8, &'static str),
+    hidden: bool,
+    shown_as: String,
+    processes: String,
+}
+
+impl FromRow for VersionRow {
+    fn from_row(r: &Named<'_>) -> Result<Self, QueryError> {
+        Ok(VersionRow {
+            port: (
+                r.text("host")?,
+                r.text("netns")?,
+                r.text("protocol")?,
+                r.int("port")?,
+            ),
+            reach_ipv4: rank(&r.text("reach_ipv4")?),
+            reach_ipv6: rank(&r.text("reach_ipv6")?),
+            hidden: r.boolean("hidden_ipv4_exposure")?,
+            shown_as: r.text("shown_as")?,
+            processes: r.text("processes")?,
+        })
+    }
+}
+
+/// Per-port state of every listener version valid at `at` (optionally one host). The
+/// hidden verdict is the agent's, carried in each record; reach is the best of the port.
 pub async fn ports_at(
     ro: &ReadOnly,
     at: OffsetDateTime,
@@ -73,11 +102,13 @@ pub async fn ports_at(
     let rs = ro
         .run(
             ro.pick(
-                "SELECT host, netns, protocol, port, family, reach_ipv4, reach_ipv6, shown_as, processes
+                "SELECT host, netns, protocol, port, reach_ipv4, reach_ipv6, hidden_ipv4_exposure,
+                        shown_as, processes
                  FROM listener_versions
                  WHERE valid_from <= ?1 AND (valid_to IS NULL OR valid_to > ?1)
                    AND (?2 IS NULL OR host = ?2)",
-                "SELECT host, netns, protocol, port, family, reach_ipv4, reach_ipv6, shown_as, processes
+                "SELECT host, netns, protocol, port, reach_ipv4, reach_ipv6, hidden_ipv4_exposure,
+                        shown_as, processes
                  FROM listener_versions
                  WHERE valid_from <= $1 AND (valid_to IS NULL OR valid_to > $1)
                    AND ($2::text IS NULL OR host = $2)",
@@ -88,34 +119,25 @@ pub async fn ports_at(
     struct Acc {
         v4: (u8, &'static str),
         v6: (u8, &'static str),
-        v4_line: bool,
-        exposed_v4: bool,
+        hidden: bool,
         shown: std::collections::BTreeSet<String>,
         procs: std::collections::BTreeSet<String>,
     }
     let mut acc: BTreeMap<PortKey, Acc> = BTreeMap::new();
-    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
-    for r in &rs.rows {
-        let key = (s(&r[0]), s(&r[1]), s(&r[2]), r[3].as_i64().unwrap_or(0));
-        let a = acc.entry(key).or_insert_with(|| Acc {
+    for r in rs.decode::<VersionRow>()? {
+        let a = acc.entry(r.port).or_insert_with(|| Acc {
             v4: (0, "none"),
             v6: (0, "none"),
-            v4_line: false,
-            exposed_v4: false,
+            hidden: false,
             shown: Default::default(),
             procs: Default::default(),
         });
-        let (r4, r6) = (
-            rank(r[5].as_str().unwrap_or("")),
-            rank(r[6].as_str().unwrap_or("")),
-        );
-        a.v4 = a.v4.max(r4);
-        a.v6 = a.v6.max(r6);
-        a.v4_line |= r[4].as_str() == Some("ipv4");
-        a.exposed_v4 |= r4.0 >= 3;
-        a.shown.insert(s(&r[7]));
+        a.v4 = a.v4.max(r.reach_ipv4);
+        a.v6 = a.v6.max(r.reach_ipv6);
+        a.hidden |= r.hidden;
+        a.shown.insert(r.shown_as);
         // Whole owner lists, as the hidden_ipv4_exposure view aggregates them.
-        a.procs.insert(s(&r[8]));
+        a.procs.insert(r.processes);
     }
     Ok(acc
         .into_iter()
@@ -125,7 +147,7 @@ pub async fn ports_at(
                 PortState {
                     ipv4: a.v4.1,
                     ipv6: a.v6.1,
-                    hidden: a.exposed_v4 && !a.v4_line,
+                    hidden: a.hidden,
                     shown_as: join(a.shown),
                     processes: join(a.procs),
                 },
@@ -171,6 +193,42 @@ fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
 }
 
+/// One row of `listener_changes`, as `diff` reads it.
+struct EventRow {
+    /// In the display format, as the view gives it.
+    at: Value,
+    host: String,
+    change: String,
+    netns: String,
+    protocol: String,
+    port: i64,
+    family: String,
+    address: String,
+    shown_as: String,
+    reach_ipv4: String,
+    reach_ipv6: String,
+    processes: String,
+}
+
+impl FromRow for EventRow {
+    fn from_row(r: &Named<'_>) -> Result<Self, QueryError> {
+        Ok(EventRow {
+            at: r.value("at")?,
+            host: r.text("host")?,
+            change: r.text("change")?,
+            netns: r.text("netns")?,
+            protocol: r.text("protocol")?,
+            port: r.int("port")?,
+            family: r.text("family")?,
+            address: r.text("address")?,
+            shown_as: r.text("shown_as")?,
+            reach_ipv4: r.text("reach_ipv4")?,
+            reach_ipv6: r.text("reach_ipv6")?,
+            processes: r.text("processes")?,
+        })
+    }
+}
+
 /// What changed in `(since, until]`: every listener opened, changed or closed, then every
 /// port whose exposure differs between the two times (over IPv4, over IPv6, or hidden
 /// from netstat), e.g. a port that became reachable over IPv4.
@@ -211,30 +269,29 @@ pub async fn diff(
     };
     // Latest event per port inside the window: the time an exposure change is reported at.
     let mut last_event: BTreeMap<PortKey, Value> = BTreeMap::new();
-    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
-    for e in &events.rows {
-        let key = (s(&e[1]), s(&e[3]), s(&e[4]), e[5].as_i64().unwrap_or(0));
-        last_event.insert(key, e[0].clone());
+    for e in events.decode::<EventRow>()? {
+        let key = (e.host.clone(), e.netns.clone(), e.protocol.clone(), e.port);
+        last_event.insert(key, e.at.clone());
         let detail = format!(
             "{} {} {}: IPv4 {}, IPv6 {}{}",
-            s(&e[6]),
-            s(&e[7]),
-            if s(&e[2]) == "closed" { "was" } else { "now" },
-            s(&e[9]),
-            s(&e[10]),
-            match s(&e[11]) {
-                p if p.is_empty() => String::new(),
+            e.family,
+            e.address,
+            if e.change == "closed" { "was" } else { "now" },
+            e.reach_ipv4,
+            e.reach_ipv6,
+            match e.processes.as_str() {
+                "" => String::new(),
                 p => format!(" ({p})"),
             }
         );
         rs.rows.push(vec![
-            e[0].clone(),
-            e[1].clone(),
-            e[2].clone(),
-            e[3].clone(),
-            e[4].clone(),
-            e[5].clone(),
-            e[8].clone(),
+            e.at,
+            Value::from(e.host),
+            Value::from(e.change),
+            Value::from(e.netns),
+            Value::from(e.protocol),
+            Value::from(e.port),
+            Value::from(e.shown_as),
             Value::from(detail),
         ]);
     }

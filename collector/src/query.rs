@@ -63,6 +63,77 @@ pub struct ResultSet {
     pub rows: Vec<Vec<Value>>,
 }
 
+impl ResultSet {
+    /// The rows decoded into `T` by column name (see [`FromRow`]).
+    pub fn decode<T: FromRow>(&self) -> Result<Vec<T>, QueryError> {
+        self.rows
+            .iter()
+            .map(|values| {
+                T::from_row(&Named {
+                    columns: &self.columns,
+                    values,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One row of a [`ResultSet`], read by column name with the type the caller expects:
+/// the report code never depends on column positions.
+#[derive(Debug, Clone, Copy)]
+pub struct Named<'a> {
+    columns: &'a [String],
+    values: &'a [Value],
+}
+
+impl Named<'_> {
+    fn get(&self, name: &str) -> Result<&Value, QueryError> {
+        self.columns
+            .iter()
+            .position(|c| c == name)
+            .and_then(|i| self.values.get(i))
+            .ok_or_else(|| QueryError::Sql(format!("the result has no column {name:?}")))
+    }
+
+    fn wrong(name: &str, want: &str, v: &Value) -> QueryError {
+        QueryError::Sql(format!("column {name:?}: expected {want}, got {v}"))
+    }
+
+    /// Text; NULL reads as "".
+    pub fn text(&self, name: &str) -> Result<String, QueryError> {
+        match self.get(name)? {
+            Value::String(s) => Ok(s.clone()),
+            Value::Null => Ok(String::new()),
+            v => Err(Self::wrong(name, "text", v)),
+        }
+    }
+
+    /// The value as it is (times stay in the display format).
+    pub fn value(&self, name: &str) -> Result<Value, QueryError> {
+        self.get(name).cloned()
+    }
+
+    pub fn int(&self, name: &str) -> Result<i64, QueryError> {
+        let v = self.get(name)?;
+        v.as_i64().ok_or_else(|| Self::wrong(name, "an integer", v))
+    }
+
+    /// A boolean: `true`/`false` on PostgreSQL, 0/1 on SQLite.
+    pub fn boolean(&self, name: &str) -> Result<bool, QueryError> {
+        match self.get(name)? {
+            Value::Bool(b) => Ok(*b),
+            Value::Number(n) if n.as_i64() == Some(0) => Ok(false),
+            Value::Number(n) if n.as_i64() == Some(1) => Ok(true),
+            v => Err(Self::wrong(name, "a boolean", v)),
+        }
+    }
+}
+
+/// A typed report row, decoded from a [`Named`] row.
+pub trait FromRow: Sized {
+    fn from_row(row: &Named<'_>) -> Result<Self, QueryError>;
+}
+
 impl ReadOnly {
     pub async fn open(url: &DbUrl) -> Result<ReadOnly, StoreError> {
         match url {

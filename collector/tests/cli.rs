@@ -264,6 +264,7 @@ async fn diff_and_point_in_time_from_the_command_line() {
     v6only.key.as_mut().unwrap().v6only = Some(true);
     v6only.reach_ipv4 = v1::Reach::None as i32;
     v6only.trap = false;
+    v6only.hidden_ipv4_exposure = false; // as the agent reports a v6-only socket
     s.send(snapshot(1, vec![v6only.clone()])).await;
     s.recv().await.unwrap();
     let before = time::OffsetDateTime::now_utc();

@@ -128,7 +128,9 @@ fn rec(
         shown_as,
         netstat_proto: netstat_proto.into(),
         trap: family == Family::Ipv6 && reach.0.accepts(),
-        hidden_ipv4_exposure: false,
+        // The agent decides this per port; every port in this suite has a single kind of
+        // socket exposed over IPv4, so the per-socket form of the rule is the same here.
+        hidden_ipv4_exposure: family == Family::Ipv6 && reach.0.exposed(),
         processes: vec![ProcessInfo {
             pid,
             comm: comm.into(),
