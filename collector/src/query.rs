@@ -355,22 +355,32 @@ fn numeric(b: &[u8]) -> Result<Value, QueryError> {
     Ok(Value::from(if negative { -v } else { v }))
 }
 
+/// SQLite's primary result code for a write on a read-only connection (`PRAGMA
+/// query_only`, a read-only open); extended codes carry it in their low byte.
+const SQLITE_READONLY: i64 = 8;
+/// PostgreSQL's SQLSTATE `read_only_sql_transaction`.
+const PG_READ_ONLY_SQL_TRANSACTION: &str = "25006";
+
+/// Whether the database refused a statement because the connection is read-only, by the
+/// error code (never by the message text, which changes with versions and locales).
+fn is_write_refused(d: &dyn sqlx::error::DatabaseError) -> bool {
+    let Some(code) = d.code() else { return false };
+    if code == PG_READ_ONLY_SQL_TRANSACTION {
+        return true;
+    }
+    d.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+        && code
+            .parse::<i64>()
+            .is_ok_and(|c| c & 0xff == SQLITE_READONLY)
+}
+
 fn sql_error(e: sqlx::Error) -> QueryError {
-    let msg = match &e {
-        sqlx::Error::Database(d) => {
-            // 25006: read_only_sql_transaction (PostgreSQL).
-            if d.code().as_deref() == Some("25006") {
-                return QueryError::WriteRefused(d.message().to_string());
-            }
-            d.message().to_string()
+    match &e {
+        sqlx::Error::Database(d) if is_write_refused(d.as_ref()) => {
+            QueryError::WriteRefused(d.message().to_string())
         }
-        other => other.to_string(),
-    };
-    let lower = msg.to_lowercase();
-    if lower.contains("readonly") || lower.contains("read-only") || lower.contains("read only") {
-        QueryError::WriteRefused(msg)
-    } else {
-        QueryError::Sql(msg)
+        sqlx::Error::Database(d) => QueryError::Sql(d.message().to_string()),
+        other => QueryError::Sql(other.to_string()),
     }
 }
 
