@@ -15,7 +15,6 @@ pub mod outbox;
 mod session;
 
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -134,13 +133,15 @@ pub async fn run(
     let connection = {
         let shared = Arc::clone(&shared);
         async move {
-            let mut backoff = Backoff::new(Duration::from_millis(500), cfg.reconnect_max);
+            let base = Duration::from_millis(500);
+            let mut waits = backoff(base, cfg.reconnect_max);
             loop {
                 let (welcomed, _ended) = session::run(&cfg, &shared).await;
                 if welcomed {
-                    backoff.reset();
+                    waits = backoff(base, cfg.reconnect_max);
                 }
-                let wait = backoff.next_wait();
+                // Never exhausted (no maximum of attempts); `max` if it were.
+                let wait = waits.next().unwrap_or(cfg.reconnect_max);
                 tracing::info!(retry_in_ms = wait.as_millis() as u64, "Reconnecting.");
                 tokio::time::sleep(wait).await;
             }
@@ -155,38 +156,17 @@ pub async fn run(
     Ok(())
 }
 
-/// Capped exponential backoff with jitter: each wait is uniform in [cap/2, cap], where cap
-/// doubles from `base` up to `max`.
-#[derive(Debug)]
-pub struct Backoff {
-    base: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Backoff {
-            base,
-            max: max.max(base),
-            attempt: 0,
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    pub fn next_wait(&mut self) -> Duration {
-        let cap = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let r = std::hash::RandomState::new().build_hasher().finish();
-        let half = cap / 2;
-        half + Duration::from_nanos(r % (half.as_nanos() as u64).max(1))
-    }
+/// Capped exponential backoff with jitter (backon): each wait is uniform in
+/// [cap/2, cap), where cap doubles from `base` up to `max`. backon adds a jitter of up to
+/// one delay to each delay, so its delays run from `base/2` to `max/2`.
+pub fn backoff(base: Duration, max: Duration) -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(base / 2)
+        .with_max_delay(max.max(base) / 2)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 #[cfg(test)]
@@ -195,8 +175,8 @@ mod tests {
 
     #[test]
     fn backoff_grows_caps_and_jitters() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let waits: Vec<Duration> = (0..10).map(|_| b.next_wait()).collect();
+        let base = Duration::from_millis(100);
+        let waits: Vec<Duration> = backoff(base, Duration::from_secs(2)).take(10).collect();
         for (i, w) in waits.iter().enumerate() {
             let cap = Duration::from_millis(100 * (1 << i)).min(Duration::from_secs(2));
             assert!(
@@ -205,8 +185,13 @@ mod tests {
                 cap / 2
             );
         }
-        b.reset();
-        assert!(b.next_wait() <= Duration::from_millis(100));
+        // A new series (after a Welcome) starts again at the base.
+        assert!(backoff(base, Duration::from_secs(2)).next().unwrap() <= base);
+        // Jittered: not every series is the same.
+        let series: std::collections::HashSet<Vec<Duration>> = (0..8)
+            .map(|_| backoff(base, Duration::from_secs(2)).take(5).collect())
+            .collect();
+        assert!(series.len() > 1);
     }
 
     #[test]
