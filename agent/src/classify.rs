@@ -155,6 +155,8 @@ fn decimal(mut n: u32, buf: &mut [u8; 5]) -> &str {
             break;
         }
     }
+    // Only ASCII digits were written above: always valid UTF-8.
+    #[allow(clippy::expect_used)]
     std::str::from_utf8(&buf[i..]).expect("ASCII digits")
 }
 

@@ -150,12 +150,12 @@ impl RawConfig {
         if pool_size == 0 || pool_size > 256 {
             errs.push(format!("pool_size {pool_size} must be between 1 and 256"));
         }
-        if !errs.is_empty() {
+        let (Some(listen), Some(db), true) = (listen, db, errs.is_empty()) else {
             return Err(ConfigErrors(errs));
-        }
+        };
         Ok(ServeConfig {
-            listen: listen.expect("checked"),
-            db: db.expect("checked"),
+            listen,
+            db,
             tls_ca,
             tls_cert,
             tls_key,

@@ -147,6 +147,7 @@ pub struct MaterialView<'a> {
 
 /// Builders for tests in this and the other crates (feature `test-support`).
 #[cfg(any(test, feature = "test-support"))]
+#[allow(clippy::unwrap_used)] // test support: a bad literal should fail the test loudly
 pub mod testkit {
     use super::*;
 

@@ -155,20 +155,24 @@ impl TryFrom<v1::ListenerKey> for ListenerKey {
 
     fn try_from(k: v1::ListenerKey) -> Result<Self, WireError> {
         let family = family(k.family)?;
-        let address = match (family, k.address.len()) {
-            (Family::Ipv4, 4) => {
-                IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&k.address[..]).unwrap()))
-            }
-            (Family::Ipv6, 16) => IpAddr::V6(Ipv6Addr::from(
-                <[u8; 16]>::try_from(&k.address[..]).unwrap(),
-            )),
-            (f, n) => {
-                return Err(bad(
-                    "key.address",
-                    format!("{n} bytes for {}; IPv4 needs 4, IPv6 16", f.as_str()),
-                ));
-            }
-        };
+        let address = match family {
+            Family::Ipv4 => <[u8; 4]>::try_from(k.address.as_slice())
+                .ok()
+                .map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+            Family::Ipv6 => <[u8; 16]>::try_from(k.address.as_slice())
+                .ok()
+                .map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+        }
+        .ok_or_else(|| {
+            bad(
+                "key.address",
+                format!(
+                    "{} bytes for {}; IPv4 needs 4, IPv6 16",
+                    k.address.len(),
+                    family.as_str()
+                ),
+            )
+        })?;
         if k.port == 0 || k.port > 65535 {
             return Err(bad("key.port", format!("{} is outside 1–65535", k.port)));
         }

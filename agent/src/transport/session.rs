@@ -228,19 +228,21 @@ fn encode(p: &Pending, per_message: usize) -> Vec<v1::AgentMessage> {
             }))]
         }
         Pending::Snapshot { seq, at, state } => {
-            let mut chunks: Vec<Vec<v1::Listener>> = vec![Vec::new()];
+            let mut chunks: Vec<Vec<v1::Listener>> = Vec::new();
+            let mut cur: Vec<v1::Listener> = Vec::new();
             let mut bytes = 0;
             for r in state.values() {
                 let l = v1::Listener::from(r);
                 let size = l.encoded_len();
-                let cur = chunks.last_mut().expect("never empty");
                 if !cur.is_empty() && (cur.len() >= per_message || bytes + size > CHUNK_BYTES) {
-                    chunks.push(Vec::new());
+                    chunks.push(std::mem::take(&mut cur));
                     bytes = 0;
                 }
                 bytes += size;
-                chunks.last_mut().expect("never empty").push(l);
+                cur.push(l);
             }
+            // The last chunk, also when the snapshot is empty (one empty, final chunk).
+            chunks.push(cur);
             let n = chunks.len();
             chunks
                 .into_iter()
