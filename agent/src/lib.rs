@@ -9,14 +9,14 @@
 //! and certificate loading are shared with the collector in `listenscope_core`), and
 //! `transport` streams to the collector.
 
-pub mod attribution;
-pub mod classify;
+mod attribution;
+mod classify;
 pub mod cli;
 pub mod config;
-pub mod fasthash;
+mod fasthash;
 pub mod model;
 pub mod os;
-pub mod output;
-pub mod record;
+mod output;
+mod record;
 pub mod scan;
 pub mod transport;

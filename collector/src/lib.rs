@@ -8,14 +8,14 @@
 //! `cli` and `quickstart` are the faces.
 
 pub mod cli;
-pub mod config;
+mod config;
 pub mod history;
 pub mod ingest;
-pub mod metrics;
+mod metrics;
 pub mod pki;
 pub mod query;
 #[cfg(feature = "quickstart")]
-pub mod quickstart;
+mod quickstart;
 pub mod retention;
 pub mod server;
 pub mod store;

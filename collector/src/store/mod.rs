@@ -8,10 +8,10 @@
 //! stored and acknowledged, or not stored at all, and a retry is recognized.
 
 mod flow;
-pub mod plan;
-pub mod postgres;
+pub(crate) mod plan;
+pub(crate) mod postgres;
 mod row;
-pub mod sqlite;
+pub(crate) mod sqlite;
 
 pub use flow::Message;
 
