@@ -15,16 +15,17 @@ use std::time::Duration;
 
 use listenscope_core::fingerprint::Fingerprints;
 use listenscope_core::record::ListenerRecord;
+use sqlx::query_builder::Separated;
 use sqlx::sqlite::{
-    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
-    SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
 use super::flow::{self, Backend, HostRow, HostUpdate};
 use super::plan::{LiveRow, Plan};
-use super::row::{self, COLUMNS, RECORD_COLUMNS, Val};
+use super::row::{self, RECORD_COLUMNS, Val};
 use super::{HostSession, StoreError, StoreOptions};
 use crate::timefmt;
 
@@ -149,21 +150,14 @@ impl SqliteStore {
     }
 }
 
-/// `?,?,…`: a bind list of `n` parameters.
-fn question_marks(n: usize) -> String {
-    vec!["?"; n].join(",")
-}
-
-fn bind_val<'q>(
-    q: sqlx::query::Query<'q, Sqlite, SqliteArguments>,
-    v: Val<'_>,
-) -> sqlx::query::Query<'q, Sqlite, SqliteArguments> {
+/// Binds one column value (times in the stored text format).
+fn bind_val(b: &mut Separated<'_, Sqlite, &'static str>, v: Val<'_>) {
     match v {
-        Val::Text(s) => q.bind(s.map(|s| s.into_owned())),
-        Val::Int(i) => q.bind(i),
-        Val::Bool(b) => q.bind(b),
-        Val::Time(t) => q.bind(timefmt::format(t)),
-    }
+        Val::Text(s) => b.push_bind(s.map(|s| s.into_owned())),
+        Val::Int(i) => b.push_bind(i),
+        Val::Bool(v) => b.push_bind(v),
+        Val::Time(t) => b.push_bind(timefmt::format(t)),
+    };
 }
 
 impl Backend for SqliteStore {
@@ -196,7 +190,7 @@ impl Backend for SqliteStore {
         keys: Option<&[&str]>,
     ) -> Result<HashMap<String, LiveRow>, StoreError> {
         const SELECT: &str = "SELECT id, lkey, material_hash, full_hash, first_seen, valid_from
-                              FROM listener WHERE host_id = ? AND valid_to IS NULL";
+                              FROM listener WHERE valid_to IS NULL AND host_id = ";
         let mut out = HashMap::new();
         let mut collect = |rows: Vec<SqliteRow>| -> Result<(), StoreError> {
             for r in rows {
@@ -213,16 +207,23 @@ impl Backend for SqliteStore {
             }
             Ok(())
         };
+        let select = || {
+            let mut q = QueryBuilder::<Sqlite>::new(SELECT);
+            q.push_bind(host_id);
+            q
+        };
         match keys {
-            None => collect(sqlx::query(SELECT).bind(host_id).fetch_all(&mut *c).await?)?,
+            None => collect(select().build().fetch_all(&mut *c).await?)?,
             Some(keys) => {
                 for chunk in keys.chunks(IN_CHUNK) {
-                    let sql = format!("{SELECT} AND lkey IN ({})", question_marks(chunk.len()));
-                    let mut q = sqlx::query(AssertSqlSafe(sql)).bind(host_id);
+                    let mut q = select();
+                    q.push(" AND lkey IN (");
+                    let mut list = q.separated(",");
                     for k in chunk {
-                        q = q.bind(*k);
+                        list.push_bind(*k);
                     }
-                    collect(q.fetch_all(&mut *c).await?)?;
+                    q.push(")");
+                    collect(q.build().fetch_all(&mut *c).await?)?;
                 }
             }
         }
@@ -269,17 +270,15 @@ impl Backend for SqliteStore {
             q.push(") AS v WHERE listener.id = v.column1");
             q.build().execute(&mut *c).await?;
         }
-        let insert = format!("INSERT INTO listener ({}) VALUES ", row::column_list());
-        let one = format!("({})", question_marks(COLUMNS.len()));
+        let insert = format!("INSERT INTO listener ({}) ", row::column_list());
         for chunk in p.insert.chunks(INSERT_CHUNK) {
-            let sql = format!("{insert}{}", vec![one.as_str(); chunk.len()].join(","));
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for n in chunk {
+            let mut q = QueryBuilder::<Sqlite>::new(&insert);
+            q.push_values(chunk, |mut b, n| {
                 for v in row::values(host_id, n) {
-                    q = bind_val(q, v);
+                    bind_val(&mut b, v);
                 }
-            }
-            q.execute(&mut *c).await?;
+            });
+            q.build().execute(&mut *c).await?;
         }
         Ok(())
     }
