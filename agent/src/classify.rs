@@ -537,6 +537,22 @@ mod tests {
         }
     }
 
+    /// Differential: the hand-written form equals the C library's `inet_ntop` over every
+    /// address whose eight words are each 0, 1, 0xffff or 0xa00 (65,536 addresses: every
+    /// zero-run layout, the v4-mapped and v4-compatible forms glibc prints with dots).
+    #[test]
+    fn ntop6_matches_the_c_library_everywhere() {
+        const WORDS: [u16; 4] = [0, 1, 0xffff, 0x0a00];
+        for n in 0..4u32.pow(8) {
+            let mut w = [0u16; 8];
+            for (i, word) in w.iter_mut().enumerate() {
+                *word = WORDS[(n / 4u32.pow(i as u32) % 4) as usize];
+            }
+            let a = Ipv6Addr::from(w);
+            assert_eq!(glibc_ntop6(a), crate::os::libc_inet_ntop6(a), "{w:x?}");
+        }
+    }
+
     #[track_caller]
     fn hidden(sockets: &[(u16, Family, Reach)], expect: &[u16]) {
         let got = hidden_ipv4_groups(sockets.iter().copied());

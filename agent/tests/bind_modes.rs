@@ -3,6 +3,12 @@
 //! namespace (and from the socket's own namespace for loopback), and `shown_as` is
 //! exactly what real `netstat -tuln` prints for it.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
+)]
+
 mod util;
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};

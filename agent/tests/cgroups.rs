@@ -1,12 +1,18 @@
 //! Container and unit attribution from the socket's own cgroup (INET_DIAG_CGROUP_ID),
 //! with real cgroup v2 directories laid out the way docker and systemd lay them out.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
+)]
+
 mod util;
 
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use util::*;
 
@@ -38,17 +44,8 @@ impl Drop for Cgroup {
     }
 }
 
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts a listener on `port` in `ns`, created by a process that lives in `cgroup`.
-fn listener_in_cgroup(ns: &Netns, cgroup: &Path, port: u16) -> Kill {
+fn listener_in_cgroup(ns: &Netns, cgroup: &Path, port: u16) -> Proc {
     let script = format!(
         "import socket,time\n\
          s=socket.socket(socket.AF_INET6)\n\
@@ -75,7 +72,7 @@ fn listener_in_cgroup(ns: &Netns, cgroup: &Path, port: u16) -> Kill {
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line.trim(), "ready", "listener did not start");
-    Kill(child)
+    Proc(child)
 }
 
 #[test]

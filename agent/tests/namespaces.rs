@@ -1,37 +1,25 @@
 //! Every network namespace is found — named ones, ones only a process holds, ones kept
 //! alive by an nsfs bind mount elsewhere — each once, with the right name.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
+)]
+
 mod util;
 
 use std::fs::{self, File};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use socket2::Socket;
 use util::*;
 
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Opens `bind` inside the namespace behind an nsfs file (`/proc/PID/ns/net`, a mount…).
 fn open_in(nsfile: &str, bind: Bind) -> Socket {
-    let f = File::open(nsfile).unwrap();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on an open nsfs fd, this thread only.
-            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            bind.open()
-        })
-        .join()
-        .unwrap()
-    })
+    enter_netns(nsfile, || bind.open())
 }
 
 fn names_by_inode(doc: &serde_json::Value) -> Vec<(u64, String)> {
@@ -52,7 +40,7 @@ fn names_by_inode(doc: &serde_json::Value) -> Vec<(u64, String)> {
 fn finds_every_namespace_once() {
     // 1. A named namespace, also entered by a process: listed once, by its name.
     let named = Netns::new();
-    let _inside = Kill(
+    let _inside = Proc(
         Command::new("ip")
             .args(["netns", "exec", &named.name, "sleep", "300"])
             .stdout(Stdio::null())
@@ -62,29 +50,27 @@ fn finds_every_namespace_once() {
     let _s1 = named.enter(|| Bind::tcp("::", 9001).v6only(false).open());
 
     // 2. A namespace only a process holds.
-    let holder = Kill(
+    let holder = Proc(
         Command::new("unshare")
             .args(["-n", "sleep", "300"])
             .spawn()
             .unwrap(),
     );
     let link = format!("/proc/{}/ns/net", holder.0.id());
-    // unshare needs a moment to switch namespaces before exec'ing sleep.
+    // unshare switches namespaces before exec'ing sleep: wait until it has.
     let host_ino = fs::metadata("/proc/self/ns/net").unwrap().ino();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while fs::metadata(&link).map(|m| m.ino()).unwrap_or(host_ino) == host_ino {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "unshare did not switch namespaces"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let orphan_ino = fs::metadata(&link).unwrap().ino();
+    let orphan_ino = wait_for(
+        Duration::from_secs(5),
+        "unshare in its own namespace",
+        || match fs::metadata(&link).map(|m| m.ino()) {
+            Ok(ino) if ino != host_ino => Ok(ino),
+            other => Err(format!("{link}: {other:?}")),
+        },
+    );
     let _s2 = open_in(&link, Bind::tcp("0.0.0.0", 9002));
 
     // 3. A namespace kept alive only by an nsfs bind mount outside /run/netns.
-    let dir = std::env::temp_dir().join(format!("lst-mnt-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("mnt");
     let mount_file = dir.join("netns");
     File::create(&mount_file).unwrap();
     let mounted = Netns::new();
@@ -98,11 +84,11 @@ fn finds_every_namespace_once() {
         ],
     );
     drop(mounted); // `ip netns del`: now only our mount keeps it alive
+    // Unmounted before `dir` goes (dropped first: declared later).
     struct Umount(std::path::PathBuf);
     impl Drop for Umount {
         fn drop(&mut self) {
             let _ = Command::new("umount").arg(&self.0).status();
-            let _ = fs::remove_dir_all(self.0.parent().unwrap());
         }
     }
     let _umount = Umount(mount_file.clone());

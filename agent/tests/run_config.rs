@@ -1,12 +1,18 @@
 //! `listenscope-agent run` refuses bad configuration with every problem named, and keeps
 //! running (retrying) with a clear message when its certificate files are wrong.
 
-use std::process::{Command, Stdio};
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
+)]
+
+mod util;
+
+use std::process::Stdio;
 use std::time::Duration;
 
-fn agent() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_listenscope-agent"))
-}
+use util::{Proc, TempDir, agent_command as agent, wait_for};
 
 #[test]
 fn missing_settings_are_listed_together() {
@@ -49,8 +55,7 @@ fn missing_settings_are_listed_together() {
 
 #[test]
 fn config_file_unknown_keys_are_errors() {
-    let dir = std::env::temp_dir().join(format!("lst-agentcfg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("agentcfg");
     let cfg = dir.join("agent.toml");
     std::fs::write(&cfg, "collector = \"https://c:7443\"\nintervall = \"5s\"\n").unwrap();
     let o = agent()
@@ -62,38 +67,44 @@ fn config_file_unknown_keys_are_errors() {
         !o.status.success() && e.contains("unknown field") && e.contains("intervall"),
         "{e}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn unreadable_certificates_are_named_and_retried() {
-    let mut child = agent()
-        .args([
-            "run",
-            "--collector",
-            "https://127.0.0.1:9",
-            "--tls-ca",
-            "/nonexistent/ca.pem",
-        ])
-        .args([
-            "--tls-cert",
-            "/nonexistent/h1.pem",
-            "--tls-key",
-            "/nonexistent/h1.key",
-        ])
-        .args(["--reconnect-max", "200ms", "--netns", "current"])
-        .env("LISTENSCOPE_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    child.kill().unwrap();
-    let out = child.wait_with_output().unwrap();
-    let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("/nonexistent/ca.pem: cannot read it"), "{e}");
-    assert!(
-        e.matches("Reconnecting.").count() >= 2,
-        "it keeps retrying: {e}"
+    let dir = TempDir::new("agentcerts");
+    let log = dir.join("agent.log");
+    let mut agent = Proc(
+        agent()
+            .args([
+                "run",
+                "--collector",
+                "https://127.0.0.1:9",
+                "--tls-ca",
+                "/nonexistent/ca.pem",
+            ])
+            .args([
+                "--tls-cert",
+                "/nonexistent/h1.pem",
+                "--tls-key",
+                "/nonexistent/h1.key",
+            ])
+            .args(["--reconnect-max", "200ms", "--netns", "current"])
+            .env("LISTENSCOPE_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
     );
+    // It keeps running and retrying: a second reconnect is logged, the process still runs.
+    let e = wait_for(Duration::from_secs(20), "two reconnect attempts", || {
+        let e = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Ok(Some(status)) = agent.0.try_wait() {
+            panic!("the agent exited ({status}) instead of retrying: {e}");
+        }
+        match e.matches("Reconnecting.").count() {
+            2.. => Ok(e),
+            _ => Err(e),
+        }
+    });
+    assert!(e.contains("/nonexistent/ca.pem: cannot read it"), "{e}");
 }

@@ -1,22 +1,20 @@
 //! Without root the scan still runs, shows what it can, and says what it could not see and
 //! which capability would fix it.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
+)]
+
 mod util;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use util::*;
 
 const NOBODY: &str = "65534";
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn as_nobody(args: &[&str]) -> (bool, String, String) {
     let out = Command::new("setpriv")
@@ -39,6 +37,18 @@ fn as_nobody(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Whether process `pid` is `sleep` running as nobody (every uid).
+fn is_nobodys_sleep(pid: &str) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let uid_nobody = |l: &str| {
+        l.strip_prefix("Uid:")
+            .is_some_and(|u| u.split_whitespace().all(|id| id == NOBODY))
+    };
+    status.lines().any(|l| l == "Name:\tsleep") && status.lines().any(uid_nobody)
+}
+
 #[test]
 fn unprivileged_scan_says_what_it_could_not_see() {
     // One namespace with a process of nobody's inside (readable through /proc/PID/net),
@@ -52,7 +62,7 @@ fn unprivileged_scan_says_what_it_could_not_see() {
         ]
     });
     let _hidden_socket = hidden.enter(|| Bind::tcp("::", 9302).v6only(false).open());
-    let _member = Kill(
+    let _member = Proc(
         Command::new("ip")
             .args([
                 "netns",
@@ -69,22 +79,17 @@ fn unprivileged_scan_says_what_it_could_not_see() {
             .spawn()
             .unwrap(),
     );
-    // Wait until nobody's sleep is running inside the namespace.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let out = Command::new("ip")
-            .args(["netns", "pids", &visible.name])
-            .output()
-            .unwrap();
-        if !out.stdout.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "member process did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // Ready once it is nobody's `sleep` (not yet `ip` or `setpriv`, still root's).
+    wait_until(
+        Duration::from_secs(5),
+        "nobody's sleep running inside the namespace",
+        || {
+            let pids = run("ip", &["netns", "pids", &visible.name]).stdout;
+            String::from_utf8_lossy(&pids)
+                .split_whitespace()
+                .any(is_nobodys_sleep)
+        },
+    );
 
     let (ok, stdout, stderr) = as_nobody(&["scan", "--json"]);
     assert!(ok, "unprivileged scan must still run: {stderr}");

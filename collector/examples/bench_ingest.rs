@@ -5,6 +5,11 @@
 //! itself copying the same rows into an identically indexed twin table (`INSERT … SELECT`,
 //! no client round trips, no parameters, no planning). Prints a Markdown table.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark program: a failed step should stop it loudly"
+)]
 #![allow(clippy::print_stdout)]
 
 use std::net::IpAddr;

@@ -1,6 +1,12 @@
 //! The command line as an operator meets it: certificates, configuration mistakes,
 //! read-only queries in three formats, and the quickstart.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
+)]
+
 mod util;
 
 use std::process::{Command, Output};
@@ -265,12 +271,16 @@ async fn diff_and_point_in_time_from_the_command_line() {
     v6only.reach_ipv4 = v1::Reach::None as i32;
     v6only.trap = false;
     v6only.hidden_ipv4_exposure = false; // as the agent reports a v6-only socket
-    s.send(snapshot(1, vec![v6only.clone()])).await;
+    // Observation times chosen, not waited for: the v6-only socket seen a minute ago, the
+    // flip to dual-stack 30 s later, and `before` between the two.
+    let seen = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    let flipped = seen + time::Duration::seconds(30);
+    let before = seen + time::Duration::seconds(10);
+    s.send(snapshot_at(1, seen, vec![v6only.clone()])).await;
     s.recv().await.unwrap();
-    let before = time::OffsetDateTime::now_utc();
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    s.send(delta(
+    s.send(delta_at(
         2,
+        flipped,
         vec![listener("host", 80)],
         vec![v6only.key.clone().unwrap()],
     ))
@@ -294,6 +304,13 @@ async fn diff_and_point_in_time_from_the_command_line() {
     assert!(
         out.contains("IPv4 none → any") && out.contains("hidden from netstat no → yes"),
         "{out}"
+    );
+    let o = collector(&["diff", "--db", &url, "--since", &rfc(before), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v.as_array().unwrap().len(),
+        3,
+        "since `before`: the flip only (closed, opened, exposure): {v}"
     );
     let o = collector(&[
         "diff",

@@ -3,6 +3,12 @@
 //! (a function of the database URL) and instantiated per backend by `suite!`, so both
 //! databases answer every question the same way.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
+)]
+
 mod util;
 
 use std::net::IpAddr;

@@ -14,6 +14,12 @@
 //! - after a graceful restart the database still holds everything acknowledged: the
 //!   collector resumes every session where the agents' acknowledgements say.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
+)]
+
 mod util;
 
 use std::collections::BTreeSet;

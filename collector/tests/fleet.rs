@@ -4,10 +4,15 @@
 //! up as a change; the collector killed mid-stream and restarted ends with a store that
 //! matches reality, nothing duplicated, no change lost (observed while it was down).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
+)]
+
 mod util;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use listenscope_collector::query::{Param, ReadOnly};
 use listenscope_collector::store::DbUrl;
@@ -68,6 +73,16 @@ async fn fleet(db: DbUrl) {
     let port = free_port("0.0.0.0").port();
     let listen: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
     let log = |n: &str| dir.path().join(n);
+    let _logs = LogsOnPanic(
+        [
+            "collector-1.log",
+            "collector-2.log",
+            "agent-h1.log",
+            "agent-h2.log",
+        ]
+        .map(log)
+        .to_vec(),
+    );
     let mut collector = spawn_collector(&pki, &db, listen, None, &log("collector-1.log"));
     wait_listening(format!("127.0.0.1:{port}").parse().unwrap()).await;
 
@@ -130,10 +145,22 @@ async fn fleet(db: DbUrl) {
     // Kill the collector mid-stream; change both hosts while it is down.
     collector.kill();
     let killed_at = OffsetDateTime::now_utc();
+    let (a_log, b_log) = (log("agent-h1.log"), log("agent-h2.log"));
+    let (a_queued, b_queued) = (queued_changes(&a_log), queued_changes(&b_log));
     let _late = a.enter(|| tcp_listener("::", 8080, Some(false)));
     drop(dns);
     drop(b_socks.remove(0)); // 0.0.0.0:80 on h2: now only the v6-only :::80 remains
-    tokio::time::sleep(Duration::from_millis(2500)).await; // several scans queue deltas
+    // The agents' scans see the changes while the collector is down and queue them as
+    // deltas: one on h1 (8080 opened), two on h2 (udp/53 and tcp 0.0.0.0:80 closed).
+    eventually(
+        20,
+        "the changes made during the outage queued by both agents",
+        || {
+            let (a_log, b_log) = (&a_log, &b_log);
+            async move { queued_changes(a_log) > a_queued && queued_changes(b_log) >= b_queued + 2 }
+        },
+    )
+    .await;
     let restarted_at = OffsetDateTime::now_utc();
     let mut collector = spawn_collector(&pki, &db, listen, None, &log("collector-2.log"));
 

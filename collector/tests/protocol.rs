@@ -2,6 +2,12 @@
 //! SQLite): acknowledgements only after commit, idempotent retries, resume, resync on a
 //! gap, chunked snapshots, and refusal of malformed input with nothing stored.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
+)]
+
 mod util;
 
 use listenscope_collector::store::DbUrl;

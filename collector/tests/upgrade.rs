@@ -3,6 +3,12 @@
 //! same agents sending the same state, records zero `changed` (or any other) events.
 //! The fixture and how it was made: `tests/fixtures/README.md`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
+)]
+
 mod util;
 
 use listenscope_collector::store::{Applied, DbUrl, Store, StoreOptions};

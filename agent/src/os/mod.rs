@@ -183,16 +183,17 @@ fn read_local_addrs() -> Result<LocalAddrs, netlink::DumpError> {
 
 /// Interface name in the calling thread's namespace; `if#N` when it is gone.
 fn ifname(index: u32) -> String {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: buf has IF_NAMESIZE bytes as if_indextoname requires.
-    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: `buf` is a writable array of IF_NAMESIZE bytes, the size if_indextoname
+    // requires; it writes at most that many bytes, NUL included, and keeps no pointer.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
     if p.is_null() {
         return format!("if#{index}");
     }
-    // SAFETY: on success buf holds a NUL-terminated name.
-    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
+    match std::ffi::CStr::from_bytes_until_nul(&buf) {
+        Ok(name) => name.to_string_lossy().into_owned(),
+        Err(_) => format!("if#{index}"), // no NUL: not what the C library promises
+    }
 }
 
 /// Fallback without CAP_SYS_ADMIN: a member process's `/proc/PID/net` tables.
@@ -217,4 +218,38 @@ fn read_via_procfs(ns: &NetnsEntry, protocols: &[Protocol]) -> Result<NetnsView,
         }
     }
     Err(last.unwrap_or(ReadError::NoAccess))
+}
+
+/// The C library's own `inet_ntop(AF_INET6, …)`: the reference the classifier's
+/// `glibc_ntop6` is held to in its tests.
+#[cfg(test)]
+pub(crate) fn libc_inet_ntop6(a: std::net::Ipv6Addr) -> String {
+    // glibc's <arpa/inet.h>; the libc crate does not declare it.
+    unsafe extern "C" {
+        fn inet_ntop(
+            af: libc::c_int,
+            src: *const libc::c_void,
+            dst: *mut libc::c_char,
+            size: libc::socklen_t,
+        ) -> *const libc::c_char;
+    }
+    const INET6_ADDRSTRLEN: usize = 46;
+    let src = a.octets();
+    let mut buf = [0u8; INET6_ADDRSTRLEN];
+    // SAFETY: `src` is the 16-byte in6_addr AF_INET6 needs; `buf` is writable for
+    // INET6_ADDRSTRLEN bytes, the size passed, which inet_ntop never exceeds (NUL
+    // included); neither pointer is kept after the call.
+    let p = unsafe {
+        inet_ntop(
+            libc::AF_INET6,
+            src.as_ptr().cast(),
+            buf.as_mut_ptr().cast(),
+            INET6_ADDRSTRLEN as libc::socklen_t,
+        )
+    };
+    assert!(!p.is_null(), "inet_ntop failed for {a:?}");
+    match std::ffi::CStr::from_bytes_until_nul(&buf) {
+        Ok(s) => s.to_string_lossy().into_owned(),
+        Err(_) => panic!("inet_ntop wrote no NUL for {a:?}"),
+    }
 }

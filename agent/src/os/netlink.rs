@@ -88,7 +88,9 @@ impl Netlink {
             tv_sec: RECV_TIMEOUT_SECS,
             tv_usec: 0,
         };
-        // SAFETY: valid fd, pointer to a live timeval of the stated size.
+        // SAFETY: `socket` owns an open fd for the whole call; `tv` is a live, initialized
+        // `timeval` on this stack frame and the length passed is exactly its size, which is
+        // what SO_RCVTIMEO reads. The kernel copies it and keeps no pointer to it.
         let rc = unsafe {
             libc::setsockopt(
                 socket.as_raw_fd(),
@@ -126,9 +128,9 @@ impl Netlink {
             let mut off = 0;
             while off + 16 <= n {
                 let b = &self.buf[off..n];
-                let len = u32::from_ne_bytes(b[0..4].try_into().unwrap()) as usize;
-                let kind = u16::from_ne_bytes(b[4..6].try_into().unwrap());
-                let seq = u32::from_ne_bytes(b[8..12].try_into().unwrap());
+                let len = u32::from_ne_bytes(array_at(b, 0)) as usize;
+                let kind = u16::from_ne_bytes(array_at(b, 4));
+                let seq = u32::from_ne_bytes(array_at(b, 8));
                 if len < 16 || len > b.len() {
                     return Err(DumpError::Decode(format!(
                         "message length {len} outside the {} bytes received",
@@ -143,15 +145,15 @@ impl Netlink {
                 match kind {
                     NLMSG_DONE => {
                         let code = payload
-                            .get(0..4)
-                            .map(|c| i32::from_ne_bytes(c.try_into().unwrap()))
+                            .first_chunk()
+                            .map(|c| i32::from_ne_bytes(*c))
                             .unwrap_or(0);
                         return done_code(code);
                     }
                     NLMSG_ERROR => {
                         let code = payload
-                            .get(0..4)
-                            .map(|c| i32::from_ne_bytes(c.try_into().unwrap()))
+                            .first_chunk()
+                            .map(|c| i32::from_ne_bytes(*c))
                             .ok_or_else(|| DumpError::Decode("short NLMSG_ERROR".into()))?;
                         return done_code(code);
                     }
@@ -220,6 +222,15 @@ impl Netlink {
     }
 }
 
+/// The `N` bytes of `b` at `off`. Callers check the length first; a short `b` panics like
+/// slice indexing would.
+#[inline]
+fn array_at<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
+    let mut a = [0; N];
+    a.copy_from_slice(&b[off..off + N]);
+    a
+}
+
 fn done_code(code: i32) -> Result<(), DumpError> {
     match -code {
         0 => Ok(()),
@@ -246,7 +257,7 @@ pub fn decode_inet_diag(payload: &[u8], protocol: Protocol) -> Result<RawSocket,
             payload.len()
         )));
     }
-    let u32_at = |off: usize| u32::from_ne_bytes(payload[off..off + 4].try_into().unwrap());
+    let u32_at = |off: usize| u32::from_ne_bytes(array_at(payload, off));
     let family = match payload[0] {
         AF_INET => Family::Ipv4,
         AF_INET6 => Family::Ipv6,
@@ -257,7 +268,7 @@ pub fn decode_inet_diag(payload: &[u8], protocol: Protocol) -> Result<RawSocket,
         }
     };
     let port = u16::from_be_bytes([payload[4], payload[5]]);
-    let src: [u8; 16] = payload[8..24].try_into().unwrap();
+    let src: [u8; 16] = array_at(payload, 8);
     let address = match family {
         Family::Ipv4 => IpAddr::V4(Ipv4Addr::new(src[0], src[1], src[2], src[3])),
         Family::Ipv6 => IpAddr::V6(Ipv6Addr::from(src)),
@@ -279,7 +290,7 @@ pub fn decode_inet_diag(payload: &[u8], protocol: Protocol) -> Result<RawSocket,
         match kind {
             INET_DIAG_SKV6ONLY if !v.is_empty() => v6only = Some(v[0] != 0),
             INET_DIAG_CGROUP_ID if v.len() == 8 => {
-                cgroup_id = Some(u64::from_ne_bytes(v.try_into().unwrap()));
+                cgroup_id = Some(u64::from_ne_bytes(array_at(v, 0)));
             }
             INET_DIAG_SOCKOPT if !v.is_empty() => {
                 freebind = Some(v[0] & 0x04 != 0);
@@ -334,7 +345,7 @@ pub fn decode_socket(payload: &[u8], protocol: Protocol) -> Result<RawSocket, Du
                 attr.emit_value(&mut value[..len]);
                 match attr.kind() {
                     INET_DIAG_CGROUP_ID if len == 8 => {
-                        cgroup_id = Some(u64::from_ne_bytes(value[..8].try_into().unwrap()));
+                        cgroup_id = Some(u64::from_ne_bytes(array_at(&value, 0)));
                     }
                     INET_DIAG_SOCKOPT if len >= 1 => {
                         freebind = Some(value[0] & 0x04 != 0);
@@ -385,8 +396,8 @@ fn decode_local_route(payload: &[u8], out: &mut LocalAddrs) -> Result<(), DumpEr
         let v = &attrs[4..len];
         match kind {
             RTA_DST => dst = Some(v),
-            RTA_OIF if v.len() == 4 => oif = u32::from_ne_bytes(v.try_into().unwrap()),
-            RTA_TABLE if v.len() == 4 => table = u32::from_ne_bytes(v.try_into().unwrap()),
+            RTA_OIF if v.len() == 4 => oif = u32::from_ne_bytes(array_at(v, 0)),
+            RTA_TABLE if v.len() == 4 => table = u32::from_ne_bytes(array_at(v, 0)),
             _ => {}
         }
         attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
@@ -400,7 +411,7 @@ fn decode_local_route(payload: &[u8], out: &mut LocalAddrs) -> Result<(), DumpEr
                 .push((Ipv4Addr::new(d[0], d[1], d[2], d[3]), dst_len));
         }
         (libc::AF_INET6, Some(d)) if d.len() == 16 => {
-            let octets: [u8; 16] = d.try_into().unwrap();
+            let octets: [u8; 16] = array_at(d, 0);
             out.v6.push((Ipv6Addr::from(octets), dst_len, oif));
         }
         _ => {}

@@ -213,7 +213,10 @@ pub fn enter(handles: &[PathBuf], expect_inode: u64) -> io::Result<()> {
         if file.metadata().map(|m| m.ino()).ok() != Some(expect_inode) {
             continue;
         }
-        // SAFETY: setns on an owned, open fd; affects only this thread.
+        // SAFETY: `file` owns an open nsfs fd for the whole call, and CLONE_NEWNET makes the
+        // kernel refuse any other kind of namespace. setns touches no memory of ours; it
+        // moves only the calling thread, which `enter`'s contract reserves for this one
+        // namespace (no other work runs on it afterwards).
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
         if rc == 0 {
             return Ok(());

@@ -138,15 +138,6 @@ impl DeltaWork {
                 .collect(),
         }
     }
-
-    /// Every key the delta touches: the live rows the plan needs.
-    pub fn keys(&self) -> Vec<&str> {
-        self.upserts
-            .iter()
-            .map(|u| u.lkey.as_str())
-            .chain(self.closes.iter().map(String::as_str))
-            .collect()
-    }
 }
 
 /// The canonical key string stored in `listener.lkey` (unit-separator joined; unique per

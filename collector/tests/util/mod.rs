@@ -1,16 +1,22 @@
-//! Test harness for the collector: a private CA in a temp directory, collectors in process
-//! or as real processes, raw protocol clients with any certificate, agents as real
-//! processes inside their own network namespaces, and read-only queries.
+//! The collector's test harness: the shared kit (`listenscope-testkit`: temp dirs,
+//! processes, namespaces, real sockets, bounded waits, re-exported here) plus what only the
+//! collector's tests need: a private CA, collectors in process or as real processes, raw
+//! protocol clients with any certificate and message builders, agents as real processes
+//! inside their own network namespaces, and read-only queries. PostgreSQL: `pg`.
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
+)]
 
 pub mod pg;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use listenscope_collector::ingest::Limits;
 use listenscope_collector::query::{Param, ReadOnly, ResultSet};
@@ -23,36 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-pub fn require_root() {
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        panic!("these tests build network namespaces and need root: run `scripts/test` as root");
-    }
-}
-
-/// A directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("lst-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use listenscope_testkit::*;
 
 /// Name the collector's certificate carries; clients connect with it as SNI.
 pub const SERVER_NAME: &str = "collector.test";
@@ -226,7 +203,12 @@ pub fn hello(session: u8, acked: u64, os_hostname: &str) -> v1::AgentMessage {
 }
 
 pub fn now_ts() -> prost_types::Timestamp {
-    listenscope_core::wire::timestamp(time::OffsetDateTime::now_utc())
+    ts(time::OffsetDateTime::now_utc())
+}
+
+/// `at` on the wire.
+pub fn ts(at: time::OffsetDateTime) -> prost_types::Timestamp {
+    listenscope_core::wire::timestamp(at)
 }
 
 /// A valid wire listener: TCP `::`:port dual-stack (the trap).
@@ -266,24 +248,45 @@ pub fn listener(netns: &str, port: u32) -> v1::Listener {
     }
 }
 
+/// A one-chunk snapshot observed now.
 pub fn snapshot(seq: u64, listeners: Vec<v1::Listener>) -> v1::AgentMessage {
+    snapshot_at(seq, time::OffsetDateTime::now_utc(), listeners)
+}
+
+/// A one-chunk snapshot observed at `at`.
+pub fn snapshot_at(
+    seq: u64,
+    at: time::OffsetDateTime,
+    listeners: Vec<v1::Listener>,
+) -> v1::AgentMessage {
     msg(v1::agent_message::Body::Snapshot(v1::SnapshotChunk {
         sequence: seq,
         chunk_index: 0,
         last: true,
-        observed_at: Some(now_ts()),
+        observed_at: Some(ts(at)),
         listeners,
     }))
 }
 
+/// A delta observed now.
 pub fn delta(
     seq: u64,
     opened: Vec<v1::Listener>,
     closed: Vec<v1::ListenerKey>,
 ) -> v1::AgentMessage {
+    delta_at(seq, time::OffsetDateTime::now_utc(), opened, closed)
+}
+
+/// A delta observed at `at`.
+pub fn delta_at(
+    seq: u64,
+    at: time::OffsetDateTime,
+    opened: Vec<v1::Listener>,
+    closed: Vec<v1::ListenerKey>,
+) -> v1::AgentMessage {
     msg(v1::agent_message::Body::Delta(v1::Delta {
         sequence: seq,
-        observed_at: Some(now_ts()),
+        observed_at: Some(ts(at)),
         opened,
         closed,
         changed: vec![],
@@ -317,17 +320,13 @@ pub fn text(p: &str) -> Param {
     Param::Text(Some(p.to_string()))
 }
 
-/// Polls until `check` holds (or panics after `secs`).
-pub async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+/// Polls until `check` holds (or panics after `secs`): [`wait_until_async`] in seconds.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_async(Duration::from_secs(secs), what, check).await;
 }
 
 /// The agent binary, built by `cargo test --workspace` next to this test binary.
@@ -346,31 +345,6 @@ pub fn agent_bin() -> PathBuf {
 
 pub fn collector_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_listenscope-collector"))
-}
-
-/// A child process killed (SIGKILL) and reaped on drop.
-pub struct Proc(pub Child);
-
-impl Proc {
-    pub fn pid(&self) -> u32 {
-        self.0.id()
-    }
-    pub fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-    /// SIGTERM, then wait (graceful shutdown path).
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        self.0.wait().unwrap()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// Starts `listenscope-collector serve` as a real process.
@@ -406,107 +380,33 @@ pub fn spawn_collector(
     Proc(cmd.spawn().expect("spawn collector"))
 }
 
-/// A free TCP port on `ip` (bound and released; the tiny race is acceptable in tests).
-pub fn free_port(ip: &str) -> SocketAddr {
-    let l = std::net::TcpListener::bind(format!("{ip}:0")).unwrap();
-    l.local_addr().unwrap()
-}
-
-/// Waits until something accepts TCP connections at `addr`.
-pub async fn wait_listening(addr: SocketAddr) {
-    eventually(
-        20,
-        &format!("collector listening on {addr}"),
-        || async move { tokio::net::TcpStream::connect(addr).await.is_ok() },
-    )
-    .await;
-}
-
-/// Runs a command, panicking with its stderr when it fails.
-pub fn run(program: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(program).args(args).output().expect(program);
-    assert!(
-        out.status.success(),
-        "{program} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A network namespace joined to the host by a veth pair: host side `10.77.N.1/24`,
-/// namespace side `10.77.N.2/24`, N unique in this test process (tests run in parallel and
-/// share the host's routing table). Deleted on drop.
+/// A network namespace joined to the host by a veth link on a subnet of its own
+/// ([`HostLink`]): host side `10.77.N.1/24` (`host_ip`), namespace side `10.77.N.2/24`.
+/// Derefs to its [`Netns`] (`name`, `enter`, `exec`…). Deleted on drop.
+#[derive(Debug)]
 pub struct HostNs {
-    pub name: String,
+    /// Dropped first: the host's end of the link goes before the namespace.
+    link: HostLink,
     pub host_if: String,
     pub host_ip: String,
+    ns: Netns,
 }
 
 impl HostNs {
     pub fn new() -> HostNs {
-        static SUBNET: AtomicUsize = AtomicUsize::new(1);
-        require_root();
-        let n = SUBNET.fetch_add(1, Ordering::SeqCst);
-        assert!(n < 250, "out of test subnets");
-        let c = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let pid = std::process::id();
-        let name = format!("lsc-{pid}-{c}");
-        let host_if = format!("lc{}h{c}", pid % 100_000);
-        let ns_if = format!("lc{}n{c}", pid % 100_000);
-        run("ip", &["netns", "add", &name]);
-        let ns = HostNs {
-            name: name.clone(),
-            host_if: host_if.clone(),
-            host_ip: format!("10.77.{n}.1"),
-        };
-        run(
-            "ip",
-            &[
-                "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &name,
-            ],
-        );
-        run(
-            "ip",
-            &["addr", "add", &format!("10.77.{n}.1/24"), "dev", &host_if],
-        );
-        run("ip", &["link", "set", &host_if, "up"]);
-        run("ip", &["-n", &name, "link", "set", "lo", "up"]);
-        run(
-            "ip",
-            &[
-                "-n",
-                &name,
-                "addr",
-                "add",
-                &format!("10.77.{n}.2/24"),
-                "dev",
-                &ns_if,
-            ],
-        );
-        run("ip", &["-n", &name, "link", "set", &ns_if, "up"]);
-        ns
+        let ns = Netns::new();
+        let link = HostLink::new(&ns);
+        HostNs {
+            host_if: link.veth.a.clone(),
+            host_ip: link.host_ip.clone(),
+            link,
+            ns,
+        }
     }
 
-    /// Runs `f` on a thread inside the namespace (sockets it opens stay there).
-    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                // SAFETY: setns on an open nsfs fd; this thread only.
-                assert_eq!(
-                    unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                    0
-                );
-                f()
-            })
-            .join()
-            .unwrap()
-        })
-    }
-
-    /// Starts `listenscope-agent run` inside this namespace as host `host`.
+    /// Starts `listenscope-agent run` inside this namespace as host `host`, scanning every
+    /// second. It logs at info, and at debug what `transport` does (each scan that queues
+    /// changes says so: see [`queued_changes`]).
     pub fn spawn_agent(&self, pki: &Pki, host: &str, collector: SocketAddr, log: &Path) -> Proc {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name])
@@ -528,65 +428,41 @@ impl HostNs {
             .arg("1s")
             .arg("--netns")
             .arg("current")
-            .env("LISTENSCOPE_LOG", "info")
+            .env("LISTENSCOPE_LOG", "info,listenscope_agent::transport=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap());
         Proc(cmd.spawn().expect("spawn agent"))
     }
 }
 
-impl Drop for HostNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .stderr(Stdio::null())
-            .status();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
+impl Default for HostNs {
+    fn default() -> Self {
+        HostNs::new()
     }
 }
 
-/// A listening TCP socket opened on the calling thread.
-pub fn tcp_listener(addr: &str, port: u16, v6only: Option<bool>) -> socket2::Socket {
-    use socket2::{Domain, Socket, Type};
-    let ip: std::net::IpAddr = addr.parse().unwrap();
-    let s = Socket::new(
-        if ip.is_ipv4() {
-            Domain::IPV4
-        } else {
-            Domain::IPV6
-        },
-        Type::STREAM,
-        None,
-    )
-    .unwrap();
-    s.set_reuse_address(true).unwrap();
-    if let Some(v) = v6only {
-        s.set_only_v6(v).unwrap();
+impl std::ops::Deref for HostNs {
+    type Target = Netns;
+
+    fn deref(&self) -> &Netns {
+        &self.ns
     }
-    s.bind(&SocketAddr::new(ip, port).into()).unwrap();
-    s.listen(16).unwrap();
-    s
 }
 
-pub fn udp_socket(addr: &str, port: u16, v6only: Option<bool>) -> socket2::Socket {
-    use socket2::{Domain, Socket, Type};
-    let ip: std::net::IpAddr = addr.parse().unwrap();
-    let s = Socket::new(
-        if ip.is_ipv4() {
-            Domain::IPV4
-        } else {
-            Domain::IPV6
-        },
-        Type::DGRAM,
-        None,
-    )
-    .unwrap();
-    if let Some(v) = v6only {
-        s.set_only_v6(v).unwrap();
-    }
-    s.bind(&SocketAddr::new(ip, port).into()).unwrap();
-    s
+/// How many changes the agent logging to `log` has queued for the collector so far: the
+/// sum of `changes=N` over its "Changes queued." lines (one per scan that found any).
+pub fn queued_changes(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Changes queued."))
+        .filter_map(|l| {
+            l.split_once("changes=")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum()
 }
