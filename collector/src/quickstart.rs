@@ -18,7 +18,7 @@ use listenscope_agent::scan::NetnsSelector;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::Limits;
-use crate::query::{self, Format, Param, ReadOnly};
+use crate::query::{self, Format, FromRow, Named, Param, QueryError, ReadOnly};
 use crate::store::{DbUrl, Store, StoreOptions};
 use crate::tls::valid_host_name;
 use crate::{pki, server, tls};
@@ -163,6 +163,15 @@ fn ensure_certs(dir: &Path, host: &str) -> anyhow::Result<bool> {
     Ok(created)
 }
 
+/// `host.committed_seq`, read by name.
+struct CommittedSeq(i64);
+
+impl FromRow for CommittedSeq {
+    fn from_row(r: &Named<'_>) -> Result<Self, QueryError> {
+        Ok(CommittedSeq(r.int("committed_seq")?))
+    }
+}
+
 /// Polls the store until `host` has a committed sequence.
 async fn wait_for_snapshot(ro: &ReadOnly, host: &str) -> anyhow::Result<i64> {
     let deadline = tokio::time::Instant::now() + FIRST_SNAPSHOT_TIMEOUT;
@@ -176,8 +185,8 @@ async fn wait_for_snapshot(ro: &ReadOnly, host: &str) -> anyhow::Result<i64> {
                 &[Param::Text(Some(host.to_string()))],
             )
             .await?;
-        if let Some(seq) = rs.rows.first().and_then(|r| r[0].as_i64()) {
-            return Ok(seq);
+        if let Some(seq) = rs.decode::<CommittedSeq>()?.first() {
+            return Ok(seq.0);
         }
         if tokio::time::Instant::now() > deadline {
             bail!(
