@@ -11,6 +11,7 @@
     reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
 )]
 
+pub mod faults;
 pub mod pg;
 
 use std::net::SocketAddr;
