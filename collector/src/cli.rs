@@ -80,6 +80,14 @@ pub struct ServeArgs {
     /// is never pruned.
     #[arg(long, value_name = "DURATION")]
     pub retain: Option<String>,
+    /// Agent sessions held at once; more are refused until one ends (default 20000,
+    /// lowered to fit the open-file limit; each session needs one open file).
+    #[arg(long, value_name = "N")]
+    pub max_sessions: Option<usize>,
+    /// This collector's name in the hosts view (default HOSTNAME:PORT); give each
+    /// collector sharing a PostgreSQL database its own.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +136,20 @@ pub struct OutputArgs {
     pub csv: bool,
 }
 
+/// How many rows a report prints.
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Print at most N rows (0: all); how many were left out goes to stderr.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub limit: usize,
+}
+
+impl LimitArgs {
+    fn get(&self) -> Option<usize> {
+        (self.limit > 0).then_some(self.limit)
+    }
+}
+
 impl OutputArgs {
     fn format(&self) -> Format {
         if self.json {
@@ -165,6 +187,8 @@ pub struct ExposureArgs {
     #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
     #[command(flatten)]
+    pub limit: LimitArgs,
+    #[command(flatten)]
     pub output: OutputArgs,
 }
 
@@ -182,6 +206,8 @@ pub struct DiffArgs {
     #[arg(long, value_name = "TIME", default_value = "now")]
     pub until: String,
     #[command(flatten)]
+    pub limit: LimitArgs,
+    #[command(flatten)]
     pub output: OutputArgs,
 }
 
@@ -189,6 +215,8 @@ pub struct DiffArgs {
 pub struct HostsArgs {
     #[arg(long, env = "LISTENSCOPE_DB", value_name = "URL")]
     pub db: String,
+    #[command(flatten)]
+    pub limit: LimitArgs,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -254,8 +282,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             stale_after: a.stale_after,
             pool_size: a.pool_size,
             retain: a.retain,
+            max_sessions: a.max_sessions,
+            name: a.name,
         })
         .validate()?;
+    let max_sessions = crate::fdlimit::fit_sessions(cfg.max_sessions);
     let tls = tls::server_config(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key)?;
     let store = Store::open(
         &cfg.db,
@@ -289,7 +320,12 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         listenscope_core::signal::shutdown_signal().await;
         stop_pruning.cancel();
     };
-    let limits = Limits::for_stale_after(std::time::Duration::from_secs(cfg.stale_after_secs));
+    let limits = Limits {
+        max_sessions,
+        instance: cfg.name.clone(),
+        ..Limits::for_stale_after(std::time::Duration::from_secs(cfg.stale_after_secs))
+    };
+    tracing::info!(max_sessions, name = %cfg.name, "Accepting agent sessions.");
     server::serve(listener, tls, store, limits, shutdown).await?;
     Ok(())
 }
@@ -326,11 +362,12 @@ async fn exposure_cmd(a: ExposureArgs) -> anyhow::Result<()> {
         Some(t) => Some(history::parse_time(t, now).map_err(anyhow::Error::msg)?),
         None => None,
     };
-    let rs = match at {
-        Some(at) => history::exposure_at(&ro, at, a.port, proto).await?,
-        None => query::exposure(&ro, a.port, proto).await?,
+    let report = match at {
+        Some(at) => history::exposure_at(&ro, at, a.port, proto, a.limit.get()).await?,
+        None => query::exposure(&ro, a.port, proto, a.limit.get()).await?,
     };
     ro.close().await;
+    let rs = report_rows(report);
     let format = a.output.format();
     if format == Format::Table && rs.rows.is_empty() {
         let what = match (a.port, proto) {
@@ -361,8 +398,9 @@ async fn diff_cmd(a: DiffArgs) -> anyhow::Result<()> {
         anyhow::bail!("--since must be before --until ({since} is not before {until})");
     }
     let ro = open_ro(&a.db).await?;
-    let rs = history::diff(&ro, a.host.as_deref(), since, until).await?;
+    let report = history::diff(&ro, a.host.as_deref(), since, until, a.limit.get()).await?;
     ro.close().await;
+    let rs = report_rows(report);
     let format = a.output.format();
     if format == Format::Table && rs.rows.is_empty() {
         let who = a.host.as_deref().unwrap_or("the fleet");
@@ -378,7 +416,21 @@ async fn diff_cmd(a: DiffArgs) -> anyhow::Result<()> {
 
 async fn hosts_cmd(a: HostsArgs) -> anyhow::Result<()> {
     let ro = open_ro(&a.db).await?;
-    let rs = query::hosts(&ro).await?;
+    let report = query::hosts(&ro, a.limit.get()).await?;
     ro.close().await;
+    let rs = report_rows(report);
     print(&rs, a.output.format())
+}
+
+/// The rows to print; how many the limit left out goes to stderr (stdout stays one
+/// table, CSV or JSON document).
+fn report_rows(report: history::Report) -> query::ResultSet {
+    if report.left_out > 0 {
+        eprintln!(
+            "{} more rows not shown (--limit {}); raise --limit, or --limit 0 for all.",
+            report.left_out,
+            report.rows.rows.len()
+        );
+    }
+    report.rows
 }

@@ -32,6 +32,12 @@ pub struct RawConfig {
     /// Keep history (closed listeners, superseded versions) this long, e.g. "90d".
     /// Default: forever. The current state is never pruned.
     pub retain: Option<String>,
+    /// Agent sessions held at once; more are refused (RESOURCE_EXHAUSTED) until one ends.
+    /// Default 20000, lowered to what the open-file limit allows.
+    pub max_sessions: Option<usize>,
+    /// This collector's name in the `hosts` view (which collector holds each host).
+    /// Default: HOSTNAME:PORT.
+    pub name: Option<String>,
 }
 
 /// Validated `serve` settings.
@@ -46,6 +52,9 @@ pub struct ServeConfig {
     pub stale_after_secs: u64,
     pub pool_size: u32,
     pub retain: Option<std::time::Duration>,
+    /// `None`: the default, fitted to the open-file limit at start-up.
+    pub max_sessions: Option<usize>,
+    pub name: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +78,8 @@ impl RawConfig {
             stale_after: other.stale_after.or(self.stale_after),
             pool_size: other.pool_size.or(self.pool_size),
             retain: other.retain.or(self.retain),
+            max_sessions: other.max_sessions.or(self.max_sessions),
+            name: other.name.or(self.name),
         }
     }
 
@@ -150,6 +161,18 @@ impl RawConfig {
         if pool_size == 0 || pool_size > 256 {
             errs.push(format!("pool_size {pool_size} must be between 1 and 256"));
         }
+        if let Some(n) = self.max_sessions
+            && !(1..=1_000_000).contains(&n)
+        {
+            errs.push(format!("max_sessions {n} must be between 1 and 1000000"));
+        }
+        if let Some(n) = &self.name
+            && (n.is_empty() || n.len() > 200 || n.chars().any(char::is_control))
+        {
+            errs.push(format!(
+                "name {n:?} must be 1 to 200 printable characters (e.g. collector-a:7443)"
+            ));
+        }
         let (Some(listen), Some(db), true) = (listen, db, errs.is_empty()) else {
             return Err(ConfigErrors(errs));
         };
@@ -163,6 +186,10 @@ impl RawConfig {
             stale_after_secs,
             pool_size,
             retain,
+            max_sessions: self.max_sessions,
+            name: self
+                .name
+                .unwrap_or_else(|| format!("{}:{}", crate::pki::this_hostname(), listen.port())),
         })
     }
 }
@@ -174,7 +201,7 @@ mod tests {
     #[test]
     fn all_problems_at_once() {
         let raw: RawConfig = toml::from_str(
-            "listen = \"nope\"\ndb = \"mysql://x\"\nstale_after = \"5 parsecs\"\npool_size = 0\nretain = \"10m\"\n",
+            "listen = \"nope\"\ndb = \"mysql://x\"\nstale_after = \"5 parsecs\"\npool_size = 0\nretain = \"10m\"\nmax_sessions = 0\nname = \"\"\n",
         )
         .unwrap();
         let err = raw.validate().unwrap_err().to_string();
@@ -186,6 +213,8 @@ mod tests {
             "tls_key",
             "stale_after",
             "pool_size",
+            "max_sessions 0",
+            "name \"\"",
         ] {
             assert!(err.contains(needle), "{needle} missing:\n{err}");
         }

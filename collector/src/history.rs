@@ -1,10 +1,11 @@
 //! Change history: what changed between two times (`diff`), the headline as of any time
 //! (`exposure --at`), and time arguments.
 //!
-//! Both read the `listener_versions` and `listener_changes` views, so they work the same on
-//! every database and on whatever retention has left. Exposure per port is aggregated
-//! here, with the definition of the `hidden_ipv4_exposure` view: reachable over IPv4 from
-//! off the host (`any`/`specific`) while every socket on the port is an IPv6 one.
+//! Both are driven by the events in their window (the listener versions that began or
+//! ended in it, found through indexes on the time columns), never by loading whole fleet
+//! states: a port without events did not change. They return what the `listener_changes`
+//! and `hidden_ipv4_exposure` views would, on every database and on whatever retention
+//! has left. Exposure per port is aggregated here as the headline view does it.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +13,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::query::{FromRow, Named, Param, QueryError, ReadOnly, ResultSet};
+use crate::query::{Dialect, FromRow, Named, Param, QueryError, ReadOnly, ResultSet};
 use crate::timefmt;
 
 /// Parses `now`, an RFC 3339 time (`2026-11-24T10:00:00Z`) or an age (`24h`, `7d`, `90m`:
@@ -64,7 +65,7 @@ fn join(set: std::collections::BTreeSet<String>) -> String {
         .join(",")
 }
 
-/// One listener version valid at some time, as `ports_at` reads it.
+/// One listener version valid at one or both ends of a window, as [`touched`] reads it.
 struct VersionRow {
     port: PortKey,
     reach_ipv4: (u8, &'static str),
@@ -72,6 +73,8 @@ struct VersionRow {
     hidden: bool,
     shown_as: String,
     processes: String,
+    at_since: bool,
+    at_until: bool,
 }
 
 impl FromRow for VersionRow {
@@ -88,105 +91,271 @@ impl FromRow for VersionRow {
             hidden: r.boolean("hidden_ipv4_exposure")?,
             shown_as: r.text("shown_as")?,
             processes: r.text("processes")?,
+            at_since: r.boolean("at_since")?,
+            at_until: r.boolean("at_until")?,
         })
     }
 }
 
-/// Per-port state of every listener version valid at `at` (optionally one host). The
-/// hidden verdict is the agent's, carried in each record; reach is the best of the port.
-pub async fn ports_at(
-    ro: &ReadOnly,
-    at: OffsetDateTime,
+/// Accumulates listener versions into per-port states: the best reach of the port, the
+/// agent's hidden verdict carried in each record, and the lists the headline view shows.
+#[derive(Default)]
+struct Acc {
+    v4: (u8, &'static str),
+    v6: (u8, &'static str),
+    hidden: bool,
+    shown: std::collections::BTreeSet<String>,
+    procs: std::collections::BTreeSet<String>,
+}
+
+impl Acc {
+    fn add(&mut self, r: &VersionRow) {
+        self.v4 = self.v4.max(r.reach_ipv4);
+        self.v6 = self.v6.max(r.reach_ipv6);
+        self.hidden |= r.hidden;
+        self.shown.insert(r.shown_as.clone());
+        // Whole owner lists, as the hidden_ipv4_exposure view aggregates them.
+        self.procs.insert(r.processes.clone());
+    }
+
+    fn state(self) -> PortState {
+        PortState {
+            ipv4: if self.v4.0 == 0 { "none" } else { self.v4.1 },
+            ipv6: if self.v6.0 == 0 { "none" } else { self.v6.1 },
+            hidden: self.hidden,
+            shown_as: join(self.shown),
+            processes: join(self.procs),
+        }
+    }
+}
+
+/// SQL placeholder `n` of the dialect.
+fn ph(ro: &ReadOnly, n: usize) -> String {
+    match ro.dialect() {
+        Dialect::Sqlite => format!("?{n}"),
+        Dialect::Postgres => format!("${n}"),
+    }
+}
+
+/// The listener versions that begin or end in `(since, until]` (`until` absent: any time
+/// after `since`), as events: columns host_id, at, change, netns, protocol, family,
+/// address, port, shown_as, reach_ipv4, reach_ipv6, processes. Parameters: 1 = since,
+/// 2 = until (when bounded), then the host name (when given). Both halves run on an
+/// index on the time column, so the cost follows the number of changes, not the fleet.
+fn events_sql(ro: &ReadOnly, bounded: bool, host: bool) -> String {
+    let since = ph(ro, 1);
+    let until = bounded.then(|| ph(ro, 2));
+    let host_param = ph(ro, if bounded { 3 } else { 2 });
+    let window = |col: &str| {
+        let mut w = format!("{col} > {since}");
+        if let Some(u) = &until {
+            w.push_str(&format!(" AND {col} <= {u}"));
+        }
+        if host {
+            w.push_str(&format!(
+                " AND host_id = (SELECT id FROM host WHERE name = {host_param})"
+            ));
+        }
+        w
+    };
+    const COLS: &str = "netns, protocol, family, address, port, shown_as, reach_ipv4, \
+                        reach_ipv6, process_names AS processes";
+    format!(
+        "SELECT host_id, valid_from AS at,
+                CASE WHEN valid_from = first_seen THEN 'opened' ELSE 'changed' END AS change,
+                {COLS}
+         FROM listener WHERE {}
+         UNION ALL
+         SELECT host_id, valid_to AS at, 'closed' AS change, {COLS}
+         FROM listener WHERE end_reason = 'closed' AND {}",
+        window("valid_from"),
+        window("valid_to"),
+    )
+}
+
+fn window_params(
+    since: OffsetDateTime,
+    until: Option<OffsetDateTime>,
     host: Option<&str>,
-) -> Result<BTreeMap<PortKey, PortState>, QueryError> {
-    let rs = ro
+) -> Vec<Param> {
+    let mut p = vec![Param::Time(since)];
+    if let Some(u) = until {
+        p.push(Param::Time(u));
+    }
+    if let Some(h) = host {
+        p.push(Param::Text(Some(h.to_string())));
+    }
+    p
+}
+
+/// Every (host, netns, protocol, port) with an event in `(since, until]`, and its state
+/// at both ends (`until` absent: now). Only those ports are read: a port without events
+/// did not change.
+async fn touched(
+    ro: &ReadOnly,
+    since: OffsetDateTime,
+    until: Option<OffsetDateTime>,
+    host: Option<&str>,
+) -> Result<BTreeMap<PortKey, (PortState, PortState)>, QueryError> {
+    let events = events_sql(ro, until.is_some(), host.is_some());
+    let valid_at = |n: usize| {
+        let t = ph(ro, n);
+        format!("(l.valid_from <= {t} AND (l.valid_to IS NULL OR l.valid_to > {t}))")
+    };
+    let at_since = valid_at(1);
+    let at_until = if until.is_some() {
+        valid_at(2)
+    } else {
+        "(l.valid_to IS NULL)".to_string()
+    };
+    let sql = format!(
+        "WITH t AS (SELECT DISTINCT host_id, netns, protocol, port FROM ({events}) e)
+         SELECT h.name AS host, l.netns, l.protocol, l.port, l.reach_ipv4, l.reach_ipv6,
+                l.hidden_ipv4_exposure, l.shown_as, l.process_names AS processes,
+                CASE WHEN {at_since} THEN 1 ELSE 0 END AS at_since,
+                CASE WHEN {at_until} THEN 1 ELSE 0 END AS at_until
+         FROM t
+         JOIN listener l ON l.host_id = t.host_id AND l.port = t.port
+                        AND l.netns = t.netns AND l.protocol = t.protocol
+         JOIN host h ON h.id = l.host_id
+         WHERE {at_since} OR {at_until}"
+    );
+    let rows = ro.run(&sql, &window_params(since, until, host)).await?;
+    // Every touched port, even one with no listener at either end (opened and closed
+    // inside the window): its key comes from the events.
+    let keys = ro
         .run(
-            ro.pick(
-                "SELECT host, netns, protocol, port, reach_ipv4, reach_ipv6, hidden_ipv4_exposure,
-                        shown_as, processes
-                 FROM listener_versions
-                 WHERE valid_from <= ?1 AND (valid_to IS NULL OR valid_to > ?1)
-                   AND (?2 IS NULL OR host = ?2)",
-                "SELECT host, netns, protocol, port, reach_ipv4, reach_ipv6, hidden_ipv4_exposure,
-                        shown_as, processes
-                 FROM listener_versions
-                 WHERE valid_from <= $1 AND (valid_to IS NULL OR valid_to > $1)
-                   AND ($2::text IS NULL OR host = $2)",
+            &format!(
+                "SELECT DISTINCT h.name AS host, e.netns, e.protocol, e.port
+                 FROM ({events}) e JOIN host h ON h.id = e.host_id"
             ),
-            &[Param::Time(at), Param::Text(host.map(str::to_string))],
+            &window_params(since, until, host),
         )
         .await?;
-    struct Acc {
-        v4: (u8, &'static str),
-        v6: (u8, &'static str),
-        hidden: bool,
-        shown: std::collections::BTreeSet<String>,
-        procs: std::collections::BTreeSet<String>,
+    let mut acc: BTreeMap<PortKey, (Acc, Acc)> = BTreeMap::new();
+    for k in keys.decode::<KeyRow>()? {
+        acc.entry(k.0).or_default();
     }
-    let mut acc: BTreeMap<PortKey, Acc> = BTreeMap::new();
-    for r in rs.decode::<VersionRow>()? {
-        let a = acc.entry(r.port).or_insert_with(|| Acc {
-            v4: (0, "none"),
-            v6: (0, "none"),
-            hidden: false,
-            shown: Default::default(),
-            procs: Default::default(),
-        });
-        a.v4 = a.v4.max(r.reach_ipv4);
-        a.v6 = a.v6.max(r.reach_ipv6);
-        a.hidden |= r.hidden;
-        a.shown.insert(r.shown_as);
-        // Whole owner lists, as the hidden_ipv4_exposure view aggregates them.
-        a.procs.insert(r.processes);
+    for r in rows.decode::<VersionRow>()? {
+        let (before, after) = acc.entry(r.port.clone()).or_default();
+        if r.at_since {
+            before.add(&r);
+        }
+        if r.at_until {
+            after.add(&r);
+        }
     }
     Ok(acc
         .into_iter()
-        .map(|(k, a)| {
-            (
-                k,
-                PortState {
-                    ipv4: a.v4.1,
-                    ipv6: a.v6.1,
-                    hidden: a.hidden,
-                    shown_as: join(a.shown),
-                    processes: join(a.procs),
-                },
-            )
-        })
+        .map(|(k, (b, a))| (k, (b.state(), a.state())))
         .collect())
 }
 
-/// The headline as of `at`: the same columns as the `hidden_ipv4_exposure` view.
+struct KeyRow(PortKey);
+
+impl FromRow for KeyRow {
+    fn from_row(r: &Named<'_>) -> Result<Self, QueryError> {
+        Ok(KeyRow((
+            r.text("host")?,
+            r.text("netns")?,
+            r.text("protocol")?,
+            r.int("port")?,
+        )))
+    }
+}
+
+/// A report's rows and how many were left out by its limit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    pub rows: ResultSet,
+    pub left_out: u64,
+}
+
+impl Report {
+    /// Keeps the first `limit` rows (all with `None`).
+    pub fn limited(mut rows: ResultSet, limit: Option<usize>) -> Report {
+        let left_out = match limit {
+            Some(n) if rows.rows.len() > n => {
+                let extra = rows.rows.len() - n;
+                rows.rows.truncate(n);
+                extra as u64
+            }
+            _ => 0,
+        };
+        Report { rows, left_out }
+    }
+}
+
+/// The headline as of `at`: the same columns as the `hidden_ipv4_exposure` view. The
+/// current headline (maintained at ingest) is rolled back over the changes since `at`:
+/// only ports with events after `at` are recomputed from history.
 pub async fn exposure_at(
     ro: &ReadOnly,
     at: OffsetDateTime,
     port: Option<u16>,
     protocol: Option<&str>,
-) -> Result<ResultSet, QueryError> {
-    let ports = ports_at(ro, at, None).await?;
+    limit: Option<usize>,
+) -> Result<Report, QueryError> {
+    let changed = touched(ro, at, None, None).await?;
+    let now = crate::query::exposure(ro, port, protocol, None).await?.rows;
+    let wanted = |p: i64, proto: &str| {
+        port.is_none_or(|want| i64::from(want) == p) && protocol.is_none_or(|want| want == proto)
+    };
+    let mut rows: BTreeMap<PortKey, (String, String)> = BTreeMap::new();
+    for r in now.decode::<HeadlineRow>()? {
+        if !changed.contains_key(&r.0) {
+            rows.insert(r.0, (r.1, r.2));
+        }
+    }
+    for (k, (then, _)) in changed {
+        if then.hidden && wanted(k.3, &k.2) {
+            rows.insert(k, (then.shown_as, then.processes));
+        }
+    }
     let mut rs = ResultSet {
         columns: ["host", "netns", "protocol", "port", "shown_as", "processes"]
             .map(String::from)
             .to_vec(),
         rows: Vec::new(),
     };
-    for ((host, netns, proto, p), st) in ports {
-        if !st.hidden
-            || port.is_some_and(|want| i64::from(want) != p)
-            || protocol.is_some_and(|want| want != proto)
-        {
-            continue;
-        }
+    for ((host, netns, proto, p), (shown, procs)) in rows {
         rs.rows.push(vec![
             Value::from(host),
             Value::from(netns),
             Value::from(proto),
             Value::from(p),
-            Value::from(st.shown_as),
-            Value::from(st.processes),
+            Value::from(shown),
+            if procs.is_empty() {
+                Value::Null
+            } else {
+                Value::from(procs)
+            },
         ]);
     }
-    Ok(rs)
+    Ok(Report::limited(rs, limit))
+}
+
+/// A row of the headline view.
+struct HeadlineRow(PortKey, String, String);
+
+impl FromRow for HeadlineRow {
+    fn from_row(r: &Named<'_>) -> Result<Self, QueryError> {
+        let procs = match r.value("processes")? {
+            Value::Null => String::new(),
+            Value::String(s) => s,
+            v => v.to_string(),
+        };
+        Ok(HeadlineRow(
+            (
+                r.text("host")?,
+                r.text("netns")?,
+                r.text("protocol")?,
+                r.int("port")?,
+            ),
+            r.text("shown_as")?,
+            procs,
+        ))
+    }
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -237,27 +406,23 @@ pub async fn diff(
     host: Option<&str>,
     since: OffsetDateTime,
     until: OffsetDateTime,
-) -> Result<ResultSet, QueryError> {
+    limit: Option<usize>,
+) -> Result<Report, QueryError> {
+    let order = match ro.dialect() {
+        Dialect::Sqlite => "ORDER BY e.at, h.name, e.netns, e.protocol, e.port, e.change",
+        Dialect::Postgres => {
+            "ORDER BY e.at, h.name COLLATE \"C\", e.netns COLLATE \"C\", e.protocol, e.port, e.change"
+        }
+    };
+    let sql = format!(
+        "SELECT e.at, h.name AS host, e.change, e.netns, e.protocol, e.port, e.family,
+                e.address, e.shown_as, e.reach_ipv4, e.reach_ipv6, e.processes
+         FROM ({}) e JOIN host h ON h.id = e.host_id
+         {order}",
+        events_sql(ro, true, host.is_some())
+    );
     let events = ro
-        .run(
-            ro.pick(
-                "SELECT at, host, change, netns, protocol, port, family, address, shown_as,
-                        reach_ipv4, reach_ipv6, processes
-                 FROM listener_changes
-                 WHERE at > ?1 AND at <= ?2 AND (?3 IS NULL OR host = ?3)
-                 ORDER BY at, host, netns, protocol, port, change",
-                "SELECT at, host, change, netns, protocol, port, family, address, shown_as,
-                        reach_ipv4, reach_ipv6, processes
-                 FROM listener_changes
-                 WHERE at > $1 AND at <= $2 AND ($3::text IS NULL OR host = $3)
-                 ORDER BY at, host COLLATE \"C\", netns COLLATE \"C\", protocol, port, change",
-            ),
-            &[
-                Param::Time(since),
-                Param::Time(until),
-                Param::Text(host.map(str::to_string)),
-            ],
-        )
+        .run(&sql, &window_params(since, Some(until), host))
         .await?;
     let mut rs = ResultSet {
         columns: [
@@ -295,21 +460,7 @@ pub async fn diff(
             Value::from(detail),
         ]);
     }
-    let before = ports_at(ro, since, host).await?;
-    let after = ports_at(ro, until, host).await?;
-    let none = PortState {
-        ipv4: "none",
-        ipv6: "none",
-        hidden: false,
-        shown_as: String::new(),
-        processes: String::new(),
-    };
-    let keys: std::collections::BTreeSet<&PortKey> = before.keys().chain(after.keys()).collect();
-    for k in keys {
-        let (b, a) = (
-            before.get(k).unwrap_or(&none),
-            after.get(k).unwrap_or(&none),
-        );
+    for (k, (b, a)) in touched(ro, since, Some(until), host).await? {
         if (b.ipv4, b.ipv6, b.hidden) == (a.ipv4, a.ipv6, a.hidden) {
             continue;
         }
@@ -328,7 +479,7 @@ pub async fn diff(
             ));
         }
         let at = last_event
-            .get(k)
+            .get(&k)
             .cloned()
             .unwrap_or_else(|| Value::from(timefmt::format(until)));
         let shown = if a.shown_as.is_empty() {
@@ -347,7 +498,7 @@ pub async fn diff(
             Value::from(what.join("; ")),
         ]);
     }
-    Ok(rs)
+    Ok(Report::limited(rs, limit))
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! stored; a rule broken ends the stream with INVALID_ARGUMENT and stores nothing of that
 //! message (nor of a snapshot it belongs to). Acks are sent only after the commit.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use listenscope_core::diff::Changes;
@@ -19,11 +20,18 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::metrics as m;
-use crate::store::{Applied, Message, Store, StoreError};
+use crate::store::{Applied, HostSession, Message, Store, StoreError};
 
 pub use listenscope_core::limits::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 /// What tonic may decode at all (bounds memory per stream).
 pub const DECODE_LIMIT_BYTES: usize = 16 * 1024 * 1024;
+
+/// Agent sessions one collector process holds by default (each needs one open file).
+pub const DEFAULT_MAX_SESSIONS: usize = 20_000;
+
+/// Sessions this process holds, by host id: the connection's epoch and how to end it
+/// (when a collector sharing the database accepted a newer connection of the host).
+pub type Held = Arc<Mutex<HashMap<i64, (i64, CancellationToken)>>>;
 
 /// Per-collector limits on what agents may send, and write pacing.
 #[derive(Debug, Clone)]
@@ -41,6 +49,8 @@ pub struct Limits {
     /// interval, 10,000 quiet hosts would otherwise cost 1,000 durable commits a second.
     /// Keep it well under `stale_after` (serve uses a quarter of it, at most 30 s).
     pub heartbeat_every: std::time::Duration,
+    /// This collector process's name, recorded with each host it holds (`hosts.collector`).
+    pub instance: String,
 }
 
 impl Default for Limits {
@@ -49,8 +59,9 @@ impl Default for Limits {
             per_message: 5000,
             per_snapshot: 250_000,
             per_snapshot_bytes: 256 * 1024 * 1024,
-            max_sessions: 10_000,
+            max_sessions: DEFAULT_MAX_SESSIONS,
             heartbeat_every: std::time::Duration::from_secs(30),
+            instance: String::new(),
         }
     }
 }
@@ -122,6 +133,8 @@ pub struct Stop {
     pub shutdown: CancellationToken,
     /// A newer connection of the same host replaced this one (one session per host).
     pub replaced: CancellationToken,
+    /// Where this session registers once its Hello is stored.
+    pub held: Held,
 }
 
 /// Runs one session to its end; errors go to the agent as the stream's final status.
@@ -143,7 +156,10 @@ pub async fn run(
             tracing::info!(host = %host, "Session closed for shutdown.");
             let _ = tx.send(Err(status)).await;
         }
-        Err(status) if stop.replaced.is_cancelled() && status.code() == tonic::Code::Aborted => {
+        Err(status)
+            if status.code() == tonic::Code::Aborted
+                && (stop.replaced.is_cancelled() || status.message().starts_with(TAKEN_OVER)) =>
+        {
             tracing::info!(host = %host, "Session replaced by a newer connection of this host.");
             let _ = tx.send(Err(status)).await;
         }
@@ -157,6 +173,9 @@ pub async fn run(
         }
     }
 }
+
+/// How a session that lost its host to a newer connection ends (ABORTED).
+const TAKEN_OVER: &str = "replaced by a newer connection from this host";
 
 fn reply(b: v1::collector_message::Body) -> Result<v1::CollectorMessage, Status> {
     Ok(v1::CollectorMessage { body: Some(b) })
@@ -178,7 +197,7 @@ async fn next(
     tokio::select! {
         // A message already being stored finishes first: we only get here between messages.
         () = stop.shutdown.cancelled() => Err(Status::unavailable("collector shutting down; reconnect later")),
-        () = stop.replaced.cancelled() => Err(Status::aborted("replaced by a newer connection from this host")),
+        () = stop.replaced.cancelled() => Err(Status::aborted(TAKEN_OVER)),
         msg = inbound.message() => msg,
     }
 }
@@ -204,6 +223,27 @@ async fn session(
         }
     };
     let mut s = Session::open(host, store, limits, tx, hello).await?;
+    let registered = s.stored.clone();
+    stop.held.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        registered.host_id,
+        (registered.epoch, stop.replaced.clone()),
+    );
+    let result = messages(&mut s, inbound, stop).await;
+    let mut held = stop.held.lock().unwrap_or_else(|p| p.into_inner());
+    if held
+        .get(&registered.host_id)
+        .is_some_and(|(e, _)| *e == registered.epoch)
+    {
+        held.remove(&registered.host_id);
+    }
+    result
+}
+
+async fn messages(
+    s: &mut Session<'_>,
+    inbound: &mut Streaming<v1::AgentMessage>,
+    stop: &Stop,
+) -> Result<(), Status> {
     while let Some(msg) = next(inbound, stop).await? {
         check_size(&msg)?;
         let now = OffsetDateTime::now_utc();
@@ -235,7 +275,8 @@ struct Session<'a> {
     store: &'a Store,
     limits: &'a Limits,
     tx: &'a mpsc::Sender<Result<v1::CollectorMessage, Status>>,
-    host_id: i64,
+    /// The host row and this connection's epoch.
+    stored: HostSession,
     session_id: [u8; 16],
     expect: Expect,
     assembling: Option<Assembling>,
@@ -253,8 +294,15 @@ impl<'a> Session<'a> {
         hello: wire::Hello,
     ) -> Result<Session<'a>, Status> {
         let now = OffsetDateTime::now_utc();
+        let instance = (!limits.instance.is_empty()).then_some(limits.instance.as_str());
         let stored = store
-            .hello(host, &hello.os_hostname, &hello.agent_version, now)
+            .hello_at(
+                host,
+                &hello.os_hostname,
+                &hello.agent_version,
+                now,
+                instance,
+            )
             .await?;
         let resume = (stored.session_id.as_deref() == Some(hello.session_id.as_slice())
             && stored.committed_seq >= hello.acked_sequence)
@@ -274,7 +322,7 @@ impl<'a> Session<'a> {
             store,
             limits,
             tx,
-            host_id: stored.host_id,
+            stored,
             session_id: hello.session_id,
             expect: match resume {
                 Some(c) => Expect::After(c),
@@ -289,7 +337,7 @@ impl<'a> Session<'a> {
         metrics::counter!(m::MESSAGES, "kind" => "heartbeat").increment(1);
         wire::observed_at("observed_at", h.observed_at, now).map_err(invalid)?;
         if self.seen_written.elapsed() >= self.limits.heartbeat_every {
-            self.store.heartbeat(self.host_id, now).await?;
+            self.store.heartbeat(self.stored.host_id, now);
             self.seen_written = Instant::now();
         }
         Ok(())
@@ -338,9 +386,9 @@ impl<'a> Session<'a> {
         let started = Instant::now();
         let applied = self
             .store
-            .apply(self.host_id, &self.session_id, seq, at, message, now)
+            .apply_as(&self.stored, &self.session_id, seq, at, message, now)
             .await?;
-        metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::ACK_SECONDS).record(started.elapsed().as_secs_f64());
         self.seen_written = Instant::now();
         Ok(applied)
     }
@@ -383,6 +431,11 @@ impl<'a> Session<'a> {
                 return Err(Status::aborted(
                     "a newer session of this host has taken over; this one is finished",
                 ));
+            }
+            Applied::TakenOver => {
+                return Err(Status::aborted(format!(
+                    "{TAKEN_OVER} (accepted by this or another collector); this one is finished"
+                )));
             }
         };
         send(self.tx, body).await

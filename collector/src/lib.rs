@@ -9,6 +9,7 @@
 
 pub mod cli;
 mod config;
+mod fdlimit;
 pub mod history;
 pub mod ingest;
 mod metrics;

@@ -12,6 +12,7 @@ use futures_util::TryStreamExt;
 use serde_json::{Map, Value};
 use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 
+use crate::history::Report;
 use crate::store::{DbUrl, StoreError, postgres, sqlite};
 
 /// Most rows one answer carries; bigger results are an error asking for LIMIT.
@@ -409,39 +410,100 @@ fn sqlite_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vec<Value>, QueryError> {
     Ok(out)
 }
 
+/// `sql` with `AND col = ?n` for each filter that is set, and their parameters; no
+/// `(? IS NULL OR col = ?)`, which keeps SQLite from using an index.
+fn filtered(ro: &ReadOnly, sql: &str, filters: &[(&str, Option<Param>)]) -> (String, Vec<Param>) {
+    let mut out = sql.to_string();
+    let mut params = Vec::new();
+    for (col, value) in filters {
+        if let Some(v) = value {
+            params.push(v.clone());
+            let n = params.len();
+            out.push_str(&match ro.dialect() {
+                Dialect::Sqlite => format!(" AND {col} = ?{n}"),
+                Dialect::Postgres => format!(" AND {col} = ${n}"),
+            });
+        }
+    }
+    (out, params)
+}
+
+/// The number in the first cell of `rs`.
+fn count_of(rs: &ResultSet) -> u64 {
+    rs.rows
+        .first()
+        .and_then(|r| r.first())
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
+/// Runs `select` (filtered) with at most `limit` rows, and counts what it left out.
+async fn limited(
+    ro: &ReadOnly,
+    select: &str,
+    count: &str,
+    order: &str,
+    filters: &[(&str, Option<Param>)],
+    limit: Option<usize>,
+) -> Result<Report, QueryError> {
+    let (sql, params) = filtered(ro, select, filters);
+    let sql = match limit {
+        Some(n) => format!("{sql} {order} LIMIT {n}"),
+        None => format!("{sql} {order}"),
+    };
+    let rows = ro.run(&sql, &params).await?;
+    let left_out = match limit {
+        Some(n) if rows.rows.len() == n => {
+            let (sql, params) = filtered(ro, count, filters);
+            count_of(&ro.run(&sql, &params).await?).saturating_sub(n as u64)
+        }
+        _ => 0,
+    };
+    Ok(Report { rows, left_out })
+}
+
 /// The headline: ports reachable over IPv4 although netstat shows only IPv6 lines.
 pub async fn exposure(
     ro: &ReadOnly,
     port: Option<u16>,
     protocol: Option<&str>,
-) -> Result<ResultSet, QueryError> {
-    ro.run(
+    limit: Option<usize>,
+) -> Result<Report, QueryError> {
+    limited(
+        ro,
+        "SELECT host, netns, protocol, port, shown_as, processes FROM hidden_ipv4_exposure
+         WHERE 1 = 1",
+        "SELECT count(*) FROM hidden_port WHERE 1 = 1",
         ro.pick(
-            "SELECT host, netns, protocol, port, shown_as, processes FROM hidden_ipv4_exposure
-             WHERE (?1 IS NULL OR port = ?1) AND (?2 IS NULL OR protocol = ?2)
-             ORDER BY host, netns, protocol, port",
-            "SELECT host, netns, protocol, port, shown_as, processes FROM hidden_ipv4_exposure
-             WHERE ($1::bigint IS NULL OR port = $1) AND ($2::text IS NULL OR protocol = $2)
-             ORDER BY host COLLATE \"C\", netns COLLATE \"C\", protocol, port",
+            "ORDER BY host, netns, protocol, port",
+            "ORDER BY host COLLATE \"C\", netns COLLATE \"C\", protocol, port",
         ),
         &[
-            Param::Int(port.map(i64::from)),
-            Param::Text(protocol.map(str::to_string)),
+            ("port", port.map(|p| Param::Int(Some(i64::from(p))))),
+            (
+                "protocol",
+                protocol.map(|p| Param::Text(Some(p.to_string()))),
+            ),
         ],
+        limit,
     )
     .await
 }
 
-/// Hosts, silent ones first.
-pub async fn hosts(ro: &ReadOnly) -> Result<ResultSet, QueryError> {
-    ro.run(
+/// Hosts, silent longest first (so stale hosts come first).
+pub async fn hosts(ro: &ReadOnly, limit: Option<usize>) -> Result<Report, QueryError> {
+    limited(
+        ro,
+        "SELECT host, os_hostname, agent_version, first_seen, last_seen, stale, listeners,
+                collector
+         FROM hosts",
+        "SELECT count(*) FROM host",
         ro.pick(
-            "SELECT host, os_hostname, agent_version, first_seen, last_seen, stale, listeners
-             FROM hosts ORDER BY stale DESC, host",
-            "SELECT host, os_hostname, agent_version, first_seen, last_seen, stale, listeners
-             FROM hosts ORDER BY stale DESC, host COLLATE \"C\"",
+            "ORDER BY last_seen, host",
+            "ORDER BY last_seen, host COLLATE \"C\"",
         ),
         &[],
+        limit,
     )
     .await
 }

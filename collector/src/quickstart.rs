@@ -129,7 +129,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     query::write(&inventory, Format::Table, &mut out)?;
     println!();
-    let headline = query::exposure(&ro, None, None).await?;
+    let headline = query::exposure(&ro, None, None, None).await?.rows;
     println!(
         "Reachable over IPv4 although netstat shows only IPv6 lines (view hidden_ipv4_exposure):"
     );

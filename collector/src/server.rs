@@ -41,6 +41,43 @@ pub struct InventoryService {
     /// e.g. a half-open one the agent already gave up on).
     by_host: Arc<Mutex<HashMap<String, (u64, CancellationToken)>>>,
     next_id: Arc<AtomicU64>,
+    /// Sessions by host id with their epochs (checked against the database when
+    /// collectors share it).
+    held: ingest::Held,
+    refusals: Arc<RateLimited>,
+}
+
+/// Logs a repeated event at most once per interval, with the count in between.
+#[derive(Debug, Default)]
+struct RateLimited {
+    /// Milliseconds since `start` of the last line logged (0: never).
+    last_ms: AtomicU64,
+    suppressed: AtomicU64,
+    start: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl RateLimited {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// `Some(n)`: log now, `n` events were not logged since the last line.
+    fn hit(&self) -> Option<u64> {
+        let start = self.start.get_or_init(std::time::Instant::now);
+        let now = start.elapsed().as_millis() as u64 + 1;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if last != 0 && now - last < Self::EVERY.as_millis() as u64 {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        if self
+            .last_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
 }
 
 #[tonic::async_trait]
@@ -58,8 +95,17 @@ impl Inventory for InventoryService {
             ));
         }
         let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
-            metrics::counter!(crate::metrics::REJECTED_MESSAGES, "reason" => "session_limit")
+            metrics::counter!(crate::metrics::REJECTED_CONNECTIONS, "reason" => "session_limit")
                 .increment(1);
+            if let Some(more) = self.refusals.hit() {
+                tracing::warn!(
+                    host = %host,
+                    max_sessions = self.limits.max_sessions,
+                    refused_since_last_line = more,
+                    "Refused a session: the collector holds its maximum of sessions \
+                     (raise --max-sessions and the open-file limit, or add a collector)."
+                );
+            }
             return Err(Status::resource_exhausted(format!(
                 "the collector is at its limit of {} sessions; retry later",
                 self.limits.max_sessions
@@ -76,11 +122,13 @@ impl Inventory for InventoryService {
             older.cancel();
         }
         let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(32);
+        // Replies are small and sent one at a time: a short queue is enough.
+        let (tx, rx) = mpsc::channel(4);
         let by_host = Arc::clone(&self.by_host);
         let stop = ingest::Stop {
             shutdown: self.shutdown.clone(),
             replaced,
+            held: Arc::clone(&self.held),
         };
         let session = ingest::run(
             host.clone(),
@@ -99,6 +147,51 @@ impl Inventory for InventoryService {
             drop(slot);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// How often a collector sharing its database checks that its sessions still hold their
+/// hosts.
+const EPOCH_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Ends the sessions whose host accepted a newer connection at another collector (the
+/// epoch in the database moved on). Their writes are already refused in the database
+/// (the epoch is checked in every transaction); this closes them promptly instead of at
+/// their next message.
+async fn watch_epochs(store: Store, held: ingest::Held, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(EPOCH_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mine: Vec<(i64, i64)> = held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, (epoch, _))| (*id, *epoch))
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let ids: Vec<i64> = mine.iter().map(|(id, _)| *id).collect();
+        let now = match store.epochs(&ids).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot check which sessions still hold their hosts.");
+                continue;
+            }
+        };
+        let map = held.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, epoch) in mine {
+            if now.get(&id).is_some_and(|e| *e != epoch)
+                && let Some((held_epoch, token)) = map.get(&id)
+                && *held_epoch == epoch
+            {
+                token.cancel();
+            }
+        }
     }
 }
 
@@ -129,7 +222,16 @@ pub async fn serve(
         shutdown: stop_sessions.clone(),
         by_host: Arc::default(),
         next_id: Arc::default(),
+        held: Arc::default(),
+        refusals: Arc::default(),
     };
+    if store.shared() {
+        tokio::spawn(watch_epochs(
+            store.clone(),
+            Arc::clone(&service.held),
+            stop_sessions.clone(),
+        ));
+    }
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<InventoryServer<InventoryService>>()

@@ -350,11 +350,16 @@ async fn snapshots_versions_and_views(db: &DbUrl) {
     // The reconstruction at any time agrees with the view, lists included.
     let ro = ReadOnly::open(db).await.unwrap();
     assert_eq!(
-        history::exposure_at(&ro, OffsetDateTime::now_utc(), None, None)
+        history::exposure_at(&ro, OffsetDateTime::now_utc(), None, None, None)
             .await
             .unwrap()
+            .rows
             .rows,
-        query::exposure(&ro, None, None).await.unwrap().rows
+        query::exposure(&ro, None, None, None)
+            .await
+            .unwrap()
+            .rows
+            .rows
     );
     ro.close().await;
     assert_eq!(
@@ -408,7 +413,8 @@ async fn snapshots_versions_and_views(db: &DbUrl) {
             "last_seen",
             "last_snapshot_at",
             "stale",
-            "listeners"
+            "listeners",
+            "collector"
         ]
     );
     assert_eq!(
@@ -578,43 +584,52 @@ async fn point_in_time_and_diff(db: &DbUrl) {
     };
     assert!(
         headline(
-            history::exposure_at(&ro, m(&t1, 5), Some(80), None)
+            history::exposure_at(&ro, m(&t1, 5), Some(80), None, None)
                 .await
                 .unwrap()
+                .rows
         )
         .is_empty()
     );
     assert_eq!(
         headline(
-            history::exposure_at(&ro, m(&t2, 5), Some(80), None)
+            history::exposure_at(&ro, m(&t2, 5), Some(80), None, None)
                 .await
                 .unwrap()
+                .rows
         ),
         [("h1".to_string(), 80)]
     );
     assert_eq!(
         headline(
-            history::exposure_at(&ro, m(&t2, 5), None, Some("tcp"))
+            history::exposure_at(&ro, m(&t2, 5), None, Some("tcp"), None)
                 .await
                 .unwrap()
+                .rows
         ),
         [("h1".to_string(), 80)]
     );
     assert!(
         headline(
-            history::exposure_at(&ro, m(&t3, 5), None, None)
+            history::exposure_at(&ro, m(&t3, 5), None, None, None)
                 .await
                 .unwrap()
+                .rows
         )
         .is_empty()
     );
     // At "now" the reconstruction agrees with the live view.
     assert_eq!(
-        history::exposure_at(&ro, OffsetDateTime::now_utc(), None, None)
+        history::exposure_at(&ro, OffsetDateTime::now_utc(), None, None, None)
             .await
             .unwrap()
+            .rows
             .rows,
-        query::exposure(&ro, None, None).await.unwrap().rows
+        query::exposure(&ro, None, None, None)
+            .await
+            .unwrap()
+            .rows
+            .rows
     );
     // The documented point-in-time SQL over listener_versions.
     let as_of = rows(
@@ -628,9 +643,10 @@ async fn point_in_time_and_diff(db: &DbUrl) {
 
     // What changed on h1 between t1+5 and t2+5: the v6only socket closed, the dual-stack
     // one opened, and port 80 became reachable over IPv4, hidden from netstat.
-    let d = history::diff(&ro, Some("h1"), m(&t1, 5), m(&t2, 5))
+    let d = history::diff(&ro, Some("h1"), m(&t1, 5), m(&t2, 5), None)
         .await
-        .unwrap();
+        .unwrap()
+        .rows;
     let lines: Vec<(String, i64, String)> = d
         .rows
         .iter()
@@ -659,9 +675,10 @@ async fn point_in_time_and_diff(db: &DbUrl) {
     );
     // Fleet-wide over the whole window: h2 did nothing, port 80 ends where it began (no
     // listener, no exposure) but both events are listed.
-    let d = history::diff(&ro, None, m(&t1, 5), m(&t3, 5))
+    let d = history::diff(&ro, None, m(&t1, 5), m(&t3, 5), None)
         .await
-        .unwrap();
+        .unwrap()
+        .rows;
     let kinds: Vec<&str> = d.rows.iter().map(|r| r[2].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
@@ -671,9 +688,10 @@ async fn point_in_time_and_diff(db: &DbUrl) {
     );
     assert!(d.rows.iter().all(|r| r[1] == json!("h1")));
     assert!(
-        history::diff(&ro, Some("h2"), m(&t1, 5), m(&t3, 5))
+        history::diff(&ro, Some("h2"), m(&t1, 5), m(&t3, 5), None)
             .await
             .unwrap()
+            .rows
             .rows
             .is_empty()
     );

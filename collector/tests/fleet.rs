@@ -26,9 +26,10 @@ async fn rows(db: &DbUrl, sql: &str) -> Vec<Vec<Value>> {
 
 async fn headline(db: &DbUrl, port: Option<u16>) -> Vec<(String, String, i64)> {
     let ro = ReadOnly::open(db).await.unwrap();
-    let rs = listenscope_collector::query::exposure(&ro, port, None)
+    let rs = listenscope_collector::query::exposure(&ro, port, None, None)
         .await
-        .unwrap();
+        .unwrap()
+        .rows;
     ro.close().await;
     rs.rows
         .iter()

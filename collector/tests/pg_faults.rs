@@ -355,7 +355,7 @@ async fn outage(
                 db,
                 "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database() AND wait_event_type = 'Lock'
-                   AND query LIKE '%FROM host WHERE id = $1 FOR UPDATE%'",
+                   AND query LIKE '%FROM host WHERE id = ANY($1) ORDER BY id FOR UPDATE%'",
                 &[],
             )
             .await;

@@ -1,9 +1,12 @@
-//! The write flow, once for both databases: how one agent message becomes one
-//! transaction, and how fingerprints are brought to the current scheme.
+//! The write flow, once for both databases: how the messages of many sessions become one
+//! transaction (a group commit, fed by [`writer`](super::writer)), and how fingerprints
+//! are brought to the current scheme.
 //!
-//! begin → read (PostgreSQL: lock) the host row → sequence rules → the host's live rows →
-//! [`plan`](super::plan::plan) → execute → host bookkeeping → commit. A [`Backend`]
-//! supplies only its SQL and its batching; the decisions live in `plan` and here.
+//! begin → Hellos (host rows, epochs) → per round: read (PostgreSQL: lock) the host rows
+//! → epoch and sequence rules → the hosts' live rows → [`plan`](super::plan::plan) →
+//! execute → rebuild the headline rows of touched ports → host bookkeeping → heartbeats →
+//! commit. A [`Backend`] supplies only its SQL and its batching; the decisions live in
+//! `plan` and here.
 //!
 //! **A connection that saw an error is never used again.** After a failed statement or
 //! commit the driver's idea of the transaction state cannot be trusted: SQLite rolls a
@@ -25,8 +28,10 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Connection, Database, Pool};
 use time::OffsetDateTime;
 
-use super::plan::{DeltaWork, LiveRow, Plan, Prepared, Stored, delta_rule, plan, snapshot_rule};
-use super::{Applied, StoreError};
+use super::plan::{
+    Close, DeltaWork, LiveRow, Plan, Prepared, Stored, delta_rule, plan, snapshot_rule,
+};
+use super::{Applied, HostSession, StoreError};
 
 /// The connection type of a backend.
 pub(crate) type Conn<B> = <<B as Backend>::Db as Database>::Connection;
@@ -37,17 +42,22 @@ pub(crate) struct HostRow {
     pub session: Option<Vec<u8>>,
     pub committed: u64,
     pub snapshot_at: Option<OffsetDateTime>,
+    /// Bumped by every accepted Hello: the connection allowed to write.
+    pub epoch: i64,
 }
 
 /// The host row's bookkeeping after a committed message.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HostUpdate<'a> {
+    pub host_id: i64,
     /// Set for snapshots: the session whose messages are now committed.
     pub session: Option<&'a [u8]>,
     pub committed: u64,
     pub last_seen: OffsetDateTime,
     /// Set for snapshots: the observation time of the stored state.
     pub snapshot_at: Option<OffsetDateTime>,
+    /// Change of the host's count of live listeners.
+    pub live_delta: i64,
 }
 
 /// One agent message for the store.
@@ -59,43 +69,150 @@ pub enum Message {
     Delta(Changes),
 }
 
+/// A Hello to record: the host row is created or updated and its epoch bumped.
+#[derive(Debug, Clone)]
+pub(crate) struct HelloWork {
+    pub host: String,
+    pub os_hostname: String,
+    pub agent_version: String,
+    pub now: OffsetDateTime,
+    /// The collector instance accepting the session (shown in the `hosts` view).
+    pub collector: Option<String>,
+}
+
+/// One message ready for a transaction: keys and fingerprints computed beforehand.
+#[derive(Debug)]
+pub(crate) struct Work {
+    pub host_id: i64,
+    /// The epoch of the connection that sent it; `None`: not fenced (a tool that owns the
+    /// database alone, such as the store tests).
+    pub epoch: Option<i64>,
+    pub session_id: Vec<u8>,
+    pub seq: u64,
+    pub at: OffsetDateTime,
+    pub now: OffsetDateTime,
+    pub snapshot: bool,
+    pub upserts: Vec<Prepared>,
+    pub closes: Vec<Close>,
+}
+
+impl Work {
+    pub(crate) fn new(
+        host_id: i64,
+        epoch: Option<i64>,
+        session_id: &[u8],
+        seq: u64,
+        at: OffsetDateTime,
+        message: Message,
+        now: OffsetDateTime,
+    ) -> Work {
+        let (upserts, closes, snapshot) = match message {
+            Message::Snapshot(records) => (
+                records.into_iter().map(Prepared::new).collect::<Vec<_>>(),
+                Vec::new(),
+                true,
+            ),
+            Message::Delta(changes) => {
+                let w = DeltaWork::new(changes);
+                (w.upserts, w.closes, false)
+            }
+        };
+        Work {
+            host_id,
+            epoch,
+            session_id: session_id.to_vec(),
+            seq,
+            at,
+            now,
+            snapshot,
+            upserts,
+            closes,
+        }
+    }
+
+    /// Listener rows it carries (the writer's batch budget).
+    pub(crate) fn size(&self) -> usize {
+        self.upserts.len() + self.closes.len()
+    }
+}
+
+/// The host's live rows a message needs: all of them (snapshots) or those of some keys.
+#[derive(Debug)]
+pub(crate) struct LiveWanted<'a> {
+    pub host_id: i64,
+    pub keys: Option<Vec<&'a str>>,
+}
+
+/// A planned message: its host, its observation time (the end of the versions it
+/// closes, never before their start) and its row operations.
+#[derive(Debug)]
+pub(crate) struct Write<'a> {
+    pub host_id: i64,
+    pub at: OffsetDateTime,
+    pub plan: Plan<'a>,
+}
+
+/// Which of a host's headline rows to rebuild: all of them, or those of some ports.
+#[derive(Debug)]
+pub(crate) struct Rebuild {
+    pub host_id: i64,
+    pub ports: Option<Vec<i32>>,
+}
+
 /// Live rows recomputed per transaction when bringing fingerprints to the current scheme.
 const REHASH_PAGE: i64 = 5000;
 /// The `setting` row naming the scheme of the stored fingerprints.
 const SCHEME_KEY: &str = "fingerprint_scheme";
 
 /// What a database supplies to the write flow: its SQL and its batching, nothing else.
+/// Every method runs inside the caller's transaction and handles many hosts at once (one
+/// group commit holds the messages of many sessions).
 pub(crate) trait Backend: Sync {
     type Db: Database;
 
     fn pool(&self) -> &Pool<Self::Db>;
 
-    /// The host row; on PostgreSQL also locks it for the transaction (per-host order).
-    fn host_row(
+    /// Creates or updates the host row and bumps its epoch.
+    fn hello(
         c: &mut Conn<Self>,
-        host_id: i64,
-    ) -> impl Future<Output = Result<HostRow, StoreError>> + Send;
+        hello: &HelloWork,
+    ) -> impl Future<Output = Result<HostSession, StoreError>> + Send;
 
-    /// The host's live rows; only those with the given keys when `keys` is set.
+    /// The host rows of `ids` (sorted, distinct); on PostgreSQL also locks them for the
+    /// transaction, in id order (per-host order without deadlocks between writers).
+    fn host_rows(
+        c: &mut Conn<Self>,
+        ids: &[i64],
+    ) -> impl Future<Output = Result<HashMap<i64, HostRow>, StoreError>> + Send;
+
+    /// Live rows per host, keyed by `lkey`.
     fn live_rows(
         c: &mut Conn<Self>,
-        host_id: i64,
-        keys: Option<&[&str]>,
-    ) -> impl Future<Output = Result<HashMap<String, LiveRow>, StoreError>> + Send;
+        wanted: &[LiveWanted<'_>],
+    ) -> impl Future<Output = Result<HashMap<i64, HashMap<String, LiveRow>>, StoreError>> + Send;
 
-    /// Closes, refreshes and inserts what the plan says, with `at` as the end of closed
-    /// versions (never before their start).
+    /// Closes, refreshes and inserts what the plans say.
     fn execute(
         c: &mut Conn<Self>,
-        host_id: i64,
-        plan: &Plan<'_>,
-        at: OffsetDateTime,
+        writes: &[Write<'_>],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    fn update_host(
+    /// Recomputes the `hidden_port` rows of the given hosts (and ports) from their live
+    /// listeners, with the aggregation the `hidden_ipv4_exposure` view always had.
+    fn rebuild_hidden(
         c: &mut Conn<Self>,
-        host_id: i64,
-        update: HostUpdate<'_>,
+        rebuild: &[Rebuild],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn update_hosts(
+        c: &mut Conn<Self>,
+        updates: &[HostUpdate<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Heartbeats: `last_seen` moves forward (never back) for each host.
+    fn touch(
+        c: &mut Conn<Self>,
+        seen: &[(i64, OffsetDateTime)],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     fn setting(
@@ -175,69 +292,175 @@ pub(crate) async fn guarded<B: Backend, T>(
     Ok(out)
 }
 
-/// Stores one message of `session_id` with sequence `seq`, observed at `at`, in one
-/// transaction; the host's committed sequence is written in the same transaction.
-pub(crate) async fn apply<B: Backend>(
+/// What one group commit did: the Hellos' host sessions and each message's outcome, in
+/// the order given.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub hellos: Vec<HostSession>,
+    pub applied: Vec<Applied>,
+}
+
+/// Stores Hellos, messages and heartbeats of many sessions in ONE transaction (a group
+/// commit). Each message gets the outcome it would have had alone: messages of one host
+/// are applied in the order given, each seeing the ones before it. Either all of it is
+/// committed or none of it.
+pub(crate) async fn apply_batch<B: Backend>(
     b: &B,
-    host_id: i64,
-    session_id: &[u8],
-    seq: u64,
-    at: OffsetDateTime,
-    message: Message,
-    now: OffsetDateTime,
-) -> Result<Applied, StoreError> {
-    // Fingerprints and keys are computed before the transaction starts.
-    let (upserts, closes, snapshot) = match message {
-        Message::Snapshot(records) => (
-            records.into_iter().map(Prepared::new).collect::<Vec<_>>(),
-            Vec::new(),
-            true,
-        ),
-        Message::Delta(changes) => {
-            let w = DeltaWork::new(changes);
-            (w.upserts, w.closes, false)
-        }
-    };
+    hellos: &[HelloWork],
+    works: &[Work],
+    seen: &[(i64, OffsetDateTime)],
+) -> Result<Batch, StoreError> {
     guarded(b, async |conn: &mut Conn<B>| {
         let mut tx = conn.begin().await?;
-        let host = B::host_row(&mut *tx, host_id).await?;
-        let stored = Stored {
-            session: host.session.as_deref(),
-            committed: host.committed,
-            snapshot_at: host.snapshot_at,
-        };
-        let rule = if snapshot {
-            snapshot_rule(stored, session_id, seq, at)
-        } else {
-            delta_rule(stored, session_id, seq)
-        };
-        if let Some(not_applied) = rule {
-            tx.rollback().await?;
-            return Ok(not_applied);
+        let mut out = Batch::default();
+        for h in hellos {
+            out.hellos.push(B::hello(&mut *tx, h).await?);
         }
-        let live = if snapshot {
-            B::live_rows(&mut *tx, host_id, None).await?
-        } else {
-            let keys: Vec<&str> = upserts
-                .iter()
-                .map(|u| u.lkey.as_str())
-                .chain(closes.iter().map(String::as_str))
-                .collect();
-            B::live_rows(&mut *tx, host_id, Some(&keys)).await?
-        };
-        let p = plan(&live, &upserts, &closes, snapshot, at);
-        B::execute(&mut *tx, host_id, &p, at).await?;
-        let update = HostUpdate {
-            session: snapshot.then_some(session_id),
-            committed: seq,
-            last_seen: now,
-            snapshot_at: snapshot.then_some(at),
-        };
-        B::update_host(&mut *tx, host_id, update).await?;
+        out.applied = apply_works::<B>(&mut *tx, works).await?;
+        if !seen.is_empty() {
+            B::touch(&mut *tx, seen).await?;
+        }
         tx.commit().await?;
-        Ok(Applied::Committed { rows: p.rows() })
+        Ok(out)
     })
     .await
+}
+
+/// Applies `works` inside an open transaction. A host with several messages in the batch
+/// is handled in rounds (its n-th message in round n), so every round reads each host's
+/// state once, after the previous round wrote it.
+async fn apply_works<B: Backend>(
+    c: &mut Conn<B>,
+    works: &[Work],
+) -> Result<Vec<Applied>, StoreError> {
+    let mut outcome: Vec<Option<Applied>> = vec![None; works.len()];
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut seen_in: HashMap<i64, usize> = HashMap::new();
+    for (i, w) in works.iter().enumerate() {
+        let n = seen_in.entry(w.host_id).or_insert(0);
+        if rounds.len() <= *n {
+            rounds.push(Vec::new());
+        }
+        rounds[*n].push(i);
+        *n += 1;
+    }
+    for round in rounds {
+        let mut ids: Vec<i64> = round.iter().map(|&i| works[i].host_id).collect();
+        ids.sort_unstable();
+        let hosts = B::host_rows(c, &ids).await?;
+        let mut applying = Vec::with_capacity(round.len());
+        for &i in &round {
+            let w = &works[i];
+            let host = hosts.get(&w.host_id).ok_or_else(|| {
+                StoreError::Corrupt(format!("host id {} has no host row", w.host_id))
+            })?;
+            if w.epoch.is_some_and(|e| e != host.epoch) {
+                outcome[i] = Some(Applied::TakenOver);
+                continue;
+            }
+            let stored = Stored {
+                session: host.session.as_deref(),
+                committed: host.committed,
+                snapshot_at: host.snapshot_at,
+            };
+            let rule = if w.snapshot {
+                snapshot_rule(stored, &w.session_id, w.seq, w.at)
+            } else {
+                delta_rule(stored, &w.session_id, w.seq)
+            };
+            match rule {
+                Some(not_applied) => outcome[i] = Some(not_applied),
+                None => applying.push(i),
+            }
+        }
+        if applying.is_empty() {
+            continue;
+        }
+        let wanted: Vec<LiveWanted<'_>> = applying
+            .iter()
+            .map(|&i| {
+                let w = &works[i];
+                LiveWanted {
+                    host_id: w.host_id,
+                    keys: (!w.snapshot).then(|| {
+                        w.upserts
+                            .iter()
+                            .map(|u| u.lkey.as_str())
+                            .chain(w.closes.iter().map(|c| c.lkey.as_str()))
+                            .collect()
+                    }),
+                }
+            })
+            .collect();
+        let mut live = B::live_rows(c, &wanted).await?;
+        let empty = HashMap::new();
+        let writes: Vec<Write<'_>> = applying
+            .iter()
+            .map(|&i| {
+                let w = &works[i];
+                let rows = live.get(&w.host_id).unwrap_or(&empty);
+                Write {
+                    host_id: w.host_id,
+                    at: w.at,
+                    plan: plan(rows, &w.upserts, &w.closes, w.snapshot, w.at),
+                }
+            })
+            .collect();
+        live.clear();
+        B::execute(c, &writes).await?;
+        let rebuild: Vec<Rebuild> = applying
+            .iter()
+            .zip(&writes)
+            .filter(|(_, wr)| wr.plan.versions_changed())
+            .map(|(&i, wr)| {
+                let w = &works[i];
+                Rebuild {
+                    host_id: wr.host_id,
+                    ports: (!w.snapshot).then(|| {
+                        let mut ports: Vec<i32> = w
+                            .upserts
+                            .iter()
+                            .map(|u| i32::from(u.record.key.port))
+                            .chain(w.closes.iter().map(|c| i32::from(c.port)))
+                            .collect();
+                        ports.sort_unstable();
+                        ports.dedup();
+                        ports
+                    }),
+                }
+            })
+            .collect();
+        if !rebuild.is_empty() {
+            B::rebuild_hidden(c, &rebuild).await?;
+        }
+        let updates: Vec<HostUpdate<'_>> = applying
+            .iter()
+            .zip(&writes)
+            .map(|(&i, wr)| {
+                let w = &works[i];
+                HostUpdate {
+                    host_id: w.host_id,
+                    session: w.snapshot.then_some(w.session_id.as_slice()),
+                    committed: w.seq,
+                    last_seen: w.now,
+                    snapshot_at: w.snapshot.then_some(w.at),
+                    live_delta: wr.plan.live_delta(),
+                }
+            })
+            .collect();
+        B::update_hosts(c, &updates).await?;
+        for (&i, wr) in applying.iter().zip(&writes) {
+            outcome[i] = Some(Applied::Committed {
+                rows: wr.plan.rows(),
+            });
+        }
+    }
+    outcome
+        .into_iter()
+        .map(|o| {
+            o.ok_or_else(|| StoreError::Corrupt("a message was left without an outcome".into()))
+        })
+        .collect()
 }
 
 /// Brings the stored fingerprints of live rows to [`fingerprint::SCHEME`], recomputing

@@ -12,9 +12,11 @@ pub(crate) mod plan;
 pub(crate) mod postgres;
 mod row;
 pub(crate) mod sqlite;
+mod writer;
 
 pub use flow::Message;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -101,6 +103,8 @@ pub enum StoreError {
     Sql(#[from] sqlx::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("the store is closed (the collector is shutting down)")]
+    Closed,
 }
 
 /// A host as the collector knows it when a session starts.
@@ -110,6 +114,8 @@ pub struct HostSession {
     /// The session whose messages are committed (None: never had one).
     pub session_id: Option<Vec<u8>>,
     pub committed_seq: u64,
+    /// This connection's epoch: only it may write for the host until the next Hello.
+    pub epoch: i64,
 }
 
 /// The outcome of storing one message.
@@ -123,6 +129,9 @@ pub enum Applied {
     Gap { committed: u64 },
     /// Another session of this host has taken over.
     Superseded,
+    /// A newer connection of this host (to this or another collector sharing the
+    /// database) was accepted since this one: this connection may no longer write.
+    TakenOver,
 }
 
 /// Sizing and tunables.
@@ -143,23 +152,42 @@ impl Default for StoreOptions {
     }
 }
 
-/// The writable store used by `serve`.
+/// The writable store used by `serve`: a database and its group committer.
 #[derive(Debug, Clone)]
-pub enum Store {
+pub struct Store {
+    db: Db,
+    writer: writer::Writer,
+}
+
+#[derive(Debug, Clone)]
+enum Db {
     Sqlite(sqlite::SqliteStore),
     Postgres(postgres::PgStore),
 }
 
 impl Store {
-    /// Opens (creating if needed) and migrates the database.
+    /// Opens (creating if needed) and migrates the database, and starts the writers.
     pub async fn open(url: &DbUrl, opts: &StoreOptions) -> Result<Store, StoreError> {
-        match url {
-            DbUrl::Sqlite(path) => Ok(Store::Sqlite(sqlite::SqliteStore::open(path, opts).await?)),
-            DbUrl::Postgres(url) => Ok(Store::Postgres(postgres::PgStore::open(url, opts).await?)),
-        }
+        Ok(match url {
+            DbUrl::Sqlite(path) => {
+                let s = sqlite::SqliteStore::open(path, opts).await?;
+                Store {
+                    writer: writer::Writer::start(s.clone(), 1),
+                    db: Db::Sqlite(s),
+                }
+            }
+            DbUrl::Postgres(url) => {
+                let s = postgres::PgStore::open(url, opts).await?;
+                Store {
+                    writer: writer::Writer::start(s.clone(), postgres::writers(opts.pool_size)),
+                    db: Db::Postgres(s),
+                }
+            }
+        })
     }
 
-    /// Records that `host` connected; returns its stored session.
+    /// Records that `host` connected; returns its stored session and this connection's
+    /// epoch (the Hello is stored with the next group commit).
     pub async fn hello(
         &self,
         host: &str,
@@ -167,10 +195,28 @@ impl Store {
         agent_version: &str,
         now: OffsetDateTime,
     ) -> Result<HostSession, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.hello(host, os_hostname, agent_version, now).await,
-            Store::Postgres(s) => s.hello(host, os_hostname, agent_version, now).await,
-        }
+        self.hello_at(host, os_hostname, agent_version, now, None)
+            .await
+    }
+
+    /// [`Store::hello`], naming the collector instance that accepts the session.
+    pub async fn hello_at(
+        &self,
+        host: &str,
+        os_hostname: &str,
+        agent_version: &str,
+        now: OffsetDateTime,
+        collector: Option<&str>,
+    ) -> Result<HostSession, StoreError> {
+        self.writer
+            .hello(flow::HelloWork {
+                host: host.to_string(),
+                os_hostname: os_hostname.to_string(),
+                agent_version: agent_version.to_string(),
+                now,
+                collector: collector.map(str::to_string),
+            })
+            .await
     }
 
     /// Replaces the host's live listeners with a snapshot.
@@ -208,7 +254,8 @@ impl Store {
             .await
     }
 
-    /// Stores one message in one transaction (see `flow.rs`).
+    /// Stores one message (see `flow.rs`) without the connection fence: for tools that
+    /// own the database alone.
     pub async fn apply(
         &self,
         host_id: i64,
@@ -218,33 +265,70 @@ impl Store {
         message: Message,
         now: OffsetDateTime,
     ) -> Result<Applied, StoreError> {
-        match self {
-            Store::Sqlite(s) => flow::apply(s, host_id, session_id, seq, at, message, now).await,
-            Store::Postgres(s) => flow::apply(s, host_id, session_id, seq, at, message, now).await,
+        let work = flow::Work::new(host_id, None, session_id, seq, at, message, now);
+        self.writer.apply(work).await
+    }
+
+    /// Stores one message of the connection that holds `host` (its [`HostSession`]): a
+    /// message from a connection a newer Hello replaced is refused
+    /// ([`Applied::TakenOver`]). Keys and fingerprints are computed here, on the
+    /// caller's task, before the message is queued.
+    pub async fn apply_as(
+        &self,
+        host: &HostSession,
+        session_id: &[u8],
+        seq: u64,
+        at: OffsetDateTime,
+        message: Message,
+        now: OffsetDateTime,
+    ) -> Result<Applied, StoreError> {
+        let work = flow::Work::new(
+            host.host_id,
+            Some(host.epoch),
+            session_id,
+            seq,
+            at,
+            message,
+            now,
+        );
+        self.writer.apply(work).await
+    }
+
+    /// The host is alive (a scan found no change): `last_seen` is written with the next
+    /// group commit, at most a second later.
+    pub fn heartbeat(&self, host_id: i64, now: OffsetDateTime) {
+        self.writer.seen(host_id, now);
+    }
+
+    /// The epochs of the given hosts now (a collector sharing the database may have
+    /// accepted a newer connection of some of them).
+    pub async fn epochs(&self, host_ids: &[i64]) -> Result<HashMap<i64, i64>, StoreError> {
+        match &self.db {
+            Db::Sqlite(s) => s.epochs(host_ids).await,
+            Db::Postgres(s) => s.epochs(host_ids).await,
         }
     }
 
-    /// The host is alive (a scan found no change).
-    pub async fn heartbeat(&self, host_id: i64, now: OffsetDateTime) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(s) => s.heartbeat(host_id, now).await,
-            Store::Postgres(s) => s.heartbeat(host_id, now).await,
-        }
+    /// Whether several collector processes may share this database (PostgreSQL).
+    pub fn shared(&self) -> bool {
+        matches!(self.db, Db::Postgres(_))
     }
 
     /// Deletes up to `batch` listener versions that ended before `cutoff` (history only:
     /// live rows have no end). Returns how many went.
     pub async fn prune_batch(&self, cutoff: OffsetDateTime, batch: i64) -> Result<u64, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.prune_batch(cutoff, batch).await,
-            Store::Postgres(s) => s.prune_batch(cutoff, batch).await,
+        match &self.db {
+            Db::Sqlite(s) => s.prune_batch(cutoff, batch).await,
+            Db::Postgres(s) => s.prune_batch(cutoff, batch).await,
         }
     }
 
+    /// Stores what is queued, then closes the database.
     pub async fn close(&self) {
-        match self {
-            Store::Sqlite(s) => s.close().await,
-            Store::Postgres(s) => s.close().await,
+        self.writer.close().await;
+        match &self.db {
+            Db::Sqlite(s) => s.close().await,
+            Db::Postgres(s) => s.close().await,
         }
     }
 }

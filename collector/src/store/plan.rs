@@ -72,6 +72,17 @@ impl Plan<'_> {
     pub fn rows(&self) -> usize {
         self.insert.len() + self.close_changed.len() + self.close_closed.len() + self.refresh.len()
     }
+
+    /// How the host's count of live listeners changes.
+    pub fn live_delta(&self) -> i64 {
+        self.insert.len() as i64 - self.close_changed.len() as i64 - self.close_closed.len() as i64
+    }
+
+    /// Whether the live set or any version's values changed (refreshes only touch pids,
+    /// command lines, socket counts and namespace inodes, which no summary shows).
+    pub fn versions_changed(&self) -> bool {
+        !(self.insert.is_empty() && self.close_changed.is_empty() && self.close_closed.is_empty())
+    }
 }
 
 /// What the host row says about the stored session.
@@ -119,17 +130,31 @@ pub fn delta_rule(stored: Stored<'_>, session: &[u8], seq: u64) -> Option<Applie
     }
 }
 
+/// A closed key: its key string and its port.
+#[derive(Debug, Clone)]
+pub struct Close {
+    pub lkey: String,
+    pub port: u16,
+}
+
 /// A delta prepared for planning: upserts (opened, then changed) and closed keys.
 #[derive(Debug)]
 pub struct DeltaWork {
     pub upserts: Vec<Prepared>,
-    pub closes: Vec<String>,
+    pub closes: Vec<Close>,
 }
 
 impl DeltaWork {
     pub fn new(changes: Changes) -> DeltaWork {
         DeltaWork {
-            closes: changes.closed.iter().map(lkey).collect(),
+            closes: changes
+                .closed
+                .iter()
+                .map(|k| Close {
+                    lkey: lkey(k),
+                    port: k.port,
+                })
+                .collect(),
             upserts: changes
                 .opened
                 .into_iter()
@@ -167,7 +192,7 @@ pub fn lkey(k: &ListenerKey) -> String {
 pub fn plan<'a>(
     live: &HashMap<String, LiveRow>,
     upserts: &'a [Prepared],
-    closes: &[String],
+    closes: &[Close],
     close_others: bool,
     at: OffsetDateTime,
 ) -> Plan<'a> {
@@ -193,7 +218,7 @@ pub fn plan<'a>(
             Some(_) => {}
         }
     }
-    for k in closes {
+    for Close { lkey: k, .. } in closes {
         if touched.contains(k.as_str()) {
             continue; // opened again in the same message: the upsert wins
         }
@@ -258,13 +283,11 @@ mod tests {
         let b2 = Prepared::new(rec(443, Reach::Any, 11)); // pid churn only
         let d = Prepared::new(rec(8080, Reach::Any, 10)); // new
         let upserts = vec![a2, b2, d];
-        let p = plan(
-            &live,
-            &upserts,
-            std::slice::from_ref(&c.lkey),
-            false,
-            t(100),
-        );
+        let close = Close {
+            lkey: c.lkey.clone(),
+            port: 22,
+        };
+        let p = plan(&live, &upserts, std::slice::from_ref(&close), false, t(100));
         assert_eq!(p.close_changed, [1]);
         assert_eq!(p.close_closed, [3]);
         assert_eq!(p.refresh.iter().map(|r| r.0).collect::<Vec<_>>(), [2]);

@@ -18,8 +18,8 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Row};
 use time::OffsetDateTime;
 
-use super::flow::{self, Backend, HostRow, HostUpdate};
-use super::plan::{LiveRow, Plan};
+use super::flow::{self, Backend, HelloWork, HostRow, HostUpdate, LiveWanted, Rebuild, Write};
+use super::plan::LiveRow;
 use super::row::{self, COLUMNS, Kind, Val};
 use super::{HostSession, StoreError, StoreOptions, redact};
 
@@ -36,10 +36,16 @@ fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
         })
 }
 
+/// Writer tasks (group committers) for a pool of `pool_size`: each holds one connection
+/// while it stores a batch; two leave room for pruning and the epoch check.
+pub(crate) fn writers(pool_size: u32) -> usize {
+    (pool_size as usize / 2).max(1)
+}
+
 impl PgStore {
     pub async fn open(url: &str, opts: &StoreOptions) -> Result<PgStore, StoreError> {
         let pool = PgPoolOptions::new()
-            .max_connections(opts.pool_size.max(1))
+            .max_connections((writers(opts.pool_size) as u32 + 2).max(opts.pool_size))
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(connect_options(url)?)
             .await
@@ -61,38 +67,17 @@ impl PgStore {
         self.pool.close().await;
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    pub async fn hello(
-        &self,
-        host: &str,
-        os_hostname: &str,
-        agent_version: &str,
-        now: OffsetDateTime,
-    ) -> Result<HostSession, StoreError> {
-        let row = flow::guarded(self, async |c| {
-            Ok(sqlx::query(
-                "INSERT INTO host (name, os_hostname, agent_version, first_seen, last_seen)
-                     VALUES ($1, $2, $3, $4, $4)
-                     ON CONFLICT (name) DO UPDATE SET os_hostname = excluded.os_hostname,
-                         agent_version = excluded.agent_version, last_seen = excluded.last_seen
-                     RETURNING id, session_id, committed_seq",
+    pub async fn epochs(&self, ids: &[i64]) -> Result<HashMap<i64, i64>, StoreError> {
+        let rows: Vec<(i64, i64)> = flow::guarded(self, async |c| {
+            Ok(
+                sqlx::query_as("SELECT id, session_epoch FROM host WHERE id = ANY($1)")
+                    .bind(ids)
+                    .fetch_all(c)
+                    .await?,
             )
-            .bind(host)
-            .bind(os_hostname)
-            .bind(agent_version)
-            .bind(now)
-            .fetch_one(c)
-            .await?)
         })
         .await?;
-        Ok(HostSession {
-            host_id: row.try_get("id")?,
-            session_id: row.try_get("session_id")?,
-            committed_seq: row.try_get::<i64, _>("committed_seq")? as u64,
-        })
+        Ok(rows.into_iter().collect())
     }
 
     pub async fn prune_batch(&self, cutoff: OffsetDateTime, batch: i64) -> Result<u64, StoreError> {
@@ -106,18 +91,6 @@ impl PgStore {
             .execute(c)
             .await?;
             Ok(done.rows_affected())
-        })
-        .await
-    }
-
-    pub async fn heartbeat(&self, host_id: i64, now: OffsetDateTime) -> Result<(), StoreError> {
-        flow::guarded(self, async |c| {
-            sqlx::query("UPDATE host SET last_seen = $1 WHERE id = $2")
-                .bind(now)
-                .bind(host_id)
-                .execute(c)
-                .await?;
-            Ok(())
         })
         .await
     }
@@ -194,49 +167,107 @@ impl Backend for PgStore {
         &self.pool
     }
 
-    async fn host_row(c: &mut PgConnection, host_id: i64) -> Result<HostRow, StoreError> {
+    async fn hello(c: &mut PgConnection, h: &HelloWork) -> Result<HostSession, StoreError> {
         let row = sqlx::query(
-            "SELECT session_id, committed_seq, last_snapshot_at FROM host WHERE id = $1 FOR UPDATE",
+            "INSERT INTO host (name, os_hostname, agent_version, first_seen, last_seen,
+                               session_epoch, collector)
+                 VALUES ($1, $2, $3, $4, $4, 1, $5)
+                 ON CONFLICT (name) DO UPDATE SET os_hostname = excluded.os_hostname,
+                     agent_version = excluded.agent_version,
+                     last_seen = GREATEST(host.last_seen, excluded.last_seen),
+                     session_epoch = host.session_epoch + 1,
+                     collector = excluded.collector
+                 RETURNING id, session_id, committed_seq, session_epoch",
         )
-        .bind(host_id)
+        .bind(&h.host)
+        .bind(&h.os_hostname)
+        .bind(&h.agent_version)
+        .bind(h.now)
+        .bind(h.collector.as_deref())
         .fetch_one(c)
         .await?;
-        Ok(HostRow {
-            session: row.try_get("session_id")?,
-            committed: row.try_get::<i64, _>("committed_seq")? as u64,
-            snapshot_at: row.try_get("last_snapshot_at")?,
+        Ok(HostSession {
+            host_id: row.try_get("id")?,
+            session_id: row.try_get("session_id")?,
+            committed_seq: row.try_get::<i64, _>("committed_seq")? as u64,
+            epoch: row.try_get("session_epoch")?,
         })
+    }
+
+    async fn host_rows(
+        c: &mut PgConnection,
+        ids: &[i64],
+    ) -> Result<HashMap<i64, HostRow>, StoreError> {
+        // Locked in id order: writers batching overlapping hosts cannot deadlock.
+        let rows = sqlx::query(
+            "SELECT id, session_id, committed_seq, last_snapshot_at, session_epoch
+             FROM host WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        )
+        .bind(ids)
+        .fetch_all(c)
+        .await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for row in rows {
+            out.insert(
+                row.try_get("id")?,
+                HostRow {
+                    session: row.try_get("session_id")?,
+                    committed: row.try_get::<i64, _>("committed_seq")? as u64,
+                    snapshot_at: row.try_get("last_snapshot_at")?,
+                    epoch: row.try_get("session_epoch")?,
+                },
+            );
+        }
+        Ok(out)
     }
 
     async fn live_rows(
         c: &mut PgConnection,
-        host_id: i64,
-        keys: Option<&[&str]>,
-    ) -> Result<HashMap<String, LiveRow>, StoreError> {
-        let rows = match keys {
-            None => {
-                sqlx::query(
-                    "SELECT id, lkey, material_hash, full_hash, first_seen, valid_from
-                     FROM listener WHERE host_id = $1 AND valid_to IS NULL",
-                )
-                .bind(host_id)
-                .fetch_all(c)
-                .await?
+        wanted: &[LiveWanted<'_>],
+    ) -> Result<HashMap<i64, HashMap<String, LiveRow>>, StoreError> {
+        let whole: Vec<i64> = wanted
+            .iter()
+            .filter(|w| w.keys.is_none())
+            .map(|w| w.host_id)
+            .collect();
+        let (mut key_hosts, mut keys) = (Vec::new(), Vec::new());
+        for w in wanted {
+            for k in w.keys.iter().flatten() {
+                key_hosts.push(w.host_id);
+                keys.push(*k);
             }
-            Some(keys) => {
+        }
+        let mut out: HashMap<i64, HashMap<String, LiveRow>> =
+            wanted.iter().map(|w| (w.host_id, HashMap::new())).collect();
+        let mut found = Vec::new();
+        if !whole.is_empty() {
+            found.extend(
                 sqlx::query(
-                    "SELECT id, lkey, material_hash, full_hash, first_seen, valid_from
-                     FROM listener WHERE host_id = $1 AND valid_to IS NULL AND lkey = ANY($2)",
+                    "SELECT host_id, id, lkey, material_hash, full_hash, first_seen, valid_from
+                     FROM listener WHERE host_id = ANY($1) AND valid_to IS NULL",
                 )
-                .bind(host_id)
-                .bind(keys)
-                .fetch_all(c)
-                .await?
-            }
-        };
-        let mut out = HashMap::with_capacity(rows.len());
-        for r in rows {
-            out.insert(
+                .bind(&whole)
+                .fetch_all(&mut *c)
+                .await?,
+            );
+        }
+        if !keys.is_empty() {
+            found.extend(
+                sqlx::query(
+                    "SELECT l.host_id, l.id, l.lkey, l.material_hash, l.full_hash, l.first_seen,
+                            l.valid_from
+                     FROM UNNEST($1::bigint[], $2::text[]) AS k (host_id, lkey)
+                     JOIN listener l ON l.host_id = k.host_id AND l.lkey = k.lkey
+                                    AND l.valid_to IS NULL",
+                )
+                .bind(&key_hosts)
+                .bind(&keys)
+                .fetch_all(&mut *c)
+                .await?,
+            );
+        }
+        for r in found {
+            out.entry(r.try_get("host_id")?).or_default().insert(
                 r.try_get::<String, _>("lkey")?,
                 LiveRow {
                     id: r.try_get("id")?,
@@ -250,29 +281,37 @@ impl Backend for PgStore {
         Ok(out)
     }
 
-    async fn execute(
-        c: &mut PgConnection,
-        host_id: i64,
-        p: &Plan<'_>,
-        at: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        for (ids, reason) in [(&p.close_changed, "changed"), (&p.close_closed, "closed")] {
-            if ids.is_empty() {
-                continue;
+    async fn execute(c: &mut PgConnection, writes: &[Write<'_>]) -> Result<(), StoreError> {
+        let (mut ids, mut ats, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
+        for w in writes {
+            for (list, reason) in [
+                (&w.plan.close_changed, "changed"),
+                (&w.plan.close_closed, "closed"),
+            ] {
+                for id in list {
+                    ids.push(*id);
+                    ats.push(w.at);
+                    reasons.push(reason);
+                }
             }
+        }
+        if !ids.is_empty() {
             // Never end a version before it began (agent clock stepped back).
             sqlx::query(
-                "UPDATE listener SET valid_to = GREATEST($1, valid_from), end_reason = $2
-                 WHERE id = ANY($3)",
+                "UPDATE listener AS l SET valid_to = GREATEST(v.at, l.valid_from),
+                     end_reason = v.reason
+                 FROM UNNEST($1::bigint[], $2::timestamptz[], $3::text[]) AS v (id, at, reason)
+                 WHERE l.id = v.id",
             )
-            .bind(at)
-            .bind(reason)
             .bind(ids)
+            .bind(ats)
+            .bind(reasons)
             .execute(&mut *c)
             .await?;
         }
-        if !p.refresh.is_empty() {
-            let n = p.refresh.len();
+        let refresh: Vec<_> = writes.iter().flat_map(|w| &w.plan.refresh).collect();
+        if !refresh.is_empty() {
+            let n = refresh.len();
             let (mut ids, mut inodes, mut procs, mut sockets, mut hashes) = (
                 Vec::with_capacity(n),
                 Vec::with_capacity(n),
@@ -280,7 +319,7 @@ impl Backend for PgStore {
                 Vec::with_capacity(n),
                 Vec::with_capacity(n),
             );
-            for (id, u) in &p.refresh {
+            for (id, u) in refresh {
                 ids.push(*id);
                 inodes.push(u.record.netns_inode as i64);
                 procs.push(row::processes_json(&u.record));
@@ -302,14 +341,17 @@ impl Backend for PgStore {
             .execute(&mut *c)
             .await?;
         }
-        if !p.insert.is_empty() {
+        let n: usize = writes.iter().map(|w| w.plan.insert.len()).sum();
+        if n > 0 {
             let mut arrays: Vec<Array> = COLUMNS
                 .iter()
-                .map(|(_, kind)| Array::new(*kind, p.insert.len()))
+                .map(|(_, kind)| Array::new(*kind, n))
                 .collect();
-            for n in &p.insert {
-                for (a, v) in arrays.iter_mut().zip(row::values(host_id, n)) {
-                    a.push(v)?;
+            for w in writes {
+                for new in &w.plan.insert {
+                    for (a, v) in arrays.iter_mut().zip(row::values(w.host_id, new)) {
+                        a.push(v)?;
+                    }
                 }
             }
             let mut q = sqlx::query(AssertSqlSafe(INSERT.as_str()));
@@ -327,21 +369,106 @@ impl Backend for PgStore {
         Ok(())
     }
 
-    async fn update_host(
-        c: &mut PgConnection,
-        host_id: i64,
-        u: HostUpdate<'_>,
-    ) -> Result<(), StoreError> {
+    async fn rebuild_hidden(c: &mut PgConnection, rebuild: &[Rebuild]) -> Result<(), StoreError> {
+        // (host, port) pairs; port 0 stands for every port of the host.
+        let (mut hosts, mut ports) = (Vec::new(), Vec::new());
+        for r in rebuild {
+            match &r.ports {
+                None => {
+                    hosts.push(r.host_id);
+                    ports.push(0i32);
+                }
+                Some(list) => {
+                    for p in list {
+                        hosts.push(r.host_id);
+                        ports.push(*p);
+                    }
+                }
+            }
+        }
         sqlx::query(
-            "UPDATE host SET session_id = coalesce($1, session_id), committed_seq = $2,
-                 last_seen = $3, last_snapshot_at = coalesce($4, last_snapshot_at)
-             WHERE id = $5",
+            "DELETE FROM hidden_port AS e USING UNNEST($1::bigint[], $2::int[]) AS t (host_id, port)
+             WHERE e.host_id = t.host_id AND (t.port = 0 OR e.port = t.port)",
         )
-        .bind(u.session)
-        .bind(u.committed as i64)
-        .bind(u.last_seen)
-        .bind(u.snapshot_at)
-        .bind(host_id)
+        .bind(&hosts)
+        .bind(&ports)
+        .execute(&mut *c)
+        .await?;
+        sqlx::query(
+            "INSERT INTO hidden_port (host_id, netns, protocol, port, shown_as, processes)
+             SELECT l.host_id, l.netns, l.protocol, l.port,
+                    string_agg(DISTINCT l.shown_as COLLATE \"C\", ',' ORDER BY l.shown_as COLLATE \"C\"),
+                    string_agg(DISTINCT NULLIF(l.process_names, '') COLLATE \"C\", ','
+                               ORDER BY NULLIF(l.process_names, '') COLLATE \"C\")
+             FROM UNNEST($1::bigint[], $2::int[]) AS t (host_id, port)
+             JOIN listener l ON l.host_id = t.host_id AND (t.port = 0 OR l.port = t.port)
+                            AND l.valid_to IS NULL
+             GROUP BY l.host_id, l.netns, l.protocol, l.port
+             HAVING bool_or(l.hidden_ipv4_exposure)",
+        )
+        .bind(&hosts)
+        .bind(&ports)
+        .execute(&mut *c)
+        .await?;
+        Ok(())
+    }
+
+    async fn update_hosts(
+        c: &mut PgConnection,
+        updates: &[HostUpdate<'_>],
+    ) -> Result<(), StoreError> {
+        let n = updates.len();
+        let (mut ids, mut sessions, mut committed, mut seen, mut snaps, mut deltas) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for u in updates {
+            ids.push(u.host_id);
+            sessions.push(u.session);
+            committed.push(u.committed as i64);
+            seen.push(u.last_seen);
+            snaps.push(u.snapshot_at);
+            deltas.push(u.live_delta);
+        }
+        sqlx::query(
+            "UPDATE host AS h SET session_id = coalesce(u.session, h.session_id),
+                 committed_seq = u.committed, last_seen = GREATEST(h.last_seen, u.seen),
+                 last_snapshot_at = coalesce(u.snap, h.last_snapshot_at),
+                 live_listeners = h.live_listeners + u.delta
+             FROM UNNEST($1::bigint[], $2::bytea[], $3::bigint[], $4::timestamptz[],
+                         $5::timestamptz[], $6::bigint[]) AS u (id, session, committed, seen, snap, delta)
+             WHERE h.id = u.id",
+        )
+        .bind(ids)
+        .bind(sessions)
+        .bind(committed)
+        .bind(seen)
+        .bind(snaps)
+        .bind(deltas)
+        .execute(c)
+        .await?;
+        Ok(())
+    }
+
+    async fn touch(c: &mut PgConnection, seen: &[(i64, OffsetDateTime)]) -> Result<(), StoreError> {
+        let mut sorted = seen.to_vec();
+        sorted.sort_unstable_by_key(|(id, _)| *id);
+        let (ids, times): (Vec<i64>, Vec<OffsetDateTime>) = sorted.into_iter().unzip();
+        // Rows another writer holds are skipped, not waited for: that writer is storing a
+        // Hello or a message of the host, which moves last_seen itself. No lock waits, so
+        // heartbeats never take part in a deadlock.
+        sqlx::query(
+            "UPDATE host AS h SET last_seen = GREATEST(h.last_seen, u.seen)
+             FROM UNNEST($1::bigint[], $2::timestamptz[]) AS u (id, seen)
+             WHERE h.id = u.id AND h.id IN (
+                 SELECT id FROM host WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(ids)
+        .bind(times)
         .execute(c)
         .await?;
         Ok(())

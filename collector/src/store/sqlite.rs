@@ -23,8 +23,8 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
-use super::flow::{self, Backend, HostRow, HostUpdate};
-use super::plan::{LiveRow, Plan};
+use super::flow::{self, Backend, HelloWork, HostRow, HostUpdate, LiveWanted, Rebuild, Write};
+use super::plan::LiveRow;
 use super::row::{self, RECORD_COLUMNS, Val};
 use super::{HostSession, StoreError, StoreOptions};
 use crate::timefmt;
@@ -89,35 +89,23 @@ impl SqliteStore {
         self.writer.close().await;
     }
 
-    pub async fn hello(
-        &self,
-        host: &str,
-        os_hostname: &str,
-        agent_version: &str,
-        now: OffsetDateTime,
-    ) -> Result<HostSession, StoreError> {
-        let now = timefmt::format(now);
-        let row = flow::guarded(self, async |c| {
-            Ok(sqlx::query(
-                "INSERT INTO host (name, os_hostname, agent_version, first_seen, last_seen)
-                     VALUES (?1, ?2, ?3, ?4, ?4)
-                     ON CONFLICT (name) DO UPDATE SET os_hostname = excluded.os_hostname,
-                         agent_version = excluded.agent_version, last_seen = excluded.last_seen
-                     RETURNING id, session_id, committed_seq",
-            )
-            .bind(host)
-            .bind(os_hostname)
-            .bind(agent_version)
-            .bind(&now)
-            .fetch_one(c)
-            .await?)
-        })
-        .await?;
-        Ok(HostSession {
-            host_id: row.try_get("id")?,
-            session_id: row.try_get("session_id")?,
-            committed_seq: row.try_get::<i64, _>("committed_seq")? as u64,
-        })
+    pub async fn epochs(&self, ids: &[i64]) -> Result<HashMap<i64, i64>, StoreError> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(IN_CHUNK) {
+            let found: Vec<(i64, i64)> = flow::guarded(self, async |c| {
+                let mut q =
+                    QueryBuilder::<Sqlite>::new("SELECT id, session_epoch FROM host WHERE id IN (");
+                let mut list = q.separated(",");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                q.push(")");
+                Ok(q.build_query_as().fetch_all(c).await?)
+            })
+            .await?;
+            out.extend(found);
+        }
+        Ok(out)
     }
 
     pub async fn prune_batch(&self, cutoff: OffsetDateTime, batch: i64) -> Result<u64, StoreError> {
@@ -132,19 +120,6 @@ impl SqliteStore {
             .execute(c)
             .await?;
             Ok(done.rows_affected())
-        })
-        .await
-    }
-
-    pub async fn heartbeat(&self, host_id: i64, now: OffsetDateTime) -> Result<(), StoreError> {
-        let now = timefmt::format(now);
-        flow::guarded(self, async |c| {
-            sqlx::query("UPDATE host SET last_seen = ? WHERE id = ?")
-                .bind(&now)
-                .bind(host_id)
-                .execute(c)
-                .await?;
-            Ok(())
         })
         .await
     }
@@ -167,94 +142,139 @@ impl Backend for SqliteStore {
         &self.writer
     }
 
-    async fn host_row(c: &mut SqliteConnection, host_id: i64) -> Result<HostRow, StoreError> {
+    async fn hello(c: &mut SqliteConnection, h: &HelloWork) -> Result<HostSession, StoreError> {
         let row = sqlx::query(
-            "SELECT session_id, committed_seq, last_snapshot_at FROM host WHERE id = ?",
+            "INSERT INTO host (name, os_hostname, agent_version, first_seen, last_seen,
+                               session_epoch, collector)
+                 VALUES (?1, ?2, ?3, ?4, ?4, 1, ?5)
+                 ON CONFLICT (name) DO UPDATE SET os_hostname = excluded.os_hostname,
+                     agent_version = excluded.agent_version,
+                     last_seen = max(host.last_seen, excluded.last_seen),
+                     session_epoch = host.session_epoch + 1,
+                     collector = excluded.collector
+                 RETURNING id, session_id, committed_seq, session_epoch",
         )
-        .bind(host_id)
+        .bind(&h.host)
+        .bind(&h.os_hostname)
+        .bind(&h.agent_version)
+        .bind(timefmt::format(h.now))
+        .bind(h.collector.as_deref())
         .fetch_one(c)
         .await?;
-        Ok(HostRow {
-            session: row.try_get("session_id")?,
-            committed: row.try_get::<i64, _>("committed_seq")? as u64,
-            snapshot_at: match row.try_get::<Option<String>, _>("last_snapshot_at")? {
-                Some(s) => Some(parse_time(&s)?),
-                None => None,
-            },
+        Ok(HostSession {
+            host_id: row.try_get("id")?,
+            session_id: row.try_get("session_id")?,
+            committed_seq: row.try_get::<i64, _>("committed_seq")? as u64,
+            epoch: row.try_get("session_epoch")?,
         })
+    }
+
+    async fn host_rows(
+        c: &mut SqliteConnection,
+        ids: &[i64],
+    ) -> Result<HashMap<i64, HostRow>, StoreError> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(IN_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "SELECT id, session_id, committed_seq, last_snapshot_at, session_epoch
+                 FROM host WHERE id IN (",
+            );
+            let mut list = q.separated(",");
+            for id in chunk {
+                list.push_bind(*id);
+            }
+            q.push(")");
+            for row in q.build().fetch_all(&mut *c).await? {
+                out.insert(
+                    row.try_get("id")?,
+                    HostRow {
+                        session: row.try_get("session_id")?,
+                        committed: row.try_get::<i64, _>("committed_seq")? as u64,
+                        snapshot_at: match row.try_get::<Option<String>, _>("last_snapshot_at")? {
+                            Some(s) => Some(parse_time(&s)?),
+                            None => None,
+                        },
+                        epoch: row.try_get("session_epoch")?,
+                    },
+                );
+            }
+        }
+        Ok(out)
     }
 
     async fn live_rows(
         c: &mut SqliteConnection,
-        host_id: i64,
-        keys: Option<&[&str]>,
-    ) -> Result<HashMap<String, LiveRow>, StoreError> {
+        wanted: &[LiveWanted<'_>],
+    ) -> Result<HashMap<i64, HashMap<String, LiveRow>>, StoreError> {
         const SELECT: &str = "SELECT id, lkey, material_hash, full_hash, first_seen, valid_from
                               FROM listener WHERE valid_to IS NULL AND host_id = ";
-        let mut out = HashMap::new();
-        let mut collect = |rows: Vec<SqliteRow>| -> Result<(), StoreError> {
-            for r in rows {
-                out.insert(
-                    r.try_get::<String, _>("lkey")?,
-                    LiveRow {
-                        id: r.try_get("id")?,
-                        material_hash: r.try_get("material_hash")?,
-                        full_hash: r.try_get("full_hash")?,
-                        first_seen: parse_time(&r.try_get::<String, _>("first_seen")?)?,
-                        valid_from: parse_time(&r.try_get::<String, _>("valid_from")?)?,
-                    },
-                );
-            }
-            Ok(())
-        };
-        let select = || {
-            let mut q = QueryBuilder::<Sqlite>::new(SELECT);
-            q.push_bind(host_id);
-            q
-        };
-        match keys {
-            None => collect(select().build().fetch_all(&mut *c).await?)?,
-            Some(keys) => {
-                for chunk in keys.chunks(IN_CHUNK) {
-                    let mut q = select();
-                    q.push(" AND lkey IN (");
-                    let mut list = q.separated(",");
-                    for k in chunk {
-                        list.push_bind(*k);
+        let mut out: HashMap<i64, HashMap<String, LiveRow>> = HashMap::new();
+        for w in wanted {
+            let rows = out.entry(w.host_id).or_default();
+            let mut collect = |found: Vec<SqliteRow>| -> Result<(), StoreError> {
+                for r in found {
+                    rows.insert(
+                        r.try_get::<String, _>("lkey")?,
+                        LiveRow {
+                            id: r.try_get("id")?,
+                            material_hash: r.try_get("material_hash")?,
+                            full_hash: r.try_get("full_hash")?,
+                            first_seen: parse_time(&r.try_get::<String, _>("first_seen")?)?,
+                            valid_from: parse_time(&r.try_get::<String, _>("valid_from")?)?,
+                        },
+                    );
+                }
+                Ok(())
+            };
+            let select = || {
+                let mut q = QueryBuilder::<Sqlite>::new(SELECT);
+                q.push_bind(w.host_id);
+                q
+            };
+            match &w.keys {
+                None => collect(select().build().fetch_all(&mut *c).await?)?,
+                Some(keys) => {
+                    for chunk in keys.chunks(IN_CHUNK) {
+                        let mut q = select();
+                        q.push(" AND lkey IN (");
+                        let mut list = q.separated(",");
+                        for k in chunk {
+                            list.push_bind(*k);
+                        }
+                        q.push(")");
+                        collect(q.build().fetch_all(&mut *c).await?)?;
                     }
-                    q.push(")");
-                    collect(q.build().fetch_all(&mut *c).await?)?;
                 }
             }
         }
         Ok(out)
     }
 
-    async fn execute(
-        c: &mut SqliteConnection,
-        host_id: i64,
-        p: &Plan<'_>,
-        at: OffsetDateTime,
-    ) -> Result<(), StoreError> {
-        let at_s = timefmt::format(at);
-        // Never end a version before it began (agent clock stepped back).
-        for (ids, reason) in [(&p.close_changed, "changed"), (&p.close_closed, "closed")] {
-            for chunk in ids.chunks(IN_CHUNK) {
-                let mut q = QueryBuilder::<Sqlite>::new("UPDATE listener SET valid_to = max(");
-                q.push_bind(&at_s)
-                    .push(", valid_from), end_reason = ")
-                    .push_bind(reason)
-                    .push(" WHERE id IN (");
-                let mut ids = q.separated(",");
-                for id in chunk {
-                    ids.push_bind(*id);
+    async fn execute(c: &mut SqliteConnection, writes: &[Write<'_>]) -> Result<(), StoreError> {
+        for w in writes {
+            let p = &w.plan;
+            let at_s = timefmt::format(w.at);
+            // Never end a version before it began (agent clock stepped back).
+            for (ids, reason) in [(&p.close_changed, "changed"), (&p.close_closed, "closed")] {
+                for chunk in ids.chunks(IN_CHUNK) {
+                    let mut q = QueryBuilder::<Sqlite>::new("UPDATE listener SET valid_to = max(");
+                    q.push_bind(&at_s)
+                        .push(", valid_from), end_reason = ")
+                        .push_bind(reason)
+                        .push(" WHERE id IN (");
+                    let mut ids = q.separated(",");
+                    for id in chunk {
+                        ids.push_bind(*id);
+                    }
+                    q.push(")");
+                    q.build().execute(&mut *c).await?;
                 }
-                q.push(")");
-                q.build().execute(&mut *c).await?;
             }
         }
-        // Refreshes in one statement per chunk: UPDATE … FROM (VALUES …).
-        for chunk in p.refresh.chunks(INSERT_CHUNK) {
+        // Refreshes and inserts of every message at once: UPDATE … FROM (VALUES …) and
+        // multi-row INSERTs (each row carries its host).
+        let refresh: Vec<_> = writes.iter().flat_map(|w| &w.plan.refresh).collect();
+        for chunk in refresh.chunks(INSERT_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "UPDATE listener SET netns_inode = v.column2, processes = v.column3,
                      sockets = v.column4, full_hash = v.column5 FROM (",
@@ -271,10 +291,14 @@ impl Backend for SqliteStore {
             q.build().execute(&mut *c).await?;
         }
         let insert = format!("INSERT INTO listener ({}) ", row::column_list());
-        for chunk in p.insert.chunks(INSERT_CHUNK) {
+        let rows: Vec<_> = writes
+            .iter()
+            .flat_map(|w| w.plan.insert.iter().map(move |n| (w.host_id, n)))
+            .collect();
+        for chunk in rows.chunks(INSERT_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new(&insert);
-            q.push_values(chunk, |mut b, n| {
-                for v in row::values(host_id, n) {
+            q.push_values(chunk, |mut b, (host_id, n)| {
+                for v in row::values(*host_id, n) {
                     bind_val(&mut b, v);
                 }
             });
@@ -283,23 +307,77 @@ impl Backend for SqliteStore {
         Ok(())
     }
 
-    async fn update_host(
+    async fn rebuild_hidden(
         c: &mut SqliteConnection,
-        host_id: i64,
-        u: HostUpdate<'_>,
+        rebuild: &[Rebuild],
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE host SET session_id = coalesce(?, session_id), committed_seq = ?,
-                 last_seen = ?, last_snapshot_at = coalesce(?, last_snapshot_at)
-             WHERE id = ?",
-        )
-        .bind(u.session)
-        .bind(u.committed as i64)
-        .bind(timefmt::format(u.last_seen))
-        .bind(u.snapshot_at.map(timefmt::format))
-        .bind(host_id)
-        .execute(c)
-        .await?;
+        for r in rebuild {
+            let only = |q: &mut QueryBuilder<Sqlite>| {
+                q.push_bind(r.host_id);
+                if let Some(ports) = &r.ports {
+                    q.push(" AND port IN (");
+                    let mut list = q.separated(",");
+                    for p in ports {
+                        list.push_bind(*p);
+                    }
+                    q.push(")");
+                }
+            };
+            let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM hidden_port WHERE host_id = ");
+            only(&mut q);
+            q.build().execute(&mut *c).await?;
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO hidden_port (host_id, netns, protocol, port, shown_as, processes)
+                 SELECT host_id, netns, protocol, port,
+                        group_concat(DISTINCT shown_as ORDER BY shown_as),
+                        group_concat(DISTINCT NULLIF(process_names, '')
+                                     ORDER BY NULLIF(process_names, ''))
+                 FROM listener WHERE valid_to IS NULL AND host_id = ",
+            );
+            only(&mut q);
+            q.push(" GROUP BY host_id, netns, protocol, port HAVING max(hidden_ipv4_exposure) = 1");
+            q.build().execute(&mut *c).await?;
+        }
+        Ok(())
+    }
+
+    async fn update_hosts(
+        c: &mut SqliteConnection,
+        updates: &[HostUpdate<'_>],
+    ) -> Result<(), StoreError> {
+        for u in updates {
+            sqlx::query(
+                "UPDATE host SET session_id = coalesce(?, session_id), committed_seq = ?,
+                     last_seen = max(last_seen, ?), last_snapshot_at = coalesce(?, last_snapshot_at),
+                     live_listeners = live_listeners + ?
+                 WHERE id = ?",
+            )
+            .bind(u.session)
+            .bind(u.committed as i64)
+            .bind(timefmt::format(u.last_seen))
+            .bind(u.snapshot_at.map(timefmt::format))
+            .bind(u.live_delta)
+            .bind(u.host_id)
+            .execute(&mut *c)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn touch(
+        c: &mut SqliteConnection,
+        seen: &[(i64, OffsetDateTime)],
+    ) -> Result<(), StoreError> {
+        for chunk in seen.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "UPDATE host SET last_seen = max(last_seen, v.column2) FROM (",
+            );
+            q.push_values(chunk, |mut b, (id, t)| {
+                b.push_bind(*id).push_bind(timefmt::format(*t));
+            });
+            q.push(") AS v WHERE host.id = v.column1");
+            q.build().execute(&mut *c).await?;
+        }
         Ok(())
     }
 

@@ -1,0 +1,320 @@
+//! The group committer: every write of a collector process goes through here.
+//!
+//! Sessions hand their Hellos and messages to a bounded queue and wait for the outcome; a
+//! few writer tasks (SQLite: one; PostgreSQL: several, each on its own connection) take
+//! whatever is queued — up to [`MAX_JOBS`] messages or [`MAX_ROWS`] listener rows — and
+//! store it in ONE transaction ([`flow::apply_batch`]). Each session is answered only
+//! after the commit that holds its message, so an Ack still means "durable", while one
+//! fsync now covers hundreds of hosts.
+//!
+//! **Overload is backpressure.** When the database is behind, the queue fills, sessions
+//! wait in [`Writer::apply`] without reading further messages, and HTTP/2 flow control
+//! and the agents' ack windows slow the agents down. Nothing times out in here and no
+//! session fails because of load alone.
+//!
+//! **Heartbeats cost no commit of their own.** [`Writer::seen`] records the time in a map;
+//! the next batch (or a flush at least every [`FLUSH_EVERY`]) writes all of them with one
+//! statement.
+//!
+//! **A failed batch never blames the innocent.** A deadlock or serialization failure
+//! (PostgreSQL, two writers) is retried as a whole; any other failure of a batch of
+//! several messages is retried message by message, so a message the database refuses
+//! (e.g. a constraint) fails alone and a real fault (disk full, server gone) reaches every
+//! session it affects.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::flow::{self, Backend, HelloWork, Work};
+use super::{Applied, HostSession, StoreError};
+use crate::metrics as m;
+
+/// Messages and Hellos waiting for a writer; past this, sessions wait to enqueue.
+const QUEUE: usize = 2048;
+/// Most messages (and Hellos) in one transaction.
+const MAX_JOBS: usize = 512;
+/// Most listener rows in one transaction (a bigger single message still goes alone).
+const MAX_ROWS: usize = 25_000;
+/// Heartbeats wait at most this long for a batch to carry them.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Whole-batch retries after a deadlock or serialization failure.
+const RETRIES: u32 = 5;
+
+enum Job {
+    Hello(HelloWork, oneshot::Sender<Result<HostSession, StoreError>>),
+    Apply(Work, oneshot::Sender<Result<Applied, StoreError>>),
+}
+
+impl Job {
+    fn size(&self) -> usize {
+        match self {
+            Job::Hello(..) => 1,
+            Job::Apply(w, _) => w.size().max(1),
+        }
+    }
+}
+
+type Seen = Arc<Mutex<HashMap<i64, OffsetDateTime>>>;
+
+/// Handle to the writer tasks (cheap to clone).
+#[derive(Debug, Clone)]
+pub(crate) struct Writer {
+    jobs: mpsc::Sender<Job>,
+    seen: Seen,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Hello(h, _) => write!(f, "Hello({})", h.host),
+            Job::Apply(w, _) => write!(f, "Apply(host {}, seq {})", w.host_id, w.seq),
+        }
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::Closed
+}
+
+impl Writer {
+    /// Starts `writers` writer tasks on `backend` (each needs one pool connection).
+    pub(crate) fn start<B>(backend: B, writers: usize) -> Writer
+    where
+        B: Backend + Clone + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let seen: Seen = Arc::default();
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        for _ in 0..writers.max(1) {
+            tasks.spawn(run(
+                backend.clone(),
+                Arc::clone(&rx),
+                Arc::clone(&seen),
+                stop.clone(),
+            ));
+        }
+        tasks.close();
+        Writer {
+            jobs: tx,
+            seen,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Records a Hello (creates or updates the host row, bumps its epoch).
+    pub(crate) async fn hello(&self, h: HelloWork) -> Result<HostSession, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Hello(h, tx))
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// Stores one message; returns after the commit that holds it.
+    pub(crate) async fn apply(&self, w: Work) -> Result<Applied, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Apply(w, tx))
+            .await
+            .map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// The host was heard from at `at`: written with the next batch (coalesced).
+    pub(crate) fn seen(&self, host_id: i64, at: OffsetDateTime) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let t = seen.entry(host_id).or_insert(at);
+        *t = (*t).max(at);
+    }
+
+    /// Stores what is queued, writes pending heartbeats, and stops the writer tasks.
+    pub(crate) async fn close(&self) {
+        self.stop.cancel();
+        self.tasks.wait().await;
+    }
+}
+
+fn take_seen(seen: &Seen) -> Vec<(i64, OffsetDateTime)> {
+    let mut map = seen.lock().unwrap_or_else(|p| p.into_inner());
+    map.drain().collect()
+}
+
+fn put_back(seen: &Seen, list: Vec<(i64, OffsetDateTime)>) {
+    let mut map = seen.lock().unwrap_or_else(|p| p.into_inner());
+    for (id, at) in list {
+        let t = map.entry(id).or_insert(at);
+        *t = (*t).max(at);
+    }
+}
+
+/// Takes a batch: waits for the first job (or the flush tick, or stop), then whatever
+/// else is queued within the budget. `None`: stop, nothing left.
+async fn next_batch(
+    rx: &tokio::sync::Mutex<mpsc::Receiver<Job>>,
+    tick: &mut tokio::time::Interval,
+    stop: &CancellationToken,
+) -> Option<Vec<Job>> {
+    let mut rx = rx.lock().await;
+    let mut batch = Vec::new();
+    if !stop.is_cancelled() {
+        tokio::select! {
+            job = rx.recv() => match job {
+                Some(j) => batch.push(j),
+                None => return None,
+            },
+            _ = tick.tick() => return Some(batch),
+            () = stop.cancelled() => {}
+        }
+    }
+    let mut rows: usize = batch.iter().map(Job::size).sum();
+    while batch.len() < MAX_JOBS && rows < MAX_ROWS {
+        match rx.try_recv() {
+            Ok(j) => {
+                rows += j.size();
+                batch.push(j);
+            }
+            Err(_) => break,
+        }
+    }
+    if batch.is_empty() && stop.is_cancelled() {
+        return None;
+    }
+    Some(batch)
+}
+
+async fn run<B: Backend>(
+    b: B,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+    seen: Seen,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let Some(batch) = next_batch(&rx, &mut tick, &stop).await else {
+            break;
+        };
+        let heard = take_seen(&seen);
+        if batch.is_empty() && heard.is_empty() {
+            continue;
+        }
+        commit(&b, batch, heard, &seen).await;
+    }
+    // Stopped: whatever heartbeats are left.
+    let heard = take_seen(&seen);
+    if !heard.is_empty() {
+        commit(&b, Vec::new(), heard, &seen).await;
+    }
+}
+
+fn retryable(e: &StoreError) -> bool {
+    let StoreError::Sql(sqlx::Error::Database(d)) = e else {
+        return false;
+    };
+    // deadlock_detected, serialization_failure, lock_not_available
+    matches!(d.code().as_deref(), Some("40P01" | "40001" | "55P03"))
+}
+
+/// Stores one batch and answers every job in it.
+async fn commit<B: Backend>(
+    b: &B,
+    batch: Vec<Job>,
+    heard: Vec<(i64, OffsetDateTime)>,
+    seen: &Seen,
+) {
+    let mut hellos = Vec::new();
+    let mut hello_tx = Vec::new();
+    let mut works = Vec::new();
+    let mut work_tx = Vec::new();
+    for job in batch {
+        match job {
+            Job::Hello(h, tx) => {
+                hellos.push(h);
+                hello_tx.push(tx);
+            }
+            Job::Apply(w, tx) => {
+                works.push(w);
+                work_tx.push(tx);
+            }
+        }
+    }
+    metrics::histogram!(m::BATCH_MESSAGES).record((hellos.len() + works.len()) as f64);
+    let mut attempt = 0;
+    let failed = loop {
+        let started = Instant::now();
+        match flow::apply_batch(b, &hellos, &works, &heard).await {
+            Ok(out) => {
+                metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                for (tx, s) in hello_tx.into_iter().zip(out.hellos) {
+                    let _ = tx.send(Ok(s));
+                }
+                for (tx, a) in work_tx.into_iter().zip(out.applied) {
+                    let _ = tx.send(Ok(a));
+                }
+                return;
+            }
+            Err(e) if retryable(&e) && attempt < RETRIES => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "Write batch hit a lock conflict; retrying it.");
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+            }
+            Err(e) => break e,
+        }
+    };
+    put_back(seen, heard);
+    if hellos.is_empty() && works.is_empty() {
+        tracing::warn!(error = %failed, "Writing heartbeats failed; they are kept for the next batch.");
+        return;
+    }
+    if hellos.len() + works.len() == 1 {
+        if let Some(tx) = hello_tx.pop() {
+            let _ = tx.send(Err(failed));
+        } else if let Some(tx) = work_tx.pop() {
+            let _ = tx.send(Err(failed));
+        }
+        return;
+    }
+    tracing::warn!(error = %failed, messages = hellos.len() + works.len(), "A write batch failed; storing its messages one by one.");
+    for (h, tx) in hellos.into_iter().zip(hello_tx) {
+        let out = alone(b, std::slice::from_ref(&h), &[]).await;
+        let _ = tx.send(out.and_then(|mut o| o.hellos.pop().ok_or_else(lost)));
+    }
+    for (w, tx) in works.into_iter().zip(work_tx) {
+        let out = alone(b, &[], std::slice::from_ref(&w)).await;
+        let _ = tx.send(out.and_then(|mut o| o.applied.pop().ok_or_else(lost)));
+    }
+}
+
+fn lost() -> StoreError {
+    StoreError::Corrupt("a batch returned no outcome".into())
+}
+
+/// One Hello or message in its own transaction (retrying lock conflicts).
+async fn alone<B: Backend>(
+    b: &B,
+    hellos: &[HelloWork],
+    works: &[Work],
+) -> Result<flow::Batch, StoreError> {
+    let mut attempt = 0;
+    loop {
+        match flow::apply_batch(b, hellos, works, &[]).await {
+            Err(e) if retryable(&e) && attempt < RETRIES => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,51 @@
+-- Fleet scale; see migrations/sqlite/0006_fleet_scale.sql.
+ALTER TABLE host ADD COLUMN live_listeners bigint NOT NULL DEFAULT 0;
+ALTER TABLE host ADD COLUMN session_epoch bigint NOT NULL DEFAULT 0;
+ALTER TABLE host ADD COLUMN collector text;
+UPDATE host SET live_listeners =
+    (SELECT count(*) FROM listener l WHERE l.host_id = host.id AND l.valid_to IS NULL);
+CREATE INDEX host_last_seen ON host (last_seen);
+
+CREATE TABLE hidden_port (
+    host_id   bigint NOT NULL REFERENCES host (id),
+    netns     text NOT NULL,
+    protocol  text NOT NULL,
+    port      integer NOT NULL,
+    shown_as  text NOT NULL,
+    processes text,
+    PRIMARY KEY (host_id, netns, protocol, port)
+);
+CREATE INDEX hidden_port_port ON hidden_port (port, protocol);
+INSERT INTO hidden_port
+SELECT host_id, netns, protocol, port,
+       string_agg(DISTINCT shown_as COLLATE "C", ',' ORDER BY shown_as COLLATE "C"),
+       string_agg(DISTINCT NULLIF(process_names, '') COLLATE "C", ','
+                  ORDER BY NULLIF(process_names, '') COLLATE "C")
+FROM listener
+WHERE valid_to IS NULL
+GROUP BY host_id, netns, protocol, port
+HAVING bool_or(hidden_ipv4_exposure);
+
+DROP VIEW hidden_ipv4_exposure;
+CREATE VIEW hidden_ipv4_exposure AS
+SELECT h.name AS host, e.netns, e.protocol, e.port, e.shown_as, e.processes
+FROM hidden_port e
+JOIN host h ON h.id = e.host_id;
+
+DROP VIEW hosts;
+CREATE VIEW hosts AS
+SELECT h.name AS host,
+       h.os_hostname,
+       h.agent_version,
+       h.first_seen,
+       h.last_seen,
+       h.last_snapshot_at,
+       now() - h.last_seen
+           > make_interval(secs => (SELECT value::float8 FROM setting WHERE key = 'stale_after_seconds')) AS stale,
+       h.live_listeners AS listeners,
+       h.collector
+FROM host h;
+
+CREATE INDEX listener_from ON listener (valid_from);
+DROP INDEX listener_host_from;
+CREATE INDEX listener_host_port ON listener (host_id, port);
