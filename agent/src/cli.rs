@@ -35,9 +35,17 @@ pub struct RunArgs {
     /// TOML configuration file (example: deploy/agent.toml); flags override its keys.
     #[arg(long, env = "LISTENSCOPE_AGENT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Collector URL.
-    #[arg(long, env = "LISTENSCOPE_COLLECTOR", value_name = "https://HOST:PORT")]
-    pub collector: Option<String>,
+    /// Collector URL. Give several collectors sharing one database by repeating the flag
+    /// or separating URLs with commas: the agent keeps one session, starting with the first
+    /// URL; when a connection fails or breaks it moves straight on to the next, and waits
+    /// (backoff up to --reconnect-max) only after every URL has failed in a row.
+    #[arg(
+        long,
+        env = "LISTENSCOPE_COLLECTOR",
+        value_name = "https://HOST:PORT",
+        value_delimiter = ','
+    )]
+    pub collector: Vec<String>,
     /// CA certificate (PEM) that signed the collector's certificate.
     #[arg(long, env = "LISTENSCOPE_TLS_CA", value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
@@ -53,10 +61,11 @@ pub struct RunArgs {
     /// Namespaces to scan: all (default) or current.
     #[arg(long, value_name = "all|current")]
     pub netns: Option<String>,
-    /// Name expected in the collector's certificate (default: the URL's host).
+    /// Name expected in every collector's certificate (default: each URL's host).
     #[arg(long, value_name = "NAME")]
     pub server_name: Option<String>,
-    /// Longest wait between reconnect attempts (default 30s).
+    /// Longest wait between rounds of reconnect attempts, once every collector has failed
+    /// in a row (default 30s).
     #[arg(long, value_name = "DURATION")]
     pub reconnect_max: Option<String>,
     /// Most listener changes held while the collector is unreachable (default 100000).
@@ -72,7 +81,8 @@ impl RunArgs {
             None => RawConfig::default(),
         };
         let flags = RawConfig {
-            collector: self.collector.clone(),
+            // Any --collector replaces the file's whole list.
+            collector: (!self.collector.is_empty()).then(|| self.collector.clone()),
             tls_ca: self.tls_ca.clone(),
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
@@ -176,4 +186,84 @@ fn run_scan(args: &ScanArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `listenscope-agent run ARGS…` with the required certificate flags: the validated
+    /// collectors, or the errors.
+    fn collectors(args: &[&str]) -> Result<Vec<String>, String> {
+        let cli = Cli::try_parse_from(
+            [
+                "listenscope-agent",
+                "run",
+                "--tls-ca",
+                "a",
+                "--tls-cert",
+                "b",
+                "--tls-key",
+                "c",
+            ]
+            .iter()
+            .chain(args),
+        )
+        .map_err(|e| e.to_string())?;
+        let Command::Run(run) = cli.command else {
+            panic!("not run: {cli:?}");
+        };
+        run.config()
+            .map(|c| c.collectors)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn collector_flags_repeat_and_split_at_commas() {
+        let urls = |v: &[&str]| Ok(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            collectors(&["--collector", "https://a:1"]),
+            urls(&["https://a:1"])
+        );
+        assert_eq!(
+            collectors(&[
+                "--collector",
+                "https://a:1,https://b:2",
+                "--collector",
+                "https://c:3"
+            ]),
+            urls(&["https://a:1", "https://b:2", "https://c:3"])
+        );
+        assert_eq!(
+            collectors(&["--collector=https://a:1, https://b:2"]),
+            urls(&["https://a:1", "https://b:2"])
+        );
+        let err = collectors(&["--collector", "https://a:1,https://a:1"]).unwrap_err();
+        assert!(
+            err.contains("\"https://a:1\" is listed more than once"),
+            "{err}"
+        );
+        let err = collectors(&["--collector", "https://a:1,http://b:2"]).unwrap_err();
+        assert!(
+            err.contains("\"http://b:2\" must be an https:// URL"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn collector_flags_replace_the_file_list() {
+        let dir = std::env::temp_dir().join(format!("listenscope-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        std::fs::write(&file, "collector = [\"https://a:1\", \"https://b:2\"]\n").unwrap();
+        let file = file.to_str().unwrap();
+        let from_file = collectors(&["--config", file]);
+        let from_flag = collectors(&["--config", file, "--collector", "https://c:3"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            from_file,
+            Ok(vec!["https://a:1".to_string(), "https://b:2".to_string()])
+        );
+        assert_eq!(from_flag, Ok(vec!["https://c:3".to_string()]));
+    }
 }

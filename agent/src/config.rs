@@ -4,10 +4,13 @@
 //! Two stages: [`RawConfig`] is what the file says (unknown keys are errors), then
 //! [`RawConfig::validate`] checks everything and reports *all* problems at once.
 
+use std::collections::HashSet;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde::de::{Deserializer, SeqAccess, Visitor};
 
 use listenscope_core::config::{format_duration, parse_duration, read_toml};
 
@@ -18,8 +21,11 @@ use crate::scan::NetnsSelector;
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    /// Collector URL, `https://HOST:PORT`. Required.
-    pub collector: Option<String>,
+    /// Collector URL, `https://HOST:PORT`, or an array of them (collectors sharing one
+    /// database): one session at a time, starting with the first, moving to the next when a
+    /// connection fails or breaks. Required, at least one, no duplicates.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub collector: Option<Vec<String>>,
     /// CA certificate (PEM) that signed the collector's certificate. Required.
     pub tls_ca: Option<PathBuf>,
     /// This host's certificate (PEM); its DNS name is the host's identity. Required.
@@ -33,16 +39,42 @@ pub struct RawConfig {
     /// Most listener changes held while the collector is unreachable; past it the agent
     /// sends one fresh snapshot on reconnect instead. Default 100000.
     pub max_pending_changes: Option<usize>,
-    /// Longest wait between reconnect attempts, e.g. "30s". Default 30s.
+    /// Longest wait between rounds of reconnect attempts (after every collector failed in
+    /// a row), e.g. "30s". Default 30s, at least 100ms.
     pub reconnect_max: Option<String>,
-    /// Host name to expect in the collector's certificate; default: the URL's host.
+    /// Host name to expect in the collector's certificate, for every URL; default: each
+    /// URL's own host.
     pub server_name: Option<String>,
+}
+
+/// `collector = "URL"` or `collector = ["URL", …]`.
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    struct OneOrMany;
+    impl<'de> Visitor<'de> for OneOrMany {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a URL string or an array of URL strings")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Vec<String>, E> {
+            Ok(vec![s.to_string()])
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            let mut urls = Vec::new();
+            while let Some(url) = seq.next_element::<String>()? {
+                urls.push(url);
+            }
+            Ok(urls)
+        }
+    }
+    d.deserialize_any(OneOrMany).map(Some)
 }
 
 /// Validated settings for `run`.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    pub collector: String,
+    /// Collector URLs (`https://HOST:PORT`), at least one, no two with the same host and
+    /// port, in the order they are tried.
+    pub collectors: Vec<String>,
     pub tls_ca: PathBuf,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
@@ -65,7 +97,8 @@ impl RawConfig {
         read_toml(path).map_err(|e| ConfigErrors(vec![e]))
     }
 
-    /// Values from `other` win where set.
+    /// Values from `other` win where set (a list of collectors replaces the other list
+    /// wholesale; lists are never merged).
     pub fn overridden_by(self, other: RawConfig) -> RawConfig {
         RawConfig {
             collector: other.collector.or(self.collector),
@@ -94,21 +127,16 @@ impl RawConfig {
         let tls_ca = required(self.tls_ca, "tls_ca");
         let tls_cert = required(self.tls_cert, "tls_cert");
         let tls_key = required(self.tls_key, "tls_key");
-        let collector = match self.collector {
+        let collectors = match self.collector {
             None => {
                 errs.push("collector is required (flag --collector https://HOST:PORT)".into());
-                String::new()
+                Vec::new()
             }
-            Some(url) => {
-                if !url.starts_with("https://") {
-                    errs.push(format!(
-                        "collector {url:?} must be an https:// URL (mutual TLS is mandatory)"
-                    ));
-                } else if url_host(&url).is_none() {
-                    errs.push(format!("collector {url:?} has no host:port after https://"));
-                }
-                url
+            Some(urls) if urls.is_empty() => {
+                errs.push("collector is an empty list: give at least one https://HOST:PORT".into());
+                Vec::new()
             }
+            Some(urls) => check_collectors(urls, &mut errs),
         };
         let mut duration = |v: Option<String>, name: &str, default: Duration, min: Duration| match v
         {
@@ -156,7 +184,7 @@ impl RawConfig {
             return Err(ConfigErrors(errs));
         }
         Ok(RunConfig {
-            collector,
+            collectors,
             tls_ca,
             tls_cert,
             tls_key,
@@ -166,6 +194,56 @@ impl RawConfig {
             reconnect_max,
             server_name: self.server_name,
         })
+    }
+}
+
+/// Trims each URL and reports every bad one and every one listed twice (same host and port:
+/// the same collector, whatever the path or case).
+fn check_collectors(urls: Vec<String>, errs: &mut Vec<String>) -> Vec<String> {
+    let urls: Vec<String> = urls.into_iter().map(|u| u.trim().to_string()).collect();
+    let mut seen = HashSet::new();
+    let mut reported = HashSet::new();
+    for url in &urls {
+        match check_url(url) {
+            Err(why) => errs.push(format!("collector {url:?} {why}")),
+            Ok(authority) => {
+                if !seen.insert(authority.clone()) && reported.insert(authority) {
+                    errs.push(format!(
+                        "collector {url:?} is listed more than once (same host and port)"
+                    ));
+                }
+            }
+        }
+    }
+    urls
+}
+
+/// Checks one collector URL; returns its lower-cased `host:port`, the collector's
+/// identity for finding duplicates.
+fn check_url(url: &str) -> Result<String, String> {
+    if !url.starts_with("https://") {
+        return Err("must be an https:// URL (mutual TLS is mandatory)".into());
+    }
+    if url.contains(',') {
+        // Only the file can get here: flags are split at commas.
+        return Err(
+            "holds a comma: list several collectors as an array, collector = [\"https://a:7443\", \"https://b:7443\"]"
+                .into(),
+        );
+    }
+    let uri: tonic::transport::Uri = url
+        .parse()
+        .map_err(|e| format!("is not a valid URL ({e})"))?;
+    match (uri.authority(), uri.port_u16()) {
+        (Some(a), _) if a.as_str().contains('@') => {
+            Err("must not carry a user name or password (the identity is the certificate)".into())
+        }
+        (Some(a), Some(port)) if port != 0 && !a.host().is_empty() => {
+            Ok(a.as_str().to_ascii_lowercase())
+        }
+        _ => {
+            Err("has no host:port after https:// (e.g. https://collector.example.net:7443)".into())
+        }
     }
 }
 
@@ -231,13 +309,150 @@ mod tests {
     #[test]
     fn flags_override_file() {
         let file: RawConfig =
-            toml::from_str("collector = \"https://a:1\"\ninterval = \"5s\"\n").unwrap();
+            toml::from_str("collector = [\"https://a:1\", \"https://c:3\"]\ninterval = \"5s\"\n")
+                .unwrap();
         let flags = RawConfig {
-            collector: Some("https://b:2".into()),
+            collector: Some(vec!["https://b:2".into()]),
             ..RawConfig::default()
         };
-        let merged = file.overridden_by(flags);
-        assert_eq!(merged.collector.as_deref(), Some("https://b:2"));
+        let merged = file.clone().overridden_by(flags);
+        // A flag list replaces the file's list wholesale.
+        assert_eq!(merged.collector, Some(vec!["https://b:2".to_string()]));
         assert_eq!(merged.interval.as_deref(), Some("5s"));
+        // No flag: the file's list stays, in its order.
+        let merged = file.overridden_by(RawConfig::default());
+        assert_eq!(
+            merged.collector,
+            Some(vec!["https://a:1".to_string(), "https://c:3".to_string()])
+        );
+    }
+
+    /// `collector = …` (TOML) with the required certificate keys added, validated: the
+    /// collectors, or every problem (one per line).
+    fn collectors(collector_toml: &str) -> Result<Vec<String>, String> {
+        let raw: RawConfig = toml::from_str(&format!(
+            "{collector_toml}\ntls_ca = \"ca.pem\"\ntls_cert = \"h.pem\"\ntls_key = \"h.key\"\n"
+        ))
+        .map_err(|e| format!("TOML: {e}"))?;
+        raw.validate()
+            .map(|cfg| cfg.collectors)
+            .map_err(|e| e.0.join("\n"))
+    }
+
+    #[track_caller]
+    fn check_ok(collector_toml: &str, expected: &[&str]) {
+        assert_eq!(
+            collectors(collector_toml),
+            Ok(expected.iter().map(|u| u.to_string()).collect()),
+            "{collector_toml}"
+        );
+    }
+
+    /// Fails with exactly these problems, in order (each a substring of one line).
+    #[track_caller]
+    fn check_err(collector_toml: &str, expected: &[&str]) {
+        let err = collectors(collector_toml).expect_err(collector_toml);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), expected.len(), "{collector_toml}:\n{err}");
+        for (line, needle) in lines.iter().zip(expected) {
+            assert!(
+                line.contains(needle),
+                "{collector_toml}: {needle:?} not in {line:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn collector_is_one_url_or_an_array() {
+        check_ok("collector = \"https://a:7443\"", &["https://a:7443"]);
+        check_ok("collector = [\"https://a:7443\"]", &["https://a:7443"]);
+        check_ok(
+            "collector = [\"https://b:7443\", \"https://a:7443\", \"https://[::1]:7443\"]",
+            &["https://b:7443", "https://a:7443", "https://[::1]:7443"],
+        );
+        // Same host, other port: another collector.
+        check_ok(
+            "collector = [\"https://a:7443\", \"https://a:7444\"]",
+            &["https://a:7443", "https://a:7444"],
+        );
+        check_ok("collector = [\" https://a:7443 \"]", &["https://a:7443"]);
+        check_ok(
+            "collector = \"https://10.0.0.1:7443/\"",
+            &["https://10.0.0.1:7443/"],
+        );
+    }
+
+    #[test]
+    fn bad_collectors_are_each_named() {
+        check_err("collector = []", &["collector is an empty list"]);
+        check_err("", &["collector is required"]);
+        check_err(
+            "collector = [\"http://a:7443\", \"https://:7443\", \"https://b\", \"https://c:0\", \"a:7443\"]",
+            &[
+                "collector \"http://a:7443\" must be an https:// URL",
+                "collector \"https://:7443\" has no host:port",
+                "collector \"https://b\" has no host:port",
+                "collector \"https://c:0\" has no host:port",
+                "collector \"a:7443\" must be an https:// URL",
+            ],
+        );
+        check_err(
+            "collector = \"https://a:7443,https://b:7443\"",
+            &[
+                "collector \"https://a:7443,https://b:7443\" holds a comma: list several collectors as an array",
+            ],
+        );
+        check_err(
+            "collector = \"https://a b:7443\"",
+            &["collector \"https://a b:7443\" is not a valid URL"],
+        );
+        check_err(
+            "collector = \"https://agent:secret@a:7443\"",
+            &["must not carry a user name or password"],
+        );
+        check_err(
+            "collector = [\"\"]",
+            &["collector \"\" must be an https:// URL"],
+        );
+    }
+
+    #[test]
+    fn duplicate_collectors_are_refused_once_each() {
+        check_err(
+            "collector = [\"https://a:7443\", \"https://b:7443\", \"https://A:7443/\", \"https://a:7443\"]",
+            &["collector \"https://A:7443/\" is listed more than once"],
+        );
+        // Bad and duplicate problems are reported together.
+        check_err(
+            "collector = [\"https://b:1\", \"http://x:1\", \"https://b:1\"]",
+            &[
+                "\"http://x:1\" must be an https:// URL",
+                "\"https://b:1\" is listed more than once",
+            ],
+        );
+    }
+
+    #[test]
+    fn deploy_example_is_valid_in_both_forms() {
+        let example = include_str!("../../deploy/agent.toml");
+        let raw: RawConfig = toml::from_str(example).unwrap();
+        assert_eq!(raw.validate().unwrap().collectors.len(), 1);
+        // The commented array form, in place of the string.
+        let array = example
+            .replacen("\ncollector = \"", "\n# collector = \"", 1)
+            .replacen("# collector = [", "collector = [", 1);
+        let raw: RawConfig = toml::from_str(&array).unwrap();
+        assert_eq!(raw.validate().unwrap().collectors.len(), 2, "{array}");
+    }
+
+    #[test]
+    fn collector_of_another_type_is_a_toml_error() {
+        let err = collectors("collector = 7443").unwrap_err();
+        assert!(
+            err.contains("a URL string or an array of URL strings"),
+            "{err}"
+        );
+        let err = collectors("collector = [7443]").unwrap_err();
+        assert!(err.starts_with("TOML: "), "{err}");
     }
 }

@@ -85,7 +85,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     ));
 
     let agent_cfg = RunConfig {
-        collector: format!("https://{addr}"),
+        collectors: vec![format!("https://{addr}")],
         tls_ca: certs.join("ca.pem"),
         tls_cert: certs.join(format!("{host}.pem")),
         tls_key: certs.join(format!("{host}.key")),

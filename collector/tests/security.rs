@@ -215,3 +215,86 @@ async fn a_host_writes_only_its_own_rows() {
     );
     c.shutdown().await;
 }
+
+/// At `--max-sessions`, one more session is refused with RESOURCE_EXHAUSTED, counted as
+/// `rejected_connections_total{reason="session_limit"}` (not as an invalid message), and
+/// logged once per interval with the number refused in between; a slot that frees up is
+/// used again.
+#[tokio::test]
+async fn sessions_past_the_cap_are_refused_counted_and_logged() {
+    let pki = Pki::new(&["h1", "h2", "h3"]);
+    let dir = TempDir::new("cap");
+    let db = DbUrl::Sqlite(dir.path().join("ls.db"));
+    let addr = free_port("127.0.0.1");
+    let maddr = free_port("127.0.0.1");
+    let log = dir.path().join("collector.log");
+    let mut collector =
+        spawn_collector_with(&pki, &db, addr, Some(maddr), &log, &["--max-sessions", "1"]);
+    wait_listening(addr).await;
+    wait_listening(maddr).await;
+    let mut first = session_as(&pki, addr, "h1", hello(1, 0, "h1")).await;
+    assert!(matches!(
+        first.recv().await,
+        Ok(Some(
+            listenscope_proto::v1::collector_message::Body::Welcome(_)
+        ))
+    ));
+    for (host, n) in [("h2", 2), ("h3", 3), ("h2", 4)] {
+        let refused = match try_session_as(&pki, addr, host, hello(n, 0, host)).await {
+            Err(st) => st,
+            Ok(mut s) => s.recv().await.expect_err("a session past the cap"),
+        };
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+        assert!(
+            refused.message().contains("limit of 1 sessions"),
+            "{refused}"
+        );
+    }
+    wait_for_async(Duration::from_secs(10), "refusals counted", || async {
+        let text = metrics(maddr).await;
+        match (
+            counter(
+                &text,
+                "listenscope_rejected_connections_total",
+                "reason=\"session_limit\"",
+            ),
+            counter(
+                &text,
+                "listenscope_rejected_messages_total",
+                "session_limit",
+            ),
+        ) {
+            (3, 0) => Ok(()),
+            _ => Err(text),
+        }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Refused a session"))
+        .collect();
+    assert_eq!(lines.len(), 1, "rate-limited to one line here: {text}");
+    assert!(
+        lines[0].contains("max_sessions=1") && lines[0].contains("--max-sessions"),
+        "{}",
+        lines[0]
+    );
+    // The slot frees when the first session ends.
+    drop(first);
+    wait_for_async(
+        Duration::from_secs(10),
+        "a freed slot is used again",
+        || async {
+            match try_session_as(&pki, addr, "h2", hello(9, 0, "h2")).await {
+                Ok(mut s) => match s.recv().await {
+                    Ok(Some(listenscope_proto::v1::collector_message::Body::Welcome(_))) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                },
+                Err(st) => Err(st.to_string()),
+            }
+        },
+    )
+    .await;
+    assert_eq!(collector.terminate().code(), Some(0));
+}

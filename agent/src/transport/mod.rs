@@ -4,9 +4,18 @@
 //! - the scanner runs a scan every `interval` (on a blocking thread), records the result
 //!   in the outbox (snapshot first, then deltas) and wakes the sender;
 //! - the connection loop keeps one mutual-TLS session open (`session.rs`), resending what
-//!   the collector has not acknowledged and reconnecting with capped exponential backoff
-//!   and jitter. Certificate files are reread on every attempt, so rotating them needs no
-//!   restart.
+//!   the collector has not acknowledged. Certificate files are reread on every attempt, so
+//!   rotating them needs no restart.
+//!
+//! Several collectors may share one database. The agent talks to one at a time, starting
+//! with the first URL; when a connection fails or a session breaks it moves on to the next
+//! URL (round robin) after only `FAILOVER_DELAY` (125–250 ms). Once every URL has failed
+//! in a row (a round), it waits a capped exponential backoff with jitter before the next
+//! round. A Welcome resets both. The session id and the sequence numbers go on across
+//! collectors: a collector on the same database resumes from the committed sequence, one
+//! on another database asks for a snapshot. Rejected alternative: backing off before every
+//! attempt, which would keep a host away from a healthy collector for up to
+//! `reconnect_max` only because another one died.
 //!
 //! While the collector is unreachable scanning goes on; changes wait in the outbox with
 //! their observation times (bounded, see `outbox.rs`).
@@ -52,6 +61,10 @@ pub enum RunError {
     ScanThread(String),
     #[error("the operating system gave no random bytes for a session id: {0}")]
     Random(String),
+    /// `RunConfig::collectors` is empty (validation refuses that; a hand-built config can
+    /// still hold it).
+    #[error("no collector URL to connect to")]
+    NoCollector,
 }
 
 async fn scan_state(
@@ -81,6 +94,9 @@ pub async fn run(
     sys: Arc<dyn System + Send + Sync>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    if cfg.collectors.is_empty() {
+        return Err(RunError::NoCollector);
+    }
     let opts = ScanOptions {
         netns: cfg.netns.clone(),
         ..ScanOptions::default()
@@ -135,15 +151,39 @@ pub async fn run(
         async move {
             let base = Duration::from_millis(500);
             let mut waits = backoff(base, cfg.reconnect_max);
+            let mut failover_waits = failover_delays();
+            let mut rotation = Rotation::new(cfg.collectors.len());
             loop {
-                let (welcomed, _ended) = session::run(&cfg, &shared).await;
+                let url = &cfg.collectors[rotation.current()];
+                let (welcomed, _ended) = session::run(&cfg, url, &shared).await;
                 if welcomed {
                     waits = backoff(base, cfg.reconnect_max);
                 }
-                // Never exhausted (no maximum of attempts); `max` if it were.
-                let wait = waits.next().unwrap_or(cfg.reconnect_max);
-                tracing::info!(retry_in_ms = wait.as_millis() as u64, "Reconnecting.");
-                tokio::time::sleep(wait).await;
+                let step = rotation.ended(welcomed);
+                let next = &cfg.collectors[rotation.current()];
+                // Neither series is ever exhausted (no maximum of attempts).
+                match step {
+                    Step::Failover => {
+                        let wait = failover_waits.next().unwrap_or(FAILOVER_DELAY);
+                        tracing::info!(
+                            from = %url,
+                            to = %next,
+                            retry_in_ms = wait.as_millis() as u64,
+                            "Failing over to the next collector."
+                        );
+                        tokio::time::sleep(wait).await;
+                    }
+                    Step::Backoff => {
+                        let wait = waits.next().unwrap_or(cfg.reconnect_max);
+                        tracing::info!(
+                            collector = %next,
+                            collectors = cfg.collectors.len(),
+                            retry_in_ms = wait.as_millis() as u64,
+                            "Reconnecting."
+                        );
+                        tokio::time::sleep(wait).await;
+                    }
+                }
             }
         }
     };
@@ -154,6 +194,70 @@ pub async fn run(
         () = connection => {}
     }
     Ok(())
+}
+
+/// Which collector the connection loop uses, and whether a whole round has failed.
+#[derive(Debug)]
+struct Rotation {
+    len: usize,
+    current: usize,
+    /// Attempts that ended since the last Welcome or the last backoff.
+    ended_in_round: usize,
+}
+
+/// What to do after an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Try the next collector after `FAILOVER_DELAY` and its jitter.
+    Failover,
+    /// Every collector failed in a row: wait the backoff, then try the next one.
+    Backoff,
+}
+
+impl Rotation {
+    fn new(len: usize) -> Rotation {
+        Rotation {
+            len: len.max(1),
+            current: 0,
+            ended_in_round: 0,
+        }
+    }
+
+    /// Index of the collector to try.
+    fn current(&self) -> usize {
+        self.current
+    }
+
+    /// The attempt on the current collector ended, `welcomed` or not: move on to the next
+    /// one. A welcomed session starts a new round, which it opens itself: with one
+    /// collector every end is a whole round, as before failover existed.
+    fn ended(&mut self, welcomed: bool) -> Step {
+        if welcomed {
+            self.ended_in_round = 0;
+        }
+        self.ended_in_round += 1;
+        self.current = (self.current + 1) % self.len;
+        if self.ended_in_round >= self.len {
+            self.ended_in_round = 0;
+            Step::Backoff
+        } else {
+            Step::Failover
+        }
+    }
+}
+
+/// The wait before trying the next collector within a round is this plus a jitter of up
+/// to as much again (125–250 ms). Short, so a healthy collector takes over at once;
+/// jittered, so a fleet whose collector died does not reconnect all in one burst.
+const FAILOVER_DELAY: Duration = Duration::from_millis(125);
+
+fn failover_delays() -> backon::ConstantBackoff {
+    use backon::BackoffBuilder;
+    backon::ConstantBuilder::default()
+        .with_delay(FAILOVER_DELAY)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// Capped exponential backoff with jitter (backon): each wait is uniform in
@@ -192,6 +296,101 @@ mod tests {
             .map(|_| backoff(base, Duration::from_secs(2)).take(5).collect())
             .collect();
         assert!(series.len() > 1);
+    }
+
+    /// Runs attempts on a rotation of `len` collectors: each `(welcomed, expected)` is one
+    /// attempt that ended, the step taken and the collector tried next.
+    #[track_caller]
+    fn check_rotation(len: usize, attempts: &[(bool, Step, usize)]) {
+        let mut r = Rotation::new(len);
+        assert_eq!(r.current(), 0, "starts with the first collector");
+        for (i, &(welcomed, step, next)) in attempts.iter().enumerate() {
+            assert_eq!(
+                (r.ended(welcomed), r.current()),
+                (step, next),
+                "attempt {i} on {len} collectors"
+            );
+        }
+    }
+
+    #[test]
+    fn rotation_fails_over_and_backs_off_after_a_round() {
+        use Step::{Backoff, Failover};
+        // One collector: every end backs off, welcomed or not (the behaviour before
+        // failover).
+        check_rotation(
+            1,
+            &[(false, Backoff, 0), (false, Backoff, 0), (true, Backoff, 0)],
+        );
+        // Two: the second is tried at once, a failed round backs off, and so on.
+        check_rotation(
+            2,
+            &[
+                (false, Failover, 1),
+                (false, Backoff, 0),
+                (false, Failover, 1),
+                (false, Backoff, 0),
+            ],
+        );
+        // A welcomed session that breaks starts a new round: the other one at once, then
+        // back off if that fails too.
+        check_rotation(
+            2,
+            &[
+                (false, Failover, 1),
+                (true, Failover, 0),
+                (false, Backoff, 1),
+                (true, Failover, 0),
+                (true, Failover, 1),
+            ],
+        );
+        // Three: a round is three failures in a row, counted from any collector.
+        check_rotation(
+            3,
+            &[
+                (false, Failover, 1),
+                (true, Failover, 2),
+                (false, Failover, 0),
+                (false, Backoff, 1),
+                (false, Failover, 2),
+                (false, Failover, 0),
+                (false, Backoff, 1),
+            ],
+        );
+    }
+
+    #[test]
+    fn failover_delays_are_short_and_jittered() {
+        let waits: Vec<Duration> = failover_delays().take(64).collect();
+        for w in &waits {
+            assert!(
+                *w >= FAILOVER_DELAY && *w <= 2 * FAILOVER_DELAY,
+                "{w:?} outside [{FAILOVER_DELAY:?}, {:?}]",
+                2 * FAILOVER_DELAY
+            );
+        }
+        assert!(
+            waits.iter().any(|w| *w != waits[0]),
+            "not jittered: {waits:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_collector_is_an_error() {
+        let cfg = RunConfig {
+            collectors: Vec::new(),
+            tls_ca: "ca.pem".into(),
+            tls_cert: "h.pem".into(),
+            tls_key: "h.key".into(),
+            interval: Duration::from_secs(10),
+            netns: crate::scan::NetnsSelector::Current,
+            max_pending_changes: 1,
+            reconnect_max: Duration::from_secs(1),
+            server_name: None,
+        };
+        let sys = Arc::new(crate::os::LinuxSystem::new());
+        let ran = run(cfg, sys, std::future::pending()).await;
+        assert!(matches!(ran, Err(RunError::NoCollector)), "{ran:?}");
     }
 
     #[test]

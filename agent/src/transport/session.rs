@@ -1,6 +1,6 @@
-//! One mutual-TLS session with the collector: Hello/Welcome, then send what the outbox
+//! One mutual-TLS session with one collector: Hello/Welcome, then send what the outbox
 //! holds (within a window of unacknowledged messages) and apply Acks and Resyncs until
-//! the stream ends.
+//! the stream ends. Which collector, and when, is the connection loop's choice (`mod.rs`).
 
 use std::time::Duration;
 
@@ -44,7 +44,7 @@ pub enum SessionError {
     Closed,
 }
 
-async fn connect(cfg: &RunConfig) -> Result<Channel, SessionError> {
+async fn connect(cfg: &RunConfig, url: &str) -> Result<Channel, SessionError> {
     // Read and check the files on every attempt: rotated certificates are picked up, and
     // an expired or mismatched one is reported by name instead of as a handshake failure.
     tls::load_certs(&cfg.tls_ca)?;
@@ -61,17 +61,17 @@ async fn connect(cfg: &RunConfig) -> Result<Channel, SessionError> {
     let domain = cfg
         .server_name
         .clone()
-        .or_else(|| url_host(&cfg.collector))
+        .or_else(|| url_host(url))
         .unwrap_or_default();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .identity(Identity::from_pem(cert, key))
         .domain_name(domain);
     let err = |source| SessionError::Connect {
-        url: cfg.collector.clone(),
+        url: url.to_string(),
         source,
     };
-    Endpoint::from_shared(cfg.collector.clone())
+    Endpoint::from_shared(url.to_string())
         .map_err(err)?
         .tls_config(tls)
         .map_err(err)?
@@ -84,35 +84,37 @@ async fn connect(cfg: &RunConfig) -> Result<Channel, SessionError> {
         .map_err(err)
 }
 
-/// Runs one session. Returns whether the collector welcomed it (then the backoff resets)
-/// and how it ended.
-pub async fn run(cfg: &RunConfig, shared: &Shared) -> (bool, Result<(), SessionError>) {
+/// Runs one session with the collector at `url`. Returns whether the collector welcomed it
+/// (then the backoff resets) and how it ended.
+pub async fn run(cfg: &RunConfig, url: &str, shared: &Shared) -> (bool, Result<(), SessionError>) {
     let mut welcomed = false;
-    let result = session(cfg, shared, &mut welcomed).await;
+    let result = session(cfg, url, shared, &mut welcomed).await;
     match &result {
-        Ok(()) => tracing::info!("Session ended."),
+        Ok(()) => tracing::info!(collector = %url, "Session ended."),
         Err(SessionError::Broken(status) | SessionError::Refused(status))
             if status.code() == tonic::Code::InvalidArgument =>
         {
             // Resending the same refused message would loop forever: start over from a
             // snapshot of the current state. The refused changes' history is lost.
             tracing::error!(
+                collector = %url,
                 reason = %status.message(),
                 "The collector refused a message as invalid; starting over with a fresh snapshot."
             );
             shared.outbox().restart_from_snapshot();
         }
-        Err(e) => tracing::warn!(error = %e, "Session failed."),
+        Err(e) => tracing::warn!(collector = %url, error = %e, "Session failed."),
     }
     (welcomed, result)
 }
 
 async fn session(
     cfg: &RunConfig,
+    url: &str,
     shared: &Shared,
     welcomed: &mut bool,
 ) -> Result<(), SessionError> {
-    let channel = connect(cfg).await?;
+    let channel = connect(cfg, url).await?;
     let mut client = InventoryClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -158,7 +160,7 @@ async fn session(
         o.acked()
     };
     tracing::info!(
-        collector = %cfg.collector,
+        collector = %url,
         collector_version = %welcome.collector_version,
         resume_after = ?welcome.resume_after,
         "Connected to collector."
@@ -194,7 +196,7 @@ async fn session(
                 match msg.map_err(SessionError::Broken)?.and_then(|m| m.body) {
                     Some(v1::collector_message::Body::Ack(a)) => shared.outbox().on_ack(a.sequence),
                     Some(v1::collector_message::Body::Resync(r)) => {
-                        tracing::warn!(reason = %r.reason, "Collector asked for a resync; sending a snapshot.");
+                        tracing::warn!(collector = %url, reason = %r.reason, "Collector asked for a resync; sending a snapshot.");
                         let mut o = shared.outbox();
                         o.restart_from_snapshot();
                         sent_upto = o.acked();

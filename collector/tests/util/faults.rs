@@ -240,7 +240,7 @@ pub async fn committed(db: &DbUrl, host: &str) -> (i64, i64) {
 
 /// Ok when the host's stored listeners are what its agent's own scan of `ns` shows; else
 /// what is still different.
-async fn store_matches_scan(db: &DbUrl, host: &str, ns: &HostNs) -> Result<(), String> {
+pub async fn store_matches_scan(db: &DbUrl, host: &str, ns: &HostNs) -> Result<(), String> {
     let real = agent_scan(ns);
     let have = stored(db, host).await;
     if have == real {
@@ -253,7 +253,7 @@ async fn store_matches_scan(db: &DbUrl, host: &str, ns: &HostNs) -> Result<(), S
     ))
 }
 
-async fn no_duplicate_live_rows(db: &DbUrl) {
+pub async fn no_duplicate_live_rows(db: &DbUrl) {
     let dups = q(
         db,
         "SELECT host, netns, protocol, family, address, port, count(*) FROM current_listeners
@@ -523,7 +523,7 @@ pub fn close(socks: &mut Socks, k: &Key, c: &mut Changed) {
 
 /// Each change made during the fault is stored exactly once, with a time inside the
 /// fault (the time the agent observed it, not the time it was finally stored).
-async fn check_events(db: &DbUrl, host: &str, c: &Changed) {
+pub async fn check_events(db: &DbUrl, host: &str, c: &Changed) {
     let (from, to) = (&c.from, &c.to);
     for (kind, keys) in [("opened", &c.opened), ("closed", &c.closed)] {
         for k in keys {
@@ -550,7 +550,7 @@ async fn check_events(db: &DbUrl, host: &str, c: &Changed) {
 
 /// The agent never had to start over from a snapshot after its first connection: the
 /// collector always proved continuity, so every queued delta was delivered.
-fn assert_no_snapshot_restart(host: &str, log: &str) {
+pub fn assert_no_snapshot_restart(host: &str, log: &str) {
     let needs = log
         .lines()
         .filter(|l| l.contains("Collector needs a snapshot"))
@@ -571,7 +571,7 @@ fn assert_no_snapshot_restart(host: &str, log: &str) {
     );
 }
 
-fn connects(log: &str) -> Vec<&str> {
+pub fn connects(log: &str) -> Vec<&str> {
     log.lines()
         .filter(|l| l.contains("Connected to collector."))
         .collect()

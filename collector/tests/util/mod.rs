@@ -356,6 +356,18 @@ pub fn spawn_collector(
     metrics: Option<SocketAddr>,
     log: &Path,
 ) -> Proc {
+    spawn_collector_with(pki, db, listen, metrics, log, &[])
+}
+
+/// [`spawn_collector`] with more `serve` arguments.
+pub fn spawn_collector_with(
+    pki: &Pki,
+    db: &DbUrl,
+    listen: SocketAddr,
+    metrics: Option<SocketAddr>,
+    log: &Path,
+    more: &[&str],
+) -> Proc {
     let mut cmd = Command::new(collector_bin());
     cmd.arg("serve")
         .arg("--listen")
@@ -378,6 +390,7 @@ pub fn spawn_collector(
     if let Some(m) = metrics {
         cmd.arg("--metrics-listen").arg(m.to_string());
     }
+    cmd.args(more);
     Proc(cmd.spawn().expect("spawn collector"))
 }
 
@@ -409,12 +422,24 @@ impl HostNs {
     /// second. It logs at info, and at debug what `transport` does (each scan that queues
     /// changes says so: see [`queued_changes`]).
     pub fn spawn_agent(&self, pki: &Pki, host: &str, collector: SocketAddr, log: &Path) -> Proc {
+        self.spawn_agent_to(pki, host, &[collector], log)
+    }
+
+    /// [`HostNs::spawn_agent`] with a list of collectors to fail over between.
+    pub fn spawn_agent_to(
+        &self,
+        pki: &Pki,
+        host: &str,
+        collectors: &[SocketAddr],
+        log: &Path,
+    ) -> Proc {
+        let urls: Vec<String> = collectors.iter().map(|c| format!("https://{c}")).collect();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name])
             .arg(agent_bin())
             .arg("run")
             .arg("--collector")
-            .arg(format!("https://{collector}"))
+            .arg(urls.join(","))
             .arg("--server-name")
             .arg(SERVER_NAME)
             .arg("--tls-ca")
