@@ -370,46 +370,58 @@ impl Backend for PgStore {
     }
 
     async fn rebuild_hidden(c: &mut PgConnection, rebuild: &[Rebuild]) -> Result<(), StoreError> {
-        // (host, port) pairs; port 0 stands for every port of the host.
+        // Whole hosts (snapshots) and (host, port) pairs (deltas), each with statements an
+        // index serves: a whole host through host_id, a pair through (host_id, port).
+        let whole: Vec<i64> = rebuild
+            .iter()
+            .filter(|r| r.ports.is_none())
+            .map(|r| r.host_id)
+            .collect();
         let (mut hosts, mut ports) = (Vec::new(), Vec::new());
         for r in rebuild {
-            match &r.ports {
-                None => {
-                    hosts.push(r.host_id);
-                    ports.push(0i32);
-                }
-                Some(list) => {
-                    for p in list {
-                        hosts.push(r.host_id);
-                        ports.push(*p);
-                    }
-                }
+            for p in r.ports.iter().flatten() {
+                hosts.push(r.host_id);
+                ports.push(*p);
             }
         }
-        sqlx::query(
-            "DELETE FROM hidden_port AS e USING UNNEST($1::bigint[], $2::int[]) AS t (host_id, port)
-             WHERE e.host_id = t.host_id AND (t.port = 0 OR e.port = t.port)",
-        )
-        .bind(&hosts)
-        .bind(&ports)
-        .execute(&mut *c)
-        .await?;
-        sqlx::query(
-            "INSERT INTO hidden_port (host_id, netns, protocol, port, shown_as, processes)
+        const AGGREGATE: &str = "INSERT INTO hidden_port (host_id, netns, protocol, port, shown_as, processes)
              SELECT l.host_id, l.netns, l.protocol, l.port,
                     string_agg(DISTINCT l.shown_as COLLATE \"C\", ',' ORDER BY l.shown_as COLLATE \"C\"),
                     string_agg(DISTINCT NULLIF(l.process_names, '') COLLATE \"C\", ','
-                               ORDER BY NULLIF(l.process_names, '') COLLATE \"C\")
-             FROM UNNEST($1::bigint[], $2::int[]) AS t (host_id, port)
-             JOIN listener l ON l.host_id = t.host_id AND (t.port = 0 OR l.port = t.port)
-                            AND l.valid_to IS NULL
-             GROUP BY l.host_id, l.netns, l.protocol, l.port
-             HAVING bool_or(l.hidden_ipv4_exposure)",
-        )
-        .bind(&hosts)
-        .bind(&ports)
-        .execute(&mut *c)
-        .await?;
+                               ORDER BY NULLIF(l.process_names, '') COLLATE \"C\")";
+        const GROUP: &str = " GROUP BY l.host_id, l.netns, l.protocol, l.port
+             HAVING bool_or(l.hidden_ipv4_exposure)";
+        if !whole.is_empty() {
+            sqlx::query("DELETE FROM hidden_port WHERE host_id = ANY($1)")
+                .bind(&whole)
+                .execute(&mut *c)
+                .await?;
+            sqlx::query(AssertSqlSafe(format!(
+                "{AGGREGATE} FROM listener l WHERE l.host_id = ANY($1) AND l.valid_to IS NULL {GROUP}"
+            )))
+            .bind(&whole)
+            .execute(&mut *c)
+            .await?;
+        }
+        if !hosts.is_empty() {
+            sqlx::query(
+                "DELETE FROM hidden_port AS e USING UNNEST($1::bigint[], $2::int[]) AS t (host_id, port)
+                 WHERE e.host_id = t.host_id AND e.port = t.port",
+            )
+            .bind(&hosts)
+            .bind(&ports)
+            .execute(&mut *c)
+            .await?;
+            sqlx::query(AssertSqlSafe(format!(
+                "{AGGREGATE} FROM UNNEST($1::bigint[], $2::int[]) AS t (host_id, port)
+                 JOIN listener l ON l.host_id = t.host_id AND l.port = t.port
+                                AND l.valid_to IS NULL {GROUP}"
+            )))
+            .bind(&hosts)
+            .bind(&ports)
+            .execute(&mut *c)
+            .await?;
+        }
         Ok(())
     }
 
