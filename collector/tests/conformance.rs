@@ -67,6 +67,7 @@ macro_rules! suite {
 }
 
 suite!(
+    awkward_text_round_trips,
     snapshots_versions_and_views,
     delta_rules,
     point_in_time_and_diff,
@@ -178,6 +179,36 @@ fn dns() -> ListenerRecord {
         "dnsmasq",
         30,
     )
+}
+
+/// Text with tabs, line ends, backslashes, quotes and non-ASCII is stored and read back
+/// byte for byte (PostgreSQL writes new rows with COPY, whose text format escapes them).
+async fn awkward_text_round_trips(db: &DbUrl) {
+    let store = open(db).await;
+    let now = OffsetDateTime::now_utc();
+    let h = store.hello("h1", "h1", "test", now).await.unwrap();
+    let mut r = ssh4(20);
+    let cmdline = "/usr/sbin/sshd -o 'Banner=a\tb' \\N\tx\ny\r\\ \"q\" é 🦀";
+    r.processes[0].cmdline = cmdline.to_string();
+    r.processes[0].user = "us\\er\t1".to_string();
+    r.unit = Some("a\\N.service".to_string());
+    store
+        .apply_snapshot(h.host_id, S1, 1, now, vec![r], now)
+        .await
+        .unwrap();
+    let got = same(
+        db,
+        "SELECT process_details, unit FROM current_listeners WHERE host = 'h1'",
+    )
+    .await;
+    let details: Value = match &got[0][0] {
+        Value::String(s) => serde_json::from_str(s).unwrap(),
+        v => v.clone(),
+    };
+    assert_eq!(details[0]["cmdline"], cmdline);
+    assert_eq!(details[0]["user"], "us\\er\t1");
+    assert_eq!(got[0][1], json!("a\\N.service"));
+    store.close().await;
 }
 
 async fn open(db: &DbUrl) -> Store {
