@@ -192,13 +192,22 @@ async fn awkward_text_round_trips(db: &DbUrl) {
     r.processes[0].cmdline = cmdline.to_string();
     r.processes[0].user = "us\\er\t1".to_string();
     r.unit = Some("a\\N.service".to_string());
+    // Enough rows that PostgreSQL takes its COPY path (small inserts use UNNEST, which the
+    // other tests cover).
+    let mut records = vec![r];
+    records.extend((1000..3500).map(|port| {
+        let mut o = ssh4(20);
+        o.key.port = port;
+        o.processes[0].cmdline = format!("worker\t{port}\n\\");
+        o
+    }));
     store
-        .apply_snapshot(h.host_id, S1, 1, now, vec![r], now)
+        .apply_snapshot(h.host_id, S1, 1, now, records, now)
         .await
         .unwrap();
     let got = same(
         db,
-        "SELECT process_details, unit FROM current_listeners WHERE host = 'h1'",
+        "SELECT process_details, unit FROM current_listeners WHERE host = 'h1' AND port = 22",
     )
     .await;
     let details: Value = match &got[0][0] {
@@ -208,6 +217,16 @@ async fn awkward_text_round_trips(db: &DbUrl) {
     assert_eq!(details[0]["cmdline"], cmdline);
     assert_eq!(details[0]["user"], "us\\er\t1");
     assert_eq!(got[0][1], json!("a\\N.service"));
+    let other = same(
+        db,
+        "SELECT process_details FROM current_listeners WHERE host = 'h1' AND port = 3499",
+    )
+    .await;
+    let details: Value = match &other[0][0] {
+        Value::String(s) => serde_json::from_str(s).unwrap(),
+        v => v.clone(),
+    };
+    assert_eq!(details[0]["cmdline"], "worker\t3499\n\\");
     store.close().await;
 }
 
