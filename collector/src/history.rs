@@ -264,6 +264,15 @@ impl FromRow for KeyRow {
     }
 }
 
+/// A window holding more changes than one answer may carry gets an error that says how
+/// to narrow it (the reader's bound is meant for `query`).
+fn too_many_changes(e: QueryError) -> QueryError {
+    match e {
+        QueryError::TooManyRows => QueryError::WindowTooBig,
+        e => e,
+    }
+}
+
 /// A report's rows and how many were left out by its limit.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Report {
@@ -296,7 +305,9 @@ pub async fn exposure_at(
     protocol: Option<&str>,
     limit: Option<usize>,
 ) -> Result<Report, QueryError> {
-    let changed = touched(ro, at, None, None).await?;
+    let changed = touched(ro, at, None, None)
+        .await
+        .map_err(too_many_changes)?;
     let now = crate::query::exposure(ro, port, protocol, None).await?.rows;
     let wanted = |p: i64, proto: &str| {
         port.is_none_or(|want| i64::from(want) == p) && protocol.is_none_or(|want| want == proto)
@@ -423,7 +434,8 @@ pub async fn diff(
     );
     let events = ro
         .run(&sql, &window_params(since, Some(until), host))
-        .await?;
+        .await
+        .map_err(too_many_changes)?;
     let mut rs = ResultSet {
         columns: [
             "at", "host", "change", "netns", "protocol", "port", "shown_as", "detail",
@@ -460,7 +472,10 @@ pub async fn diff(
             Value::from(detail),
         ]);
     }
-    for (k, (b, a)) in touched(ro, since, Some(until), host).await? {
+    for (k, (b, a)) in touched(ro, since, Some(until), host)
+        .await
+        .map_err(too_many_changes)?
+    {
         if (b.ipv4, b.ipv6, b.hidden) == (a.ipv4, a.ipv6, a.hidden) {
             continue;
         }

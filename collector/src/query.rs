@@ -7,10 +7,10 @@
 
 use std::io::{self, Write};
 
-use comfy_table::{Table, presets};
 use futures_util::TryStreamExt;
 use serde_json::{Map, Value};
 use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
+use unicode_width::UnicodeWidthStr as _;
 
 use crate::history::Report;
 use crate::store::{DbUrl, StoreError, postgres, sqlite};
@@ -30,6 +30,11 @@ pub enum QueryError {
     Sql(String),
     #[error("the result has more than {MAX_ROWS} rows; add a LIMIT or a WHERE")]
     TooManyRows,
+    #[error(
+        "more than {MAX_ROWS} listener changes in this window (a fleet's first snapshots, \
+         or a restored database?); narrow it with a later --since, an earlier --until or --host"
+    )]
+    WindowTooBig,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -473,7 +478,7 @@ pub async fn exposure(
         ro,
         "SELECT host, netns, protocol, port, shown_as, processes FROM hidden_ipv4_exposure
          WHERE 1 = 1",
-        "SELECT count(*) FROM hidden_port WHERE 1 = 1",
+        "SELECT count(*) FROM hidden_ipv4_exposure WHERE 1 = 1",
         ro.pick(
             "ORDER BY host, netns, protocol, port",
             "ORDER BY host COLLATE \"C\", netns COLLATE \"C\", protocol, port",
@@ -536,19 +541,39 @@ pub fn write_table(rs: &ResultSet, out: &mut dyn Write) -> io::Result<()> {
     if rs.columns.is_empty() {
         return writeln!(out, "(no rows)");
     }
-    let mut t = Table::new();
-    t.load_style(presets::NOTHING);
-    t.set_header(
-        rs.columns
-            .iter()
-            .map(|c| c.to_uppercase())
-            .collect::<Vec<_>>(),
-    );
-    for r in &rs.rows {
-        t.add_row(r.iter().map(cell).collect::<Vec<_>>());
+    // Columns padded to their widest cell (display width, so wide characters line up),
+    // two spaces apart; built line by line, since reports can have 100,000 rows.
+    let header: Vec<String> = rs.columns.iter().map(|c| c.to_uppercase()).collect();
+    let cells: Vec<Vec<String>> = rs
+        .rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|v| cell(v).replace(['\n', '\r', '\t'], " "))
+                .collect()
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.width()).collect();
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.width());
+        }
     }
-    for line in t.to_string().lines() {
-        writeln!(out, "{}", line.trim_end())?;
+    let mut line = String::new();
+    let mut emit = |row: &[String], out: &mut dyn Write| -> io::Result<()> {
+        line.clear();
+        for (i, (c, w)) in row.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            line.push_str(c);
+            line.extend(std::iter::repeat_n(' ', w.saturating_sub(c.width())));
+        }
+        writeln!(out, "{}", line.trim_end())
+    };
+    emit(&header, out)?;
+    for row in &cells {
+        emit(row, out)?;
     }
     writeln!(
         out,
@@ -681,6 +706,24 @@ mod tests {
             microseconds: -5_000_000,
         };
         assert_eq!(interval(&iv), "-00:00:05");
+    }
+
+    #[test]
+    fn table_aligns_by_display_width() {
+        let rs = ResultSet {
+            columns: vec!["host".into(), "n".into()],
+            rows: vec![
+                vec![Value::from("日本"), Value::from(1)],
+                vec![Value::from("a\tb"), Value::Null],
+                vec![Value::from("abcde"), Value::from(22)],
+            ],
+        };
+        let mut out = Vec::new();
+        write_table(&rs, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HOST   N\n日本   1\na b\nabcde  22\n(3 rows)\n"
+        );
     }
 
     #[test]

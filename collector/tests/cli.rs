@@ -201,7 +201,11 @@ async fn query_is_read_only_and_speaks_three_formats() {
         );
     }
     let o = collector(&["query", "--db", &url, "SELECT count(*) AS n FROM listener"]);
-    assert!(stdout(&o).contains(" 2"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).lines().any(|l| l.trim() == "2"),
+        "{}",
+        stdout(&o)
+    );
     let o = collector(&["query", "--db", &url, "SELEC nonsense"]);
     assert!(stderr(&o).contains("SQL error"), "{}", stderr(&o));
     let missing = format!("sqlite://{}", dir.path().join("none.db").display());

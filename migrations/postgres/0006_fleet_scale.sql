@@ -8,6 +8,7 @@ CREATE INDEX host_last_seen ON host (last_seen);
 
 CREATE TABLE hidden_port (
     host_id   bigint NOT NULL REFERENCES host (id),
+    host      text NOT NULL,
     netns     text NOT NULL,
     protocol  text NOT NULL,
     port      integer NOT NULL,
@@ -17,20 +18,19 @@ CREATE TABLE hidden_port (
 );
 CREATE INDEX hidden_port_port ON hidden_port (port, protocol);
 INSERT INTO hidden_port
-SELECT host_id, netns, protocol, port,
-       string_agg(DISTINCT shown_as COLLATE "C", ',' ORDER BY shown_as COLLATE "C"),
-       string_agg(DISTINCT NULLIF(process_names, '') COLLATE "C", ','
-                  ORDER BY NULLIF(process_names, '') COLLATE "C")
-FROM listener
-WHERE valid_to IS NULL
-GROUP BY host_id, netns, protocol, port
-HAVING bool_or(hidden_ipv4_exposure);
+SELECT l.host_id, h.name, l.netns, l.protocol, l.port,
+       string_agg(DISTINCT l.shown_as COLLATE "C", ',' ORDER BY l.shown_as COLLATE "C"),
+       string_agg(DISTINCT NULLIF(l.process_names, '') COLLATE "C", ','
+                  ORDER BY NULLIF(l.process_names, '') COLLATE "C")
+FROM listener l JOIN host h ON h.id = l.host_id
+WHERE l.valid_to IS NULL
+GROUP BY l.host_id, h.name, l.netns, l.protocol, l.port
+HAVING bool_or(l.hidden_ipv4_exposure);
 
 DROP VIEW hidden_ipv4_exposure;
 CREATE VIEW hidden_ipv4_exposure AS
-SELECT h.name AS host, e.netns, e.protocol, e.port, e.shown_as, e.processes
-FROM hidden_port e
-JOIN host h ON h.id = e.host_id;
+SELECT host, netns, protocol, port, shown_as, processes
+FROM hidden_port;
 
 DROP VIEW hosts;
 CREATE VIEW hosts AS

@@ -13,9 +13,12 @@ UPDATE host SET live_listeners =
 CREATE INDEX host_last_seen ON host (last_seen);
 
 -- The headline, one row per (host, namespace, protocol, port) reachable over IPv4 although
--- netstat shows only IPv6 lines for it; rewritten for the ports a message touches.
+-- netstat shows only IPv6 lines for it; rewritten for the ports a message touches. It
+-- carries the host's name (which never changes for a host id), so the view needs no join
+-- and a fleet-wide count reads this table alone.
 CREATE TABLE hidden_port (
     host_id   INTEGER NOT NULL REFERENCES host (id),
+    host      TEXT NOT NULL,
     netns     TEXT NOT NULL,
     protocol  TEXT NOT NULL,
     port      INTEGER NOT NULL,
@@ -25,19 +28,18 @@ CREATE TABLE hidden_port (
 ) WITHOUT ROWID;
 CREATE INDEX hidden_port_port ON hidden_port (port, protocol);
 INSERT INTO hidden_port
-SELECT host_id, netns, protocol, port,
-       group_concat(DISTINCT shown_as ORDER BY shown_as),
-       group_concat(DISTINCT NULLIF(process_names, '') ORDER BY NULLIF(process_names, ''))
-FROM listener
-WHERE valid_to IS NULL
-GROUP BY host_id, netns, protocol, port
-HAVING max(hidden_ipv4_exposure) = 1;
+SELECT l.host_id, h.name, l.netns, l.protocol, l.port,
+       group_concat(DISTINCT l.shown_as ORDER BY l.shown_as),
+       group_concat(DISTINCT NULLIF(l.process_names, '') ORDER BY NULLIF(l.process_names, ''))
+FROM listener l JOIN host h ON h.id = l.host_id
+WHERE l.valid_to IS NULL
+GROUP BY l.host_id, h.name, l.netns, l.protocol, l.port
+HAVING max(l.hidden_ipv4_exposure) = 1;
 
 DROP VIEW hidden_ipv4_exposure;
 CREATE VIEW hidden_ipv4_exposure AS
-SELECT h.name AS host, e.netns, e.protocol, e.port, e.shown_as, e.processes
-FROM hidden_port e
-JOIN host h ON h.id = e.host_id;
+SELECT host, netns, protocol, port, shown_as, processes
+FROM hidden_port;
 
 DROP VIEW hosts;
 CREATE VIEW hosts AS

@@ -24,6 +24,10 @@ use listenscope_core::diff::Changes;
 use listenscope_core::record::ListenerRecord;
 use time::OffsetDateTime;
 
+/// A write statement slower than this is logged by the driver: group commits of big
+/// bursts legitimately take a second or more.
+const SLOW_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Where the data lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DbUrl {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use listenscope_core::fingerprint::Fingerprints;
 use listenscope_core::record::ListenerRecord;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Postgres, Row};
+use sqlx::{AssertSqlSafe, ConnectOptions as _, Postgres, Row};
 use time::OffsetDateTime;
 
 use super::flow::{self, Backend, HelloWork, HostRow, HostUpdate, LiveWanted, Rebuild, Write};
@@ -47,7 +47,10 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections((writers(opts.pool_size) as u32 + 2).max(opts.pool_size))
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(connect_options(url)?)
+            .connect_with(
+                connect_options(url)?
+                    .log_slow_statements(log::LevelFilter::Warn, super::SLOW_WRITE),
+            )
             .await
             .map_err(|source| StoreError::Open {
                 url: redact(url),
@@ -473,12 +476,12 @@ impl Backend for PgStore {
                 ports.push(*p);
             }
         }
-        const AGGREGATE: &str = "INSERT INTO hidden_port (host_id, netns, protocol, port, shown_as, processes)
-             SELECT l.host_id, l.netns, l.protocol, l.port,
+        const AGGREGATE: &str = "INSERT INTO hidden_port (host_id, host, netns, protocol, port, shown_as, processes)
+             SELECT l.host_id, h.name, l.netns, l.protocol, l.port,
                     string_agg(DISTINCT l.shown_as COLLATE \"C\", ',' ORDER BY l.shown_as COLLATE \"C\"),
                     string_agg(DISTINCT NULLIF(l.process_names, '') COLLATE \"C\", ','
                                ORDER BY NULLIF(l.process_names, '') COLLATE \"C\")";
-        const GROUP: &str = " GROUP BY l.host_id, l.netns, l.protocol, l.port
+        const GROUP: &str = " GROUP BY l.host_id, h.name, l.netns, l.protocol, l.port
              HAVING bool_or(l.hidden_ipv4_exposure)";
         if !whole.is_empty() {
             sqlx::query("DELETE FROM hidden_port WHERE host_id = ANY($1)")
@@ -486,7 +489,8 @@ impl Backend for PgStore {
                 .execute(&mut *c)
                 .await?;
             sqlx::query(AssertSqlSafe(format!(
-                "{AGGREGATE} FROM listener l WHERE l.host_id = ANY($1) AND l.valid_to IS NULL {GROUP}"
+                "{AGGREGATE} FROM listener l JOIN host h ON h.id = l.host_id
+                 WHERE l.host_id = ANY($1) AND l.valid_to IS NULL {GROUP}"
             )))
             .bind(&whole)
             .execute(&mut *c)
@@ -504,7 +508,8 @@ impl Backend for PgStore {
             sqlx::query(AssertSqlSafe(format!(
                 "{AGGREGATE} FROM UNNEST($1::bigint[], $2::int[]) AS t (host_id, port)
                  JOIN listener l ON l.host_id = t.host_id AND l.port = t.port
-                                AND l.valid_to IS NULL {GROUP}"
+                                AND l.valid_to IS NULL
+                 JOIN host h ON h.id = l.host_id {GROUP}"
             )))
             .bind(&hosts)
             .bind(&ports)
@@ -645,10 +650,13 @@ impl Backend for PgStore {
 /// Opens a read-only pool: every connection defaults to read-only transactions and a
 /// statement timeout; `query` also wraps each statement in `BEGIN READ ONLY`.
 pub async fn open_read_only(url: &str, pool_size: u32) -> Result<PgPool, StoreError> {
-    let opts = connect_options(url)?.options([
-        ("default_transaction_read_only", "on"),
-        ("statement_timeout", "60s"),
-    ]);
+    // A slow report is the user's to judge: no driver warnings on their terminal.
+    let opts = connect_options(url)?
+        .log_slow_statements(log::LevelFilter::Off, Duration::from_secs(60))
+        .options([
+            ("default_transaction_read_only", "on"),
+            ("statement_timeout", "60s"),
+        ]);
     PgPoolOptions::new()
         .max_connections(pool_size.max(1))
         .acquire_timeout(Duration::from_secs(30))

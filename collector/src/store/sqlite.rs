@@ -20,7 +20,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite};
+use sqlx::{AssertSqlSafe, ConnectOptions as _, QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
 use super::flow::{self, Backend, HelloWork, HostRow, HostUpdate, LiveWanted, Rebuild, Write};
@@ -66,7 +66,8 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            .log_slow_statements(log::LevelFilter::Warn, super::SLOW_WRITE);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options)
@@ -327,15 +328,19 @@ impl Backend for SqliteStore {
             only(&mut q);
             q.build().execute(&mut *c).await?;
             let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO hidden_port (host_id, netns, protocol, port, shown_as, processes)
-                 SELECT host_id, netns, protocol, port,
-                        group_concat(DISTINCT shown_as ORDER BY shown_as),
-                        group_concat(DISTINCT NULLIF(process_names, '')
-                                     ORDER BY NULLIF(process_names, ''))
-                 FROM listener WHERE valid_to IS NULL AND host_id = ",
+                "INSERT INTO hidden_port (host_id, host, netns, protocol, port, shown_as, processes)
+                 SELECT l.host_id, h.name, l.netns, l.protocol, l.port,
+                        group_concat(DISTINCT l.shown_as ORDER BY l.shown_as),
+                        group_concat(DISTINCT NULLIF(l.process_names, '')
+                                     ORDER BY NULLIF(l.process_names, ''))
+                 FROM listener l JOIN host h ON h.id = l.host_id
+                 WHERE l.valid_to IS NULL AND l.host_id = ",
             );
             only(&mut q);
-            q.push(" GROUP BY host_id, netns, protocol, port HAVING max(hidden_ipv4_exposure) = 1");
+            q.push(
+                " GROUP BY l.host_id, h.name, l.netns, l.protocol, l.port
+                 HAVING max(l.hidden_ipv4_exposure) = 1",
+            );
             q.build().execute(&mut *c).await?;
         }
         Ok(())
@@ -455,6 +460,8 @@ pub async fn open_read_only(path: &Path) -> Result<SqlitePool, StoreError> {
         })?
         .read_only(true)
         .pragma("query_only", "1")
+        // A slow report is the user's to judge: no driver warnings on their terminal.
+        .log_slow_statements(log::LevelFilter::Off, Duration::from_secs(60))
         .busy_timeout(Duration::from_secs(10));
     SqlitePoolOptions::new()
         .max_connections(2)
