@@ -295,15 +295,16 @@ impl<'a> Session<'a> {
     ) -> Result<Session<'a>, Status> {
         let now = OffsetDateTime::now_utc();
         let instance = (!limits.instance.is_empty()).then_some(limits.instance.as_str());
-        let stored = store
-            .hello_at(
-                host,
-                &hello.os_hostname,
-                &hello.agent_version,
-                now,
-                instance,
-            )
-            .await?;
+        // Boxed: a session spends its life idle between messages, and an idle session's
+        // state (one per connected agent) should not carry the space of this call.
+        let stored = Box::pin(store.hello_at(
+            host,
+            &hello.os_hostname,
+            &hello.agent_version,
+            now,
+            instance,
+        ))
+        .await?;
         let resume = (stored.session_id.as_deref() == Some(hello.session_id.as_slice())
             && stored.committed_seq >= hello.acked_sequence)
             .then_some(stored.committed_seq);
@@ -384,9 +385,12 @@ impl<'a> Session<'a> {
         now: OffsetDateTime,
     ) -> Result<Applied, Status> {
         let started = Instant::now();
-        let applied = self
-            .store
-            .apply_as(&self.stored, &self.session_id, seq, at, message, now)
+        // Boxed for the same reason as the Hello's store call.
+        let applied =
+            Box::pin(
+                self.store
+                    .apply_as(&self.stored, &self.session_id, seq, at, message, now),
+            )
             .await?;
         metrics::histogram!(m::ACK_SECONDS).record(started.elapsed().as_secs_f64());
         self.seen_written = Instant::now();

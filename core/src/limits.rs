@@ -7,6 +7,13 @@
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest encoded message either side sends or accepts.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Agents cut snapshot chunks and deltas before this encoded size (a single listener
+/// bigger than this still goes alone). A collector keeps each connection's receive
+/// buffers (HTTP/2 frame buffer, gRPC message buffer; 8 KiB at most before they grow) for
+/// the connection's whole life, grown to the largest message it ever carried: with
+/// messages under 7 KiB they never grow, and an idle session costs the same whatever the
+/// size of the host's inventory. Tens of thousands of sessions make that matter.
+pub const MESSAGE_TARGET_BYTES: usize = 7 * 1024;
 
 /// Bytes of the namespace name.
 pub const NETNS: usize = 4096;

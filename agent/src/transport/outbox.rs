@@ -23,8 +23,9 @@ use listenscope_core::diff::{Changes, diff};
 /// Listeners per delta message; larger change sets are split over consecutive sequences.
 /// The collector advertises how many it accepts and never less than this (the .proto).
 pub const MAX_PER_DELTA: usize = 1000;
-/// Approximate bytes per delta message, well under the 4 MiB message limit.
-pub const MAX_DELTA_BYTES: usize = 2 * 1024 * 1024;
+/// Approximate bytes per delta message: small, so the collector's per-connection buffers
+/// never grow (`listenscope_core::limits::MESSAGE_TARGET_BYTES`).
+pub const MAX_DELTA_BYTES: usize = listenscope_core::limits::MESSAGE_TARGET_BYTES;
 
 /// One message the collector has not acknowledged yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -415,7 +416,19 @@ mod tests {
                 Pending::Snapshot { .. } => 0,
             })
             .collect();
-        assert_eq!(sizes, [1000, 1000, 500]);
-        assert_eq!(seqs(&o).iter().map(|s| s.0).collect::<Vec<_>>(), [2, 3, 4]);
+        // Split by bytes (each delta under the message target) and in order.
+        assert_eq!(sizes.iter().sum::<usize>(), 2500);
+        assert!(
+            sizes.len() > 3 && sizes.iter().all(|n| *n <= 1000),
+            "{sizes:?}"
+        );
+        let want: Vec<u64> = (2..2 + sizes.len() as u64).collect();
+        assert_eq!(seqs(&o).iter().map(|s| s.0).collect::<Vec<_>>(), want);
+        // By count alone when records are small enough.
+        let parts = split(diff(&State::new(), &state(&ports)), 1000, usize::MAX);
+        assert_eq!(
+            parts.iter().map(Changes::len).collect::<Vec<_>>(),
+            [1000, 1000, 500]
+        );
     }
 }

@@ -18,8 +18,10 @@ use super::Shared;
 use super::outbox::Pending;
 use crate::config::{RunConfig, url_host};
 
-/// Snapshot chunks are cut before they reach this size.
-const CHUNK_BYTES: usize = 2 * 1024 * 1024;
+/// Snapshot chunks are cut before they reach this size (see the constant's documentation).
+const CHUNK_BYTES: usize = listenscope_core::limits::MESSAGE_TARGET_BYTES;
+/// Room left in a chunk for its other fields (sequence, index, time, flags).
+const CHUNK_ENVELOPE: usize = 64;
 /// Listeners per chunk when the collector does not say.
 const DEFAULT_PER_MESSAGE: usize = 1000;
 /// Outbox messages sent ahead of acknowledgements.
@@ -235,8 +237,12 @@ fn encode(p: &Pending, per_message: usize) -> Vec<v1::AgentMessage> {
             let mut bytes = 0;
             for r in state.values() {
                 let l = v1::Listener::from(r);
-                let size = l.encoded_len();
-                if !cur.is_empty() && (cur.len() >= per_message || bytes + size > CHUNK_BYTES) {
+                // As encoded inside the chunk: field tag, length, listener.
+                let len = l.encoded_len();
+                let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+                if !cur.is_empty()
+                    && (cur.len() >= per_message || bytes + size > CHUNK_BYTES - CHUNK_ENVELOPE)
+                {
                     chunks.push(std::mem::take(&mut cur));
                     bytes = 0;
                 }
@@ -287,17 +293,58 @@ mod tests {
             },
             1000,
         );
-        let chunks: Vec<(u32, bool, usize)> = msgs
+        let chunks: Vec<(u32, bool, usize, usize)> = msgs
             .iter()
             .map(|m| match &m.body {
                 Some(v1::agent_message::Body::Snapshot(c)) => {
                     assert_eq!(c.sequence, 7);
-                    (c.chunk_index, c.last, c.listeners.len())
+                    (c.chunk_index, c.last, c.listeners.len(), m.encoded_len())
                 }
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(chunks, [(0, false, 1000), (1, false, 1000), (2, true, 500)]);
+        // Every listener once, in chunks numbered in order, the last one marked; each chunk
+        // under the message target (so the collector's buffers never grow) and full up to
+        // it (no chunk could have taken the next listener).
+        assert_eq!(chunks.iter().map(|c| c.2).sum::<usize>(), 2500);
+        let one = v1::Listener::from(&record("host", "::", 1, Some(false))).encoded_len();
+        for (i, &(index, last, n, bytes)) in chunks.iter().enumerate() {
+            assert_eq!((index as usize, last), (i, i + 1 == chunks.len()));
+            assert!(
+                n <= 1000 && bytes <= CHUNK_BYTES,
+                "chunk {i}: {n}, {bytes} bytes"
+            );
+            if !last {
+                assert!(
+                    bytes + one + 3 > CHUNK_BYTES - CHUNK_ENVELOPE,
+                    "chunk {i} stopped early: {bytes}"
+                );
+            }
+        }
+        // The collector's per-message limit applies as well.
+        let small = encode(
+            &Pending::Snapshot {
+                seq: 8,
+                at,
+                state: Arc::new(
+                    (1..=25u16)
+                        .map(|p| {
+                            let r = record("host", "::", p, Some(false));
+                            (r.key.clone(), r)
+                        })
+                        .collect(),
+                ),
+            },
+            10,
+        );
+        let sizes: Vec<usize> = small
+            .iter()
+            .map(|m| match &m.body {
+                Some(v1::agent_message::Body::Snapshot(c)) => c.listeners.len(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sizes, [10, 10, 5]);
         for m in &msgs {
             assert!(m.encoded_len() < MAX_MESSAGE_BYTES);
         }
