@@ -148,6 +148,54 @@ pub fn init(
     })
 }
 
+/// The fleet CA, read once from DIR/ca.pem and DIR/ca.key, to issue host certificates in
+/// memory: [`issue`] writes them to files, and a load generator keeps thousands of them
+/// without touching the disk.
+#[derive(Debug)]
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    /// Reads DIR/ca.pem and DIR/ca.key.
+    pub fn load(dir: &Path) -> Result<Ca, PkiError> {
+        let ca_pem_path = dir.join("ca.pem");
+        let ca_key_path = dir.join("ca.key");
+        let no_ca = |path: &Path, detail: String| PkiError::NoCa {
+            path: path.to_path_buf(),
+            dir: dir.to_path_buf(),
+            detail,
+        };
+        let ca_pem =
+            fs::read_to_string(&ca_pem_path).map_err(|e| no_ca(&ca_pem_path, e.to_string()))?;
+        let ca_key_pem =
+            fs::read_to_string(&ca_key_path).map_err(|e| no_ca(&ca_key_path, e.to_string()))?;
+        let ca_key =
+            KeyPair::from_pem(&ca_key_pem).map_err(|e| no_ca(&ca_key_path, e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+            .map_err(|e| no_ca(&ca_pem_path, e.to_string()))?;
+        Ok(Ca { issuer })
+    }
+
+    /// A new key and a certificate for `host` (DNS SAN and CN = `host`, clientAuth), valid
+    /// for `days`: (certificate PEM, private key PEM).
+    pub fn issue_pem(&self, host: &str, days: u32) -> Result<(String, String), PkiError> {
+        if !valid_host_name(host) {
+            return Err(PkiError::BadName {
+                name: host.to_string(),
+            });
+        }
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![host.to_string()])?;
+        params.distinguished_name.push(DnType::CommonName, host);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, days);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
 /// Creates DIR/HOST.pem and DIR/HOST.key, signed by DIR/ca.pem + ca.key.
 pub fn issue(dir: &Path, host: &str, days: u32) -> Result<Written, PkiError> {
     if !valid_host_name(host) || matches!(host, "ca" | "server") {
@@ -155,32 +203,11 @@ pub fn issue(dir: &Path, host: &str, days: u32) -> Result<Written, PkiError> {
             name: host.to_string(),
         });
     }
-    let ca_pem_path = dir.join("ca.pem");
-    let ca_key_path = dir.join("ca.key");
-    let no_ca = |path: &Path, detail: String| PkiError::NoCa {
-        path: path.to_path_buf(),
-        dir: dir.to_path_buf(),
-        detail,
-    };
-    let ca_pem =
-        fs::read_to_string(&ca_pem_path).map_err(|e| no_ca(&ca_pem_path, e.to_string()))?;
-    let ca_key_pem =
-        fs::read_to_string(&ca_key_path).map_err(|e| no_ca(&ca_key_path, e.to_string()))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| no_ca(&ca_key_path, e.to_string()))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, &ca_key)
-        .map_err(|e| no_ca(&ca_pem_path, e.to_string()))?;
-
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(vec![host.to_string()])?;
-    params.distinguished_name.push(DnType::CommonName, host);
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    validity(&mut params, days);
-    let cert = params.signed_by(&key, &issuer)?;
+    let (cert, key) = Ca::load(dir)?.issue_pem(host, days)?;
     let key_path = dir.join(format!("{host}.key"));
     let cert_path = dir.join(format!("{host}.pem"));
-    write_file(&key_path, &key.serialize_pem(), 0o600)?;
-    write_file(&cert_path, &cert.pem(), 0o644)?;
+    write_file(&key_path, &key, 0o600)?;
+    write_file(&cert_path, &cert, 0o644)?;
     Ok(Written {
         files: vec![key_path, cert_path],
     })
@@ -248,6 +275,21 @@ mod tests {
         let err = listenscope_core::pem::load_identity(&dir.join("h1.pem"), &dir.join("h2.key"))
             .unwrap_err();
         assert!(err.to_string().contains("does not belong"), "{err}");
+        // In memory, from a CA loaded once: the same kind of certificate.
+        let ca = Ca::load(&dir).unwrap();
+        let (cert, key) = ca.issue_pem("fleet-000001", 30).unwrap();
+        fs::write(dir.join("m.pem"), cert).unwrap();
+        fs::write(dir.join("m.key"), key).unwrap();
+        let (certs, _) =
+            listenscope_core::pem::load_identity(&dir.join("m.pem"), &dir.join("m.key")).unwrap();
+        assert_eq!(
+            listenscope_core::pem::identity_of(&certs[0]).as_deref(),
+            Some("fleet-000001")
+        );
+        assert!(matches!(
+            ca.issue_pem("bad name", 30),
+            Err(PkiError::BadName { .. })
+        ));
         // --force replaces it.
         init(&dir, &["localhost".into()], 30, true).unwrap();
         assert!(matches!(
