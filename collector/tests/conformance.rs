@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use listenscope_collector::history;
 use listenscope_collector::query::{self, Param, QueryError, ReadOnly};
-use listenscope_collector::store::{Applied, DbUrl, Store, StoreOptions};
+use listenscope_collector::store::{Applied, DbUrl, Message, Store, StoreOptions};
 use listenscope_core::diff::Changes;
 use listenscope_core::domain::{Family, ProcessInfo, Protocol, Reach, Source};
 use listenscope_core::record::{ListenerKey, ListenerRecord};
@@ -67,6 +67,7 @@ macro_rules! suite {
 }
 
 suite!(
+    group_commit_burst_and_fencing,
     awkward_text_round_trips,
     snapshots_versions_and_views,
     delta_rules,
@@ -179,6 +180,169 @@ fn dns() -> ListenerRecord {
         "dnsmasq",
         30,
     )
+}
+
+/// Many hosts at once through the group committer: every message gets the outcome it
+/// would have had alone (duplicates, gaps and fenced connections included), the maintained
+/// headline table equals the headline computed from the live listeners, and each host's
+/// maintained listener count equals its live rows.
+async fn group_commit_burst_and_fencing(db: &DbUrl) {
+    const HOSTS: usize = 1500;
+    let store = open(db).await;
+    let now = OffsetDateTime::now_utc();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..HOSTS {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let name = format!("burst-{i:05}");
+            let h = store.hello(&name, &name, "test", now).await.unwrap();
+            let session = [(i % 251) as u8 + 1; 16];
+            let mut snap: Vec<ListenerRecord> = (0..20u16)
+                .map(|p| {
+                    rec(
+                        Protocol::Tcp,
+                        "::",
+                        2000 + p,
+                        Some(true),
+                        (No, Any),
+                        "svc",
+                        5,
+                    )
+                })
+                .collect();
+            if i % 3 == 0 {
+                snap.push(dual(80, "apache2", 7)); // hidden
+            }
+            let rows = snap.len();
+            assert_eq!(
+                store
+                    .apply_snapshot(h.host_id, &session, 1, base(), snap.clone(), now)
+                    .await
+                    .unwrap(),
+                Applied::Committed { rows }
+            );
+            // A resend is recognised; a gap is not applied.
+            assert_eq!(
+                store
+                    .apply_snapshot(h.host_id, &session, 1, base(), snap, now)
+                    .await
+                    .unwrap(),
+                Applied::Duplicate { committed: 1 }
+            );
+            assert_eq!(
+                store
+                    .apply_delta(h.host_id, &session, 5, base(), Changes::default(), now)
+                    .await
+                    .unwrap(),
+                Applied::Gap { committed: 1 }
+            );
+            let open = Changes {
+                opened: vec![dual(443, "nginx", 8)],
+                ..Changes::default()
+            };
+            let at = base() + Duration::seconds(1);
+            assert_eq!(
+                store
+                    .apply_delta(h.host_id, &session, 2, at, open, now)
+                    .await
+                    .unwrap(),
+                Applied::Committed { rows: 1 }
+            );
+        });
+    }
+    while let Some(t) = tasks.join_next().await {
+        t.unwrap();
+    }
+    let hidden = HOSTS.div_ceil(3) + HOSTS;
+    assert_eq!(
+        same(db, "SELECT count(*) FROM hidden_ipv4_exposure").await,
+        vec![vec![json!(hidden)]]
+    );
+    let maintained = same(
+        db,
+        "SELECT host, netns, protocol, port, shown_as, processes FROM hidden_ipv4_exposure
+         ORDER BY host, port",
+    )
+    .await;
+    let computed = rows(
+        db,
+        "SELECT host, netns, protocol, port,
+                group_concat(DISTINCT shown_as ORDER BY shown_as),
+                group_concat(DISTINCT NULLIF(processes, '') ORDER BY NULLIF(processes, ''))
+         FROM current_listeners GROUP BY host, netns, protocol, port
+         HAVING max(hidden_ipv4_exposure) = 1 ORDER BY host, port",
+        "SELECT host, netns, protocol, port,
+                string_agg(DISTINCT shown_as COLLATE \"C\", ',' ORDER BY shown_as COLLATE \"C\"),
+                string_agg(DISTINCT NULLIF(processes, '') COLLATE \"C\", ','
+                           ORDER BY NULLIF(processes, '') COLLATE \"C\")
+         FROM current_listeners GROUP BY host, netns, protocol, port
+         HAVING bool_or(hidden_ipv4_exposure) ORDER BY host, port",
+        &[],
+    )
+    .await;
+    assert_eq!(
+        maintained, computed,
+        "hidden_port equals the computed headline"
+    );
+    assert_eq!(
+        same(
+            db,
+            "SELECT count(*) FROM hosts h WHERE listeners <>
+                 (SELECT count(*) FROM current_listeners c WHERE c.host = h.host)",
+        )
+        .await,
+        vec![vec![json!(0)]],
+        "every host's maintained count equals its live rows"
+    );
+
+    // Two connections of one host: after the second Hello, the first may not write.
+    let first = store.hello("burst-00000", "x", "test", now).await.unwrap();
+    let second = store.hello("burst-00000", "x", "test", now).await.unwrap();
+    assert_eq!(second.epoch, first.epoch + 1);
+    let session = [1u8; 16];
+    let one = |port| Changes {
+        opened: vec![dual(port, "late", 9)],
+        ..Changes::default()
+    };
+    let at = base() + Duration::seconds(2);
+    assert_eq!(
+        store
+            .apply_as(&first, &session, 3, at, Message::Delta(one(8080)), now)
+            .await
+            .unwrap(),
+        Applied::TakenOver
+    );
+    assert_eq!(
+        store
+            .apply_as(&second, &session, 3, at, Message::Delta(one(8081)), now)
+            .await
+            .unwrap(),
+        Applied::Committed { rows: 1 }
+    );
+    assert_eq!(
+        same(
+            db,
+            "SELECT port FROM current_listeners WHERE host = 'burst-00000' AND port >= 8080",
+        )
+        .await,
+        vec![vec![json!(8081)]]
+    );
+    store.close().await;
+}
+
+fn dual(port: u16, comm: &str, pid: u32) -> ListenerRecord {
+    let mut r = rec(
+        Protocol::Tcp,
+        "::",
+        port,
+        Some(false),
+        (Any, Any),
+        comm,
+        pid,
+    );
+    r.hidden_ipv4_exposure = true;
+    r.trap = true;
+    r
 }
 
 /// Text with tabs, line ends, backslashes, quotes and non-ASCII is stored and read back

@@ -49,6 +49,10 @@ pub struct Ctx {
     pub live: Vec<AtomicU64>,
     /// Agents whose first snapshot was acknowledged or who failed before.
     pub first_outcomes: AtomicU64,
+    /// Agents that got their Welcome or failed before.
+    pub welcome_outcomes: AtomicU64,
+    /// Burst mode: set (to the instant of the go) when the held-back first snapshots go.
+    pub burst_go: watch::Receiver<Option<Instant>>,
     /// Agent tasks that ended.
     pub finished: AtomicU64,
     /// The pacer started every agent it was going to.
@@ -175,9 +179,19 @@ fn msg(b: v1::agent_message::Body) -> v1::AgentMessage {
 }
 
 /// A snapshot as wire messages: chunks of at most `per_message` listeners and about
-/// [`CHUNK_BYTES`], all with the same sequence (the agent's `session::encode`).
-fn snapshot_chunks(host: &Host, seq: u64, per_message: usize) -> Vec<v1::AgentMessage> {
-    let at = Some(wire::timestamp(time::OffsetDateTime::now_utc()));
+/// [`CHUNK_BYTES`], all with the same sequence (the agent's `session::encode`), observed
+/// now or `ago` before now.
+fn snapshot_chunks(
+    host: &Host,
+    seq: u64,
+    per_message: usize,
+    ago: Option<Duration>,
+) -> Vec<v1::AgentMessage> {
+    let mut now = time::OffsetDateTime::now_utc();
+    if let Some(ago) = ago {
+        now -= ago;
+    }
+    let at = Some(wire::timestamp(now));
     let mut chunks: Vec<Vec<v1::Listener>> = Vec::new();
     let mut cur: Vec<v1::Listener> = Vec::new();
     let mut bytes = 0;
@@ -232,6 +246,11 @@ struct Agent {
     stage: &'static str,
     /// The first snapshot's outcome (acknowledged, or failed) has been counted.
     first_done: bool,
+    /// The Welcome's outcome (received, or failed before) has been counted.
+    welcome_done: bool,
+    /// Burst mode: this agent's first snapshot went with the burst and is not yet
+    /// acknowledged (what ends it otherwise is a burst problem).
+    in_burst: bool,
 }
 
 /// Runs one agent to its end. `handshake` is released at Welcome (bounds handshakes in
@@ -247,10 +266,18 @@ pub async fn run(
         rng: Rng::new(spec.seed),
         stage: "connect",
         first_done: false,
+        welcome_done: false,
+        in_burst: false,
     };
     if let Err(f) = a.session(spec, handshake).await {
         let mut s = ctx.stats();
+        if a.in_burst {
+            note(&mut s.burst_problems, f.key.clone(), f.msg.clone());
+        }
         note(&mut s.failures, f.key, f.msg);
+        if !a.welcome_done {
+            ctx.welcome_outcomes.fetch_add(1, Ordering::Relaxed);
+        }
         if !a.first_done {
             s.first_failed += 1;
             drop(s);
@@ -299,10 +326,39 @@ impl Agent {
         seq: u64,
         per_message: usize,
     ) -> Result<(), Failure> {
-        for m in snapshot_chunks(host, seq, per_message) {
+        let ago = self.ctx.plan.observed_ago;
+        for m in snapshot_chunks(host, seq, per_message, ago) {
             self.send(tx, inbound, m).await?;
         }
         Ok(())
+    }
+
+    /// Burst mode: waits, welcomed and silent, for the go of the burst; returns its
+    /// instant. Anything from the collector meanwhile, or the end of the run, fails the
+    /// session.
+    async fn wait_burst(
+        &self,
+        inbound: &mut Streaming<v1::CollectorMessage>,
+    ) -> Result<Instant, Failure> {
+        let mut go = self.ctx.burst_go.clone();
+        let mut phase = self.ctx.phase.clone();
+        tokio::select! {
+            at = go.wait_for(Option::is_some) => match at {
+                Ok(at) => Ok((*at).unwrap_or_else(Instant::now)),
+                Err(_) => Err(self.fail("stopped", "the worker went away before the burst")),
+            },
+            _ = phase.wait_for(|p| *p == Phase::Stop) => {
+                Err(self.fail("stopped", "the run ended before the burst"))
+            }
+            m = inbound.message() => Err(match m {
+                Err(st) => self.status(&st),
+                Ok(None) => self.fail("closed", "the collector ended the stream (OK)"),
+                Ok(Some(m)) => self.fail(
+                    "protocol",
+                    format!("a message before the first snapshot: {:?}", m.body),
+                ),
+            }),
+        }
     }
 
     async fn session(
@@ -380,6 +436,8 @@ impl Agent {
             s.welcome_lat.push(started.elapsed());
             s.welcome_max_ms = Some(s.welcome_max_ms.unwrap_or(0.0).max(epoch_ms()));
         }
+        self.welcome_done = true;
+        ctx.welcome_outcomes.fetch_add(1, Ordering::Relaxed);
         let live = &ctx.live[spec.collector];
         live.fetch_add(1, Ordering::Relaxed);
         let _live = Live(live);
@@ -388,8 +446,22 @@ impl Agent {
             n => n as usize,
         };
 
-        let mut host = Host::new(spec.index, plan.listeners);
+        // The inventory follows the host's name: a later run over the same names sends
+        // the same listeners (plus the extra ones it is asked for).
+        let mut host = Host::new(plan.name_offset + spec.index, plan.listeners);
+        if plan.extra_listeners > 0 {
+            host.open(plan.extra_listeners);
+        }
         let rows = host.state.len() as u64;
+        let burst_at = if plan.burst {
+            self.stage = "waiting for the burst";
+            let at = self.wait_burst(&mut inbound).await?;
+            self.in_burst = true;
+            ctx.stats().burst_agents += 1;
+            Some(at)
+        } else {
+            None
+        };
         self.stage = "first snapshot";
         let mut seq = 1;
         let first_at = Instant::now();
@@ -443,6 +515,10 @@ impl Agent {
                                 match o.kind {
                                     Kind::First => {
                                         s.snapshot_lat.push(took);
+                                        if let Some(go) = burst_at {
+                                            s.burst_lat.push(go.elapsed());
+                                        }
+                                        self.in_burst = false;
                                         s.first_acked += 1;
                                         s.first_rows += rows;
                                         s.first_ack_max_ms =
@@ -468,8 +544,18 @@ impl Agent {
                                 }
                             }
                         }
-                        Some(v1::collector_message::Body::Resync(_)) => {
-                            ctx.stats().resyncs += 1;
+                        Some(v1::collector_message::Body::Resync(r)) => {
+                            {
+                                let mut s = ctx.stats();
+                                s.resyncs += 1;
+                                if self.in_burst {
+                                    note(
+                                        &mut s.burst_problems,
+                                        format!("{}: Resync instead of Ack", self.stage),
+                                        r.reason,
+                                    );
+                                }
+                            }
                             seq += 1;
                             self.send_snapshot(&tx, &mut inbound, &host, seq, per_message)
                                 .await?;

@@ -9,9 +9,15 @@
 //! them and converted by `core::wire`, so they pass the collector's validation.
 //!
 //! Modes: `hold` connects every agent at a bounded rate, stores first snapshots, holds
-//! the sessions with deltas and heartbeats, then disconnects cleanly. `turns` runs M
-//! agents with at most C connected at once, each storing one snapshot and leaving (to
-//! fill a database quickly).
+//! the sessions with deltas and heartbeats, then disconnects cleanly. With `--burst`, the
+//! agents connect and get their Welcome but hold back their first snapshots until every
+//! agent is connected; then all of them send at once (ingest throughput, not the connect
+//! rate). `turns` runs M agents with at most C connected at once, each storing one
+//! snapshot and leaving (to fill a database quickly; `--observed-ago` backdates the
+//! snapshots, `--extra-listeners` makes a second turn over the same hosts store exactly
+//! that many listener changes per host).
+//!
+//! Host fleet-N always has the same inventory (seeded by N), whatever the run.
 //!
 //! One process may open only so many files, so the agents run in `--processes` worker
 //! processes (this program again, with `--worker`); the parent moves them through the
@@ -91,6 +97,19 @@ pub struct Args {
     /// Turns mode: sessions open at once at most (C), over all workers.
     #[arg(long, default_value_t = 500)]
     pub at_once: usize,
+    /// Hold mode: every agent connects and gets its Welcome but holds back its first
+    /// snapshot; when all are connected, all of them send it at once (the burst phase).
+    #[arg(long)]
+    pub burst: bool,
+    /// Turns mode: snapshots are observed this long ago (observed_at = now − DURATION), so
+    /// a fill lies outside a recent history window.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub observed_ago: Option<Duration>,
+    /// Turns mode: each host's snapshot holds its inventory plus this many listeners
+    /// opened on free ports. Over hosts already stored by a fill, that is exactly this many
+    /// listener changes per host, observed now.
+    #[arg(long, default_value_t = 0)]
+    pub extra_listeners: usize,
     /// Hold mode: how long to hold the sessions after the connect phase.
     #[arg(long, default_value = "60s", value_parser = duration)]
     pub hold: Duration,
@@ -143,6 +162,9 @@ pub struct Plan {
     pub listeners: usize,
     pub name_offset: u64,
     pub hold: Duration,
+    pub burst: bool,
+    pub observed_ago: Option<Duration>,
+    pub extra_listeners: usize,
     pub delta_every: Duration,
     pub heartbeat_every: Duration,
     pub connect_timeout: Duration,
@@ -228,6 +250,25 @@ fn check(a: &Args) -> Result<(), String> {
             return Err(format!("{name}: between 100ms and 24h"));
         }
     }
+    if a.burst && a.mode != Mode::Hold {
+        return Err("--burst is for hold mode".into());
+    }
+    if let Some(ago) = a.observed_ago {
+        if a.mode != Mode::Turns {
+            return Err("--observed-ago is for turns mode".into());
+        }
+        // The collector refuses times before 2000 and more than its clock skew ahead;
+        // a month back is far inside that and inside any sensible retention.
+        if ago > Duration::from_secs(30 * 86_400) {
+            return Err("--observed-ago: at most 30 days".into());
+        }
+    }
+    if a.extra_listeners > 0 && a.mode != Mode::Turns {
+        return Err("--extra-listeners is for turns mode".into());
+    }
+    if a.extra_listeners > 1000 {
+        return Err("--extra-listeners: at most 1,000".into());
+    }
     if a.hold > a.max_duration {
         return Err("--hold is longer than --max-duration".into());
     }
@@ -263,6 +304,9 @@ fn main() -> ExitCode {
         listeners: args.listeners,
         name_offset: args.name_offset,
         hold: args.hold,
+        burst: args.burst,
+        observed_ago: args.observed_ago,
+        extra_listeners: args.extra_listeners,
         delta_every: args.delta_every,
         heartbeat_every: args.heartbeat_every,
         connect_timeout: args.connect_timeout,

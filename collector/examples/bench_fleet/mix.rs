@@ -620,6 +620,15 @@ impl Host {
         }
     }
 
+    /// Opens `n` listeners on free high ports, as a scan would find them, and nothing
+    /// else: a snapshot of the result differs from the host's stored one by exactly `n`
+    /// listeners opened. Returns how many it opened (fewer only when no port is free).
+    pub fn open(&mut self, n: usize) -> usize {
+        let opened = (0..n).filter(|_| self.open_filler().is_some()).count();
+        mark_hidden(&mut self.state);
+        opened
+    }
+
     /// One scan's worth of change: one or two listeners opened, closed or changed,
     /// keeping the count near where it started. Returns what changed (never empty).
     pub fn step(&mut self) -> Changes {
@@ -667,5 +676,20 @@ mod tests {
             }
         }
         assert_eq!(Host::new(1, 3).state.len(), 3);
+    }
+
+    #[test]
+    fn opening_changes_nothing_else() {
+        for i in 0..200 {
+            let before = Host::new(i, 50).state;
+            let mut h = Host::new(i, 50);
+            assert_eq!(h.state, before, "the same number gives the same inventory");
+            assert_eq!(h.open(1), 1);
+            let c = diff(&before, &h.state);
+            assert_eq!(
+                (c.opened.len(), c.closed.len(), c.changed.len()),
+                (1, 0, 0)
+            );
+        }
     }
 }

@@ -18,9 +18,10 @@ use crate::{Args, Mode, Plan};
 fn rank(r: &Report) -> u8 {
     match r {
         Report::Ready => 1,
-        Report::Connected { .. } => 2,
-        Report::Held { .. } => 3,
-        Report::Result { .. } => 4,
+        Report::Welcomed { .. } => 2,
+        Report::Connected { .. } => 3,
+        Report::Held { .. } => 4,
+        Report::Result { .. } => 5,
     }
 }
 
@@ -495,7 +496,9 @@ pub fn main(args: Args, plan: Plan, processes: usize) -> std::process::ExitCode 
                     w.reached = w.reached.max(rank(&r));
                     match r {
                         Report::Result { stats } => w.result = Some(*stats),
-                        Report::Connected { live } | Report::Held { live } => {
+                        Report::Welcomed { live }
+                        | Report::Connected { live }
+                        | Report::Held { live } => {
                             eprintln!(
                                 "bench_fleet: worker {i}: {} sessions live",
                                 live.iter().sum::<u64>()
@@ -530,6 +533,7 @@ pub fn main(args: Args, plan: Plan, processes: usize) -> std::process::ExitCode 
     let t_go_ms = epoch_ms();
     let t_go = Instant::now();
     go(&mut workers);
+    let mut t_burst_go_ms = None;
     let mut samples = vec![("before", before)];
     let mut phase_s = BTreeMap::new();
     let mut t_last = t_go;
@@ -540,22 +544,32 @@ pub fn main(args: Args, plan: Plan, processes: usize) -> std::process::ExitCode 
     };
     match args.mode {
         Mode::Hold => {
-            ok &= wait(&mut workers, 2);
-            mark("connect", &mut samples);
+            if args.burst {
+                ok &= wait(&mut workers, 2);
+                mark("connect", &mut samples);
+                eprintln!("bench_fleet: every agent connected; first snapshots go now");
+                t_burst_go_ms = Some(epoch_ms());
+                go(&mut workers);
+                ok &= wait(&mut workers, 3);
+                mark("burst", &mut samples);
+            } else {
+                ok &= wait(&mut workers, 3);
+                mark("connect", &mut samples);
+            }
             eprintln!(
                 "bench_fleet: connect phase over; holding for {:?}",
                 args.hold
             );
             go(&mut workers);
-            ok &= wait(&mut workers, 3);
+            ok &= wait(&mut workers, 4);
             mark("hold", &mut samples);
             eprintln!("bench_fleet: hold over; disconnecting");
             go(&mut workers);
-            ok &= wait(&mut workers, 4);
+            ok &= wait(&mut workers, 5);
             mark("disconnect", &mut samples);
         }
         Mode::Turns => {
-            ok &= wait(&mut workers, 4);
+            ok &= wait(&mut workers, 5);
             mark("fill", &mut samples);
         }
     }
@@ -584,9 +598,11 @@ pub fn main(args: Args, plan: Plan, processes: usize) -> std::process::ExitCode 
             None => lost += 1,
         }
     }
-    let out = output(
-        &args, processes, stats, &samples, phase_s, t_go_ms, started, !ok, lost,
-    );
+    let times = Times {
+        go_ms: t_go_ms,
+        burst_go_ms: t_burst_go_ms,
+    };
+    let out = output(&args, processes, stats, &samples, phase_s, times, started, !ok, lost);
     println!("{}", markdown(&out));
     if let Some(path) = &args.json {
         write_json(path, &out);
@@ -605,6 +621,12 @@ fn write_json(path: &Path, out: &Output) {
     }
 }
 
+/// Epoch ms of the parent's go to connect, and (burst mode) of its go to the burst.
+struct Times {
+    go_ms: f64,
+    burst_go_ms: Option<f64>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn output(
     args: &Args,
@@ -612,7 +634,7 @@ fn output(
     s: Stats,
     samples: &[(&'static str, Samples)],
     phase_s: BTreeMap<&'static str, f64>,
-    t_go_ms: f64,
+    times: Times,
     started: Instant,
     deadline: bool,
     workers_lost: usize,
@@ -686,8 +708,8 @@ fn output(
         sessions_held_hold_end: held(&s.held_hold_end),
         first_snapshots_acked: s.first_acked,
         first_snapshots_failed: s.first_failed,
-        time_to_connect_all_s: secs(Some(t_go_ms), s.welcome_max_ms),
-        time_to_all_first_acked_s: secs(Some(t_go_ms), s.first_ack_max_ms),
+        time_to_connect_all_s: secs(Some(times.go_ms), s.welcome_max_ms),
+        time_to_all_first_acked_s: secs(Some(times.go_ms), s.first_ack_max_ms),
         first_rows: s.first_rows,
         first_rows_per_s: secs(s.first_sent_min_ms, s.first_ack_max_ms)
             .filter(|d| *d > 0.0)

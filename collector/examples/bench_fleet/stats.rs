@@ -147,6 +147,15 @@ pub struct Stats {
     pub first_sent_min_ms: Option<f64>,
     pub first_ack_max_ms: Option<f64>,
     pub welcome_max_ms: Option<f64>,
+    /// Burst mode: epoch ms at which this worker released the first snapshots.
+    pub burst_go_ms: Option<f64>,
+    /// Burst mode: the go → the first snapshot's Ack, per agent.
+    pub burst_lat: Samples,
+    /// Burst mode: agents that took part in the burst (had their Welcome at the go).
+    pub burst_agents: u64,
+    /// Burst mode: what answered a held-back first snapshot other than an Ack (a Resync,
+    /// or the stream's end with its gRPC code), by "stage: code".
+    pub burst_problems: BTreeMap<String, Count>,
     /// Connection start (TCP connect) → Welcome.
     pub welcome_lat: Samples,
     /// First snapshot: first chunk handed to the stream → its Ack.
@@ -184,6 +193,10 @@ impl Stats {
         self.first_sent_min_ms = min_opt(self.first_sent_min_ms, o.first_sent_min_ms);
         self.first_ack_max_ms = max_opt(self.first_ack_max_ms, o.first_ack_max_ms);
         self.welcome_max_ms = max_opt(self.welcome_max_ms, o.welcome_max_ms);
+        self.burst_go_ms = min_opt(self.burst_go_ms, o.burst_go_ms);
+        self.burst_lat.merge(o.burst_lat);
+        self.burst_agents += o.burst_agents;
+        merge_counts(&mut self.burst_problems, o.burst_problems);
         self.welcome_lat.merge(o.welcome_lat);
         self.snapshot_lat.merge(o.snapshot_lat);
         self.delta_lat.merge(o.delta_lat);
@@ -211,6 +224,8 @@ impl Stats {
 pub enum Report {
     /// Certificates issued; waiting for the parent's go.
     Ready,
+    /// Burst mode: every agent has its Welcome or has failed (first snapshots held back).
+    Welcomed { live: Vec<u64> },
     /// Every agent has its first snapshot acknowledged or has failed (or the deadline).
     Connected { live: Vec<u64> },
     /// The hold is over.

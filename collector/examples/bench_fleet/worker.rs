@@ -175,12 +175,15 @@ async fn run(plan: Plan) -> Stats {
     }
 
     let (phase_tx, phase_rx) = watch::channel(Phase::Connect);
+    let (burst_tx, burst_rx) = watch::channel(None);
     let ctx = Arc::new(Ctx {
         live: plan.collectors.iter().map(|_| AtomicU64::new(0)).collect(),
         plan: plan.clone(),
         ca_pem,
         stats: Mutex::new(stats),
         first_outcomes: AtomicU64::new(0),
+        welcome_outcomes: AtomicU64::new(0),
+        burst_go: burst_rx,
         finished: AtomicU64::new(0),
         paced: AtomicBool::new(false),
         phase: phase_rx,
@@ -192,12 +195,30 @@ async fn run(plan: Plan) -> Stats {
     let mut deadline_hit = false;
     match plan.mode {
         Mode::Hold => {
-            deadline_hit |= !wait_until(deadline, || {
-                paced() && ctx.first_outcomes.load(Ordering::Relaxed) >= attempted()
-            })
-            .await;
-            emit(&Report::Connected { live: ctx.live() });
-            if wait_go(&mut cmd, deadline).await {
+            let mut go_on = true;
+            if plan.burst {
+                // Everyone connected, first snapshots held back; then all at once.
+                deadline_hit |= !wait_until(deadline, || {
+                    paced() && ctx.welcome_outcomes.load(Ordering::Relaxed) >= attempted()
+                })
+                .await;
+                emit(&Report::Welcomed { live: ctx.live() });
+                go_on = wait_go(&mut cmd, deadline).await;
+                if go_on {
+                    ctx.stats().burst_go_ms = Some(crate::stats::epoch_ms());
+                    let _ = burst_tx.send(Some(Instant::now()));
+                } else {
+                    deadline_hit = true;
+                }
+            }
+            if go_on {
+                deadline_hit |= !wait_until(deadline, || {
+                    paced() && ctx.first_outcomes.load(Ordering::Relaxed) >= attempted()
+                })
+                .await;
+                emit(&Report::Connected { live: ctx.live() });
+            }
+            if go_on && wait_go(&mut cmd, deadline).await {
                 ctx.stats().held_connect_end = ctx.live();
                 let _ = phase_tx.send(Phase::Hold);
                 let end = (Instant::now() + plan.hold).min(deadline);

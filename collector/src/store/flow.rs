@@ -209,7 +209,10 @@ pub(crate) trait Backend: Sync {
         updates: &[HostUpdate<'_>],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Heartbeats: `last_seen` moves forward (never back) for each host.
+    /// Heartbeats: each host's `last_seen` becomes the time given. Plain assignment, not
+    /// the later of the two: a heartbeat coalesced a moment before a commit may set it
+    /// back by under a second (harmless), while a maximum would keep a host "fresh" for as
+    /// long as the collector's clock once jumped ahead.
     fn touch(
         c: &mut Conn<Self>,
         seen: &[(i64, OffsetDateTime)],

@@ -285,7 +285,7 @@ impl Backend for PgStore {
                  VALUES ($1, $2, $3, $4, $4, 1, $5)
                  ON CONFLICT (name) DO UPDATE SET os_hostname = excluded.os_hostname,
                      agent_version = excluded.agent_version,
-                     last_seen = GREATEST(host.last_seen, excluded.last_seen),
+                     last_seen = excluded.last_seen,
                      session_epoch = host.session_epoch + 1,
                      collector = excluded.collector
                  RETURNING id, session_id, committed_seq, session_epoch",
@@ -542,7 +542,7 @@ impl Backend for PgStore {
         }
         sqlx::query(
             "UPDATE host AS h SET session_id = coalesce(u.session, h.session_id),
-                 committed_seq = u.committed, last_seen = GREATEST(h.last_seen, u.seen),
+                 committed_seq = u.committed, last_seen = u.seen,
                  last_snapshot_at = coalesce(u.snap, h.last_snapshot_at),
                  live_listeners = h.live_listeners + u.delta
              FROM UNNEST($1::bigint[], $2::bytea[], $3::bigint[], $4::timestamptz[],
@@ -568,7 +568,7 @@ impl Backend for PgStore {
         // Hello or a message of the host, which moves last_seen itself. No lock waits, so
         // heartbeats never take part in a deadlock.
         sqlx::query(
-            "UPDATE host AS h SET last_seen = GREATEST(h.last_seen, u.seen)
+            "UPDATE host AS h SET last_seen = u.seen
              FROM UNNEST($1::bigint[], $2::timestamptz[]) AS u (id, seen)
              WHERE h.id = u.id AND h.id IN (
                  SELECT id FROM host WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED)",

@@ -150,7 +150,7 @@ impl Backend for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?4, 1, ?5)
                  ON CONFLICT (name) DO UPDATE SET os_hostname = excluded.os_hostname,
                      agent_version = excluded.agent_version,
-                     last_seen = max(host.last_seen, excluded.last_seen),
+                     last_seen = excluded.last_seen,
                      session_epoch = host.session_epoch + 1,
                      collector = excluded.collector
                  RETURNING id, session_id, committed_seq, session_epoch",
@@ -353,7 +353,7 @@ impl Backend for SqliteStore {
         for u in updates {
             sqlx::query(
                 "UPDATE host SET session_id = coalesce(?, session_id), committed_seq = ?,
-                     last_seen = max(last_seen, ?), last_snapshot_at = coalesce(?, last_snapshot_at),
+                     last_seen = ?, last_snapshot_at = coalesce(?, last_snapshot_at),
                      live_listeners = live_listeners + ?
                  WHERE id = ?",
             )
@@ -374,9 +374,7 @@ impl Backend for SqliteStore {
         seen: &[(i64, OffsetDateTime)],
     ) -> Result<(), StoreError> {
         for chunk in seen.chunks(INSERT_CHUNK) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "UPDATE host SET last_seen = max(last_seen, v.column2) FROM (",
-            );
+            let mut q = QueryBuilder::<Sqlite>::new("UPDATE host SET last_seen = v.column2 FROM (");
             q.push_values(chunk, |mut b, (id, t)| {
                 b.push_bind(*id).push_bind(timefmt::format(*t));
             });
