@@ -686,10 +686,7 @@ mod tests {
             assert_eq!(h.state, before, "the same number gives the same inventory");
             assert_eq!(h.open(1), 1);
             let c = diff(&before, &h.state);
-            assert_eq!(
-                (c.opened.len(), c.closed.len(), c.changed.len()),
-                (1, 0, 0)
-            );
+            assert_eq!((c.opened.len(), c.closed.len(), c.changed.len()), (1, 0, 0));
         }
     }
 }

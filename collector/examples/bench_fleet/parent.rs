@@ -123,13 +123,44 @@ struct CollectorOut {
     sessions_held_hold_end: u64,
     rss_kib_before: Option<u64>,
     rss_kib_connect_end: Option<u64>,
+    /// Burst mode: after every first snapshot was acknowledged (`connect_end` is then
+    /// after every Welcome, before any snapshot).
+    rss_kib_burst_end: Option<u64>,
     rss_kib_hold_end: Option<u64>,
     rss_kib_after: Option<u64>,
-    /// (RSS at the end of the connect phase − before) / sessions it held then.
+    /// (RSS once first snapshots are stored − before) / sessions it held then: the end of
+    /// the connect phase, or in burst mode of the burst.
     rss_kib_per_session: Option<f64>,
-    /// Per phase: connect (go → every first snapshot acknowledged or failed), hold,
-    /// disconnect; in turns mode only `fill`.
+    /// Burst mode: (RSS when every agent was welcomed − before) / sessions held then:
+    /// an idle session before any snapshot.
+    rss_kib_per_session_welcomed: Option<f64>,
+    /// Per phase: connect (go → every first snapshot acknowledged or failed; burst mode:
+    /// → every Welcome), burst (burst mode: go → every first snapshot acknowledged or
+    /// failed), hold, disconnect; in turns mode only `fill`.
     cpu_s: BTreeMap<&'static str, Option<f64>>,
+}
+
+/// Burst mode: the first snapshots, held back until every agent was connected, sent at
+/// once.
+#[derive(Debug, Serialize)]
+struct BurstOut {
+    /// Agents that were welcomed and waiting at the go (and sent their snapshot).
+    agents: u64,
+    acked: u64,
+    /// Listener rows of the acknowledged snapshots.
+    rows: u64,
+    /// The parent's go → the last first-snapshot Ack.
+    go_to_last_ack_s: Option<f64>,
+    /// rows / go_to_last_ack_s.
+    rows_per_s: Option<f64>,
+    /// Per agent: the go → its Ack.
+    ack_latency_from_go: Summary,
+    /// Per agent: its first chunk handed to the stream → its Ack.
+    ack_latency_from_send: Summary,
+    /// Answers other than an Ack to a burst snapshot (a Resync), and sessions that ended
+    /// before its Ack (the stream's end, a timeout), by reason in `problems`.
+    non_ack: u64,
+    problems: BTreeMap<String, Count>,
 }
 
 #[derive(Debug, Serialize)]
@@ -144,6 +175,8 @@ struct Output {
     connect_concurrency: usize,
     at_once: Option<usize>,
     hold_s: Option<f64>,
+    observed_ago_s: Option<f64>,
+    extra_listeners: usize,
     delta_every_s: f64,
     heartbeat_every_s: f64,
     attempted: u64,
@@ -161,6 +194,7 @@ struct Output {
     first_rows_per_s: Option<f64>,
     welcome_latency: Summary,
     snapshot_ack_latency: Summary,
+    burst: Option<BurstOut>,
     delta_ack_latency: Summary,
     delta_ack_latency_after_hold: Summary,
     deltas_sent: u64,
@@ -245,7 +279,14 @@ fn markdown(o: &Output) -> String {
     );
     let of = |n: u64| format!("{} of {}", fmt_int(n), fmt_int(o.agents));
     if let Some(h) = o.sessions_held_connect_end {
-        row("sessions held at the end of the connect phase", of(h));
+        row(
+            if o.burst.is_some() {
+                "sessions held after the burst"
+            } else {
+                "sessions held at the end of the connect phase"
+            },
+            of(h),
+        );
     }
     if let Some(h) = o.sessions_held_hold_end {
         row(
@@ -261,8 +302,22 @@ fn markdown(o: &Output) -> String {
         "sessions refused or lost (by reason below)",
         fmt_int(failed),
     );
+    if let Some(ago) = o.observed_ago_s {
+        row("snapshots observed", format!("{ago:.0} s ago"));
+    }
+    if o.extra_listeners > 0 {
+        row(
+            "listeners opened per host (over its stored inventory)",
+            fmt_int(o.extra_listeners as u64),
+        );
+    }
+    let connect = if o.burst.is_some() {
+        "connect phase: "
+    } else {
+        ""
+    };
     row(
-        "time to connect all (go → last Welcome)",
+        &format!("{connect}time to connect all (go → last Welcome)"),
         format!(
             "{} s ({} welcomed)",
             f1(o.time_to_connect_all_s),
@@ -270,28 +325,66 @@ fn markdown(o: &Output) -> String {
         ),
     );
     row(
-        "time until all first snapshots acknowledged (go → last Ack)",
-        format!(
-            "{} s ({} acknowledged, {} failed)",
-            f1(o.time_to_all_first_acked_s),
-            fmt_int(o.first_snapshots_acked),
-            fmt_int(o.first_snapshots_failed)
-        ),
+        &format!("{connect}connect → Welcome p50 / p99 / max"),
+        lat(&o.welcome_latency),
     );
-    row(
-        "first-snapshot rows/s (rows acknowledged / first sent → last Ack)",
-        format!(
-            "{} ({} rows)",
-            o.first_rows_per_s
-                .map_or("–".into(), |v| fmt_int(v.round() as u64)),
-            fmt_int(o.first_rows)
-        ),
-    );
-    row("connect → Welcome p50 / p99 / max", lat(&o.welcome_latency));
-    row(
-        "first-snapshot ack latency p50 / p99 / max",
-        lat(&o.snapshot_ack_latency),
-    );
+    match &o.burst {
+        None => {
+            row(
+                "time until all first snapshots acknowledged (go → last Ack)",
+                format!(
+                    "{} s ({} acknowledged, {} failed)",
+                    f1(o.time_to_all_first_acked_s),
+                    fmt_int(o.first_snapshots_acked),
+                    fmt_int(o.first_snapshots_failed)
+                ),
+            );
+            row(
+                "first-snapshot rows/s (rows acknowledged / first sent → last Ack)",
+                format!(
+                    "{} ({} rows)",
+                    o.first_rows_per_s
+                        .map_or("–".into(), |v| fmt_int(v.round() as u64)),
+                    fmt_int(o.first_rows)
+                ),
+            );
+            row(
+                "first-snapshot ack latency p50 / p99 / max",
+                lat(&o.snapshot_ack_latency),
+            );
+        }
+        Some(b) => {
+            row(
+                "burst: snapshots sent at the go / acknowledged",
+                format!("{} / {}", fmt_int(b.agents), fmt_int(b.acked)),
+            );
+            row(
+                "burst: rows/s (rows acknowledged / go → last Ack)",
+                format!(
+                    "{} ({} rows)",
+                    b.rows_per_s
+                        .map_or("–".into(), |v| fmt_int(v.round() as u64)),
+                    fmt_int(b.rows)
+                ),
+            );
+            row(
+                "burst: go → last first-snapshot Ack",
+                format!("{} s", f1(b.go_to_last_ack_s)),
+            );
+            row(
+                "burst: snapshot ack latency from go p50 / p99 / max",
+                lat(&b.ack_latency_from_go),
+            );
+            row(
+                "burst: snapshot ack latency from its send p50 / p99 / max",
+                lat(&b.ack_latency_from_send),
+            );
+            row(
+                "burst: non-Ack answers or stream errors (by reason below)",
+                fmt_int(b.non_ack),
+            );
+        }
+    }
     if o.mode == "hold" {
         row(
             "delta ack latency in the hold p50 / p99 / max",
@@ -339,7 +432,16 @@ fn markdown(o: &Output) -> String {
                 ),
             );
         }
-        let rss = if o.mode == "hold" {
+        let rss = if o.burst.is_some() {
+            format!(
+                "{} / {} / {} / {} / {}",
+                mib(c.rss_kib_before),
+                mib(c.rss_kib_connect_end),
+                mib(c.rss_kib_burst_end),
+                mib(c.rss_kib_hold_end),
+                mib(c.rss_kib_after)
+            )
+        } else if o.mode == "hold" {
             format!(
                 "{} / {} / {} / {}",
                 mib(c.rss_kib_before),
@@ -353,7 +455,9 @@ fn markdown(o: &Output) -> String {
         row(
             &format!(
                 "{n} RSS MiB {}",
-                if o.mode == "hold" {
+                if o.burst.is_some() {
+                    "before / connected / after the burst / held / after"
+                } else if o.mode == "hold" {
                     "before / connected / held / after"
                 } else {
                     "before / after"
@@ -363,10 +467,23 @@ fn markdown(o: &Output) -> String {
         );
         if o.mode == "hold" {
             row(
-                &format!("{n} RSS per held session"),
+                &format!(
+                    "{n} RSS per held session{}",
+                    if o.burst.is_some() {
+                        " after the burst"
+                    } else {
+                        ""
+                    }
+                ),
                 c.rss_kib_per_session
                     .map_or("–".into(), |k| format!("{k:.1} KiB")),
             );
+            if let Some(k) = c.rss_kib_per_session_welcomed {
+                row(
+                    &format!("{n} RSS per session welcomed, before any snapshot"),
+                    format!("{k:.1} KiB"),
+                );
+            }
         }
         let cpu: Vec<String> = phases.iter().map(|p| f1(c.cpu_s[p])).collect();
         row(&format!("{n} CPU s {phase_names}"), cpu.join(" / "));
@@ -393,6 +510,19 @@ fn markdown(o: &Output) -> String {
         );
     }
     let mut out = format!("### {title}\n\n| measure | value |\n|---|---|\n{t}");
+    if let Some(b) = o.burst.as_ref().filter(|b| !b.problems.is_empty()) {
+        out.push_str(
+            "\n| burst: not acknowledged (stage: reason) | count | first message |\n|---|---:|---|\n",
+        );
+        for (k, c) in &b.problems {
+            out.push_str(&format!(
+                "| {} | {} | {} |\n",
+                cell(k),
+                fmt_int(c.count),
+                cell(&c.first)
+            ));
+        }
+    }
     if !o.failures.is_empty() || !o.disconnects_unclean.is_empty() {
         out.push_str(
             "\n| refused or lost (stage: reason) | count | first message |\n|---|---:|---|\n",
@@ -557,7 +687,8 @@ pub fn main(args: Args, plan: Plan, processes: usize) -> std::process::ExitCode 
                 mark("connect", &mut samples);
             }
             eprintln!(
-                "bench_fleet: connect phase over; holding for {:?}",
+                "bench_fleet: {} over; holding for {:?}",
+                if args.burst { "burst" } else { "connect phase" },
                 args.hold
             );
             go(&mut workers);
@@ -602,7 +733,9 @@ pub fn main(args: Args, plan: Plan, processes: usize) -> std::process::ExitCode 
         go_ms: t_go_ms,
         burst_go_ms: t_burst_go_ms,
     };
-    let out = output(&args, processes, stats, &samples, phase_s, times, started, !ok, lost);
+    let out = output(
+        &args, processes, stats, &samples, phase_s, times, started, !ok, lost,
+    );
     println!("{}", markdown(&out));
     if let Some(path) = &args.json {
         write_json(path, &out);
@@ -663,9 +796,20 @@ fn output(
                 sessions_held_hold_end: s.held_hold_end.get(i).copied().unwrap_or(0),
                 rss_kib_before: rss("before"),
                 rss_kib_connect_end: rss("connect"),
+                rss_kib_burst_end: rss("burst"),
                 rss_kib_hold_end: rss("hold"),
                 rss_kib_after: rss("disconnect").or(rss("fill")),
-                rss_kib_per_session: match (rss("before"), rss("connect")) {
+                rss_kib_per_session_welcomed: match (
+                    rss("before"),
+                    rss("connect"),
+                    s.held_welcomed.get(i).copied().unwrap_or(0),
+                ) {
+                    (Some(a), Some(b), n) if args.burst && n > 0 => {
+                        Some((b as f64 - a as f64) / n as f64)
+                    }
+                    _ => None,
+                },
+                rss_kib_per_session: match (rss("before"), rss("burst").or(rss("connect"))) {
                     (Some(a), Some(b)) if held_c > 0 => Some((b as f64 - a as f64) / held_c as f64),
                     _ => None,
                 },
@@ -686,6 +830,20 @@ fn output(
         prev = p;
     }
     let secs = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / 1000.0);
+    let burst = args.burst.then(|| {
+        let took = secs(times.burst_go_ms, s.first_ack_max_ms);
+        BurstOut {
+            agents: s.burst_agents,
+            acked: s.first_acked,
+            rows: s.first_rows,
+            go_to_last_ack_s: took,
+            rows_per_s: took.filter(|d| *d > 0.0).map(|d| s.first_rows as f64 / d),
+            ack_latency_from_go: Summary::of(&s.burst_lat),
+            ack_latency_from_send: Summary::of(&s.snapshot_lat),
+            non_ack: s.burst_problems.values().map(|c| c.count).sum(),
+            problems: s.burst_problems.clone(),
+        }
+    });
     Output {
         label: args.label.clone(),
         mode: match args.mode {
@@ -700,6 +858,8 @@ fn output(
         connect_concurrency: args.connect_concurrency,
         at_once: (args.mode == Mode::Turns).then_some(args.at_once),
         hold_s: (args.mode == Mode::Hold).then_some(args.hold.as_secs_f64()),
+        observed_ago_s: args.observed_ago.map(|d| d.as_secs_f64()),
+        extra_listeners: args.extra_listeners,
         delta_every_s: args.delta_every.as_secs_f64(),
         heartbeat_every_s: args.heartbeat_every.as_secs_f64(),
         attempted: s.attempted,
@@ -716,6 +876,7 @@ fn output(
             .map(|d| s.first_rows as f64 / d),
         welcome_latency: Summary::of(&s.welcome_lat),
         snapshot_ack_latency: Summary::of(&s.snapshot_lat),
+        burst,
         delta_ack_latency: Summary::of(&s.delta_lat),
         delta_ack_latency_after_hold: Summary::of(&s.delta_lat_at_stop),
         deltas_sent: s.deltas_sent,

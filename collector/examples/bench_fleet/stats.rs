@@ -179,6 +179,9 @@ pub struct Stats {
     /// Per collector URL (in `--collector` order).
     pub held_connect_end: Vec<u64>,
     pub held_hold_end: Vec<u64>,
+    /// Burst mode: live sessions per collector when every agent was welcomed (before the
+    /// first snapshots).
+    pub held_welcomed: Vec<u64>,
     pub deadline_hit: bool,
 }
 
@@ -210,6 +213,7 @@ impl Stats {
         merge_counts(&mut self.disconnects_unclean, o.disconnects_unclean);
         add_each(&mut self.held_connect_end, &o.held_connect_end);
         add_each(&mut self.held_hold_end, &o.held_hold_end);
+        add_each(&mut self.held_welcomed, &o.held_welcomed);
         self.deadline_hit |= o.deadline_hit;
     }
 

@@ -202,7 +202,9 @@ async fn run(plan: Plan) -> Stats {
                     paced() && ctx.welcome_outcomes.load(Ordering::Relaxed) >= attempted()
                 })
                 .await;
-                emit(&Report::Welcomed { live: ctx.live() });
+                let live = ctx.live();
+                ctx.stats().held_welcomed = live.clone();
+                emit(&Report::Welcomed { live });
                 go_on = wait_go(&mut cmd, deadline).await;
                 if go_on {
                     ctx.stats().burst_go_ms = Some(crate::stats::epoch_ms());
