@@ -208,6 +208,24 @@ async fn touched(
     } else {
         "(l.valid_to IS NULL)".to_string()
     };
+    // The versions of each touched port, looked up through (host_id, port). PostgreSQL
+    // gets it spelled as a LATERAL lookup: right after a bulk load, before autovacuum has
+    // analyzed the table, its planner guesses the window holds a fifth of the fleet and
+    // hashes every live listener instead (measured: 0.02 s → 0.2 s at 10,000 hosts).
+    // SQLite has no LATERAL and always looks up per touched port.
+    let versions = match ro.dialect() {
+        Dialect::Sqlite => {
+            "JOIN listener l ON l.host_id = t.host_id AND l.port = t.port
+                            AND l.netns = t.netns AND l.protocol = t.protocol"
+        }
+        Dialect::Postgres => {
+            "CROSS JOIN LATERAL (
+                 SELECT * FROM listener v
+                 WHERE v.host_id = t.host_id AND v.port = t.port
+                   AND v.netns = t.netns AND v.protocol = t.protocol
+                 OFFSET 0) l"
+        }
+    };
     let sql = format!(
         "WITH t AS (SELECT DISTINCT host_id, netns, protocol, port FROM ({events}) e)
          SELECT h.name AS host, l.netns, l.protocol, l.port, l.reach_ipv4, l.reach_ipv6,
@@ -215,8 +233,7 @@ async fn touched(
                 CASE WHEN {at_since} THEN 1 ELSE 0 END AS at_since,
                 CASE WHEN {at_until} THEN 1 ELSE 0 END AS at_until
          FROM t
-         JOIN listener l ON l.host_id = t.host_id AND l.port = t.port
-                        AND l.netns = t.netns AND l.protocol = t.protocol
+         {versions}
          JOIN host h ON h.id = l.host_id
          WHERE {at_since} OR {at_until}"
     );
