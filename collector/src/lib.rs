@@ -10,6 +10,7 @@
 pub mod cli;
 mod config;
 mod fdlimit;
+mod heap;
 pub mod history;
 pub mod ingest;
 mod metrics;

@@ -45,6 +45,9 @@ const MAX_ROWS: usize = 25_000;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Whole-batch retries after a deadlock or serialization failure.
 const RETRIES: u32 = 5;
+/// After this many listener rows stored since the last time, the first idle second hands
+/// freed heap memory back to the operating system (`crate::heap`).
+const TRIM_AFTER_ROWS: usize = 100_000;
 
 enum Job {
     Hello(HelloWork, oneshot::Sender<Result<HostSession, StoreError>>),
@@ -202,10 +205,26 @@ async fn run<B: Backend>(
 ) {
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rows_since_trim = 0;
     loop {
         let Some(batch) = next_batch(&rx, &mut tick, &stop).await else {
             break;
         };
+        if batch.is_empty() && rows_since_trim >= TRIM_AFTER_ROWS {
+            // A quiet second after a burst: the burst's decoded messages are freed.
+            rows_since_trim = 0;
+            let _ = tokio::task::spawn_blocking(|| {
+                let started = Instant::now();
+                let released = crate::heap::release_free_memory();
+                tracing::debug!(
+                    released,
+                    ms = started.elapsed().as_millis() as u64,
+                    "Trimmed the heap after a burst."
+                );
+            })
+            .await;
+        }
+        rows_since_trim += batch.iter().map(Job::size).sum::<usize>();
         let heard = take_seen(&seen);
         if batch.is_empty() && heard.is_empty() {
             continue;
