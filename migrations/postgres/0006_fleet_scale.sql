@@ -18,7 +18,8 @@ CREATE TABLE hidden_port (
     port      integer NOT NULL,
     shown_as  text NOT NULL,
     processes text,
-    PRIMARY KEY (host_id, netns, protocol, port)
+    -- (host, port) first: a delta rebuilds the rows of the ports it touched.
+    PRIMARY KEY (host_id, port, protocol, netns)
 );
 CREATE INDEX hidden_port_port ON hidden_port (port, protocol);
 INSERT INTO hidden_port

@@ -24,7 +24,8 @@ CREATE TABLE hidden_port (
     port      INTEGER NOT NULL,
     shown_as  TEXT NOT NULL,
     processes TEXT,
-    PRIMARY KEY (host_id, netns, protocol, port)
+    -- (host, port) first: a delta rebuilds the rows of the ports it touched.
+    PRIMARY KEY (host_id, port, protocol, netns)
 ) WITHOUT ROWID;
 CREATE INDEX hidden_port_port ON hidden_port (port, protocol);
 INSERT INTO hidden_port

@@ -37,7 +37,7 @@ fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
 }
 
 /// Writer tasks (group committers) for a pool of `pool_size`: each holds one connection
-/// while it stores a batch; two leave room for pruning and the epoch check.
+/// while it stores a batch; three more leave room for pruning and the epoch check.
 pub(crate) fn writers(pool_size: u32) -> usize {
     (pool_size as usize / 2).max(1)
 }
@@ -45,7 +45,7 @@ pub(crate) fn writers(pool_size: u32) -> usize {
 impl PgStore {
     pub async fn open(url: &str, opts: &StoreOptions) -> Result<PgStore, StoreError> {
         let pool = PgPoolOptions::new()
-            .max_connections((writers(opts.pool_size) as u32 + 2).max(opts.pool_size))
+            .max_connections((writers(opts.pool_size) as u32 + 3).max(opts.pool_size))
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(
                 connect_options(url)?
@@ -463,7 +463,9 @@ impl Backend for PgStore {
 
     async fn rebuild_hidden(c: &mut PgConnection, rebuild: &[Rebuild]) -> Result<(), StoreError> {
         // Whole hosts (snapshots) and (host, port) pairs (deltas), each with statements an
-        // index serves: a whole host through host_id, a pair through (host_id, port).
+        // index serves: a whole host through host_id, a pair through (host_id, port). The
+        // pairs are looked up one by one (LATERAL): as a plain join, PostgreSQL's generic
+        // plan read a big host's every live row for each delta (5 ms instead of 0.1 ms).
         let whole: Vec<i64> = rebuild
             .iter()
             .filter(|r| r.ports.is_none())
@@ -507,8 +509,10 @@ impl Backend for PgStore {
             .await?;
             sqlx::query(AssertSqlSafe(format!(
                 "{AGGREGATE} FROM UNNEST($1::bigint[], $2::int[]) AS t (host_id, port)
-                 JOIN listener l ON l.host_id = t.host_id AND l.port = t.port
-                                AND l.valid_to IS NULL
+                 CROSS JOIN LATERAL (
+                     SELECT * FROM listener v
+                     WHERE v.host_id = t.host_id AND v.port = t.port AND v.valid_to IS NULL
+                     OFFSET 0) l
                  JOIN host h ON h.id = l.host_id {GROUP}"
             )))
             .bind(&hosts)
