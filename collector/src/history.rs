@@ -129,7 +129,7 @@ impl Acc {
     }
 }
 
-/// SQL placeholder `n` of the dialect.
+/// The SQL parameter marker for parameter `n` in this dialect.
 fn ph(ro: &ReadOnly, n: usize) -> String {
     match ro.dialect() {
         Dialect::Sqlite => format!("?{n}"),

@@ -43,19 +43,6 @@ async fn ack(s: &mut RawSession) -> u64 {
     }
 }
 
-async fn live_ports(db: &DbUrl, host: &str) -> Vec<i64> {
-    query(
-        db,
-        "SELECT port FROM current_listeners WHERE host = ?1 ORDER BY port",
-        &[text(host)],
-    )
-    .await
-    .rows
-    .iter()
-    .map(|r| r[0].as_i64().unwrap())
-    .collect()
-}
-
 #[tokio::test]
 async fn snapshot_delta_ack_resume_and_resync() {
     let (pki, _dir, db, c) = setup().await;

@@ -76,19 +76,6 @@ async fn expect_welcome(s: &mut RawSession, resume: Option<u64>, what: &str) {
     }
 }
 
-async fn stored_ports(db: &DbUrl, host: &str) -> Vec<i64> {
-    query(
-        db,
-        "SELECT port FROM current_listeners WHERE host = ?1 ORDER BY port",
-        &[text(host)],
-    )
-    .await
-    .rows
-    .iter()
-    .map(|r| r[0].as_i64().unwrap())
-    .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_collectors_share_one_postgres_and_agents_fail_over() {
     require_root();
@@ -241,12 +228,12 @@ async fn two_collectors_share_one_postgres_and_agents_fail_over() {
         1,
         "nothing of A's delta is stored"
     );
-    assert_eq!(stored_ports(&db, "h3").await, [7001]);
+    assert_eq!(live_ports(&db, "h3").await, [7001]);
     // B's connection writes.
     s_b.send(delta(2, vec![listener("h3-ns", 7003)], vec![]))
         .await;
     expect_ack(&mut s_b, 2, "h3's delta at B").await;
-    assert_eq!(stored_ports(&db, "h3").await, [7001, 7003]);
+    assert_eq!(live_ports(&db, "h3").await, [7001, 7003]);
 
     // A silent session is closed by its collector's epoch check once another collector
     // accepts the host (no message needed).
@@ -261,7 +248,7 @@ async fn two_collectors_share_one_postgres_and_agents_fail_over() {
     s_a.send(delta(3, vec![], vec![listener("h3-ns", 7001).key.unwrap()]))
         .await;
     expect_ack(&mut s_a, 3, "h3's delta at A").await;
-    assert_eq!(stored_ports(&db, "h3").await, [7003]);
+    assert_eq!(live_ports(&db, "h3").await, [7003]);
     let hosts = query(
         &db,
         "SELECT host, collector, listeners FROM hosts ORDER BY host",

@@ -294,6 +294,20 @@ pub fn delta_at(
     }))
 }
 
+/// The ports of `host`'s live listeners, as another connection sees them.
+pub async fn live_ports(db: &DbUrl, host: &str) -> Vec<i64> {
+    query(
+        db,
+        "SELECT port FROM current_listeners WHERE host = ?1 ORDER BY port",
+        &[text(host)],
+    )
+    .await
+    .rows
+    .iter()
+    .map(|r| r[0].as_i64().unwrap())
+    .collect()
+}
+
 /// Read-only query helper. `?N` placeholders become `$N` on PostgreSQL.
 pub async fn query(db: &DbUrl, sql: &str, params: &[Param]) -> ResultSet {
     let ro = ReadOnly::open(db).await.unwrap();
