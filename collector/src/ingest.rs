@@ -51,6 +51,14 @@ pub struct Limits {
     pub heartbeat_every: std::time::Duration,
     /// This collector process's name, recorded with each host it holds (`hosts.collector`).
     pub instance: String,
+    /// Sessions that may hold a decoded message (or a snapshot being assembled) at once;
+    /// the others wait before processing what they received. Bounds the memory of a burst
+    /// (every agent resending its snapshot at once) to this many snapshots instead of the
+    /// whole fleet's.
+    pub in_flight: usize,
+    /// A snapshot whose next chunk does not arrive within this long ends the session
+    /// (its holder would keep an in-flight place forever).
+    pub chunk_wait: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -62,6 +70,8 @@ impl Default for Limits {
             max_sessions: DEFAULT_MAX_SESSIONS,
             heartbeat_every: std::time::Duration::from_secs(30),
             instance: String::new(),
+            in_flight: 1024,
+            chunk_wait: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -135,6 +145,8 @@ pub struct Stop {
     pub replaced: CancellationToken,
     /// Where this session registers once its Hello is stored.
     pub held: Held,
+    /// Places for messages being processed ([`Limits::in_flight`]).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Runs one session to its end; errors go to the agent as the stream's final status.
@@ -244,8 +256,38 @@ async fn messages(
     inbound: &mut Streaming<v1::AgentMessage>,
     stop: &Stop,
 ) -> Result<(), Status> {
-    while let Some(msg) = next(inbound, stop).await? {
+    // Held from the first message that carries listeners until it (or the snapshot it
+    // starts) is answered.
+    let mut place: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    loop {
+        let msg = if s.assembling.is_some() {
+            match tokio::time::timeout(s.limits.chunk_wait, next(inbound, stop)).await {
+                Ok(m) => m?,
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "the next chunk of the snapshot did not arrive within {} s; send the \
+                         snapshot again",
+                        s.limits.chunk_wait.as_secs()
+                    )));
+                }
+            }
+        } else {
+            next(inbound, stop).await?
+        };
+        let Some(msg) = msg else { break };
         check_size(&msg)?;
+        let carries_listeners = matches!(
+            msg.body,
+            Some(v1::agent_message::Body::Snapshot(_) | v1::agent_message::Body::Delta(_))
+        );
+        if carries_listeners && place.is_none() {
+            let wait = Arc::clone(&stop.in_flight).acquire_owned();
+            place = Some(tokio::select! {
+                p = wait => p.map_err(|_| Status::unavailable("collector shutting down; reconnect later"))?,
+                () = stop.shutdown.cancelled() => return Err(Status::unavailable("collector shutting down; reconnect later")),
+                () = stop.replaced.cancelled() => return Err(Status::aborted(TAKEN_OVER)),
+            });
+        }
         let now = OffsetDateTime::now_utc();
         match msg.body {
             None => return Err(Status::invalid_argument("empty AgentMessage")),
@@ -257,6 +299,9 @@ async fn messages(
             Some(v1::agent_message::Body::Heartbeat(h)) => s.heartbeat(h, now).await?,
             Some(v1::agent_message::Body::Snapshot(chunk)) => s.snapshot_chunk(chunk, now).await?,
             Some(v1::agent_message::Body::Delta(d)) => s.delta(d, now).await?,
+        }
+        if s.assembling.is_none() {
+            place = None;
         }
     }
     Ok(())

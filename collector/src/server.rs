@@ -55,6 +55,8 @@ pub struct InventoryService {
     /// collectors share it).
     held: ingest::Held,
     refusals: Arc<RateLimited>,
+    /// Places for sessions processing a message ([`Limits::in_flight`]).
+    in_flight: Arc<Semaphore>,
 }
 
 /// Logs a repeated event at most once per interval, with the count in between.
@@ -139,6 +141,7 @@ impl Inventory for InventoryService {
             shutdown: self.shutdown.clone(),
             replaced,
             held: Arc::clone(&self.held),
+            in_flight: Arc::clone(&self.in_flight),
         };
         let session = ingest::run(
             host.clone(),
@@ -224,6 +227,7 @@ pub async fn serve(
     let local = listener.local_addr().ok();
     let sessions = TaskTracker::new();
     let stop_sessions = CancellationToken::new();
+    let limits_in_flight = limits.in_flight.max(1);
     let service = InventoryService {
         store: store.clone(),
         slots: Arc::new(Semaphore::new(limits.max_sessions)),
@@ -234,6 +238,7 @@ pub async fn serve(
         next_id: Arc::default(),
         held: Arc::default(),
         refusals: Arc::default(),
+        in_flight: Arc::new(Semaphore::new(limits_in_flight)),
     };
     if store.shared() {
         tokio::spawn(watch_epochs(

@@ -420,3 +420,57 @@ async fn limits_on_sessions_and_snapshot_size() {
     assert!(live_ports(&db, "h1").await.is_empty());
     c.shutdown().await;
 }
+
+/// Only `in_flight` sessions process a message at once; the others wait (backpressure,
+/// no error). A session that starts a chunked snapshot and stops sending holds its place
+/// only until `chunk_wait`: then it ends with DEADLINE_EXCEEDED and the waiting session
+/// goes on.
+#[tokio::test]
+async fn in_flight_places_and_the_chunk_deadline() {
+    let pki = Pki::new(&["h1", "h2"]);
+    let dir = TempDir::new("inflight");
+    let db = DbUrl::Sqlite(dir.path().join("ls.db"));
+    let limits = listenscope_collector::ingest::Limits {
+        in_flight: 1,
+        chunk_wait: std::time::Duration::from_secs(2),
+        ..Default::default()
+    };
+    let c = InProcess::start_with(&pki, &db, limits).await;
+    let mut stalled = session(&pki, &c, "h1", hello(1, 0, "h1")).await;
+    welcome(&mut stalled).await;
+    let mut waiting = session(&pki, &c, "h2", hello(2, 0, "h2")).await;
+    welcome(&mut waiting).await;
+    // h1 takes the only place with the first chunk of a snapshot, then goes silent.
+    stalled
+        .send(msg(v1::agent_message::Body::Snapshot(v1::SnapshotChunk {
+            sequence: 1,
+            chunk_index: 0,
+            last: false,
+            observed_at: Some(now_ts()),
+            listeners: vec![listener("host", 22)],
+        })))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let sent = std::time::Instant::now();
+    waiting.send(snapshot(1, vec![listener("host", 80)])).await;
+    // h2 is answered only once h1 has lost its place.
+    assert_eq!(ack(&mut waiting).await, 1);
+    let waited = sent.elapsed();
+    match stalled.recv().await {
+        Err(st) => {
+            assert_eq!(st.code(), tonic::Code::DeadlineExceeded, "{st}");
+            assert!(st.message().contains("send the snapshot again"), "{st}");
+        }
+        other => panic!("expected the stalled session to end, got {other:?}"),
+    }
+    assert!(
+        waited >= std::time::Duration::from_millis(1000),
+        "h2 was answered after {waited:?}, before h1's place was freed"
+    );
+    assert_eq!(live_ports(&db, "h2").await, [80]);
+    assert!(
+        live_ports(&db, "h1").await.is_empty(),
+        "nothing of the stalled snapshot is stored"
+    );
+    c.shutdown().await;
+}
