@@ -109,6 +109,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store is closed (the collector is shutting down)")]
     Closed,
+    #[error("cannot start the database writer thread: {0}")]
+    WriterThread(std::io::Error),
 }
 
 /// A host as the collector knows it when a session starts.
@@ -176,14 +178,18 @@ impl Store {
             DbUrl::Sqlite(path) => {
                 let s = sqlite::SqliteStore::open(path, opts).await?;
                 Store {
-                    writer: writer::Writer::start(s.clone(), 1),
+                    writer: writer::Writer::start(s.clone(), 1, writer::Place::OwnThread)?,
                     db: Db::Sqlite(s),
                 }
             }
             DbUrl::Postgres(url) => {
                 let s = postgres::PgStore::open(url, opts).await?;
                 Store {
-                    writer: writer::Writer::start(s.clone(), postgres::writers(opts.pool_size)),
+                    writer: writer::Writer::start(
+                        s.clone(),
+                        postgres::writers(opts.pool_size),
+                        writer::Place::Shared,
+                    )?,
                     db: Db::Postgres(s),
                 }
             }

@@ -18,7 +18,7 @@ use listenscope_core::record::ListenerRecord;
 use sqlx::query_builder::Separated;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
+    SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, ConnectOptions as _, QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
@@ -132,6 +132,13 @@ impl SqliteStore {
     }
 }
 
+/// A list passed as ONE parameter, read back with `json_each`: the statement's text does
+/// not depend on the list's length, so it is prepared once per connection.
+fn json_list<T: serde::Serialize>(items: &[T]) -> Result<String, StoreError> {
+    serde_json::to_string(items)
+        .map_err(|e| StoreError::Corrupt(format!("cannot encode a list: {e}")))
+}
+
 /// Binds one column value (times in the stored text format).
 fn bind_val(b: &mut Separated<'_, Sqlite, &'static str>, v: Val<'_>) {
     match v {
@@ -213,70 +220,88 @@ impl Backend for SqliteStore {
         c: &mut SqliteConnection,
         wanted: &[LiveWanted<'_>],
     ) -> Result<HashMap<i64, HashMap<String, LiveRow>>, StoreError> {
-        const SELECT: &str = "SELECT id, lkey, material_hash, full_hash, first_seen, valid_from
-                              FROM listener WHERE valid_to IS NULL AND host_id = ";
-        let mut out: HashMap<i64, HashMap<String, LiveRow>> = HashMap::new();
-        for w in wanted {
-            let rows = out.entry(w.host_id).or_default();
-            let mut collect = |found: Vec<SqliteRow>| -> Result<(), StoreError> {
-                for r in found {
-                    rows.insert(
-                        r.try_get::<String, _>("lkey")?,
-                        LiveRow {
-                            id: r.try_get("id")?,
-                            material_hash: r.try_get("material_hash")?,
-                            full_hash: r.try_get("full_hash")?,
-                            first_seen: parse_time(&r.try_get::<String, _>("first_seen")?)?,
-                            valid_from: parse_time(&r.try_get::<String, _>("valid_from")?)?,
-                        },
-                    );
-                }
-                Ok(())
-            };
-            let select = || {
-                let mut q = QueryBuilder::<Sqlite>::new(SELECT);
-                q.push_bind(w.host_id);
-                q
-            };
-            match &w.keys {
-                None => collect(select().build().fetch_all(&mut *c).await?)?,
-                Some(keys) => {
-                    for chunk in keys.chunks(IN_CHUNK) {
-                        let mut q = select();
-                        q.push(" AND lkey IN (");
-                        let mut list = q.separated(",");
-                        for k in chunk {
-                            list.push_bind(*k);
-                        }
-                        q.push(")");
-                        collect(q.build().fetch_all(&mut *c).await?)?;
-                    }
-                }
-            }
+        // Two statements for the whole round, whatever its number of hosts: whole hosts
+        // (snapshots) and (host, key) pairs (deltas), each list passed as one JSON array,
+        // so the statement text never changes and stays prepared.
+        let whole: Vec<i64> = wanted
+            .iter()
+            .filter(|w| w.keys.is_none())
+            .map(|w| w.host_id)
+            .collect();
+        let pairs: Vec<(i64, &str)> = wanted
+            .iter()
+            .flat_map(|w| w.keys.iter().flatten().map(move |k| (w.host_id, *k)))
+            .collect();
+        let mut out: HashMap<i64, HashMap<String, LiveRow>> =
+            wanted.iter().map(|w| (w.host_id, HashMap::new())).collect();
+        let mut found = Vec::new();
+        if !whole.is_empty() {
+            found.extend(
+                sqlx::query(
+                    "SELECT host_id, id, lkey, material_hash, full_hash, first_seen, valid_from
+                     FROM listener INDEXED BY listener_live_key
+                     WHERE valid_to IS NULL AND host_id IN (SELECT value FROM json_each(?1))",
+                )
+                .bind(json_list(&whole)?)
+                .fetch_all(&mut *c)
+                .await?,
+            );
+        }
+        if !pairs.is_empty() {
+            found.extend(
+                sqlx::query(
+                    "SELECT l.host_id, l.id, l.lkey, l.material_hash, l.full_hash, l.first_seen,
+                            l.valid_from
+                     FROM json_each(?1) AS k
+                     CROSS JOIN listener AS l INDEXED BY listener_live_key
+                         ON l.host_id = k.value ->> 0 AND l.lkey = k.value ->> 1
+                        AND l.valid_to IS NULL",
+                )
+                .bind(json_list(&pairs)?)
+                .fetch_all(&mut *c)
+                .await?,
+            );
+        }
+        for r in found {
+            out.entry(r.try_get("host_id")?).or_default().insert(
+                r.try_get::<String, _>("lkey")?,
+                LiveRow {
+                    id: r.try_get("id")?,
+                    material_hash: r.try_get("material_hash")?,
+                    full_hash: r.try_get("full_hash")?,
+                    first_seen: parse_time(&r.try_get::<String, _>("first_seen")?)?,
+                    valid_from: parse_time(&r.try_get::<String, _>("valid_from")?)?,
+                },
+            );
         }
         Ok(out)
     }
 
     async fn execute(c: &mut SqliteConnection, writes: &[Write<'_>]) -> Result<(), StoreError> {
-        for w in writes {
-            let p = &w.plan;
-            let at_s = timefmt::format(w.at);
-            // Never end a version before it began (agent clock stepped back).
-            for (ids, reason) in [(&p.close_changed, "changed"), (&p.close_closed, "closed")] {
-                for chunk in ids.chunks(IN_CHUNK) {
-                    let mut q = QueryBuilder::<Sqlite>::new("UPDATE listener SET valid_to = max(");
-                    q.push_bind(&at_s)
-                        .push(", valid_from), end_reason = ")
-                        .push_bind(reason)
-                        .push(" WHERE id IN (");
-                    let mut ids = q.separated(",");
-                    for id in chunk {
-                        ids.push_bind(*id);
-                    }
-                    q.push(")");
-                    q.build().execute(&mut *c).await?;
-                }
-            }
+        // Closes of every message at once. Never end a version before it began (agent
+        // clock stepped back).
+        let closes: Vec<(i64, String, &str)> = writes
+            .iter()
+            .flat_map(|w| {
+                let at = timefmt::format(w.at);
+                let p = &w.plan;
+                p.close_changed
+                    .iter()
+                    .map(|id| (*id, "changed"))
+                    .chain(p.close_closed.iter().map(|id| (*id, "closed")))
+                    .map(move |(id, reason)| (id, at.clone(), reason))
+            })
+            .collect();
+        for chunk in closes.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "UPDATE listener SET valid_to = max(v.column2, valid_from), end_reason = v.column3
+                 FROM (",
+            );
+            q.push_values(chunk, |mut b, (id, at, reason)| {
+                b.push_bind(*id).push_bind(at.as_str()).push_bind(*reason);
+            });
+            q.push(") AS v WHERE listener.id = v.column1");
+            q.build().execute(&mut *c).await?;
         }
         // Refreshes and inserts of every message at once: UPDATE … FROM (VALUES …) and
         // multi-row INSERTs (each row carries its host).
@@ -302,14 +327,28 @@ impl Backend for SqliteStore {
             .iter()
             .flat_map(|w| w.plan.insert.iter().map(move |n| (w.host_id, n)))
             .collect();
-        for chunk in rows.chunks(INSERT_CHUNK) {
+        let build = |chunk: &[(i64, &_)]| {
             let mut q = QueryBuilder::<Sqlite>::new(&insert);
             q.push_values(chunk, |mut b, (host_id, n)| {
                 for v in row::values(*host_id, n) {
                     bind_val(&mut b, v);
                 }
             });
-            q.build().execute(&mut *c).await?;
+            q
+        };
+        // The next chunk's statement is built while SQLite (on its own thread) runs this
+        // one: building the bind values is a third of an insert's cost.
+        let mut chunks = rows.chunks(INSERT_CHUNK);
+        let mut next = chunks.next().map(build);
+        while let Some(mut q) = next.take() {
+            let following = chunks.next();
+            let (done, built) = tokio::join!(
+                biased;
+                q.build().execute(&mut *c),
+                async { following.map(build) },
+            );
+            done?;
+            next = built;
         }
         Ok(())
     }
@@ -318,36 +357,62 @@ impl Backend for SqliteStore {
         c: &mut SqliteConnection,
         rebuild: &[Rebuild],
     ) -> Result<(), StoreError> {
-        for r in rebuild {
-            let only = |q: &mut QueryBuilder<Sqlite>| {
-                q.push_bind(r.host_id);
-                if let Some(ports) = &r.ports {
-                    q.push(" AND port IN (");
-                    let mut list = q.separated(",");
-                    for p in ports {
-                        list.push_bind(*p);
-                    }
-                    q.push(")");
-                }
-            };
-            let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM hidden_port WHERE host_id = ");
-            only(&mut q);
-            q.build().execute(&mut *c).await?;
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO hidden_port (host_id, host, netns, protocol, port, shown_as, processes)
-                 SELECT l.host_id, h.name, l.netns, l.protocol, l.port,
-                        group_concat(DISTINCT l.shown_as ORDER BY l.shown_as),
-                        group_concat(DISTINCT NULLIF(l.process_names, '')
-                                     ORDER BY NULLIF(l.process_names, ''))
-                 FROM listener l JOIN host h ON h.id = l.host_id
-                 WHERE l.valid_to IS NULL AND l.host_id = ",
-            );
-            only(&mut q);
-            q.push(
-                " GROUP BY l.host_id, h.name, l.netns, l.protocol, l.port
-                 HAVING max(l.hidden_ipv4_exposure) = 1",
-            );
-            q.build().execute(&mut *c).await?;
+        // Whole hosts (snapshots) and (host, port) pairs (deltas): two statements each for
+        // the whole round, every list one JSON array.
+        const AGGREGATE: &str =
+            "INSERT INTO hidden_port (host_id, host, netns, protocol, port, shown_as, processes)
+             SELECT l.host_id, h.name, l.netns, l.protocol, l.port,
+                    group_concat(DISTINCT l.shown_as ORDER BY l.shown_as),
+                    group_concat(DISTINCT NULLIF(l.process_names, '')
+                                 ORDER BY NULLIF(l.process_names, ''))";
+        const GROUP: &str = " GROUP BY l.host_id, h.name, l.netns, l.protocol, l.port
+             HAVING max(l.hidden_ipv4_exposure) = 1";
+        let whole: Vec<i64> = rebuild
+            .iter()
+            .filter(|r| r.ports.is_none())
+            .map(|r| r.host_id)
+            .collect();
+        let pairs: Vec<(i64, i32)> = rebuild
+            .iter()
+            .flat_map(|r| r.ports.iter().flatten().map(move |p| (r.host_id, *p)))
+            .collect();
+        if !whole.is_empty() {
+            let list = json_list(&whole)?;
+            sqlx::query(
+                "DELETE FROM hidden_port WHERE host_id IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(&list)
+            .execute(&mut *c)
+            .await?;
+            sqlx::query(AssertSqlSafe(format!(
+                "{AGGREGATE} FROM listener AS l INDEXED BY listener_live_key
+                 JOIN host AS h ON h.id = l.host_id
+                 WHERE l.valid_to IS NULL AND l.host_id IN (SELECT value FROM json_each(?1))
+                 {GROUP}"
+            )))
+            .bind(&list)
+            .execute(&mut *c)
+            .await?;
+        }
+        if !pairs.is_empty() {
+            let list = json_list(&pairs)?;
+            sqlx::query(
+                "DELETE FROM hidden_port WHERE (host_id, port) IN
+                     (SELECT value ->> 0, value ->> 1 FROM json_each(?1))",
+            )
+            .bind(&list)
+            .execute(&mut *c)
+            .await?;
+            sqlx::query(AssertSqlSafe(format!(
+                "{AGGREGATE} FROM json_each(?1) AS t
+                 CROSS JOIN listener AS l INDEXED BY listener_host_port
+                     ON l.host_id = t.value ->> 0 AND l.port = t.value ->> 1
+                    AND l.valid_to IS NULL
+                 JOIN host AS h ON h.id = l.host_id {GROUP}"
+            )))
+            .bind(&list)
+            .execute(&mut *c)
+            .await?;
         }
         Ok(())
     }
@@ -356,21 +421,25 @@ impl Backend for SqliteStore {
         c: &mut SqliteConnection,
         updates: &[HostUpdate<'_>],
     ) -> Result<(), StoreError> {
-        for u in updates {
-            sqlx::query(
-                "UPDATE host SET session_id = coalesce(?, session_id), committed_seq = ?,
-                     last_seen = ?, last_snapshot_at = coalesce(?, last_snapshot_at),
-                     live_listeners = live_listeners + ?
-                 WHERE id = ?",
-            )
-            .bind(u.session)
-            .bind(u.committed as i64)
-            .bind(timefmt::format(u.last_seen))
-            .bind(u.snapshot_at.map(timefmt::format))
-            .bind(u.live_delta)
-            .bind(u.host_id)
-            .execute(&mut *c)
-            .await?;
+        // One statement per chunk of hosts (a round holds each host once).
+        for chunk in updates.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "UPDATE host SET session_id = coalesce(v.column2, session_id),
+                     committed_seq = v.column3, last_seen = v.column4,
+                     last_snapshot_at = coalesce(v.column5, last_snapshot_at),
+                     live_listeners = live_listeners + v.column6
+                 FROM (",
+            );
+            q.push_values(chunk, |mut b, u| {
+                b.push_bind(u.host_id)
+                    .push_bind(u.session)
+                    .push_bind(u.committed as i64)
+                    .push_bind(timefmt::format(u.last_seen))
+                    .push_bind(u.snapshot_at.map(timefmt::format))
+                    .push_bind(u.live_delta);
+            });
+            q.push(") AS v WHERE host.id = v.column1");
+            q.build().execute(&mut *c).await?;
         }
         Ok(())
     }
