@@ -13,6 +13,7 @@ use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 use unicode_width::UnicodeWidthStr as _;
 
 use crate::history::Report;
+use crate::store::sqlite_step::{self, Bind, StepError};
 use crate::store::{DbUrl, StoreError, postgres, sqlite};
 
 /// Most rows one answer carries; bigger results are an error asking for LIMIT.
@@ -30,6 +31,13 @@ pub enum QueryError {
     Sql(String),
     #[error("the result has more than {MAX_ROWS} rows; add a LIMIT or a WHERE")]
     TooManyRows,
+    #[error("no SQL statement given (the text is empty or only comments)")]
+    Empty,
+    #[error(
+        "more than one SQL statement given; `query` runs one at a time: split the text at \
+         its `;` and run each"
+    )]
+    Several,
     #[error(
         "more than {MAX_ROWS} listener changes in this window (a fleet's first snapshots, \
          or a restored database?); narrow it with a later --since, an earlier --until or --host"
@@ -174,26 +182,32 @@ impl ReadOnly {
     pub async fn run(&self, sql: &str, params: &[Param]) -> Result<ResultSet, QueryError> {
         match self {
             ReadOnly::Sqlite(pool) => {
-                let mut q = sqlx::query(AssertSqlSafe(sql.to_string()));
-                for p in params {
-                    q = match p {
-                        Param::Int(v) => q.bind(*v),
-                        Param::Text(v) => q.bind(v.clone()),
-                        Param::Time(t) => q.bind(crate::timefmt::format(*t)),
-                    };
-                }
-                let mut rows = q.fetch(pool);
-                let mut out = ResultSet::default();
-                while let Some(row) = rows.try_next().await.map_err(sql_error)? {
-                    if out.columns.is_empty() {
-                        out.columns = row.columns().iter().map(|c| c.name().to_string()).collect();
-                    }
-                    if out.rows.len() == MAX_ROWS {
-                        return Err(QueryError::TooManyRows);
-                    }
-                    out.rows.push(sqlite_row(&row)?);
-                }
-                Ok(out)
+                // Stepped on this thread, on the connection's own handle (see
+                // `store::sqlite_step`): no per-row hand-off from sqlx's worker thread.
+                let times: Vec<String> = params
+                    .iter()
+                    .filter_map(|p| match p {
+                        Param::Time(t) => Some(crate::timefmt::format(*t)),
+                        _ => None,
+                    })
+                    .collect();
+                let mut times = times.iter();
+                let binds: Vec<Bind<'_>> = params
+                    .iter()
+                    .map(|p| match p {
+                        Param::Int(v) => Bind::Int(*v),
+                        Param::Text(v) => Bind::Text(v.as_deref()),
+                        Param::Time(_) => Bind::Text(times.next().map(String::as_str)),
+                    })
+                    .collect();
+                let mut conn = pool.acquire().await.map_err(sql_error)?;
+                let mut handle = conn.lock_handle().await.map_err(sql_error)?;
+                let rows = sqlite_step::run(handle.as_raw_handle(), sql, &binds, MAX_ROWS)
+                    .map_err(step_error)?;
+                Ok(ResultSet {
+                    columns: rows.columns,
+                    rows: rows.rows,
+                })
             }
             ReadOnly::Postgres(pool) => {
                 // The connection defaults to read-only transactions; say it again here so a
@@ -390,29 +404,16 @@ fn sql_error(e: sqlx::Error) -> QueryError {
     }
 }
 
-fn sqlite_row(row: &sqlx::sqlite::SqliteRow) -> Result<Vec<Value>, QueryError> {
-    let mut out = Vec::with_capacity(row.len());
-    for i in 0..row.len() {
-        let raw = row.try_get_raw(i).map_err(sql_error)?;
-        if raw.is_null() {
-            out.push(Value::Null);
-            continue;
+fn step_error(e: StepError) -> QueryError {
+    match e {
+        StepError::Sqlite { code, message } if i64::from(code) & 0xff == SQLITE_READONLY => {
+            QueryError::WriteRefused(message)
         }
-        // SQLite is dynamically typed: decode by the value's own storage class.
-        let v = match raw.type_info().name() {
-            "INTEGER" | "BOOLEAN" => {
-                Value::from(row.try_get_unchecked::<i64, _>(i).map_err(sql_error)?)
-            }
-            "REAL" => Value::from(row.try_get_unchecked::<f64, _>(i).map_err(sql_error)?),
-            "BLOB" => {
-                let b: Vec<u8> = row.try_get_unchecked(i).map_err(sql_error)?;
-                Value::from(b.iter().map(|x| format!("{x:02x}")).collect::<String>())
-            }
-            _ => Value::from(row.try_get_unchecked::<String, _>(i).map_err(sql_error)?),
-        };
-        out.push(v);
+        StepError::Sqlite { message, .. } => QueryError::Sql(message),
+        StepError::Empty => QueryError::Empty,
+        StepError::Several => QueryError::Several,
+        StepError::TooManyRows => QueryError::TooManyRows,
     }
-    Ok(out)
 }
 
 /// `sql` with `AND col = ?n` for each filter that is set, and their parameters; no

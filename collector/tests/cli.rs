@@ -208,6 +208,39 @@ async fn query_is_read_only_and_speaks_three_formats() {
     );
     let o = collector(&["query", "--db", &url, "SELEC nonsense"]);
     assert!(stderr(&o).contains("SQL error"), "{}", stderr(&o));
+    // One statement at a time (two would have printed under one header), none refused.
+    let o = collector(&["query", "--db", &url, "SELECT 1; SELECT 2"]);
+    assert!(
+        !o.status.success() && stdout(&o).is_empty(),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        stderr(&o).contains("more than one SQL statement"),
+        "{}",
+        stderr(&o)
+    );
+    let o = collector(&["query", "--db", &url, "  -- only a comment\n;"]);
+    assert!(!o.status.success(), "empty SQL succeeded");
+    assert!(
+        stderr(&o).contains("no SQL statement given"),
+        "{}",
+        stderr(&o)
+    );
+    // Every storage class, and a trailing `;` and comment are fine.
+    let o = collector(&[
+        "query",
+        "--db",
+        &url,
+        "--json",
+        "SELECT x'00ff' AS b, 1.5 AS r, NULL AS n, 'é' AS t, 7 AS i; -- done",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!([{"b": "00ff", "r": 1.5, "n": null, "t": "é", "i": 7}])
+    );
     let missing = format!("sqlite://{}", dir.path().join("none.db").display());
     let o = collector(&["query", "--db", &missing, "SELECT 1"]);
     assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));

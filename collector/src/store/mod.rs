@@ -12,6 +12,7 @@ pub(crate) mod plan;
 pub(crate) mod postgres;
 mod row;
 pub(crate) mod sqlite;
+pub(crate) mod sqlite_step;
 mod writer;
 
 pub use flow::Message;
