@@ -133,19 +133,10 @@ pub(crate) fn run(
             return Err(error(db));
         }
     }
-    // SAFETY: `s` is live; column names are copied before the next step.
+    // SAFETY: `s` is a live statement.
     let count = unsafe { ffi::sqlite3_column_count(s) };
     let mut out = Rows {
-        columns: (0..count)
-            .map(|i| unsafe {
-                let name = ffi::sqlite3_column_name(s, i);
-                if name.is_null() {
-                    String::new()
-                } else {
-                    CStr::from_ptr(name).to_string_lossy().into_owned()
-                }
-            })
-            .collect(),
+        columns: (0..count).map(|i| column_name(s, i)).collect(),
         rows: Vec::new(),
     };
     loop {
@@ -159,6 +150,20 @@ pub(crate) fn run(
             }
             ffi::SQLITE_DONE => return Ok(out),
             _ => return Err(error(db)),
+        }
+    }
+}
+
+/// The name of column `i`, copied.
+fn column_name(s: *mut ffi::sqlite3_stmt, i: c_int) -> String {
+    // SAFETY: `s` is a live statement and `i` below its column count; the name is copied
+    // before any other call on the statement.
+    unsafe {
+        let name = ffi::sqlite3_column_name(s, i);
+        if name.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(name).to_string_lossy().into_owned()
         }
     }
 }
