@@ -88,16 +88,7 @@ impl Limits {
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
-        use sqlx::error::ErrorKind;
-        if let StoreError::Sql(sqlx::Error::Database(d)) = &e
-            && matches!(
-                d.kind(),
-                ErrorKind::UniqueViolation
-                    | ErrorKind::ForeignKeyViolation
-                    | ErrorKind::NotNullViolation
-                    | ErrorKind::CheckViolation
-            )
-        {
+        if e.is_constraint() {
             // The data, not the database, is at fault: retrying the same message would
             // fail forever. The agent starts over from a snapshot on INVALID_ARGUMENT.
             tracing::warn!(error = %e, "A message broke a database constraint.");

@@ -112,6 +112,28 @@ pub enum StoreError {
     Closed,
     #[error("cannot start the database writer thread: {0}")]
     WriterThread(std::io::Error),
+    /// A statement stepped on SQLite's own handle failed.
+    #[error("database error: {0}")]
+    Step(#[from] sqlite_step::StepError),
+}
+
+impl StoreError {
+    /// The data, not the database, is at fault: a constraint refused it (retrying the
+    /// same message would fail forever).
+    pub fn is_constraint(&self) -> bool {
+        use sqlx::error::ErrorKind;
+        match self {
+            StoreError::Sql(sqlx::Error::Database(d)) => matches!(
+                d.kind(),
+                ErrorKind::UniqueViolation
+                    | ErrorKind::ForeignKeyViolation
+                    | ErrorKind::NotNullViolation
+                    | ErrorKind::CheckViolation
+            ),
+            StoreError::Step(e) => e.primary_code() == Some(libsqlite3_sys::SQLITE_CONSTRAINT),
+            _ => false,
+        }
+    }
 }
 
 /// A host as the collector knows it when a session starts.

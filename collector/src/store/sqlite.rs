@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use listenscope_core::fingerprint::Fingerprints;
 use listenscope_core::record::ListenerRecord;
-use sqlx::query_builder::Separated;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
@@ -26,6 +25,7 @@ use time::OffsetDateTime;
 use super::flow::{self, Backend, HelloWork, HostRow, HostUpdate, LiveWanted, Rebuild, Write};
 use super::plan::LiveRow;
 use super::row::{self, RECORD_COLUMNS, Val};
+use super::sqlite_step::{Bind, Each};
 use super::{HostSession, StoreError, StoreOptions};
 use crate::timefmt;
 
@@ -137,16 +137,6 @@ impl SqliteStore {
 fn json_list<T: serde::Serialize>(items: &[T]) -> Result<String, StoreError> {
     serde_json::to_string(items)
         .map_err(|e| StoreError::Corrupt(format!("cannot encode a list: {e}")))
-}
-
-/// Binds one column value (times in the stored text format).
-fn bind_val(b: &mut Separated<'_, Sqlite, &'static str>, v: Val<'_>) {
-    match v {
-        Val::Text(s) => b.push_bind(s.map(|s| s.into_owned())),
-        Val::Int(i) => b.push_bind(i),
-        Val::Bool(v) => b.push_bind(v),
-        Val::Time(t) => b.push_bind(timefmt::format(t)),
-    };
 }
 
 impl Backend for SqliteStore {
@@ -322,33 +312,39 @@ impl Backend for SqliteStore {
             q.push(") AS v WHERE listener.id = v.column1");
             q.build().execute(&mut *c).await?;
         }
-        let insert = format!("INSERT INTO listener ({}) ", row::column_list());
+        // Inserts: one prepared single-row INSERT stepped per row on the connection's own
+        // handle, binding the rows' text in place (no per-value copies into sqlx's
+        // arguments, no hand-off per statement to sqlx's thread).
         let rows: Vec<_> = writes
             .iter()
             .flat_map(|w| w.plan.insert.iter().map(move |n| (w.host_id, n)))
             .collect();
-        let build = |chunk: &[(i64, &_)]| {
-            let mut q = QueryBuilder::<Sqlite>::new(&insert);
-            q.push_values(chunk, |mut b, (host_id, n)| {
-                for v in row::values(*host_id, n) {
-                    bind_val(&mut b, v);
-                }
-            });
-            q
-        };
-        // The next chunk's statement is built while SQLite (on its own thread) runs this
-        // one: building the bind values is a third of an insert's cost.
-        let mut chunks = rows.chunks(INSERT_CHUNK);
-        let mut next = chunks.next().map(build);
-        while let Some(mut q) = next.take() {
-            let following = chunks.next();
-            let (done, built) = tokio::join!(
-                biased;
-                q.build().execute(&mut *c),
-                async { following.map(build) },
+        if !rows.is_empty() {
+            let marks = vec!["?"; row::COLUMNS.len()].join(", ");
+            let insert = format!(
+                "INSERT INTO listener ({}) VALUES ({marks})",
+                row::column_list()
             );
-            done?;
-            next = built;
+            let mut handle = c.lock_handle().await?;
+            let mut each = Each::new(&mut handle, &insert)?;
+            for (host_id, n) in rows {
+                let vals = row::values(host_id, n);
+                let times: Vec<String> = vals
+                    .iter()
+                    .filter_map(|v| match v {
+                        Val::Time(t) => Some(timefmt::format(*t)),
+                        _ => None,
+                    })
+                    .collect();
+                let mut times = times.iter();
+                let binds = vals.each_ref().map(|v| match v {
+                    Val::Text(t) => Bind::Text(t.as_deref()),
+                    Val::Int(i) => Bind::Int(Some(*i)),
+                    Val::Bool(b) => Bind::Int(b.map(i64::from)),
+                    Val::Time(_) => Bind::Text(times.next().map(String::as_str)),
+                });
+                each.execute(&binds)?;
+            }
         }
         Ok(())
     }
