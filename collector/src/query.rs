@@ -202,8 +202,8 @@ impl ReadOnly {
                     .collect();
                 let mut conn = pool.acquire().await.map_err(sql_error)?;
                 let mut handle = conn.lock_handle().await.map_err(sql_error)?;
-                let rows = sqlite_step::run(handle.as_raw_handle(), sql, &binds, MAX_ROWS)
-                    .map_err(step_error)?;
+                let rows =
+                    sqlite_step::run(&mut handle, sql, &binds, MAX_ROWS).map_err(step_error)?;
                 Ok(ResultSet {
                     columns: rows.columns,
                     rows: rows.rows,
