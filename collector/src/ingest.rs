@@ -54,7 +54,8 @@ pub struct Limits {
     /// Sessions that may hold a decoded message (or a snapshot being assembled) at once;
     /// the others wait before processing what they received. Bounds the memory of a burst
     /// (every agent resending its snapshot at once) to this many snapshots instead of the
-    /// whole fleet's.
+    /// whole fleet's. Twice a writer batch (1,024 messages), so that the next batch is
+    /// prepared while one commits.
     pub in_flight: usize,
     /// A snapshot whose next chunk does not arrive within this long ends the session
     /// (its holder would keep an in-flight place forever).
@@ -70,7 +71,7 @@ impl Default for Limits {
             max_sessions: DEFAULT_MAX_SESSIONS,
             heartbeat_every: std::time::Duration::from_secs(30),
             instance: String::new(),
-            in_flight: 1024,
+            in_flight: 2048,
             chunk_wait: std::time::Duration::from_secs(60),
         }
     }

@@ -236,6 +236,10 @@ pub(crate) trait Backend: Sync {
         limit: i64,
     ) -> impl Future<Output = Result<Vec<(i64, ListenerRecord)>, StoreError>> + Send;
 
+    /// Refreshes the planner's statistics of the written tables; called by the writer
+    /// after much was written (see `writer::Analyze`).
+    fn analyze(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     fn set_fingerprints(
         c: &mut Conn<Self>,
         rows: &[(i64, Fingerprints)],

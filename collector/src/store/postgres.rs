@@ -278,6 +278,14 @@ impl Backend for PgStore {
         &self.pool
     }
 
+    async fn analyze(&self) -> Result<(), StoreError> {
+        // On its own pool connection: ANALYZE takes no lock that blocks the writers.
+        sqlx::query("ANALYZE listener, hidden_port, host")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn hello(c: &mut PgConnection, h: &HelloWork) -> Result<HostSession, StoreError> {
         let row = sqlx::query(
             "INSERT INTO host (name, os_hostname, agent_version, first_seen, last_seen,
