@@ -4,9 +4,11 @@
 //! One writer connection (SQLite allows one writer; a pool of one serializes them without
 //! lock errors), WAL journal so readers never block it, `synchronous=FULL`: every commit
 //! is on disk before it is acknowledged (NORMAL would survive a crash of the process but
-//! not of the machine, and agents forget what we acknowledge). Writes are batched:
-//! multi-row `VALUES` inserts and `IN (…)` updates in chunks well under SQLite's 32766
-//! bound parameters.
+//! not of the machine, and agents forget what we acknowledge). Writes are batched: a
+//! round of hosts costs a fixed number of statements (lists passed as one JSON parameter,
+//! `UPDATE … FROM (VALUES …)` in chunks well under SQLite's 32766 bound parameters), and
+//! new rows go through one prepared `INSERT` stepped per row on the connection's own
+//! handle (`sqlite_step::Each`).
 
 use std::collections::HashMap;
 use std::path::Path;
