@@ -336,21 +336,20 @@ impl Backend for SqliteStore {
             );
             let mut handle = c.lock_handle().await?;
             let mut each = Each::new(&mut handle, &insert)?;
+            // The rows of a message share their times: each is formatted once.
+            let mut times: HashMap<OffsetDateTime, String> = HashMap::new();
             for (host_id, n) in rows {
                 let vals = row::values(host_id, n);
-                let times: Vec<String> = vals
-                    .iter()
-                    .filter_map(|v| match v {
-                        Val::Time(t) => Some(timefmt::format(*t)),
-                        _ => None,
-                    })
-                    .collect();
-                let mut times = times.iter();
+                for v in &vals {
+                    if let Val::Time(t) = v {
+                        times.entry(*t).or_insert_with(|| timefmt::format(*t));
+                    }
+                }
                 let binds = vals.each_ref().map(|v| match v {
                     Val::Text(t) => Bind::Text(t.as_deref()),
                     Val::Int(i) => Bind::Int(Some(*i)),
                     Val::Bool(b) => Bind::Int(b.map(i64::from)),
-                    Val::Time(_) => Bind::Text(times.next().map(String::as_str)),
+                    Val::Time(t) => Bind::Text(times.get(t).map(String::as_str)),
                 });
                 each.execute(&binds)?;
             }
