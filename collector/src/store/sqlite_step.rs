@@ -118,10 +118,27 @@ fn prepare_one(db: NonNull<ffi::sqlite3>, sql: &str) -> Result<Stmt, StepError> 
     let Some(stmt) = first else {
         return Err(StepError::Empty);
     };
-    if rest < sql.len() && prepare(db, sql, rest)?.0.is_some() {
+    // The rest is scanned, never prepared: SQLite applies a pragma such as `query_only`
+    // while preparing it, before any step.
+    if !only_trivia(&sql[rest..]) {
         return Err(StepError::Several);
     }
     Ok(stmt)
+}
+
+/// Whether `sql` holds nothing but whitespace, `;` and comments.
+fn only_trivia(mut sql: &str) -> bool {
+    loop {
+        sql = sql.trim_start_matches(|c: char| c.is_whitespace() || c == ';');
+        if let Some(rest) = sql.strip_prefix("--") {
+            sql = rest.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(rest) = sql.strip_prefix("/*") {
+            // Unterminated: SQLite reads the rest as the comment.
+            sql = rest.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            return sql.is_empty();
+        }
+    }
 }
 
 /// Binds `binds` to `s` by position. Text is bound in place (`SQLITE_STATIC`): the caller
@@ -136,13 +153,22 @@ fn bind_all(db: NonNull<ffi::sqlite3>, s: &Stmt, binds: &[Bind<'_>]) -> Result<(
         let rc = unsafe {
             match *b {
                 Bind::Int(Some(v)) => ffi::sqlite3_bind_int64(s, at, v),
-                Bind::Text(Some(t)) => ffi::sqlite3_bind_text(
-                    s,
-                    at,
-                    t.as_ptr().cast(),
-                    c_int::try_from(t.len()).unwrap_or(c_int::MAX),
-                    ffi::SQLITE_STATIC(),
-                ),
+                Bind::Text(Some(t)) => {
+                    let Ok(len) = c_int::try_from(t.len()) else {
+                        return Err(StepError::Sqlite {
+                            code: ffi::SQLITE_TOOBIG,
+                            message: format!("parameter {at} is longer than 2 GiB"),
+                        });
+                    };
+                    // An empty string's pointer may dangle; SQLite reads no byte of it,
+                    // but point at a real one anyway.
+                    let p = if t.is_empty() {
+                        c"".as_ptr()
+                    } else {
+                        t.as_ptr().cast()
+                    };
+                    ffi::sqlite3_bind_text(s, at, p, len, ffi::SQLITE_STATIC())
+                }
                 Bind::Int(None) | Bind::Text(None) => ffi::sqlite3_bind_null(s, at),
             }
         };
@@ -371,5 +397,41 @@ mod tests {
             message: "database or disk is full".into(),
         });
         assert!(!full.is_constraint());
+    }
+
+    #[test]
+    fn trailing_text_is_scanned_not_prepared() {
+        for t in ["", " ; ;\n", "-- done", "-- a\n; /* b */ ", "/* open"] {
+            assert!(only_trivia(t), "{t:?}");
+        }
+        for t in [
+            "SELECT 2",
+            "; PRAGMA query_only=0",
+            "-- a\nSELECT 2",
+            "/* a */ x",
+        ] {
+            assert!(!only_trivia(t), "{t:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_second_statement_never_reaches_sqlite() {
+        let mut c = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        sqlx::query("PRAGMA query_only = 1")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        {
+            let mut h = c.lock_handle().await.unwrap();
+            assert!(matches!(
+                run(&mut h, "SELECT 1; PRAGMA query_only = 0", &[], 10),
+                Err(StepError::Several)
+            ));
+        }
+        let on: i64 = sqlx::query_scalar("PRAGMA query_only")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(on, 1, "the refused statement changed the connection");
     }
 }

@@ -81,34 +81,59 @@ pub(crate) enum Place {
     OwnThread,
 }
 
+/// Runs a writer task; a panic in it ends the process. A collector whose writer is gone
+/// would go on accepting agents and answer every message `UNAVAILABLE` forever; exiting
+/// lets its supervisor (systemd `Restart=`, Kubernetes) start a healthy one, and the
+/// agents resend what was not acknowledged.
+async fn fatal_on_panic(run: impl Future<Output = ()>) {
+    use futures_util::FutureExt as _;
+    if let Err(panic) = std::panic::AssertUnwindSafe(run).catch_unwind().await {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(
+            panic = %what,
+            "The database writer panicked; the collector exits so that its supervisor \
+             restarts it (nothing unacknowledged is lost: agents resend)."
+        );
+        std::process::exit(70);
+    }
+}
+
 /// When the writers ask the database to refresh its statistics: after the first
 /// [`ANALYZE_FIRST`] rows this process wrote, then each time the count doubles. PostgreSQL
 /// plans a table it never analyzed as if it were a few pages: right after a fleet's first
 /// snapshots (a new or restored database), a delta's headline rebuild read every live row
 /// (7–10 s per statement, delta ack p50 4.4 s, until autovacuum came round a minute later).
 /// Doubling keeps the cost logarithmic in what was written (7 times for 5,000,000 rows).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Analyze {
     written: AtomicU64,
     next_at: AtomicU64,
     running: AtomicBool,
+    /// The writers' tracker: `Writer::close` waits for a running refresh too.
+    tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 /// Rows written before the first statistics refresh.
 const ANALYZE_FIRST: u64 = 50_000;
 
 impl Analyze {
-    /// Counts `rows` written; starts a refresh in the background when one is due.
+    /// Counts `rows` handed to the database (approximate by design: a refused message
+    /// counts too); starts a refresh in the background when one is due.
     fn wrote<B: Backend + Clone + Send + 'static>(self: &Arc<Self>, b: &B, rows: u64) {
         let written = self.written.fetch_add(rows, Ordering::Relaxed) + rows;
-        let due = self.next_at.load(Ordering::Relaxed).max(ANALYZE_FIRST);
-        if written < due || self.running.swap(true, Ordering::AcqRel) {
+        let due = self.next_at.load(Ordering::Relaxed);
+        if written < due || self.stop.is_cancelled() || self.running.swap(true, Ordering::AcqRel) {
             return;
         }
         self.next_at
             .store(written.saturating_mul(2), Ordering::Relaxed);
         let (me, b) = (Arc::clone(self), b.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let started = Instant::now();
             match b.analyze().await {
                 Ok(()) => tracing::debug!(
@@ -160,7 +185,13 @@ impl Writer {
         let seen: Seen = Arc::default();
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let analyze = Arc::new(Analyze::default());
+        let analyze = Arc::new(Analyze {
+            written: AtomicU64::new(0),
+            next_at: AtomicU64::new(ANALYZE_FIRST),
+            running: AtomicBool::new(false),
+            tasks: tasks.clone(),
+            stop: stop.clone(),
+        });
         let runs: Vec<_> = (0..writers.max(1))
             .map(|_| {
                 tasks.track_future(run(
@@ -176,26 +207,47 @@ impl Writer {
         match place {
             Place::Shared => {
                 for r in runs {
-                    tokio::spawn(r);
+                    tokio::spawn(fatal_on_panic(r));
                 }
             }
             Place::OwnThread => {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(StoreError::WriterThread)?;
+                // The runtime is built on its thread: dropped on a failed spawn here, it
+                // would panic (a runtime may not be dropped inside another's context).
+                let (built, ready) = std::sync::mpsc::sync_channel(1);
                 std::thread::Builder::new()
                     .name("listenscope-writer".into())
                     .spawn(move || {
+                        let rt = match tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                        {
+                            Ok(rt) => {
+                                let _ = built.send(Ok(()));
+                                rt
+                            }
+                            Err(e) => {
+                                let _ = built.send(Err(e));
+                                return;
+                            }
+                        };
                         rt.block_on(async move {
                             let mut set = tokio::task::JoinSet::new();
                             for r in runs {
-                                set.spawn(r);
+                                set.spawn(fatal_on_panic(r));
                             }
                             while set.join_next().await.is_some() {}
-                        })
+                        });
                     })
                     .map_err(StoreError::WriterThread)?;
+                match ready.recv() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(StoreError::WriterThread(e)),
+                    Err(_) => {
+                        return Err(StoreError::WriterThread(std::io::Error::other(
+                            "the writer thread ended before its runtime started",
+                        )));
+                    }
+                }
             }
         }
         Ok(Writer {
