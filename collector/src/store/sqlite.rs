@@ -134,6 +134,12 @@ impl SqliteStore {
     }
 }
 
+/// Whether every id is different (what `UPDATE … FROM (VALUES …)` needs).
+fn distinct(ids: impl Iterator<Item = i64>) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    ids.into_iter().all(|id| seen.insert(id))
+}
+
 /// A list passed as ONE parameter, read back with `json_each`: the statement's text does
 /// not depend on the list's length, so it is prepared once per connection.
 fn json_list<T: serde::Serialize>(items: &[T]) -> Result<String, StoreError> {
@@ -291,6 +297,7 @@ impl Backend for SqliteStore {
                     .map(move |(id, reason)| (id, at.clone(), reason))
             })
             .collect();
+        debug_assert!(distinct(closes.iter().map(|c| c.0)), "a row closed twice");
         for chunk in closes.chunks(INSERT_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "UPDATE listener SET valid_to = max(v.column2, valid_from), end_reason = v.column3
@@ -425,7 +432,12 @@ impl Backend for SqliteStore {
         c: &mut SqliteConnection,
         updates: &[HostUpdate<'_>],
     ) -> Result<(), StoreError> {
-        // One statement per chunk of hosts (a round holds each host once).
+        // One statement per chunk of hosts. `UPDATE … FROM` applies one of two rows with
+        // the same id, so this relies on a round holding each host once.
+        debug_assert!(
+            distinct(updates.iter().map(|u| u.host_id)),
+            "a host twice in a round"
+        );
         for chunk in updates.chunks(INSERT_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "UPDATE host SET session_id = coalesce(v.column2, session_id),
