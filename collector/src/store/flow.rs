@@ -159,6 +159,35 @@ pub(crate) struct Rebuild {
     pub ports: Option<Vec<i32>>,
 }
 
+/// A round's wants as two lists, the shape both backends query with: the hosts wanted
+/// whole, and the (host, key) pairs.
+pub(crate) fn split_live<'a>(wanted: &[LiveWanted<'a>]) -> (Vec<i64>, Vec<(i64, &'a str)>) {
+    let whole = wanted
+        .iter()
+        .filter(|w| w.keys.is_none())
+        .map(|w| w.host_id)
+        .collect();
+    let pairs = wanted
+        .iter()
+        .flat_map(|w| w.keys.iter().flatten().map(move |k| (w.host_id, *k)))
+        .collect();
+    (whole, pairs)
+}
+
+/// A round's rebuilds as two lists: the hosts rebuilt whole, and the (host, port) pairs.
+pub(crate) fn split_rebuild(rebuild: &[Rebuild]) -> (Vec<i64>, Vec<(i64, i32)>) {
+    let whole = rebuild
+        .iter()
+        .filter(|r| r.ports.is_none())
+        .map(|r| r.host_id)
+        .collect();
+    let pairs = rebuild
+        .iter()
+        .flat_map(|r| r.ports.iter().flatten().map(move |p| (r.host_id, *p)))
+        .collect();
+    (whole, pairs)
+}
+
 /// Live rows recomputed per transaction when bringing fingerprints to the current scheme.
 const REHASH_PAGE: i64 = 5000;
 /// The `setting` row naming the scheme of the stored fingerprints.

@@ -344,18 +344,8 @@ impl Backend for PgStore {
         c: &mut PgConnection,
         wanted: &[LiveWanted<'_>],
     ) -> Result<HashMap<i64, HashMap<String, LiveRow>>, StoreError> {
-        let whole: Vec<i64> = wanted
-            .iter()
-            .filter(|w| w.keys.is_none())
-            .map(|w| w.host_id)
-            .collect();
-        let (mut key_hosts, mut keys) = (Vec::new(), Vec::new());
-        for w in wanted {
-            for k in w.keys.iter().flatten() {
-                key_hosts.push(w.host_id);
-                keys.push(*k);
-            }
-        }
+        let (whole, pairs) = flow::split_live(wanted);
+        let (key_hosts, keys): (Vec<i64>, Vec<&str>) = pairs.into_iter().unzip();
         let mut out: HashMap<i64, HashMap<String, LiveRow>> =
             wanted.iter().map(|w| (w.host_id, HashMap::new())).collect();
         let mut found = Vec::new();
@@ -474,18 +464,8 @@ impl Backend for PgStore {
         // index serves: a whole host through host_id, a pair through (host_id, port). The
         // pairs are looked up one by one (LATERAL): as a plain join, PostgreSQL's generic
         // plan read a big host's every live row for each delta (5 ms instead of 0.1 ms).
-        let whole: Vec<i64> = rebuild
-            .iter()
-            .filter(|r| r.ports.is_none())
-            .map(|r| r.host_id)
-            .collect();
-        let (mut hosts, mut ports) = (Vec::new(), Vec::new());
-        for r in rebuild {
-            for p in r.ports.iter().flatten() {
-                hosts.push(r.host_id);
-                ports.push(*p);
-            }
-        }
+        let (whole, pairs) = flow::split_rebuild(rebuild);
+        let (hosts, ports): (Vec<i64>, Vec<i32>) = pairs.into_iter().unzip();
         const AGGREGATE: &str = "INSERT INTO hidden_port (host_id, host, netns, protocol, port, shown_as, processes)
              SELECT l.host_id, h.name, l.netns, l.protocol, l.port,
                     string_agg(DISTINCT l.shown_as COLLATE \"C\", ',' ORDER BY l.shown_as COLLATE \"C\"),

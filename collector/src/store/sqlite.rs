@@ -228,15 +228,7 @@ impl Backend for SqliteStore {
         // Two statements for the whole round, whatever its number of hosts: whole hosts
         // (snapshots) and (host, key) pairs (deltas), each list passed as one JSON array,
         // so the statement text never changes and stays prepared.
-        let whole: Vec<i64> = wanted
-            .iter()
-            .filter(|w| w.keys.is_none())
-            .map(|w| w.host_id)
-            .collect();
-        let pairs: Vec<(i64, &str)> = wanted
-            .iter()
-            .flat_map(|w| w.keys.iter().flatten().map(move |k| (w.host_id, *k)))
-            .collect();
+        let (whole, pairs) = flow::split_live(wanted);
         let mut out: HashMap<i64, HashMap<String, LiveRow>> =
             wanted.iter().map(|w| (w.host_id, HashMap::new())).collect();
         let mut found = Vec::new();
@@ -378,15 +370,7 @@ impl Backend for SqliteStore {
                                  ORDER BY NULLIF(l.process_names, ''))";
         const GROUP: &str = " GROUP BY l.host_id, h.name, l.netns, l.protocol, l.port
              HAVING max(l.hidden_ipv4_exposure) = 1";
-        let whole: Vec<i64> = rebuild
-            .iter()
-            .filter(|r| r.ports.is_none())
-            .map(|r| r.host_id)
-            .collect();
-        let pairs: Vec<(i64, i32)> = rebuild
-            .iter()
-            .flat_map(|r| r.ports.iter().flatten().map(move |p| (r.host_id, *p)))
-            .collect();
+        let (whole, pairs) = flow::split_rebuild(rebuild);
         if !whole.is_empty() {
             let list = json_list(&whole)?;
             sqlx::query(
