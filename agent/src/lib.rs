@@ -14,6 +14,7 @@ mod classify;
 pub mod cli;
 pub mod config;
 mod fasthash;
+pub mod firewall;
 pub mod model;
 pub mod os;
 mod output;

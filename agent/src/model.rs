@@ -90,6 +90,12 @@ pub struct NetnsView {
     pub source: Source,
     /// Conditions worth telling the operator (e.g. "IPv6 is disabled in this namespace").
     pub notes: Vec<String>,
+    /// The namespace's firewall rulesets as read; `None` when they were not read (the
+    /// namespace was read from /proc/PID/net, or the scan did not ask).
+    pub firewall: Option<crate::os::firewall::RawFirewall>,
+    /// Unicast routes of the main table as (destination, prefix length, output interface
+    /// name), for the firewall's forward path; empty when not read.
+    pub routes: Vec<(IpAddr, u8, String)>,
 }
 
 /// The classifier's verdict for one socket. See `classify.rs` and `docs/kernel.md`.
@@ -125,4 +131,6 @@ pub struct Listener {
     pub cgroup: Option<String>,
     pub container: Option<Container>,
     pub unit: Option<String>,
+    /// What the namespace's own firewall lets through, per IP version.
+    pub effective: crate::firewall::Exposure,
 }

@@ -34,6 +34,18 @@ struct DocNetns<'a> {
     name: &'a str,
     source: Option<Source>,
     listeners: usize,
+    /// `null` when the namespace could not be read at all.
+    firewall: Option<DocFirewall<'a>>,
+}
+
+#[derive(Serialize)]
+struct DocFirewall<'a> {
+    /// Readers whose tables were found: `nft`, `iptables-nft`, `iptables-legacy`; empty
+    /// when the namespace has no ruleset.
+    sources: &'a [&'static str],
+    generation: Option<u32>,
+    /// Why this namespace's verdicts are `unknown`, when they are.
+    problem: Option<&'a str>,
 }
 
 /// Writes the inventory as one JSON document followed by a newline.
@@ -62,6 +74,11 @@ pub fn write_json(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
                 name: &n.id.name,
                 source: n.source,
                 listeners: n.listeners,
+                firewall: n.firewall.as_ref().map(|f| DocFirewall {
+                    sources: &f.sources,
+                    generation: f.generation,
+                    problem: f.problem.as_deref(),
+                }),
             })
             .collect(),
         warnings: &inv.warnings,
@@ -171,7 +188,48 @@ fn write_listener(buf: &mut Vec<u8>, l: &Listener, processes: &HashMap<u32, Box<
     opt_bool(buf, s.transparent);
     buf.extend_from_slice(b",\"source\":\"");
     buf.extend_from_slice(l.source.as_str().as_bytes());
-    buf.extend_from_slice(b"\"}");
+    let e = &l.effective;
+    buf.extend_from_slice(b"\",\"effective_ipv4\":\"");
+    buf.extend_from_slice(e.ipv4.verdict.as_str().as_bytes());
+    buf.extend_from_slice(b"\",\"effective_ipv6\":\"");
+    buf.extend_from_slice(e.ipv6.verdict.as_str().as_bytes());
+    buf.extend_from_slice(b"\",\"effective_reason\":{\"ipv4\":");
+    string(buf, &e.ipv4.reason);
+    buf.extend_from_slice(b",\"ipv6\":");
+    string(buf, &e.ipv6.reason);
+    buf.extend_from_slice(b"},\"effective_conditions\":{\"ipv4\":");
+    strings(buf, &e.ipv4.conditions);
+    buf.extend_from_slice(b",\"ipv6\":");
+    strings(buf, &e.ipv6.conditions);
+    buf.extend_from_slice(b"},\"effective_diverted_to\":{\"ipv4\":");
+    opt_string(buf, e.ipv4.diverted_to.as_deref());
+    buf.extend_from_slice(b",\"ipv6\":");
+    opt_string(buf, e.ipv6.diverted_to.as_deref());
+    buf.extend_from_slice(b"}}");
+}
+
+fn strings(buf: &mut Vec<u8>, list: &[String]) {
+    // Writing to a Vec cannot fail, and strings always serialize.
+    #[allow(clippy::expect_used)]
+    serde_json::to_writer(&mut *buf, list).expect("writing to a Vec cannot fail");
+}
+
+/// The firewall column: the verdict per IP version the socket accepts from off-host.
+pub fn firewall_cell(l: &Listener) -> String {
+    use crate::firewall::Effective::NotApplicable;
+    let word = |a: &crate::firewall::Answer| match a.conditions.first() {
+        Some(c) if a.conditions.len() == 1 => format!("{} ({c})", a.verdict.as_str()),
+        Some(c) => format!("{} ({c}, …)", a.verdict.as_str()),
+        None => a.verdict.as_str().to_owned(),
+    };
+    let (v4, v6) = (&l.effective.ipv4, &l.effective.ipv6);
+    match (v4.verdict == NotApplicable, v6.verdict == NotApplicable) {
+        (true, true) => "-".to_owned(),
+        (false, true) => format!("v4 {}", word(v4)),
+        (true, false) => format!("v6 {}", word(v6)),
+        (false, false) if v4 == v6 => word(v4),
+        (false, false) => format!("v4 {}, v6 {}", word(v4), word(v6)),
+    }
 }
 
 /// What a socket really accepts, in words.
@@ -286,6 +344,7 @@ pub fn write_table(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
         "SHOWN AS",
         "REALLY ACCEPTS",
         "V6ONLY",
+        "FIREWALL",
         "NETNS",
         "PROCESS",
         "UNIT/CONTAINER",
@@ -297,6 +356,7 @@ pub fn write_table(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
             l.class.shown_as.clone(),
             really_accepts(l),
             v6only_cell(l).to_string(),
+            firewall_cell(l),
             l.netns.name.clone(),
             process_cell(l, &inv.processes),
             owner_cell(l),
@@ -322,7 +382,31 @@ pub fn write_table(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
         .listeners
         .iter()
         .filter(|l| l.hidden_ipv4_exposure)
-        .map(|l| format!("{} {}/{}", l.netns.name, l.socket.protocol, l.socket.port))
+        .map(|l| {
+            // What the firewall does to that port's hidden IPv4 side: the verdict of the
+            // listener that accepts IPv4 while shown as IPv6.
+            let fw = inv
+                .listeners
+                .iter()
+                .filter(|o| {
+                    o.netns.inode == l.netns.inode
+                        && o.socket.protocol == l.socket.protocol
+                        && o.socket.port == l.socket.port
+                        && o.class.trap
+                })
+                .map(|o| o.effective.ipv4.verdict.as_str())
+                .next()
+                .unwrap_or("unknown");
+            let fw = match fw {
+                "open" => "the firewall leaves it open".to_owned(),
+                "filtered" => "the firewall filters it".to_owned(),
+                other => format!("firewall: {other}"),
+            };
+            format!(
+                "{} {}/{} ({fw})",
+                l.netns.name, l.socket.protocol, l.socket.port
+            )
+        })
         .collect();
     hidden.dedup();
     if !hidden.is_empty() {
@@ -375,6 +459,11 @@ mod tests {
         freebind: Option<bool>,
         transparent: Option<bool>,
         source: Source,
+        effective_ipv4: &'a str,
+        effective_ipv6: &'a str,
+        effective_reason: BTreeMap<&'static str, &'a str>,
+        effective_conditions: BTreeMap<&'static str, &'a [String]>,
+        effective_diverted_to: BTreeMap<&'static str, Option<&'a str>>,
     }
 
     impl<'a> DocListener<'a> {
@@ -408,6 +497,20 @@ mod tests {
                 freebind: l.socket.freebind,
                 transparent: l.socket.transparent,
                 source: l.source,
+                effective_ipv4: l.effective.ipv4.verdict.as_str(),
+                effective_ipv6: l.effective.ipv6.verdict.as_str(),
+                effective_reason: BTreeMap::from([
+                    ("ipv4", l.effective.ipv4.reason.as_str()),
+                    ("ipv6", l.effective.ipv6.reason.as_str()),
+                ]),
+                effective_conditions: BTreeMap::from([
+                    ("ipv4", l.effective.ipv4.conditions.as_slice()),
+                    ("ipv6", l.effective.ipv6.conditions.as_slice()),
+                ]),
+                effective_diverted_to: BTreeMap::from([
+                    ("ipv4", l.effective.ipv4.diverted_to.as_deref()),
+                    ("ipv6", l.effective.ipv6.diverted_to.as_deref()),
+                ]),
             }
         }
     }
@@ -432,6 +535,12 @@ mod tests {
         odd.socket.freebind = Some(true);
         odd.socket.transparent = None;
         odd.source = Source::Procfs;
+        odd.effective.ipv4 = crate::firewall::Answer {
+            verdict: crate::firewall::Effective::Restricted,
+            reason: "ip filter INPUT rule 3: -A INPUT -s 198.51.100.0/24 -j ACCEPT".into(),
+            conditions: vec!["saddr 198.51.100.0/24".into(), "iifname \"e\\th*\"".into()],
+            diverted_to: Some("192.0.2.2:80 (netns \"x\")".into()),
+        };
         let latent = listener("10.9.9.9", None, 0, None);
         let mut procs = HashMap::new();
         for pid in [7u32, 8] {
@@ -500,6 +609,7 @@ mod tests {
             cgroup: None,
             container: None,
             unit: None,
+            effective: crate::firewall::Exposure::unknown("not \"read\"\u{1b}"),
         }
     }
 

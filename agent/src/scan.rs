@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use crate::attribution;
 use crate::classify::{classify, hidden_ipv4_groups};
 use crate::fasthash::FastSet;
+use crate::firewall::Firewall;
 use crate::model::{Listener, NetnsId, ProcessInfo, Protocol, Source};
 use crate::os::procfs::{CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CAP_SYS_PTRACE};
 use crate::os::{NetnsEntry, ReadError, System};
@@ -79,6 +80,19 @@ pub struct NetnsReport {
     pub source: Option<Source>,
     /// Listeners found in it (before output filters).
     pub listeners: usize,
+    /// Its firewall as read; `None` when the namespace could not be read at all.
+    pub firewall: Option<FirewallReport>,
+}
+
+/// What was read of one namespace's firewall (scan JSON `namespaces[].firewall`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallReport {
+    /// `nft`, `iptables-nft`, `iptables-legacy`; empty when there is no ruleset.
+    pub sources: Vec<&'static str>,
+    /// The nftables generation id the ruleset was read at.
+    pub generation: Option<u32>,
+    /// Why the verdicts of this namespace are `unknown`, when they are.
+    pub problem: Option<String>,
 }
 
 /// The result of a scan.
@@ -237,6 +251,9 @@ fn assemble(
     let mut listeners = Vec::new();
     let mut namespaces = Vec::new();
     let mut needs_sys_admin = false;
+    // Firewall problems, each once with the namespaces it concerns.
+    let mut unreadable: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut locals: HashMap<u64, crate::model::LocalAddrs> = HashMap::new();
     for (ns, result) in selected.iter().zip(views) {
         match result {
             Ok(view) => {
@@ -246,15 +263,41 @@ fn assemble(
                 needs_sys_admin |= view.source == Source::Procfs;
                 let ifnames: HashMap<u32, &str> =
                     view.ifnames.iter().map(|(i, n)| (*i, n.as_str())).collect();
+                if let Some(local) = &view.local {
+                    locals.insert(ns.id.inode, local.clone());
+                }
+                let mut firewall = match &view.firewall {
+                    Some(raw) => Firewall::from_raw(raw),
+                    None => Firewall::not_read(
+                        "the namespace was read from /proc/PID/net (entering it needs \
+                         CAP_SYS_ADMIN), so its firewall was not read",
+                    ),
+                };
+                firewall.set_routes(view.routes.clone());
+                for note in &firewall.notes {
+                    warnings.push(format!("netns {}: firewall: {note}", ns.id.name));
+                }
+                if let Some(problem) = &firewall.unreadable {
+                    unreadable
+                        .entry(problem.clone())
+                        .or_default()
+                        .push(ns.id.name.clone());
+                }
                 namespaces.push(NetnsReport {
                     id: ns.id.clone(),
                     source: Some(view.source),
                     listeners: view.sockets.len(),
+                    firewall: Some(FirewallReport {
+                        sources: firewall.sources.iter().map(|o| o.as_str()).collect(),
+                        generation: firewall.generation,
+                        problem: firewall.unreadable.clone(),
+                    }),
                 });
                 let id = Arc::new(ns.id.clone());
                 listeners.reserve(view.sockets.len());
                 for socket in view.sockets {
                     let class = classify(&socket, view.local.as_ref());
+                    let effective = firewall.exposure(&socket, &class, view.local.as_ref());
                     let interface = (socket.ifindex != 0).then(|| {
                         ifnames
                             .get(&socket.ifindex)
@@ -271,6 +314,7 @@ fn assemble(
                         cgroup: None,
                         container: None,
                         unit: None,
+                        effective,
                     });
                 }
             }
@@ -284,9 +328,16 @@ fn assemble(
                     id: ns.id.clone(),
                     source: None,
                     listeners: 0,
+                    firewall: None,
                 });
             }
         }
+    }
+    for (problem, names) in unreadable {
+        warnings.push(format!(
+            "firewall verdicts are unknown in netns {}: {problem}",
+            names.join(", ")
+        ));
     }
     if needs_sys_admin && !caps.has(CAP_SYS_ADMIN) {
         warnings.push(
@@ -307,12 +358,88 @@ fn assemble(
         l.hidden_ipv4_exposure =
             hidden.contains(&(l.netns.inode, l.socket.protocol, l.socket.port));
     }
+    link_diverted(&mut listeners, &locals);
     listeners.retain(|l| {
         opts.port.is_none_or(|p| l.socket.port == p) && (!opts.trap_only || l.class.trap)
     });
     attach_socket_cgroups(sys, &mut listeners);
     sort_listeners(&mut listeners, &namespaces);
     (listeners, namespaces)
+}
+
+/// A port a DNAT sends elsewhere (Docker- or kube-proxy-published) names the listener
+/// that receives it in another namespace, and that listener names the host port that
+/// publishes it: `diverted to 192.0.2.2:80 (netns X)`, `published through …`.
+/// Before the output filters, so a `--port` filter does not hide the other side.
+fn link_diverted(listeners: &mut [Listener], locals: &HashMap<u64, crate::model::LocalAddrs>) {
+    use std::net::IpAddr;
+    let mut links: Vec<(usize, usize, bool)> = Vec::new();
+    for (i, l) in listeners.iter().enumerate() {
+        for (v6, answer) in [(false, &l.effective.ipv4), (true, &l.effective.ipv6)] {
+            let Some(to) = &answer.diverted_to else {
+                continue;
+            };
+            for target in to.split(", ") {
+                let Some((addr, port)) = target.rsplit_once(':') else {
+                    continue;
+                };
+                let addr = addr.trim_start_matches('[').trim_end_matches(']');
+                let (Ok(addr), Ok(port)) = (addr.parse::<IpAddr>(), port.parse::<u16>()) else {
+                    continue;
+                };
+                for (j, other) in listeners.iter().enumerate() {
+                    let o = &other.socket;
+                    if j == i
+                        || other.netns.inode == l.netns.inode
+                        || o.protocol != l.socket.protocol
+                        || o.port != port
+                    {
+                        continue;
+                    }
+                    let owns = locals
+                        .get(&other.netns.inode)
+                        .is_some_and(|loc| match addr {
+                            IpAddr::V4(a) => loc.contains_v4(a),
+                            IpAddr::V6(a) => loc.contains_v6(a, 0),
+                        });
+                    let binds = o.address == addr
+                        || (o.address.is_unspecified()
+                            && match addr {
+                                IpAddr::V4(_) => other.class.reach_ipv4.exposed(),
+                                IpAddr::V6(_) => other.class.reach_ipv6.exposed(),
+                            });
+                    if owns && binds {
+                        links.push((i, j, v6));
+                    }
+                }
+            }
+        }
+    }
+    for (i, j, v6) in links {
+        let (from_ns, from_port) = (listeners[i].netns.name.clone(), listeners[i].socket.port);
+        let to_ns = listeners[j].netns.name.clone();
+        let answer = if v6 {
+            &mut listeners[i].effective.ipv6
+        } else {
+            &mut listeners[i].effective.ipv4
+        };
+        let rule = answer.reason.clone();
+        if let Some(to) = &mut answer.diverted_to
+            && !to.contains("(netns ")
+        {
+            to.push_str(&format!(" (netns {to_ns})"));
+        }
+        let target = &mut listeners[j].effective;
+        let side = if v6 {
+            &mut target.ipv6
+        } else {
+            &mut target.ipv4
+        };
+        let note = format!("; published as port {from_port} of netns {from_ns} by {rule}");
+        if !side.reason.contains(&note) {
+            side.reason.push_str(&note);
+        }
+    }
 }
 
 /// Namespace (host first, then by name), protocol, port, family, address, inode.
@@ -527,6 +654,8 @@ mod tests {
                 ifnames: vec![(2, "eth0".into())],
                 source: Source::SockDiag,
                 notes: vec![],
+                firewall: None,
+                routes: vec![],
             })
         }
         fn owners(&self, wanted: &OnceLock<FastSet<u64>>) -> OwnerWalk {

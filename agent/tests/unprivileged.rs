@@ -152,14 +152,56 @@ fn unprivileged_scan_says_what_it_could_not_see() {
     );
 }
 
-/// The capability set the systemd unit grants (deploy/systemd/listenscope-agent.service) is
-/// enough for the whole truth: as `nobody` with only those three capabilities, the scan
-/// enters other namespaces (v6only known), names the owners, and warns about nothing.
-#[test]
-fn the_deployed_capability_set_sees_everything() {
-    let ns = Netns::new();
-    let _sockets = ns.enter(|| vec![Bind::tcp("::", 9400).v6only(false).open()]);
-    let caps = "+sys_admin,+sys_ptrace,+dac_read_search";
+/// The capabilities a deployment file grants: the systemd unit's `AmbientCapabilities=`
+/// and the DaemonSet's `capabilities.add`, as `setpriv` names them.
+fn deployed_caps() -> String {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let unit = std::fs::read_to_string(format!("{root}/deploy/systemd/listenscope-agent.service"))
+        .unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
+        .expect("the unit grants ambient capabilities");
+    let mut unit_caps: Vec<String> = line
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect();
+    unit_caps.sort();
+    let bounding = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds its capabilities");
+    let mut bounding: Vec<String> = bounding
+        .split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect();
+    bounding.sort();
+    assert_eq!(unit_caps, bounding, "ambient and bounding sets differ");
+    let ds =
+        std::fs::read_to_string(format!("{root}/deploy/kubernetes/agent-daemonset.yaml")).unwrap();
+    let add = ds
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add: ["))
+        .expect("the DaemonSet adds capabilities");
+    let mut ds_caps: Vec<String> = add
+        .trim_end_matches(']')
+        .split(',')
+        .map(|c| c.trim().to_lowercase())
+        .collect();
+    ds_caps.sort();
+    assert_eq!(
+        unit_caps, ds_caps,
+        "the systemd unit and the DaemonSet grant different sets"
+    );
+    unit_caps
+        .iter()
+        .map(|c| format!("+{c}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Runs `scan --json --netns NS` as `nobody` with exactly `caps` (setpriv syntax).
+fn scan_with_caps(caps: &str, ns: &Netns) -> serde_json::Value {
     let out = Command::new("setpriv")
         .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
         .args(["--inh-caps", caps, "--ambient-caps", caps])
@@ -172,7 +214,50 @@ fn the_deployed_capability_set_sees_everything() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A namespace with an address, a dual-stack listener on 9400 and a firewall that lets
+/// only 9400 in.
+fn firewalled_netns() -> (Netns, Veth) {
+    let ns = Netns::new();
+    let veth = Veth::new(Some(&ns), None);
+    ns.ip(&["addr", "add", "198.51.100.10/24", "dev", &veth.a]);
+    ns.ip(&[
+        "addr",
+        "add",
+        "2001:db8:100::10/64",
+        "dev",
+        &veth.a,
+        "nodad",
+    ]);
+    ns.ip(&["link", "set", &veth.a, "up"]);
+    let rules = "table inet filter { chain input { type filter hook input priority 0; policy drop; \
+                 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept; \
+                 tcp dport 9400 accept; }; }";
+    let out = ns.exec("nft", &[rules]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (ns, veth)
+}
+
+/// The capability set the deployment files grant (the systemd unit and the DaemonSet,
+/// read from the files themselves) is enough for the whole truth: as `nobody` with only
+/// those capabilities, the scan enters other namespaces (v6only known), names the
+/// owners, reads the firewall (verdicts decided, no problem), and warns about nothing.
+#[test]
+fn the_deployed_capability_set_sees_everything() {
+    let (ns, _veth) = firewalled_netns();
+    let _sockets = ns.enter(|| {
+        vec![
+            Bind::tcp("::", 9400).v6only(false).open(),
+            Bind::tcp("::", 9401).v6only(false).open(),
+        ]
+    });
+    let doc = scan_with_caps(&deployed_caps(), &ns);
     let l = find(&doc, &ns.name, "tcp", 9400);
     assert_eq!(l.len(), 1, "{doc}");
     assert_eq!(
@@ -184,6 +269,32 @@ fn the_deployed_capability_set_sees_everything() {
         owner_pids(l[0]).contains(&std::process::id()),
         "owners of root's processes: {doc}"
     );
+    assert_eq!(
+        (
+            l[0]["effective_ipv4"].as_str(),
+            l[0]["effective_ipv6"].as_str()
+        ),
+        (Some("open"), Some("open")),
+        "{doc}"
+    );
+    let closed = find(&doc, &ns.name, "tcp", 9401);
+    assert_eq!(closed[0]["effective_ipv4"], "filtered", "{doc}");
+    let nsdoc = doc["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == ns.name.as_str())
+        .unwrap();
+    assert_eq!(
+        nsdoc["firewall"]["sources"],
+        serde_json::json!(["nft"]),
+        "{doc}"
+    );
+    assert_eq!(
+        nsdoc["firewall"]["problem"],
+        serde_json::Value::Null,
+        "{doc}"
+    );
     let warnings: Vec<&str> = doc["warnings"]
         .as_array()
         .unwrap()
@@ -194,4 +305,23 @@ fn the_deployed_capability_set_sees_everything() {
         warnings.iter().all(|w| w.contains("not dumpable")),
         "only the sandbox's undumpable pid 1 may be invisible: {warnings:?}"
     );
+}
+
+/// Without CAP_NET_ADMIN the scan still runs; every verdict of a firewalled namespace
+/// is `unknown` (never `open`), and the warning names the capability and the fix.
+#[test]
+fn without_net_admin_verdicts_are_unknown_and_say_why() {
+    let (ns, _veth) = firewalled_netns();
+    let _sockets = ns.enter(|| vec![Bind::tcp("::", 9402).v6only(false).open()]);
+    let doc = scan_with_caps("+sys_admin,+sys_ptrace,+dac_read_search", &ns);
+    let l = find(&doc, &ns.name, "tcp", 9402);
+    assert_eq!(l[0]["effective_ipv4"], "unknown", "{doc}");
+    assert_eq!(l[0]["effective_ipv6"], "unknown", "{doc}");
+    let reason = l[0]["effective_reason"]["ipv4"].as_str().unwrap();
+    assert!(reason.contains("CAP_NET_ADMIN"), "{reason}");
+    let warned = doc["warnings"].as_array().unwrap().iter().any(|w| {
+        w.as_str()
+            .is_some_and(|w| w.contains("CAP_NET_ADMIN") && w.contains(ns.name.as_str()))
+    });
+    assert!(warned, "{doc}");
 }

@@ -87,6 +87,49 @@ impl Reach {
     }
 }
 
+/// What the namespace's own firewall (nftables, iptables) lets through to a listener
+/// over one IP version, for a new connection from off-host (`docs/firewall.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Effective {
+    /// Every client of that version reaches it.
+    #[serde(rename = "open")]
+    Open,
+    /// No client of that version reaches it.
+    #[serde(rename = "filtered")]
+    Filtered,
+    /// Some do (by source, interface, source port, destination address or rate).
+    #[serde(rename = "restricted")]
+    Restricted,
+    /// The rules could not be read or decided: never a guess.
+    #[serde(rename = "unknown")]
+    Unknown,
+    /// A DNAT or redirect sends that traffic elsewhere (e.g. a Docker-published port).
+    #[serde(rename = "diverted")]
+    Diverted,
+    /// The socket itself accepts nothing of that version from off-host (none, loopback
+    /// only, or latent): the firewall is not the question.
+    #[serde(rename = "n/a")]
+    NotApplicable,
+}
+
+impl Effective {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effective::Open => "open",
+            Effective::Filtered => "filtered",
+            Effective::Restricted => "restricted",
+            Effective::Unknown => "unknown",
+            Effective::Diverted => "diverted",
+            Effective::NotApplicable => "n/a",
+        }
+    }
+
+    /// True when at least some clients of that version get through.
+    pub fn lets_through(self) -> bool {
+        matches!(self, Effective::Open | Effective::Restricted)
+    }
+}
+
 /// Where a namespace's sockets were read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -155,6 +198,11 @@ from_names!(Protocol, "protocol", [Tcp, Udp]);
 from_names!(Family, "address family", [Ipv4, Ipv6]);
 from_names!(Reach, "reach", [Any, Loopback, Specific, None, Unknown]);
 from_names!(Source, "source", [SockDiag, Procfs]);
+from_names!(
+    Effective,
+    "effective verdict",
+    [Open, Filtered, Restricted, Unknown, Diverted, NotApplicable]
+);
 
 #[cfg(test)]
 mod tests {

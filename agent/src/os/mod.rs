@@ -3,6 +3,7 @@
 //! the [`System`] trait and takes plain values, so the scan logic is tested with a fake
 //! system and without root (`scan.rs` tests), while `tests/` drive the real one.
 
+pub mod firewall;
 pub mod netlink;
 pub mod netns;
 pub mod procfs;
@@ -57,6 +58,10 @@ pub trait System: Sync {
 #[derive(Debug, Default)]
 pub struct LinuxSystem {
     passwd: OnceLock<procfs::Passwd>,
+    /// Firewall readings kept across scans: a namespace's rulesets are read again only
+    /// when its nftables generation or legacy tables changed (see `firewall.rs`).
+    firewall: std::sync::Mutex<firewall::FirewallCache>,
+    firewall_opts: firewall::ReadOptions,
 }
 
 impl LinuxSystem {
@@ -73,21 +78,26 @@ fn walk_threads() -> usize {
 
 impl System for LinuxSystem {
     fn discover(&self) -> Discovery {
-        netns::discover()
+        let found = netns::discover();
+        // The firewall cache holds at most the namespaces that still exist.
+        if let Ok(mut cache) = self.firewall.lock() {
+            cache.retain(|inode| found.namespaces.iter().any(|n| n.id.inode == inode));
+        }
+        found
     }
 
     fn read_netns(&self, ns: &NetnsEntry, protocols: &[Protocol]) -> Result<NetnsView, ReadError> {
         // This process's own namespace: no thread of ours ever leaves it except the
         // dedicated ones below, so the calling thread is in it.
         if ns.current {
-            return read_current_netns(protocols);
+            return read_current_netns(protocols, || self.read_firewall(ns.id.inode));
         }
         // A dedicated thread: setns changes only the calling thread, and that thread is
         // thrown away afterwards, so no other work ever runs in a borrowed namespace.
         let entered = std::thread::scope(|s| {
             s.spawn(|| {
                 netns::enter(&ns.handles, ns.id.inode).map_err(ReadError::Enter)?;
-                read_current_netns(protocols)
+                read_current_netns(protocols, || self.read_firewall(ns.id.inode))
             })
             .join()
             .unwrap_or(Err(ReadError::Panicked))
@@ -122,8 +132,32 @@ impl System for LinuxSystem {
     }
 }
 
-/// Reads the calling thread's namespace through netlink.
-fn read_current_netns(protocols: &[Protocol]) -> Result<NetnsView, ReadError> {
+impl LinuxSystem {
+    /// The calling thread's namespace's firewall: the cached reading unless the cheap
+    /// probe (nftables generation, legacy tables) says it changed.
+    fn read_firewall(&self, inode: u64) -> firewall::RawFirewall {
+        let probe = firewall::probe_current();
+        let now = std::time::Instant::now();
+        if let Ok(cache) = self.firewall.lock()
+            && !cache.needs_read(inode, &probe, now)
+            && let Some(raw) = cache.get(inode)
+        {
+            return raw.clone();
+        }
+        let raw = firewall::read_current(&self.firewall_opts);
+        if let Ok(mut cache) = self.firewall.lock() {
+            cache.insert(inode, raw.clone(), now);
+        }
+        raw
+    }
+}
+
+/// Reads the calling thread's namespace through netlink; `firewall` reads its rulesets
+/// on the same thread (a child process inherits the thread's namespace).
+fn read_current_netns(
+    protocols: &[Protocol],
+    firewall: impl FnOnce() -> firewall::RawFirewall,
+) -> Result<NetnsView, ReadError> {
     let mut notes = Vec::new();
     let mut diag = netlink::Netlink::sock_diag().map_err(netlink::DumpError::Io)?;
     let mut sockets = Vec::new();
@@ -161,13 +195,43 @@ fn read_current_netns(protocols: &[Protocol]) -> Result<NetnsView, ReadError> {
     ifindexes.sort_unstable();
     ifindexes.dedup();
     let ifnames = ifindexes.into_iter().map(|i| (i, ifname(i))).collect();
+    let routes = match read_routes() {
+        Ok(r) => r,
+        Err(e) => {
+            notes.push(format!(
+                "main routing table unreadable ({e}): where DNAT targets lead is not judged"
+            ));
+            Vec::new()
+        }
+    };
     Ok(NetnsView {
         sockets,
         local,
         ifnames,
         source: Source::SockDiag,
         notes,
+        firewall: Some(firewall()),
+        routes,
     })
+}
+
+fn read_routes() -> Result<Vec<(std::net::IpAddr, u8, String)>, netlink::DumpError> {
+    let mut rt = netlink::Netlink::route()?;
+    let mut routes = Vec::new();
+    rt.main_routes(Family::Ipv4, &mut routes)?;
+    match rt.main_routes(Family::Ipv6, &mut routes) {
+        Ok(()) | Err(netlink::DumpError::Unsupported) => {}
+        Err(e) => return Err(e),
+    }
+    let mut names: HashMap<u32, String> = HashMap::new();
+    Ok(routes
+        .into_iter()
+        .filter(|r| r.oif != 0)
+        .map(|r| {
+            let name = names.entry(r.oif).or_insert_with(|| ifname(r.oif)).clone();
+            (r.dst, r.len, name)
+        })
+        .collect())
 }
 
 fn read_local_addrs() -> Result<LocalAddrs, netlink::DumpError> {
@@ -207,6 +271,8 @@ fn read_via_procfs(ns: &NetnsEntry, protocols: &[Protocol]) -> Result<NetnsView,
                     local: None,
                     ifnames: Vec::new(),
                     source: Source::Procfs,
+                    firewall: None,
+                    routes: Vec::new(),
                     notes: vec![format!(
                         "read from /proc/{pid}/net: v6only, bound interface and latent binds are \
                          unknown here (entering the namespace needs CAP_SYS_ADMIN)"

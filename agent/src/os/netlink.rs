@@ -28,6 +28,8 @@ const NLMSG_DONE: u16 = 3;
 const RTM_GETROUTE: u16 = 26;
 const RTM_NEWROUTE: u16 = 24;
 const RT_TABLE_LOCAL: u32 = 255;
+const RT_TABLE_MAIN: u32 = 254;
+const RTN_UNICAST: u8 = 1;
 const RTN_LOCAL: u8 = 2;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
@@ -220,6 +222,91 @@ impl Netlink {
             Ok(())
         })
     }
+}
+
+impl Netlink {
+    /// Unicast routes of the `main` table (destination prefix → output interface index),
+    /// for the firewall evaluator's forward path: which interface a DNAT target leaves by.
+    pub fn main_routes(&mut self, family: Family, out: &mut Vec<Route>) -> Result<(), DumpError> {
+        let af = match family {
+            Family::Ipv4 => libc::AF_INET as u8,
+            Family::Ipv6 => libc::AF_INET6 as u8,
+        };
+        let mut request = vec![0u8; 28];
+        request[0..4].copy_from_slice(&28u32.to_ne_bytes());
+        request[4..6].copy_from_slice(&RTM_GETROUTE.to_ne_bytes());
+        request[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        request[16] = af;
+        request[20] = RT_TABLE_MAIN as u8;
+        self.dump(&mut request, |kind, payload| {
+            if kind == RTM_NEWROUTE
+                && out.len() < MAX_ROUTES
+                && let Some(r) = decode_main_route(payload)?
+            {
+                out.push(r);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// At most this many routes are kept per namespace (a full BGP table has ~1M: the
+/// evaluator needs the connected and container routes, which come first).
+const MAX_ROUTES: usize = 10_000;
+
+/// One unicast route of the main table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub dst: IpAddr,
+    pub len: u8,
+    /// Output interface index (0 when the route names none, e.g. multipath).
+    pub oif: u32,
+}
+
+fn decode_main_route(payload: &[u8]) -> Result<Option<Route>, DumpError> {
+    if payload.len() < 12 {
+        return Err(DumpError::Decode("short rtmsg".into()));
+    }
+    let (af, dst_len, mut table, rtype) =
+        (payload[0], payload[1], u32::from(payload[4]), payload[7]);
+    let mut dst: Option<&[u8]> = None;
+    let mut oif = 0u32;
+    let mut attrs = &payload[12..];
+    while attrs.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
+        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
+        if len < 4 || len > attrs.len() {
+            return Err(DumpError::Decode("bad route attribute length".into()));
+        }
+        let v = &attrs[4..len];
+        match kind {
+            RTA_DST => dst = Some(v),
+            RTA_OIF if v.len() == 4 => oif = u32::from_ne_bytes(array_at(v, 0)),
+            RTA_TABLE if v.len() == 4 => table = u32::from_ne_bytes(array_at(v, 0)),
+            _ => {}
+        }
+        attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
+    }
+    if table != RT_TABLE_MAIN || rtype != RTN_UNICAST {
+        return Ok(None);
+    }
+    let dst = match (i32::from(af), dst) {
+        (libc::AF_INET, Some(d)) if d.len() == 4 => {
+            IpAddr::V4(Ipv4Addr::new(d[0], d[1], d[2], d[3]))
+        }
+        (libc::AF_INET, None) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        (libc::AF_INET6, Some(d)) if d.len() == 16 => {
+            let octets: [u8; 16] = array_at(d, 0);
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        (libc::AF_INET6, None) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return Ok(None),
+    };
+    Ok(Some(Route {
+        dst,
+        len: dst_len,
+        oif,
+    }))
 }
 
 /// The `N` bytes of `b` at `off`. Callers check the length first; a short `b` panics like
