@@ -90,8 +90,9 @@ pub struct NetnsView {
     pub source: Source,
     /// Conditions worth telling the operator (e.g. "IPv6 is disabled in this namespace").
     pub notes: Vec<String>,
-    /// The namespace's firewall rulesets as read; `None` when they were not read (the
-    /// namespace was read from /proc/PID/net, or the scan did not ask).
+    /// The namespace's firewall rulesets as read (`System::read_firewall`, filled in by
+    /// the scan after the sockets); `None` when they were not read (the namespace was
+    /// read from /proc/PID/net, or could not be entered).
     pub firewall: Option<crate::os::firewall::RawFirewall>,
     /// Unicast routes of the main table as (destination, prefix length, output interface
     /// name), for the firewall's forward path; empty when not read.

@@ -13,6 +13,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use time::format_description::well_known::Rfc3339;
 
+use crate::firewall::Effective;
 use crate::model::{Family, Listener, ProcessInfo, Reach, Source};
 use crate::scan::Inventory;
 
@@ -394,13 +395,22 @@ pub fn write_table(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
                         && o.socket.port == l.socket.port
                         && o.class.trap
                 })
-                .map(|o| o.effective.ipv4.verdict.as_str())
-                .next()
-                .unwrap_or("unknown");
-            let fw = match fw {
-                "open" => "the firewall leaves it open".to_owned(),
-                "filtered" => "the firewall filters it".to_owned(),
-                other => format!("firewall: {other}"),
+                .map(|o| &o.effective.ipv4)
+                .next();
+            let fw = match fw.map(|a| (a.verdict, a.conditions.as_slice())) {
+                Some((Effective::Open, _))
+                    if fw.is_some_and(|a| a.reason.starts_with("no firewall rules")) =>
+                {
+                    "no firewall rules".to_owned()
+                }
+                Some((Effective::Open, _)) => "the firewall leaves it open".to_owned(),
+                Some((Effective::Filtered, _)) => "the firewall filters it".to_owned(),
+                Some((Effective::Restricted, c)) => {
+                    format!("the firewall lets some in: {}", c.join(" or "))
+                }
+                Some((Effective::Diverted, _)) => "a DNAT sends it elsewhere".to_owned(),
+                Some((other, _)) => format!("firewall: {}", other.as_str()),
+                None => "firewall: unknown".to_owned(),
             };
             format!(
                 "{} {}/{} ({fw})",

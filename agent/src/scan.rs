@@ -214,6 +214,8 @@ fn collect(
             .collect(),
     );
     let t_read = started.elapsed();
+    // The rulesets are read now, while the owner walk (already given its inodes) runs.
+    let views = read_firewalls(sys, &selected, views);
     let (listeners, namespaces) = assemble(sys, &selected, views, opts, caps, &mut warnings);
     tracing::debug!(
         discover_us = t_discover.as_micros() as u64,
@@ -269,8 +271,8 @@ fn assemble(
                 let mut firewall = match &view.firewall {
                     Some(raw) => Firewall::from_raw(raw),
                     None => Firewall::not_read(
-                        "the namespace was read from /proc/PID/net (entering it needs \
-                         CAP_SYS_ADMIN), so its firewall was not read",
+                        "the firewall was not read: the namespace could not be entered (it \
+                         needs CAP_SYS_ADMIN; its sockets came from /proc/PID/net)",
                     ),
                 };
                 firewall.set_routes(view.routes.clone());
@@ -519,6 +521,46 @@ fn read_all(
         .into_iter()
         .map(|r| r.unwrap_or(Err(ReadError::Panicked)))
         .collect()
+}
+
+/// Reads each namespace's firewall (those read through sock_diag; a /proc/PID/net
+/// fallback could not enter it either), in parallel like the sockets.
+fn read_firewalls(
+    sys: &dyn System,
+    selected: &[NetnsEntry],
+    mut views: Vec<Result<crate::model::NetnsView, ReadError>>,
+) -> Vec<Result<crate::model::NetnsView, ReadError>> {
+    let wanted: Vec<usize> = views
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| matches!(v, Ok(v) if v.source == Source::SockDiag))
+        .map(|(i, _)| i)
+        .collect();
+    let results: Mutex<Vec<(usize, Option<crate::os::firewall::RawFirewall>)>> =
+        Mutex::new(Vec::with_capacity(wanted.len()));
+    let next = AtomicUsize::new(0);
+    let workers = wanted.len().clamp(1, NETNS_PARALLEL);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&i) = wanted.get(k) else { break };
+                    let raw = sys.read_firewall(&selected[i]);
+                    results
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((i, raw));
+                }
+            });
+        }
+    });
+    for (i, raw) in results.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        if let Some(Ok(view)) = views.get_mut(i) {
+            view.firewall = raw;
+        }
+    }
+    views
 }
 
 /// Fills `pids` of every listener from the walk; returns the process table. Processes that

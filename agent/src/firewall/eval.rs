@@ -89,14 +89,22 @@ pub struct Evaluator {
     tables: Vec<Table>,
     /// Main-table routes (destination, prefix length, interface) for the forward path.
     routes: Vec<(IpAddr, u8, String)>,
-    answers: HashMap<Question, Answer>,
+    /// Answers by (tcp, v6, port class, addresses): ports no rule tells apart share one.
+    answers: HashMap<Vec<IpAddr>, HashMap<(bool, bool, usize), Answer>>,
+    debian_default: bool,
+    /// Sorted boundaries of every port range any rule matches or rewrites to: two ports
+    /// between the same boundaries take the same way through every rule.
+    port_breaks: Vec<u64>,
     nd: Option<Option<String>>,
 }
 
 impl Evaluator {
     pub fn new(ruleset: &Ruleset) -> Self {
-        let tables = ruleset.tables.iter().map(expand_verdict_maps).collect();
+        let tables: Vec<Table> = ruleset.tables.iter().map(expand_verdict_maps).collect();
+        let port_breaks = port_breaks(&tables);
         Evaluator {
+            debian_default: is_debian_default(&tables),
+            port_breaks,
             tables,
             routes: Vec::new(),
             answers: HashMap::new(),
@@ -119,17 +127,28 @@ impl Evaluator {
     }
 
     pub fn answer(&mut self, q: &Question) -> Answer {
-        if is_debian_default(&self.tables) {
+        if self.debian_default {
             return Answer::new(
                 Effective::Open,
                 "Debian's default /etc/nftables.conf: chains with policy accept and no rules",
             );
         }
-        if let Some(a) = self.answers.get(q) {
+        let class = self
+            .port_breaks
+            .partition_point(|&b| b <= u64::from(q.port));
+        let key = (q.tcp, q.v6, class);
+        if let Some(a) = self
+            .answers
+            .get(q.daddrs.as_slice())
+            .and_then(|m| m.get(&key))
+        {
             return a.clone();
         }
         let a = self.compute(q);
-        self.answers.insert(q.clone(), a.clone());
+        self.answers
+            .entry(q.daddrs.clone())
+            .or_default()
+            .insert(key, a.clone());
         a
     }
 
@@ -154,6 +173,19 @@ impl Evaluator {
             }
         }
         let mut w = Walker::new(&self.tables, &self.routes, q.v6);
+        let version = if q.v6 { "IPv6" } else { "IPv4" };
+        if w.base_chains(&[Hook::Ingress, Hook::Prerouting, Hook::Input], Dir::In)
+            .is_empty()
+            && w.base_chains(&[Hook::Output, Hook::Postrouting], Dir::Reply)
+                .is_empty()
+        {
+            return Answer::new(
+                Effective::Open,
+                format!(
+                    "no firewall chain sees {version} here (the tables are for the other IP version)"
+                ),
+            );
+        }
         let packet = Packet {
             l4: if q.tcp { 6 } else { 17 },
             port: Some(q.port),
@@ -254,6 +286,54 @@ fn is_debian_default(tables: &[Table]) -> bool {
         && t.family == super::model::TableFamily::Inet
         && t.chains.len() == 3
         && hooks == [Hook::Input, Hook::Forward, Hook::Output]
+}
+
+/// Every boundary of a port range the rules match (`Dport`, `Sport`, in concatenations
+/// too) or rewrite to: `lo` and `hi + 1` of each.
+fn port_breaks(tables: &[Table]) -> Vec<u64> {
+    fn add(key: &Key, value: &Value, out: &mut Vec<u64>) {
+        match (key, value) {
+            (Key::Dport | Key::Sport, Value::Num(lo, hi)) => {
+                out.push(*lo);
+                out.push(hi.saturating_add(1));
+            }
+            (Key::Concat(keys), Value::Tuple(parts)) => {
+                for (k, v) in keys.iter().zip(parts) {
+                    add(k, v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for t in tables {
+        for c in &t.chains {
+            for r in &c.rules {
+                for s in &r.stmts {
+                    match s {
+                        Stmt::Match { key, values, .. } => {
+                            for v in values {
+                                add(key, v, &mut out);
+                            }
+                        }
+                        Stmt::VerdictMap { key, entries } => {
+                            for (v, _) in entries {
+                                add(key, v, &mut out);
+                            }
+                        }
+                        Stmt::Nat { port: Some(p), .. } => {
+                            out.push(u64::from(*p));
+                            out.push(u64::from(*p) + 1);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// A verdict map becomes one rule per element (the elements are disjoint, so at most one
@@ -803,6 +883,7 @@ impl<'a> Walker<'a> {
                     Stmt::Verdict(_)
                         | Stmt::Nat { .. }
                         | Stmt::SetMark(_)
+                        | Stmt::MarkBits { .. }
                         | Stmt::Notrack
                         | Stmt::VerdictMap { .. }
                         | Stmt::NamedVerdictMap { .. }
@@ -845,6 +926,10 @@ impl<'a> Walker<'a> {
                 Stmt::Fixed { holds, .. } => Test::Known(*holds),
                 Stmt::SetMark(m) => {
                     task.path.mark = *m;
+                    continue;
+                }
+                Stmt::MarkBits { and, or, xor } => {
+                    task.path.mark = ((task.path.mark & and) | or) ^ xor;
                     continue;
                 }
                 Stmt::Notrack => {
@@ -1114,6 +1199,7 @@ impl<'a> Walker<'a> {
                 _ => cond(Dim::Daddr),
             },
             Key::Mark => known(values.iter().any(|v| num_in(v, path.mark))),
+            Key::MarkMasked(mask) => known(values.iter().any(|v| num_in(v, path.mark & mask))),
             Key::HopLimit => match p.hop_limit {
                 Some(h) if dir == Dir::In => known(values.iter().any(|v| num_in(v, h))),
                 // A client's hop limit depends on its distance.

@@ -1354,7 +1354,7 @@ fn decode_option(cx: &Cx<'_>, g: &Group<'_>, o: &Opt<'_>) -> Result<Decoded, Pro
             (v, None | Some(0xffff_ffff)) => {
                 Some(vec![matching(Key::Mark, neg, vec![Value::num(v)])])
             }
-            _ => None,
+            (v, Some(m)) => Some(vec![matching(Key::MarkMasked(m), neg, vec![Value::num(v)])]),
         },
         ("iprange", "src-range") => Some(vec![matching(
             Key::Saddr,
@@ -1640,9 +1640,37 @@ fn decode_mark_target(cx: &Cx<'_>, g: &Group<'_>, out: &mut Vec<Stmt>) -> Result
     let set = target_opt(g, &["set-xmark", "set-mark"])?
         .map(value_mask)
         .transpose()?;
+    let bits = |name: &str| -> Result<Option<u64>, Problem> {
+        target_opt(g, &[name])?
+            .map(|v| value_mask(v).map(|(v, _)| v))
+            .transpose()
+    };
     match set {
         Some((v, None | Some(0xffff_ffff))) => out.push(Stmt::SetMark(v)),
-        _ => out.push(opaque(cx.group_text(g))),
+        // mark = (mark & !M) ^ V
+        Some((v, Some(m))) => out.push(Stmt::MarkBits {
+            and: !m & 0xffff_ffff,
+            or: 0,
+            xor: v,
+        }),
+        None => match (bits("or-mark")?, bits("and-mark")?, bits("xor-mark")?) {
+            (Some(v), None, None) => out.push(Stmt::MarkBits {
+                and: 0xffff_ffff,
+                or: v,
+                xor: 0,
+            }),
+            (None, Some(v), None) => out.push(Stmt::MarkBits {
+                and: v,
+                or: 0,
+                xor: 0,
+            }),
+            (None, None, Some(v)) => out.push(Stmt::MarkBits {
+                and: 0xffff_ffff,
+                or: 0,
+                xor: v,
+            }),
+            _ => out.push(opaque(cx.group_text(g))),
+        },
     }
     Ok(())
 }
@@ -1698,6 +1726,9 @@ mod tests {
             Stmt::Opaque { text } => format!("opaque({text})"),
             Stmt::Fixed { holds, text } => format!("{holds}({text})"),
             Stmt::SetMark(m) => format!("setmark=0x{m:x}"),
+            Stmt::MarkBits { and, or, xor } => {
+                format!("markbits=&0x{and:x}|0x{or:x}^0x{xor:x}")
+            }
             Stmt::Notrack => "notrack".to_string(),
             Stmt::Nat { kind, to, port } => {
                 let kind = match kind {
@@ -1737,6 +1768,7 @@ mod tests {
             Key::IcmpType { v6: true } => "icmp6",
             Key::FibDaddrType => "fibdaddr",
             Key::Mark => "mark",
+            Key::MarkMasked(_) => "mark&",
             Key::HopLimit => "hl",
             Key::Concat(_) => "concat",
         }
@@ -1929,7 +1961,7 @@ mod tests {
             ("-A INPUT -m mark --mark 0x1 -j ACCEPT", "mark=1 ; accept"),
             ("-A INPUT -m mark --mark 0x10/0xffffffff -j ACCEPT", "mark=16 ; accept"),
             ("-A INPUT -m mark ! --mark 7 -j ACCEPT", "mark!=7 ; accept"),
-            ("-A INPUT -m mark ! --mark 0x1/0xff -j ACCEPT", "opaque(-m mark ! --mark 0x1/0xff) ; accept"),
+            ("-A INPUT -m mark ! --mark 0x1/0xff -j ACCEPT", "mark&!=1 ; accept"),
             ("-A INPUT -m iprange --src-range 10.0.0.1-10.0.0.9 -j DROP", "saddr=10.0.0.1-10.0.0.9 ; drop"),
             ("-A INPUT -m iprange ! --dst-range 10.0.0.1-10.0.0.9 -j DROP", "daddr!=10.0.0.1-10.0.0.9 ; drop"),
             ("-A INPUT -m comment --comment \"hello world \\\"x\\\"\" -j ACCEPT", "accept"),
@@ -1995,8 +2027,8 @@ mod tests {
             ("-A INPUT -j MARK --set-xmark 0x5/0xffffffff", "setmark=0x5"),
             ("-A INPUT -j MARK --set-mark 5", "setmark=0x5"),
             ("-A INPUT -j MARK --set-xmark 0xffffffff/0xffffffff", "setmark=0xffffffff"),
-            ("-A INPUT -j MARK --set-xmark 0x5/0xff", "opaque(-j MARK --set-xmark 0x5/0xff)"),
-            ("-A INPUT -j MARK --or-mark 0x5", "opaque(-j MARK --or-mark 0x5)"),
+            ("-A INPUT -j MARK --set-xmark 0x5/0xff", "markbits=&0xffffff00|0x0^0x5"),
+            ("-A INPUT -j MARK --or-mark 0x5", "markbits=&0xffffffff|0x5^0x0"),
             ("-A INPUT -j CT --notrack", "notrack"),
             ("-A INPUT -p udp -j NOTRACK", "l4proto=17 ; notrack"),
             ("-A INPUT -j CT --zone 1", ""),

@@ -50,6 +50,8 @@ pub struct Firewall {
     /// Things worth telling the operator that do not stop evaluation.
     pub notes: Vec<String>,
     evaluator: Evaluator,
+    /// The namespace's reachable addresses per version (`[v4, v6]`), computed once.
+    wildcard: [Option<Vec<IpAddr>>; 2],
 }
 
 impl Firewall {
@@ -62,6 +64,7 @@ impl Firewall {
             unreadable: Some(reason.into()),
             notes: Vec::new(),
             evaluator: Evaluator::new(&Ruleset::default()),
+            wildcard: [None, None],
         }
     }
 
@@ -186,6 +189,7 @@ impl Firewall {
             unreadable: (!unreadable.is_empty()).then(|| unreadable.join("; ")),
             notes,
             evaluator: Evaluator::new(&ruleset),
+            wildcard: [None, None],
         }
     }
 
@@ -244,7 +248,9 @@ impl Firewall {
                 (IpAddr::V4(_), true) => return na(format!("the socket accepts no {version}")),
             },
             Reach::Any => match local {
-                Some(local) => reachable_addresses(local, v6),
+                Some(local) => self.wildcard[usize::from(v6)]
+                    .get_or_insert_with(|| reachable_addresses(local, v6))
+                    .clone(),
                 None => {
                     return Answer::new(
                         Effective::Unknown,

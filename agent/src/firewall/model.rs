@@ -223,6 +223,9 @@ pub enum Key {
     FibDaddrType,
     /// `meta mark`.
     Mark,
+    /// `meta mark & MASK` (iptables `--mark V/MASK`): the values are compared with the
+    /// masked mark.
+    MarkMasked(u64),
     /// IPv6 hop limit / IPv4 TTL.
     HopLimit,
     /// A concatenation (`ip saddr . tcp dport`); values are [`Value::Tuple`].
@@ -289,6 +292,13 @@ pub enum Stmt {
     },
     /// `meta mark set N`.
     SetMark(u64),
+    /// `meta mark set (mark & and | or) ^ xor`: iptables `--set-xmark V/M` is
+    /// `and = !M, xor = V`; nft `mark | 0x4000` is `or = 0x4000`.
+    MarkBits {
+        and: u64,
+        or: u64,
+        xor: u64,
+    },
     /// `notrack` / `-j CT --notrack`: the packet's ct state becomes `untracked`.
     Notrack,
     /// DNAT, redirect, SNAT/masquerade, with the target as text (`192.0.2.2:80`, `:8080`).

@@ -240,7 +240,37 @@ impl Ctx<'_> {
                     .and_then(|m| m.get("key"))
                     .and_then(J::as_str)
                     == Some("mark");
+                // `mark | V`, `mark & V`, `mark ^ V` computed from the mark itself.
+                let bits = body.get("value").and_then(|v| {
+                    let (op, args) = v.as_object()?.iter().next()?;
+                    let [inner, n] = args.as_array()?.as_slice() else {
+                        return None;
+                    };
+                    if key_of(inner)? != Key::Mark {
+                        return None;
+                    }
+                    let n = n.as_u64()?;
+                    Some(match op.as_str() {
+                        "|" => Stmt::MarkBits {
+                            and: u64::MAX,
+                            or: n,
+                            xor: 0,
+                        },
+                        "&" => Stmt::MarkBits {
+                            and: n,
+                            or: 0,
+                            xor: 0,
+                        },
+                        "^" => Stmt::MarkBits {
+                            and: u64::MAX,
+                            or: 0,
+                            xor: n,
+                        },
+                        _ => return None,
+                    })
+                });
                 match (is_mark, body.get("value").and_then(J::as_u64)) {
+                    (true, _) if bits.is_some() => out.extend(bits),
                     (true, Some(v)) => out.push(Stmt::SetMark(v)),
                     // Other header rewrites (ct mark, dscp, …): no verdict of their own,
                     // but a mark computed from something else would make later mark
@@ -448,6 +478,13 @@ fn verdict_of(v: &J) -> Option<Verdict> {
 
 /// The key of a match's left side, or `None` when the evaluator does not model it.
 fn key_of(left: &J) -> Option<Key> {
+    // `meta mark & MASK`
+    if let Some([inner, mask]) = left.get("&").and_then(J::as_array).map(Vec::as_slice) {
+        if key_of(inner)? == Key::Mark {
+            return Some(Key::MarkMasked(mask.as_u64()?));
+        }
+        return None;
+    }
     if let Some(parts) = left.get("concat").and_then(J::as_array) {
         return Some(Key::Concat(
             parts.iter().map(key_of).collect::<Option<Vec<_>>>()?,
@@ -862,6 +899,18 @@ fn render_value(v: &J) -> String {
                     .map(|a| a.iter().map(render_value).collect::<Vec<_>>().join(" . "))
                     .unwrap_or_default(),
                 "elem" => body.get("val").map(render_value).unwrap_or_default(),
+                op @ ("&" | "|" | "^") => body
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|v| match v.as_u64() {
+                                Some(n) => format!("0x{n:x}"),
+                                None => render_value(v),
+                            })
+                            .collect::<Vec<_>>()
+                            .join(&format!(" {op} "))
+                    })
+                    .unwrap_or_default(),
                 other => other.to_owned(),
             }
         }

@@ -42,6 +42,11 @@ pub trait System: Sync {
     fn discover(&self) -> Discovery;
     /// The listening sockets, local addresses and interface names of one namespace.
     fn read_netns(&self, ns: &NetnsEntry, protocols: &[Protocol]) -> Result<NetnsView, ReadError>;
+    /// The namespace's firewall rulesets, raw (`None` when it cannot be entered). Called
+    /// after the sockets are read, so it overlaps the owner walk instead of delaying it.
+    fn read_firewall(&self, _ns: &NetnsEntry) -> Option<firewall::RawFirewall> {
+        None
+    }
     /// Which processes hold which of the `wanted` socket inodes, and who they are.
     /// `wanted` may be published after the call starts (the walk overlaps the dumps); the
     /// caller must publish it eventually, even on failure (an empty set ends the walk).
@@ -90,14 +95,14 @@ impl System for LinuxSystem {
         // This process's own namespace: no thread of ours ever leaves it except the
         // dedicated ones below, so the calling thread is in it.
         if ns.current {
-            return read_current_netns(protocols, || self.read_firewall(ns.id.inode));
+            return read_current_netns(protocols);
         }
         // A dedicated thread: setns changes only the calling thread, and that thread is
         // thrown away afterwards, so no other work ever runs in a borrowed namespace.
         let entered = std::thread::scope(|s| {
             s.spawn(|| {
                 netns::enter(&ns.handles, ns.id.inode).map_err(ReadError::Enter)?;
-                read_current_netns(protocols, || self.read_firewall(ns.id.inode))
+                read_current_netns(protocols)
             })
             .join()
             .unwrap_or(Err(ReadError::Panicked))
@@ -108,6 +113,21 @@ impl System for LinuxSystem {
             }
             other => other,
         }
+    }
+
+    fn read_firewall(&self, ns: &NetnsEntry) -> Option<firewall::RawFirewall> {
+        if ns.current {
+            return Some(self.firewall_here(ns.id.inode));
+        }
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                netns::enter(&ns.handles, ns.id.inode).ok()?;
+                Some(self.firewall_here(ns.id.inode))
+            })
+            .join()
+            .ok()
+            .flatten()
+        })
     }
 
     fn owners(&self, wanted: &OnceLock<FastSet<u64>>) -> OwnerWalk {
@@ -135,7 +155,7 @@ impl System for LinuxSystem {
 impl LinuxSystem {
     /// The calling thread's namespace's firewall: the cached reading unless the cheap
     /// probe (nftables generation, legacy tables) says it changed.
-    fn read_firewall(&self, inode: u64) -> firewall::RawFirewall {
+    fn firewall_here(&self, inode: u64) -> firewall::RawFirewall {
         let probe = firewall::probe_current();
         let now = std::time::Instant::now();
         if let Ok(cache) = self.firewall.lock()
@@ -152,12 +172,8 @@ impl LinuxSystem {
     }
 }
 
-/// Reads the calling thread's namespace through netlink; `firewall` reads its rulesets
-/// on the same thread (a child process inherits the thread's namespace).
-fn read_current_netns(
-    protocols: &[Protocol],
-    firewall: impl FnOnce() -> firewall::RawFirewall,
-) -> Result<NetnsView, ReadError> {
+/// Reads the calling thread's namespace through netlink.
+fn read_current_netns(protocols: &[Protocol]) -> Result<NetnsView, ReadError> {
     let mut notes = Vec::new();
     let mut diag = netlink::Netlink::sock_diag().map_err(netlink::DumpError::Io)?;
     let mut sockets = Vec::new();
@@ -210,7 +226,7 @@ fn read_current_netns(
         ifnames,
         source: Source::SockDiag,
         notes,
-        firewall: Some(firewall()),
+        firewall: None,
         routes,
     })
 }

@@ -1,0 +1,404 @@
+//! The firewall lab is a faithful judge: loaded into the lab (`fwlab`), every fixture under
+//! `tests/data/firewall/` gets exactly the committed `observed.txt` from real packets. And
+//! the real agent agrees with the packets: with the case's rules loaded and its listeners
+//! open, `listenscope-agent scan --json` reports, for every probed port and IP version, the
+//! verdict the packets had (`effective_ipv4`/`effective_ipv6`); `unknown` only for the
+//! cases declared undecidable, and then with a reason naming the match. The
+//! c01–c20 tables were recorded by the lab that captured the fixtures; the c3N ones by this
+//! lab, each checked by reasoning (see its `# CASE:` line). Also: the lab resets between
+//! cases and leaves nothing behind, and the verdict rule is pinned by one-line cases.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
+)]
+
+mod fwlab;
+
+use fwlab::*;
+
+/// Loads fixture `name` into a fresh lab, probes exactly its `# PROBE:` ports (in that
+/// order) and compares with its `observed.txt`, rows included; on a difference, prints both
+/// tables in that format.
+fn reproduces(name: &str) {
+    let fixture = Fixture::open(name);
+    let observed = fixture.observed();
+    let mut lab = Lab::new();
+    let got = lab.run(&fixture);
+    assert!(
+        got == observed,
+        "{name}: real packets disagree with observed.txt\n--- observed.txt\n{}--- lab\n{}",
+        observed.render(name, &fixture.title),
+        got.render(name, &fixture.title),
+    );
+    agent_agrees(name, &lab, &got);
+}
+
+/// Cases whose deciding match a static reader cannot evaluate (an ipset's members): the
+/// agent must say `unknown` there, naming the match, and never guess.
+const UNDECIDABLE: &[(&str, &str)] = &[("c37-ipset-match", "match-set")];
+
+/// The real agent's verdicts for the server's listeners equal what the packets did.
+fn agent_agrees(name: &str, lab: &Lab, table: &ProbeTable) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_listenscope-agent"))
+        .args(["scan", "--json", "--netns", &lab.server.name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut disagreements = Vec::new();
+    // Rows of one port (e.g. `udp:68` and `udp:68@67`) judge it together: some get in,
+    // some not ⇒ restricted.
+    let mut ports: Vec<(Proto, u16)> = table.probes().iter().map(|p| (p.proto, p.port)).collect();
+    ports.dedup();
+    for (proto, port) in ports {
+        let rows: Vec<Probe> = table
+            .probes()
+            .into_iter()
+            .filter(|p| p.proto == proto && p.port == port)
+            .collect();
+        let proto_name = match proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        let listener = doc["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["protocol"] == proto_name && l["port"] == port)
+            .unwrap_or_else(|| panic!("{name}: the agent did not see {proto_name}/{port}: {doc}"));
+        for (family, key) in [(Family::V4, "ipv4"), (Family::V6, "ipv6")] {
+            let verdicts: Vec<Verdict> = rows
+                .iter()
+                .map(|p| table.verdict(*p, family).unwrap())
+                .collect();
+            let packets = if verdicts.iter().all(|v| *v == verdicts[0]) {
+                verdicts[0]
+            } else if verdicts
+                .iter()
+                .any(|v| matches!(v, Verdict::Open | Verdict::Restricted))
+            {
+                Verdict::Restricted
+            } else {
+                verdicts[0]
+            };
+            let want = match packets {
+                Verdict::Open => "open",
+                Verdict::Filtered => "filtered",
+                Verdict::Restricted => "restricted",
+                Verdict::Diverted => "diverted",
+            };
+            let got = listener[format!("effective_{key}")].as_str().unwrap_or("");
+            let reason = listener["effective_reason"][key].as_str().unwrap_or("");
+            let conditions: Vec<&str> = listener["effective_conditions"][key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|c| c.as_str())
+                .collect();
+            let agrees = got == want
+                // A rate limit lets a few probes through: the packets cannot see it.
+                || (got == "restricted"
+                    && want == "open"
+                    && !conditions.is_empty()
+                    && conditions.iter().all(|c| c.starts_with("rate ")))
+                || (got == "unknown"
+                    && UNDECIDABLE
+                        .iter()
+                        .any(|(case, what)| *case == name && reason.contains(what)));
+            if !agrees {
+                disagreements.push(format!(
+                    "{proto_name}/{port} over {key}: packets {want}, agent {got} {conditions:?} ({reason})"
+                ));
+            }
+        }
+    }
+    assert!(
+        disagreements.is_empty(),
+        "{name}: the agent disagrees with real packets:\n{}",
+        disagreements.join("\n")
+    );
+}
+
+macro_rules! fixtures {
+    ($($test:ident: $name:literal,)*) => {
+        $(
+            #[test]
+            fn $test() {
+                reproduces($name);
+            }
+        )*
+        /// Every fixture folder a test above checks.
+        const CHECKED: &[&str] = &[$($name),*];
+    };
+}
+
+fixtures! {
+    c01_empty: "c01-empty",
+    c02_policy_drop_ssh: "c02-policy-drop-ssh",
+    c03_forgot_icmpv6: "c03-forgot-icmpv6",
+    c04_ip_family_only: "c04-ip-family-only",
+    c05_drop_vs_reject: "c05-drop-vs-reject",
+    c06_per_source: "c06-per-source",
+    c07_per_interface: "c07-per-interface",
+    c08_interval_set: "c08-interval-set",
+    c11_two_tables: "c11-two-tables",
+    c12_prerouting_raw: "c12-prerouting-raw",
+    c14_ufw: "c14-ufw",
+    c15_docker_published: "c15-docker-published",
+    c20_firewalld: "c20-firewalld",
+    c30_vmap_jump: "c30-vmap-jump",
+    c31_concat_set: "c31-concat-set",
+    c32_rate_limit: "c32-rate-limit",
+    c33_legacy_only: "c33-legacy-only",
+    c34_legacy_and_nft: "c34-legacy-and-nft",
+    c35_docker_user_iface: "c35-docker-user-iface",
+    c36_docker_user_no_iface: "c36-docker-user-no-iface",
+    c37_ipset_match: "c37-ipset-match",
+    c38_reply_dropped: "c38-reply-dropped",
+    c39_kube_nodeport: "c39-kube-nodeport",
+}
+
+#[test]
+fn every_fixture_folder_is_checked() {
+    let mut checked: Vec<&str> = CHECKED.to_vec();
+    checked.sort_unstable();
+    assert_eq!(Fixture::names(), checked);
+}
+
+/// One lab, several cases: each sees nothing of the one before. c37 after c33: no legacy
+/// INPUT policy DROP left (tcp/80 open); c37 again: its ipsets were destroyed (creating them
+/// again would fail); c34 after c37: no iptables-nft REJECT left on tcp/22.
+#[test]
+fn a_lab_resets_between_cases() {
+    let mut lab = Lab::new();
+    for name in [
+        "c33-legacy-only",
+        "c37-ipset-match",
+        "c37-ipset-match",
+        "c34-legacy-and-nft",
+        "c01-empty",
+    ] {
+        let fixture = Fixture::open(name);
+        assert_eq!(lab.run(&fixture), fixture.observed(), "{name}");
+    }
+}
+
+/// Dropping a lab, even while a test panics, deletes its namespaces, stops its listeners
+/// and kills what a case script left running inside.
+#[test]
+fn a_lab_leaves_nothing_behind() {
+    let left = std::sync::Mutex::new((Vec::new(), 0));
+    let result = std::panic::catch_unwind(|| {
+        let mut lab = Lab::new();
+        lab.listen(&[Probe::tcp(22), Probe::udp(53)]);
+        let out = lab.run_in(&["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"], None);
+        let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        *left.lock().unwrap() = (
+            [&lab.server, &lab.c1, &lab.c2, &lab.ctr]
+                .iter()
+                .map(|ns| ns.name.clone())
+                .collect(),
+            pid,
+        );
+        panic!("a failing test");
+    });
+    assert!(result.is_err());
+    let (names, pid) = left.into_inner().unwrap();
+    assert_eq!(names.len(), 4);
+    for name in names {
+        assert!(
+            !std::path::Path::new("/run/netns").join(&name).exists(),
+            "namespace {name} left behind"
+        );
+    }
+    // Killed: gone, or a zombie until its new parent reaps it.
+    listenscope_testkit::wait_until(
+        std::time::Duration::from_secs(5),
+        "the case script's background process killed",
+        || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat.rsplit(") ").next().is_some_and(|s| s.starts_with('Z')),
+        },
+    );
+}
+
+#[test]
+fn fixture_loaders() {
+    let load = |name: &str| Fixture::open(name).load;
+    let file = |name: &str, f: &str| fixtures_dir().join(name).join(f);
+    assert_eq!(
+        load("c02-policy-drop-ssh"),
+        Load::Nft(file("c02-policy-drop-ssh", "case.nft"))
+    );
+    assert_eq!(
+        load("c15-docker-published"),
+        Load::Script(file("c15-docker-published", "case.sh"))
+    );
+    // Daemon-driven cases: what the daemon left in the kernel.
+    assert_eq!(
+        load("c14-ufw"),
+        Load::IptablesNft(file("c14-ufw", "captured.iptables-nft.txt"))
+    );
+    assert_eq!(
+        load("c20-firewalld"),
+        Load::Nft(file("c20-firewalld", "captured.nft.txt"))
+    );
+}
+
+#[test]
+fn observed_tables_parse_and_render_back() {
+    for name in Fixture::names() {
+        let fixture = Fixture::open(&name);
+        let path = fixture.dir.join("observed.txt");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            fixture.observed().render(&name, &fixture.title),
+            text,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn save_dumps_split_by_family() {
+    let text = "# Generated by iptables-nft-save v1.8.9\n*filter\nCOMMIT\n\
+                # Generated by ip6tables-nft-save v1.8.9\n*filter\n:INPUT DROP [0:0]\nCOMMIT\n";
+    let (v4, v6) = split_save(text);
+    assert_eq!(
+        v4,
+        "# Generated by iptables-nft-save v1.8.9\n*filter\nCOMMIT\n"
+    );
+    assert_eq!(
+        v6,
+        "# Generated by ip6tables-nft-save v1.8.9\n*filter\n:INPUT DROP [0:0]\nCOMMIT\n"
+    );
+    assert_eq!(
+        split_save("*nat\nCOMMIT\n"),
+        ("*nat\nCOMMIT\n".into(), String::new())
+    );
+}
+
+#[test]
+fn probes_and_outcomes_parse() {
+    assert_eq!("udp:68@67".parse(), Ok(Probe::udp(68).with_sport(67)));
+    assert_eq!(
+        Probe::parse_list("tcp:22 udp:53"),
+        Ok(vec![Probe::tcp(22), Probe::udp(53)])
+    );
+    assert!("sctp:1".parse::<Probe>().is_err());
+    assert!("tcp:70000".parse::<Probe>().is_err());
+    assert_eq!("3/5ok".parse(), Ok(Outcome::Tries { ok: 3, of: 5 }));
+    assert_eq!("ctr:80".parse(), Ok(Outcome::Ctr(80)));
+    assert!("CONNECTED".parse::<Outcome>().is_err());
+    for s in [
+        "host:22",
+        "ctr:80",
+        "TIMEOUT",
+        "REFUSED",
+        "UNREACH",
+        "0/3ok",
+        "udp:68@67",
+    ] {
+        let shown = match s.parse::<Outcome>() {
+            Ok(o) => o.to_string(),
+            Err(_) => s.parse::<Probe>().unwrap().to_string(),
+        };
+        assert_eq!(shown, s);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The verdict rule
+
+/// `row`: the four outcomes in c1-v4 c2-v4 c1-v6 c2-v6 order.
+fn check(probe: &str, row: &str, v4: Verdict, v6: Verdict) {
+    let probe: Probe = probe.parse().unwrap();
+    let cells: Vec<Outcome> = row.split_whitespace().map(|c| c.parse().unwrap()).collect();
+    let row: [Outcome; 4] = cells.try_into().unwrap();
+    assert_eq!(
+        expected_verdict(probe, &row, Family::V4),
+        v4,
+        "{probe} {row:?} v4"
+    );
+    assert_eq!(
+        expected_verdict(probe, &row, Family::V6),
+        v6,
+        "{probe} {row:?} v6"
+    );
+}
+
+#[test]
+fn verdicts() {
+    use Verdict::*;
+    check("tcp:22", "host:22 host:22 host:22 host:22", Open, Open);
+    check(
+        "tcp:80",
+        "TIMEOUT TIMEOUT TIMEOUT TIMEOUT",
+        Filtered,
+        Filtered,
+    );
+    check(
+        "tcp:443",
+        "REFUSED REFUSED REFUSED REFUSED",
+        Filtered,
+        Filtered,
+    );
+    check(
+        "tcp:8443",
+        "UNREACH UNREACH TIMEOUT TIMEOUT",
+        Filtered,
+        Filtered,
+    );
+    check(
+        "tcp:5432",
+        "host:5432 TIMEOUT host:5432 TIMEOUT",
+        Restricted,
+        Restricted,
+    );
+    check(
+        "tcp:5432",
+        "TIMEOUT host:5432 host:5432 REFUSED",
+        Restricted,
+        Restricted,
+    );
+    check("tcp:22", "host:22 host:22 TIMEOUT TIMEOUT", Open, Filtered);
+    check("tcp:80", "TIMEOUT TIMEOUT host:80 host:80", Filtered, Open);
+    check(
+        "tcp:5432",
+        "host:5432 UNREACH TIMEOUT TIMEOUT",
+        Restricted,
+        Filtered,
+    );
+    check(
+        "udp:68@67",
+        "host:68 host:68 TIMEOUT TIMEOUT",
+        Open,
+        Filtered,
+    );
+    check(
+        "tcp:8080",
+        "ctr:80 ctr:80 TIMEOUT TIMEOUT",
+        Diverted,
+        Filtered,
+    );
+    check(
+        "tcp:8080",
+        "ctr:80 TIMEOUT host:8080 host:8080",
+        Diverted,
+        Open,
+    );
+    // A redirect to another local port is a diversion too.
+    check(
+        "tcp:2222",
+        "host:22 host:22 host:2222 TIMEOUT",
+        Diverted,
+        Restricted,
+    );
+    check("tcp:9000", "2/3ok 0/3ok 3/3ok 3/3ok", Restricted, Open);
+}
