@@ -76,7 +76,10 @@ impl Answer {
 }
 
 /// Bounds of one question's walk.
-const MAX_STEPS: usize = 200_000;
+const MAX_STEPS: usize = 100_000;
+/// Steps of all questions of one namespace together (one scan): a pathological ruleset
+/// costs at most about a second of one core, then its remaining answers are `unknown`.
+const MAX_TOTAL_STEPS: usize = 2_000_000;
 const MAX_OUTCOMES: usize = 20_000;
 const MAX_DEPTH: usize = 64;
 /// At most 2^10 assignments of undecidable matches are compared.
@@ -92,6 +95,8 @@ pub struct Evaluator {
     /// Answers by (tcp, v6, port class, addresses): ports no rule tells apart share one.
     answers: HashMap<Vec<IpAddr>, HashMap<(bool, bool, usize), Answer>>,
     debian_default: bool,
+    /// Walk steps spent on this ruleset so far (bounded by `MAX_TOTAL_STEPS`).
+    spent: usize,
     /// Sorted boundaries of every port range any rule matches or rewrites to: two ports
     /// between the same boundaries take the same way through every rule.
     port_breaks: Vec<u64>,
@@ -104,6 +109,7 @@ impl Evaluator {
         let port_breaks = port_breaks(&tables);
         Evaluator {
             debian_default: is_debian_default(&tables),
+            spent: 0,
             port_breaks,
             tables,
             routes: Vec::new(),
@@ -193,11 +199,20 @@ impl Evaluator {
             hop_limit: None,
             daddrs: Some(q.daddrs.clone()),
         };
+        if self.spent >= MAX_TOTAL_STEPS {
+            return Answer::new(
+                Effective::Unknown,
+                "the agent's evaluation budget for this namespace's ruleset is spent (it \
+                 splits into too many paths); other ports were evaluated first",
+            );
+        }
         let outcomes = w.run(&packet, true);
+        self.spent += w.steps;
         if w.exhausted {
             return Answer::new(
                 Effective::Unknown,
-                "the ruleset is too complex to evaluate within the agent's bounds",
+                "the ruleset is too complex to evaluate within the agent's bounds (too many \
+                 paths or jumps nested too deep)",
             );
         }
         w.conclude(&outcomes)
@@ -2268,6 +2283,42 @@ mod tests {
             "restricted[saddr 203.0.113.0/24] / filtered",
         );
         check(&rs, "tcp:23", "filtered / filtered");
+    }
+
+    /// Thirty independent conditional jumps that return double the paths each time:
+    /// bounded, and the answer says so instead of guessing.
+    #[test]
+    fn path_explosion_is_bounded() {
+        let mut list = vec![ND];
+        let mut exprs = Vec::new();
+        for i in 0..30 {
+            // Rates are independent of each other: every one doubles the paths.
+            exprs.push(format!(
+                r#"[{{"limit":{{"rate":{},"per":"second"}}}},{{"jump":{{"target":"sub"}}}}]"#,
+                i + 1
+            ));
+        }
+        // Forty ports the rules tell apart: forty walks, each past its own bound.
+        for port in 2..42 {
+            exprs.push(format!(r#"[{},{{"drop":null}}]"#, dport(port)));
+        }
+        for e in &exprs {
+            list.push(("in", e.as_str()));
+        }
+        list.push(("sub", r#"[{"counter":null}]"#));
+        let rs = rules("drop", &list);
+        let mut ev = Evaluator::new(&rs);
+        let a = ev.answer(&question("tcp:1", false));
+        assert_eq!(a.verdict, Effective::Unknown, "{a:?}");
+        assert!(a.reason.contains("too complex"), "{}", a.reason);
+        let mut last = a;
+        for port in 2..42 {
+            last = ev.answer(&question(&format!("tcp:{port}"), false));
+        }
+        // The total budget holds (a count, not a time: these machines are noisy), and
+        // what it cut off says so.
+        assert!(ev.spent <= MAX_TOTAL_STEPS + MAX_STEPS, "{}", ev.spent);
+        assert!(last.reason.contains("budget"), "{last:?}");
     }
 
     #[test]
