@@ -402,3 +402,52 @@ fn verdicts() {
     );
     check("tcp:9000", "2/3ok 0/3ok 3/3ok 3/3ok", Restricted, Open);
 }
+
+/// A Docker-published port names where its traffic goes, and the container's listener
+/// names the host port that publishes it: the DNAT target is matched to the listener of
+/// the namespace that owns the address (both namespaces scanned in one run).
+#[test]
+fn a_published_port_links_to_the_container_listener() {
+    let fixture = Fixture::open("c15-docker-published");
+    let mut lab = Lab::new();
+    let table = lab.run(&fixture);
+    assert_eq!(
+        table.verdict(Probe::tcp(8080), Family::V4),
+        Some(Verdict::Diverted)
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_listenscope-agent"))
+        .args(["scan", "--json", "--proto", "tcp"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let in_ns = |ns: &str, port: u16| {
+        doc["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["netns"]["name"] == ns && l["port"] == port)
+            .unwrap_or_else(|| panic!("no tcp/{port} in {ns}"))
+            .clone()
+    };
+    let host = in_ns(&lab.server.name, 8080);
+    assert_eq!(host["effective_ipv4"], "diverted", "{host}");
+    assert_eq!(
+        host["effective_diverted_to"]["ipv4"],
+        format!("192.0.2.2:80 (netns {})", lab.ctr.name).as_str(),
+        "{host}"
+    );
+    let ctr = in_ns(&lab.ctr.name, 80);
+    let reason = ctr["effective_reason"]["ipv4"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "published as port 8080 of netns {}",
+            lab.server.name
+        )),
+        "{reason}"
+    );
+}
