@@ -276,6 +276,9 @@ fn assemble(
                     ),
                 };
                 firewall.set_routes(view.routes.clone());
+                if let Some(local) = &view.local {
+                    firewall.set_local(local);
+                }
                 for note in &firewall.notes {
                     warnings.push(format!("netns {}: firewall: {note}", ns.id.name));
                 }
@@ -417,20 +420,38 @@ fn link_diverted(listeners: &mut [Listener], locals: &HashMap<u64, crate::model:
             }
         }
     }
-    for (i, j, v6) in links {
-        let (from_ns, from_port) = (listeners[i].netns.name.clone(), listeners[i].socket.port);
-        let to_ns = listeners[j].netns.name.clone();
+    // Every namespace that owns the target is named: normally one; several when
+    // namespaces reuse an address (which of them the route leads to is not judged).
+    let mut targets: BTreeMap<(usize, bool), Vec<String>> = BTreeMap::new();
+    for &(i, j, v6) in &links {
+        let names = targets.entry((i, v6)).or_default();
+        if !names.contains(&listeners[j].netns.name) {
+            names.push(listeners[j].netns.name.clone());
+        }
+    }
+    for ((i, v6), mut names) in targets {
+        names.sort();
         let answer = if v6 {
             &mut listeners[i].effective.ipv6
         } else {
             &mut listeners[i].effective.ipv4
         };
-        let rule = answer.reason.clone();
-        if let Some(to) = &mut answer.diverted_to
-            && !to.contains("(netns ")
-        {
-            to.push_str(&format!(" (netns {to_ns})"));
+        if let Some(to) = &mut answer.diverted_to {
+            let list = match names.as_slice() {
+                [one] => format!(" (netns {one})"),
+                many => format!(" (netns one of {})", many.join(", ")),
+            };
+            to.push_str(&list);
         }
+    }
+    for (i, j, v6) in links {
+        let (from_ns, from_port) = (listeners[i].netns.name.clone(), listeners[i].socket.port);
+        let answer = if v6 {
+            &listeners[i].effective.ipv6
+        } else {
+            &listeners[i].effective.ipv4
+        };
+        let rule = answer.reason.clone();
         let target = &mut listeners[j].effective;
         let side = if v6 {
             &mut target.ipv6

@@ -75,6 +75,9 @@ impl Answer {
     }
 }
 
+/// (tcp, v6, port class) of a cached answer.
+type AnswerKey = (bool, bool, usize);
+
 /// Bounds of one question's walk.
 const MAX_STEPS: usize = 100_000;
 /// Steps of all questions of one namespace together (one scan): a pathological ruleset
@@ -92,8 +95,11 @@ pub struct Evaluator {
     tables: Vec<Table>,
     /// Main-table routes (destination, prefix length, interface) for the forward path.
     routes: Vec<(IpAddr, u8, String)>,
+    /// The namespace's own addresses: a DNAT to one of them stays local (input), it is
+    /// not forwarded.
+    local: crate::model::LocalAddrs,
     /// Answers by (tcp, v6, port class, addresses): ports no rule tells apart share one.
-    answers: HashMap<Vec<IpAddr>, HashMap<(bool, bool, usize), Answer>>,
+    answers: HashMap<Vec<IpAddr>, HashMap<AnswerKey, Answer>>,
     debian_default: bool,
     /// Walk steps spent on this ruleset so far (bounded by `MAX_TOTAL_STEPS`).
     spent: usize,
@@ -113,6 +119,7 @@ impl Evaluator {
             port_breaks,
             tables,
             routes: Vec::new(),
+            local: crate::model::LocalAddrs::default(),
             answers: HashMap::new(),
             nd: None,
         }
@@ -121,6 +128,12 @@ impl Evaluator {
     /// The namespace's main-table routes: which interface a DNAT target leaves by.
     pub fn set_routes(&mut self, routes: Vec<(IpAddr, u8, String)>) {
         self.routes = routes;
+        self.answers.clear();
+    }
+
+    /// The namespace's local addresses (the `local` routing table).
+    pub fn set_local(&mut self, local: crate::model::LocalAddrs) {
+        self.local = local;
         self.answers.clear();
     }
 
@@ -179,6 +192,7 @@ impl Evaluator {
             }
         }
         let mut w = Walker::new(&self.tables, &self.routes, q.v6);
+        w.local = Some(&self.local);
         let version = if q.v6 { "IPv6" } else { "IPv4" };
         if w.base_chains(&[Hook::Ingress, Hook::Prerouting, Hook::Input], Dir::In)
             .is_empty()
@@ -198,6 +212,8 @@ impl Evaluator {
             icmp: None,
             hop_limit: None,
             daddrs: Some(q.daddrs.clone()),
+            daddr_ranges: Vec::new(),
+            fib_type: "local",
         };
         if self.spent >= MAX_TOTAL_STEPS {
             return Answer::new(
@@ -226,12 +242,30 @@ impl Evaluator {
             (136, "neighbour advertisement"),
         ] {
             let mut w = Walker::new(&self.tables, &self.routes, true);
+            // A solicitation goes to the target's solicited-node multicast address
+            // (ff02::1:ffXX:XXXX); a solicited advertisement to the asker's own address.
+            let (daddr_ranges, fib_type) = if icmp == 135 {
+                (
+                    vec![(
+                        0xff02_0000_0000_0000_0000_0001_ff00_0000,
+                        0xff02_0000_0000_0000_0000_0001_ffff_ffff,
+                    )],
+                    "multicast",
+                )
+            } else {
+                (
+                    vec![(0, 0xfeff_ffff_ffff_ffff_ffff_ffff_ffff_ffff)],
+                    "local",
+                )
+            };
             let packet = Packet {
                 l4: 58,
                 port: None,
                 icmp: Some(icmp),
                 hop_limit: Some(255),
                 daddrs: None,
+                daddr_ranges,
+                fib_type,
             };
             let outcomes = w.run(&packet, false);
             if w.exhausted {
@@ -409,8 +443,13 @@ struct Packet {
     port: Option<u16>,
     icmp: Option<u64>,
     hop_limit: Option<u64>,
-    /// The listener's addresses; `None` = any address (neighbour discovery).
+    /// The listener's addresses; `None`: `daddr_ranges` (neighbour discovery).
     daddrs: Option<Vec<IpAddr>>,
+    /// Destination ranges when there is no one listener address.
+    daddr_ranges: Vec<(u128, u128)>,
+    /// `fib daddr type` of the destination: `local` for a listener's address,
+    /// `multicast` for a neighbour solicitation's solicited-node address.
+    fib_type: &'static str,
 }
 
 /// What the walk does not know, each a dimension a path can put conditions on.
@@ -434,7 +473,16 @@ enum Dim {
 struct Cond {
     dim: Dim,
     negate: bool,
-    values: Vec<Value>,
+    /// Shared: a path's conditions are cloned at every split.
+    values: std::sync::Arc<[Value]>,
+}
+
+impl Dim {
+    /// Dimensions whose conditions are sets of numbers (addresses, ports): a path keeps
+    /// their current set, so a split costs the set, not every condition again.
+    fn is_interval(self) -> bool {
+        matches!(self, Dim::Saddr | Dim::Daddr | Dim::Sport)
+    }
 }
 
 /// Request or reply direction.
@@ -468,6 +516,9 @@ struct Path {
     dnat_rule: Option<String>,
     /// The last explicit accept on the way (the deciding rule of an `open`).
     accepted_by: Option<String>,
+    /// The current set of each interval dimension with conditions (the domain minus and
+    /// intersected with them), kept so a split costs one set operation.
+    sets: Vec<(Dim, Vec<(u128, u128)>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -480,7 +531,11 @@ enum Kind {
 #[derive(Debug, Clone)]
 struct Outcome {
     kind: Kind,
+    /// All conditions for accepted and diverted paths; for dropped ones only the atoms
+    /// (what `conclude` needs), so thousands of drops do not keep thousands of lists.
     conds: Vec<Cond>,
+    /// How many conditions the path had (the most general drop is named first).
+    weight: usize,
     reason: String,
 }
 
@@ -520,6 +575,7 @@ struct Walker<'a> {
     /// The listener's addresses as intervals (`None`: any address of the family).
     daddrs: Option<Vec<(u128, u128)>>,
     routes: &'a [(IpAddr, u8, String)],
+    local: Option<&'a crate::model::LocalAddrs>,
     fwd: Option<Fwd>,
 }
 
@@ -527,6 +583,7 @@ impl<'a> Walker<'a> {
     fn new(tables: &'a [Table], routes: &'a [(IpAddr, u8, String)], v6: bool) -> Self {
         Walker {
             routes,
+            local: None,
             fwd: None,
             tables,
             v6,
@@ -579,6 +636,9 @@ impl<'a> Walker<'a> {
             normalize(&mut v);
             v
         });
+        if self.daddrs.is_none() && !p.daddr_ranges.is_empty() {
+            self.daddrs = Some(p.daddr_ranges.clone());
+        }
         let start = Path {
             conds: Vec::new(),
             mark: 0,
@@ -586,6 +646,7 @@ impl<'a> Walker<'a> {
             dnat: None,
             dnat_rule: None,
             accepted_by: None,
+            sets: Vec::new(),
         };
         let mut outcomes = Vec::new();
         let inbound = self.base_chains(&[Hook::Ingress, Hook::Prerouting, Hook::Input], Dir::In);
@@ -595,6 +656,7 @@ impl<'a> Walker<'a> {
                 outcomes.push(Outcome {
                     kind: Kind::Accept,
                     reason: path.accepted_by.clone().unwrap_or_default(),
+                    weight: path.conds.len(),
                     conds: path.conds,
                 });
             }
@@ -610,7 +672,9 @@ impl<'a> Walker<'a> {
                 }
             } else {
                 replies.push(Path {
-                    ct_state: "established",
+                    ct_state: reply_state(&path, p),
+                    // A reply leaves with the socket's mark, not the request's.
+                    mark: 0,
                     ..path
                 });
             }
@@ -624,6 +688,7 @@ impl<'a> Walker<'a> {
             outcomes.push(Outcome {
                 kind: Kind::Accept,
                 reason: path.accepted_by.clone().unwrap_or_default(),
+                weight: path.conds.len(),
                 conds: path.conds,
             });
         }
@@ -639,6 +704,7 @@ impl<'a> Walker<'a> {
                 outcomes.push(Outcome {
                     kind: Kind::Divert(to.to_owned()),
                     reason: path.dnat_rule.clone().unwrap_or_default(),
+                    weight: path.conds.len(),
                     conds: path.conds,
                 });
             }
@@ -647,7 +713,13 @@ impl<'a> Walker<'a> {
             divert(outcomes, paths);
             return;
         };
-        if addr.is_ipv6() != self.v6 {
+        let is_local = self.local.is_some_and(|l| match addr {
+            IpAddr::V4(a) => l.contains_v4(a),
+            IpAddr::V6(a) => l.contains_v6(a, 0),
+        });
+        if addr.is_ipv6() != self.v6 || is_local {
+            // To one of the host's own addresses: delivered locally (input), to whatever
+            // listens there; that listener's own verdict covers its input rules.
             divert(outcomes, paths);
             return;
         }
@@ -658,7 +730,7 @@ impl<'a> Walker<'a> {
         let replies = through
             .into_iter()
             .map(|path| Path {
-                ct_state: "established",
+                ct_state: reply_state(&path, p),
                 ..path
             })
             .collect();
@@ -711,12 +783,24 @@ impl<'a> Walker<'a> {
                     continue;
                 }
                 let mut paths = vec![path];
-                if let Some(dev) = &base.device {
-                    // A chain bound to one device sees only that device's packets.
-                    let cond = Cond {
-                        dim: Dim::Iif,
-                        negate: false,
-                        values: vec![Value::Name(dev.clone())],
+                if base.hook == Hook::Ingress {
+                    // A chain bound to devices sees only their packets; when the reader
+                    // could not tell which, whether it applies is undecidable.
+                    let cond = match &base.devices {
+                        Some(devs) => Cond {
+                            dim: Dim::Iif,
+                            negate: false,
+                            values: devs
+                                .iter()
+                                .map(|d| Value::Name(d.clone()))
+                                .collect::<Vec<_>>()
+                                .into(),
+                        },
+                        None => Cond {
+                            dim: Dim::Atom(self.chain_atom(ti, ci)),
+                            negate: false,
+                            values: Vec::new().into(),
+                        },
                     };
                     let (yes, no) = self.split(paths.remove(0), &cond);
                     next.extend(no);
@@ -747,7 +831,12 @@ impl<'a> Walker<'a> {
                                 };
                                 outcomes.push(Outcome {
                                     kind: Kind::Drop,
-                                    conds: path.conds,
+                                    weight: path.conds.len(),
+                                    conds: path
+                                        .conds
+                                        .into_iter()
+                                        .filter(|c| matches!(c.dim, Dim::Atom(_)))
+                                        .collect(),
                                     reason,
                                 });
                             }
@@ -921,7 +1010,7 @@ impl<'a> Walker<'a> {
                     Test::Cond(Cond {
                         dim: Dim::Atom(id),
                         negate: false,
-                        values: Vec::new(),
+                        values: Vec::new().into(),
                     })
                 }
                 Stmt::Limit { text, over } => {
@@ -935,7 +1024,7 @@ impl<'a> Walker<'a> {
                     Test::Cond(Cond {
                         dim: Dim::Rate(id),
                         negate: *over,
-                        values: Vec::new(),
+                        values: Vec::new().into(),
                     })
                 }
                 Stmt::Fixed { holds, .. } => Test::Known(*holds),
@@ -984,7 +1073,7 @@ impl<'a> Walker<'a> {
                 Test::Undecidable => Test::Cond(Cond {
                     dim: Dim::Atom(self.atom(stmt, ti, ci, ri)),
                     negate: false,
-                    values: Vec::new(),
+                    values: Vec::new().into(),
                 }),
                 other => other,
             };
@@ -1055,9 +1144,8 @@ impl<'a> Walker<'a> {
                         chain: ci,
                         rule: usize::MAX,
                     });
-                } else if let Some(f) = task.frames.last_mut() {
-                    f.rule += 1;
                 }
+                // The caller's frame already points past the jump (see Jump below).
                 Flow::Entered
             }
             Verdict::Jump(name) | Verdict::Goto(name) => {
@@ -1087,6 +1175,27 @@ impl<'a> Walker<'a> {
                 Flow::Entered
             }
         }
+    }
+
+    /// The atom "this ingress chain's devices include the packet's": an ingress chain
+    /// whose devices the reader could not learn.
+    fn chain_atom(&mut self, ti: usize, ci: usize) -> usize {
+        let chain = &self.tables[ti].chains[ci];
+        let id = chain as *const _ as usize;
+        if let Some(i) = self.atoms.iter().position(|(k, _)| *k == id) {
+            return i;
+        }
+        let t = &self.tables[ti];
+        self.atoms.push((
+            id,
+            format!(
+                "the devices of ingress chain {} {} {} (not in nft's JSON)",
+                t.family.as_str(),
+                t.name,
+                chain.name
+            ),
+        ));
+        self.atoms.len() - 1
     }
 
     fn atom(&mut self, stmt: &Stmt, ti: usize, ci: usize, ri: usize) -> usize {
@@ -1131,7 +1240,7 @@ impl<'a> Walker<'a> {
             Test::Cond(Cond {
                 dim,
                 negate,
-                values: values.to_vec(),
+                values: values.into(),
             })
         };
         let has_ports = matches!(p.l4, 6 | 17 | 132 | 33 | 136);
@@ -1206,14 +1315,31 @@ impl<'a> Walker<'a> {
                 Some(t) if *v6 == self.v6 => known(values.iter().any(|v| num_in(v, t))),
                 _ => Test::Known(false),
             },
-            Key::FibDaddrType => match (dir, &p.daddrs) {
-                (Dir::In, Some(_)) => known(values.iter().any(|v| name_is(v, "local"))),
-                (Dir::Reply | Dir::Forward | Dir::ForwardReply, _) => {
+            Key::FibDaddrType => match dir {
+                Dir::In => known(values.iter().any(|v| name_is(v, p.fib_type))),
+                Dir::Reply | Dir::Forward | Dir::ForwardReply => {
                     known(values.iter().any(|v| name_is(v, "unicast")))
                 }
-                _ => cond(Dim::Daddr),
             },
             Key::Mark => known(values.iter().any(|v| num_in(v, path.mark))),
+            // The request is a SYN, the reply a SYN-ACK; only TCP has flags.
+            Key::TcpFlags(mask) => {
+                if p.l4 != 6 {
+                    return Test::Known(false);
+                }
+                let flags: u64 = match dir {
+                    Dir::In | Dir::Forward => 0x02,
+                    Dir::Reply | Dir::ForwardReply => 0x12,
+                };
+                known(values.iter().any(|v| num_in(v, flags & mask)))
+            }
+            Key::CtDirection => {
+                let d = match dir {
+                    Dir::In | Dir::Forward => "original",
+                    Dir::Reply | Dir::ForwardReply => "reply",
+                };
+                known(values.iter().any(|v| name_is(v, d)))
+            }
             Key::MarkMasked(mask) => known(values.iter().any(|v| num_in(v, path.mark & mask))),
             Key::HopLimit => match p.hop_limit {
                 Some(h) if dir == Dir::In => known(values.iter().any(|v| num_in(v, h))),
@@ -1277,7 +1403,7 @@ impl<'a> Walker<'a> {
             Some((dim, values)) => Test::Cond(Cond {
                 dim,
                 negate,
-                values,
+                values: values.into(),
             }),
         }
     }
@@ -1304,22 +1430,67 @@ impl<'a> Walker<'a> {
     }
 
     /// The path with `cond` assumed, and the path with its negation, each when possible.
+    /// The path is cloned only when both are.
     fn split(&self, path: Path, cond: &Cond) -> (Option<Path>, Option<Path>) {
         let mut neg = cond.clone();
         neg.negate = !neg.negate;
-        let yes = self.feasible(&path.conds, cond).then(|| {
-            let mut p = path.clone();
-            p.conds.push(cond.clone());
-            p
-        });
-        let no = self.feasible(&path.conds, &neg).then(|| {
-            let mut p = path;
-            p.conds.push(neg);
-            p
-        });
-        (yes, no)
+        if cond.dim.is_interval() {
+            let current = path
+                .sets
+                .iter()
+                .find(|(d, _)| *d == cond.dim)
+                .map_or_else(|| self.domain(cond.dim), |(_, set)| set.clone());
+            let vals = self.intervals(cond.dim, &cond.values);
+            let inside = intersect(&current, &vals);
+            let outside = subtract(&current, &vals);
+            let with = |mut p: Path, c: Cond, set: Vec<(u128, u128)>| {
+                match p.sets.iter_mut().find(|(d, _)| *d == c.dim) {
+                    Some((_, s)) => *s = set,
+                    None => p.sets.push((c.dim, set)),
+                }
+                p.conds.push(c);
+                p
+            };
+            let (yes_set, no_set) = if cond.negate {
+                (outside, inside)
+            } else {
+                (inside, outside)
+            };
+            return match (yes_set.is_empty(), no_set.is_empty()) {
+                (false, false) => (
+                    Some(with(path.clone(), cond.clone(), yes_set)),
+                    Some(with(path, neg, no_set)),
+                ),
+                (false, true) => (Some(with(path, cond.clone(), yes_set)), None),
+                (true, false) => (None, Some(with(path, neg, no_set))),
+                (true, true) => (None, None),
+            };
+        }
+        let yes_ok = self.feasible(&path.conds, cond);
+        let no_ok = self.feasible(&path.conds, &neg);
+        match (yes_ok, no_ok) {
+            (true, true) => {
+                let mut yes = path.clone();
+                yes.conds.push(cond.clone());
+                let mut no = path;
+                no.conds.push(neg);
+                (Some(yes), Some(no))
+            }
+            (true, false) => {
+                let mut yes = path;
+                yes.conds.push(cond.clone());
+                (Some(yes), None)
+            }
+            (false, true) => {
+                let mut no = path;
+                no.conds.push(neg);
+                (None, Some(no))
+            }
+            (false, false) => (None, None),
+        }
     }
 
+    /// Non-interval dimensions (interfaces, rates, atoms): can `new` hold with `conds`?
     fn feasible(&self, conds: &[Cond], new: &Cond) -> bool {
         let same: Vec<&Cond> = conds
             .iter()
@@ -1403,6 +1574,17 @@ fn parse_target(to: &str) -> Option<(IpAddr, Option<u16>)> {
     let (addr, port) = to.rsplit_once(':')?;
     let addr = addr.trim_start_matches('[').trim_end_matches(']');
     Some((addr.parse().ok()?, Some(port.parse().ok()?)))
+}
+
+/// The conntrack state of the reply: `established` for a tracked connection; for one
+/// exempted by `notrack`, conntrack meets the reply first: a SYN-ACK with no connection is
+/// `invalid`, a UDP answer is `new`.
+fn reply_state(path: &Path, p: &Packet) -> &'static str {
+    match (path.ct_state, p.l4) {
+        ("untracked", 6) => "invalid",
+        ("untracked", _) => "new",
+        _ => "established",
+    }
 }
 
 fn num_in(v: &Value, n: u64) -> bool {
@@ -1610,7 +1792,7 @@ impl Walker<'_> {
                 return Answer::new(Effective::Unknown, "no path through the ruleset");
             }
             // Every distinct reason, the most general (fewest conditions) first.
-            drops.sort_by_key(|d| d.conds.len());
+            drops.sort_by_key(|d| d.weight);
             let mut reasons: Vec<&str> = Vec::new();
             for d in &drops {
                 if !reasons.contains(&d.reason.as_str()) {
@@ -1683,6 +1865,7 @@ impl Walker<'_> {
             .into_iter()
             .map(|mut conds| {
                 conds.retain(|c| !matches!(c.dim, Dim::Atom(_)));
+                conds = self.canonical(conds);
                 let mut i = 0;
                 while i < conds.len() {
                     let (c, rest) = (conds[i].clone(), [&conds[..i], &conds[i + 1..]].concat());
@@ -1700,6 +1883,12 @@ impl Walker<'_> {
                 for j in 0..paths.len() {
                     if i == j {
                         continue;
+                    }
+                    // Same but for one number dimension: one path with the union.
+                    if let Some(merged) = self.union_of(&paths[i], &paths[j]) {
+                        paths[i] = merged;
+                        paths.remove(j);
+                        continue 'merge;
                     }
                     // Absorption: j's conditions imply all of i's (j is a special case).
                     if paths[i]
@@ -1765,6 +1954,14 @@ impl Walker<'_> {
                     })
                     .collect();
                 let hits = |n: &str| names(c).iter().any(|p| name_matches(p, n));
+                // `!= {ct0, eth1}` implies `!= eth1`.
+                if c.negate
+                    && same
+                        .iter()
+                        .any(|r| r.negate && names(c).iter().all(|n| names(r).contains(n)))
+                {
+                    return true;
+                }
                 if same.iter().any(|r| !r.negate) && !literals.is_empty() {
                     allowed.iter().all(|n| hits(n) != c.negate)
                 } else {
@@ -1792,17 +1989,104 @@ impl Walker<'_> {
         }
     }
 
+    /// A path's number conditions (addresses, ports) as one set per dimension: the
+    /// domain intersected with and minus each; none when that is the whole domain.
+    fn canonical(&self, conds: Vec<Cond>) -> Vec<Cond> {
+        let mut sets: Vec<(Dim, Vec<(u128, u128)>)> = Vec::new();
+        let mut out = Vec::new();
+        for c in conds {
+            if !c.dim.is_interval() {
+                if !out.contains(&c) {
+                    out.push(c);
+                }
+                continue;
+            }
+            let vals = self.intervals(c.dim, &c.values);
+            let at = match sets.iter().position(|(d, _)| *d == c.dim) {
+                Some(at) => at,
+                None => {
+                    sets.push((c.dim, self.domain(c.dim)));
+                    sets.len() - 1
+                }
+            };
+            let set = &mut sets[at].1;
+            *set = if c.negate {
+                subtract(set, &vals)
+            } else {
+                intersect(set, &vals)
+            };
+        }
+        for (dim, set) in sets {
+            if set != self.domain(dim) {
+                out.push(Cond {
+                    dim,
+                    negate: false,
+                    values: self.values_of(dim, &set).into(),
+                });
+            }
+        }
+        out
+    }
+
+    fn values_of(&self, dim: Dim, set: &[(u128, u128)]) -> Vec<Value> {
+        set.iter()
+            .map(|&(lo, hi)| match dim {
+                Dim::Sport => Value::Num(lo as u64, hi as u64),
+                _ if self.v6 => Value::V6(lo, hi),
+                _ => Value::V4(lo as u32, hi as u32),
+            })
+            .collect()
+    }
+
+    /// Two canonical paths equal but for the set of one number dimension: their union.
+    fn union_of(&self, a: &[Cond], b: &[Cond]) -> Option<Vec<Cond>> {
+        let only_a: Vec<&Cond> = a.iter().filter(|c| !b.contains(c)).collect();
+        let only_b: Vec<&Cond> = b.iter().filter(|c| !a.contains(c)).collect();
+        let (dim, sa, sb) = match (only_a.as_slice(), only_b.as_slice()) {
+            ([x], [y]) if x.dim == y.dim && x.dim.is_interval() => (
+                x.dim,
+                self.intervals(x.dim, &x.values),
+                self.intervals(y.dim, &y.values),
+            ),
+            _ => return None,
+        };
+        let mut union = [sa, sb].concat();
+        normalize(&mut union);
+        let mut out: Vec<Cond> = a.iter().filter(|c| c.dim != dim).cloned().collect();
+        if union != self.domain(dim) {
+            out.push(Cond {
+                dim,
+                negate: false,
+                values: self.values_of(dim, &union).into(),
+            });
+        }
+        Some(out)
+    }
+
     fn render_conds(&self, conds: &[Cond]) -> String {
         let mut parts: Vec<String> = Vec::new();
         for c in conds {
-            let values = || {
-                c.values
-                    .iter()
-                    .map(render_value)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+            let mut op = if c.negate { " != " } else { " " };
+            // A canonical set (see `canonical`) reads better as what it leaves out when
+            // that is shorter: `saddr != 10.0.0.1, 10.0.0.2` rather than five ranges.
+            let shown: Vec<Value>;
+            let values = || -> String {
+                let list: Vec<String> = c.values.iter().map(render_value).collect();
+                list_text(&list)
             };
-            let op = if c.negate { " != " } else { " " };
+            let values: Box<dyn Fn() -> String> = if c.dim.is_interval() && !c.negate {
+                let set = self.intervals(c.dim, &c.values);
+                let rest = subtract(&self.domain(c.dim), &set);
+                if rest.len() < set.len() {
+                    op = " != ";
+                    shown = self.values_of(c.dim, &rest);
+                    Box::new(move || list_text(&shown.iter().map(render_value).collect::<Vec<_>>()))
+                } else {
+                    Box::new(values)
+                }
+            } else {
+                Box::new(values)
+            };
             let part = match c.dim {
                 Dim::Saddr => format!("saddr{op}{}", values()),
                 Dim::Daddr => format!("daddr{op}{}", values()),
@@ -1828,6 +2112,14 @@ impl Walker<'_> {
             parts.join(" and ")
         }
     }
+}
+
+/// A list of values for a condition, at most eight of them named.
+fn list_text(list: &[String]) -> String {
+    if list.len() <= 8 {
+        return list.join(", ");
+    }
+    format!("{}, … ({} in all)", list[..8].join(", "), list.len())
 }
 
 fn diverted_to(diverts: &[&Outcome]) -> Option<String> {

@@ -328,7 +328,7 @@ impl TableBuilder {
                     } else {
                         Policy::Drop
                     },
-                    device: None,
+                    devices: None,
                 })
             }
             other => return Err(Problem::BadPolicy(other.to_string())),
@@ -1103,8 +1103,11 @@ fn one<'t>(o: &Opt<'t>) -> Result<&'t str, Problem> {
     }
 }
 
-/// The flags of a bare SYN, the packet the evaluator asks about.
+/// TCP flag bits (`--syn` is `--tcp-flags FIN,SYN,RST,ACK SYN`).
+const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
 
 /// `FIN,SYN,…` as libxt_tcp names them (ALL is its 0x3f).
 fn tcp_flags(s: &str) -> Option<u8> {
@@ -1246,18 +1249,21 @@ fn decode_option(cx: &Cx<'_>, g: &Group<'_>, o: &Opt<'_>) -> Result<Decoded, Pro
             port_range(one(o)?)?.map(|v| vec![matching(Key::Dport, neg, vec![v])])
         }
         // `--syn` is `--tcp-flags FIN,SYN,RST,ACK SYN`; both are decided for a bare SYN.
-        ("tcp", "syn") => Some(vec![Stmt::Fixed {
-            holds: !neg,
-            text: text(),
-        }]),
+        // Decided per direction by the evaluator: a SYN in, a SYN-ACK back.
+        ("tcp", "syn") => Some(vec![matching(
+            Key::TcpFlags(u64::from(FIN | SYN | RST | ACK)),
+            neg,
+            vec![Value::num(u64::from(SYN))],
+        )]),
         ("tcp", "tcp-flags") => match o.values.as_slice() {
             [mask, comp] => tcp_flags(&mask.text)
                 .zip(tcp_flags(&comp.text))
                 .map(|(mask, comp)| {
-                    vec![Stmt::Fixed {
-                        holds: (SYN & mask == comp) != neg,
-                        text: text(),
-                    }]
+                    vec![matching(
+                        Key::TcpFlags(u64::from(mask)),
+                        neg,
+                        vec![Value::num(u64::from(comp))],
+                    )]
                 }),
             [_] | [] => return Err(Problem::MissingValue("--tcp-flags".to_string())),
             [_, _, extra, ..] => return Err(Problem::Unexpected(extra.text.clone())),
@@ -1291,14 +1297,16 @@ fn decode_option(cx: &Cx<'_>, g: &Group<'_>, o: &Opt<'_>) -> Result<Decoded, Pro
         .map(|v| vec![matching(Key::CtStatus, neg, v)]),
         // The first packet of a connection travels in the original direction.
         ("conntrack", "ctdir") => match one(o)?.to_ascii_uppercase().as_str() {
-            "ORIGINAL" => Some(vec![Stmt::Fixed {
-                holds: !neg,
-                text: text(),
-            }]),
-            "REPLY" => Some(vec![Stmt::Fixed {
-                holds: neg,
-                text: text(),
-            }]),
+            "ORIGINAL" => Some(vec![matching(
+                Key::CtDirection,
+                neg,
+                vec![Value::Name("original".into())],
+            )]),
+            "REPLY" => Some(vec![matching(
+                Key::CtDirection,
+                neg,
+                vec![Value::Name("reply".into())],
+            )]),
             _ => None,
         },
         // `--src-type` and `--limit-iface-in/out` stay opaque (the model has no key for
@@ -1770,6 +1778,8 @@ mod tests {
             Key::Mark => "mark",
             Key::MarkMasked(_) => "mark&",
             Key::HopLimit => "hl",
+            Key::TcpFlags(_) => "tcpflags&",
+            Key::CtDirection => "ctdir",
             Key::Concat(_) => "concat",
         }
     }
@@ -1898,13 +1908,13 @@ mod tests {
             ("-A INPUT -p tcp -m multiport ! --ports 22,80 -j DROP", "l4proto=6 ; sport!=22,80 ; dport!=22,80 ; drop"),
             ("-A INPUT -p tcp -m multiport --dports ssh,http -j DROP", "l4proto=6 ; opaque(-m multiport --dports ssh,http) ; drop"),
             // A bare SYN: --syn holds, everything else is computed.
-            ("-A INPUT -p tcp --syn -j U", "l4proto=6 ; true(--syn) ; jump(U)"),
-            ("-A INPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j U", "l4proto=6 ; true(-m tcp --tcp-flags FIN,SYN,RST,ACK SYN) ; jump(U)"),
-            ("-A INPUT -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -j U", "l4proto=6 ; false(-m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN) ; jump(U)"),
-            ("-A INPUT -p tcp -m tcp --tcp-flags SYN,ACK ACK -j U", "l4proto=6 ; false(-m tcp --tcp-flags SYN,ACK ACK) ; jump(U)"),
-            ("-A INPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG NONE -j DROP", "l4proto=6 ; false(-m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG NONE) ; drop"),
-            ("-A INPUT -p tcp -m tcp --tcp-flags ALL SYN -j U", "l4proto=6 ; true(-m tcp --tcp-flags ALL SYN) ; jump(U)"),
-            ("-A INPUT -p tcp -m tcp --tcp-flags SYN,FIN SYN,FIN -j DROP", "l4proto=6 ; false(-m tcp --tcp-flags SYN,FIN SYN,FIN) ; drop"),
+            ("-A INPUT -p tcp --syn -j U", "l4proto=6 ; tcpflags&=2 ; jump(U)"),
+            ("-A INPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j U", "l4proto=6 ; tcpflags&=2 ; jump(U)"),
+            ("-A INPUT -p tcp -m tcp ! --tcp-flags FIN,SYN,RST,ACK SYN -j U", "l4proto=6 ; tcpflags&!=2 ; jump(U)"),
+            ("-A INPUT -p tcp -m tcp --tcp-flags SYN,ACK ACK -j U", "l4proto=6 ; tcpflags&=16 ; jump(U)"),
+            ("-A INPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG NONE -j DROP", "l4proto=6 ; tcpflags&=0 ; drop"),
+            ("-A INPUT -p tcp -m tcp --tcp-flags ALL SYN -j U", "l4proto=6 ; tcpflags&=2 ; jump(U)"),
+            ("-A INPUT -p tcp -m tcp --tcp-flags SYN,FIN SYN,FIN -j DROP", "l4proto=6 ; tcpflags&=3 ; drop"),
             ("-A INPUT -p tcp -m tcp --tcp-flags SYN,ECE SYN -j DROP", "l4proto=6 ; opaque(-m tcp --tcp-flags SYN,ECE SYN) ; drop"),
             ("-A INPUT -p tcp -m tcp --tcp-option 2 -j U", "l4proto=6 ; opaque(-m tcp --tcp-option 2) ; jump(U)"),
         ] {
@@ -1929,8 +1939,8 @@ mod tests {
             ("-A INPUT -m conntrack ! --ctstatus CONFIRMED -j U", "ctstatus!=confirmed ; jump(U)"),
             ("-A INPUT -m conntrack --ctstatus NONE -j U", "opaque(-m conntrack --ctstatus NONE) ; jump(U)"),
             ("-A INPUT -m conntrack --ctstate NEW --ctproto 6 --ctorigdstport 80 -j U", "ctstate=new ; opaque(-m conntrack --ctproto 6 --ctorigdstport 80) ; jump(U)"),
-            ("-A INPUT -m conntrack --ctdir ORIGINAL -j DROP", "true(-m conntrack --ctdir ORIGINAL) ; drop"),
-            ("-A INPUT -m conntrack --ctdir REPLY -j DROP", "false(-m conntrack --ctdir REPLY) ; drop"),
+            ("-A INPUT -m conntrack --ctdir ORIGINAL -j DROP", "ctdir=original ; drop"),
+            ("-A INPUT -m conntrack --ctdir REPLY -j DROP", "ctdir=reply ; drop"),
             ("-A INPUT -m addrtype --dst-type LOCAL -j U", "fibdaddr=local ; jump(U)"),
             ("-A INPUT -m addrtype ! --dst-type LOCAL,MULTICAST -j U", "fibdaddr!=local,multicast ; jump(U)"),
             ("-A INPUT -m addrtype --dst-type BROADCAST -j U", "fibdaddr=broadcast ; jump(U)"),
@@ -2035,7 +2045,7 @@ mod tests {
             ("-A INPUT -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff", ""),
             ("-A INPUT -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff", ""),
             ("-A INPUT -j CONNMARK --set-xmark 0x3/0xffffffff", "opaque(-j CONNMARK --set-xmark 0x3/0xffffffff)"),
-            ("-A INPUT -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu", "l4proto=6 ; true(-m tcp --tcp-flags SYN,RST SYN)"),
+            ("-A INPUT -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --clamp-mss-to-pmtu", "l4proto=6 ; tcpflags&=2"),
             ("-A INPUT -j DSCP --set-dscp 0x01", ""),
             ("-A INPUT -j TOS --set-tos 0x01/0xff", ""),
             ("-A INPUT -j TTL --ttl-set 1", ""),
@@ -2101,7 +2111,7 @@ mod tests {
             ("-A INPUT -m hl --hl-gt 254 -j DROP", "hl=255 ; drop"),
             ("-A INPUT -m hl --hl-gt 255 -j DROP", "false(-m hl --hl-gt 255) ; drop"),
             ("-A INPUT -m hl ! --hl-gt 255 -j DROP", "true(-m hl ! --hl-gt 255) ; drop"),
-            ("-A INPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j DROP", "l4proto=6 ; true(-m tcp --tcp-flags FIN,SYN,RST,ACK SYN) ; drop"),
+            ("-A INPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j DROP", "l4proto=6 ; tcpflags&=2 ; drop"),
             ("-A INPUT -j REJECT", "reject(icmp6-port-unreachable)"),
             ("-A INPUT -p udp -m udp --dport 53 -j REJECT --reject-with icmp6-adm-prohibited", "l4proto=17 ; dport=53 ; reject(icmp6-adm-prohibited)"),
             ("-A INPUT -p tcp -m tcp --dport 82 -j DNAT --to-destination [2001:db8::1]:80", "l4proto=6 ; dport=82 ; dnat([2001:db8::1]:80, 80)"),
@@ -2301,7 +2311,7 @@ COMMIT
                 .unwrap()
                 .base
                 .clone()
-                .map(|b| (b.hook, b.kind, b.priority, b.policy, b.device))
+                .map(|b| (b.hook, b.kind, b.priority, b.policy, b.devices))
         };
         assert_eq!(
             base(0, "PREROUTING"),

@@ -77,7 +77,12 @@ impl Firewall {
         let mut ruleset = Ruleset::default();
         if let Some(json) = &raw.nft_json {
             match nft_json::parse(json) {
-                Ok(tables) => ruleset.tables = tables,
+                Ok(mut tables) => {
+                    if let Some(text) = &raw.nft_text {
+                        ingress_devices(&mut tables, text);
+                    }
+                    ruleset.tables = tables;
+                }
                 Err(e) => unreadable.push(format!("the nftables ruleset could not be parsed: {e}")),
             }
         } else if !raw.nft_tables.is_empty() && raw.problems.is_empty() {
@@ -199,6 +204,11 @@ impl Firewall {
         self.evaluator.set_routes(routes);
     }
 
+    /// The namespace's local addresses: a DNAT to one of them stays on the host.
+    pub fn set_local(&mut self, local: &LocalAddrs) {
+        self.evaluator.set_local(local.clone());
+    }
+
     /// The effective exposure of one classified socket.
     pub fn exposure(
         &mut self,
@@ -276,6 +286,55 @@ impl Firewall {
             v6,
             daddrs,
         })
+    }
+}
+
+/// Fills in the devices of ingress chains from `nft list ruleset` text (nft 1.0.6's JSON
+/// leaves them out): `type filter hook ingress device "eth1" priority …` or
+/// `devices = { ct0, eth1 }`.
+pub fn ingress_devices(tables: &mut [model::Table], text: &str) {
+    let (mut table, mut chain): (Option<(String, String)>, Option<String>) = (None, None);
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["table", family, name, "{", ..] => {
+                table = Some(((*family).to_owned(), (*name).to_owned()));
+            }
+            ["chain", name, "{", ..] => chain = Some((*name).to_owned()),
+            _ if line.starts_with("type ") && line.contains(" hook ingress ") => {
+                let devices: Option<Vec<String>> =
+                    if let Some(rest) = line.split(" devices = {").nth(1) {
+                        rest.split('}').next().map(|list| {
+                            list.split(',')
+                                .map(|d| d.trim().trim_matches('"').to_owned())
+                                .filter(|d| !d.is_empty())
+                                .collect()
+                        })
+                    } else {
+                        line.split(" device ")
+                            .nth(1)
+                            .and_then(|rest| rest.split_whitespace().next())
+                            .map(|d| vec![d.trim_matches('"').to_owned()])
+                    };
+                let (Some((family, tname)), Some(cname), Some(devices)) = (&table, &chain, devices)
+                else {
+                    continue;
+                };
+                for t in tables
+                    .iter_mut()
+                    .filter(|t| t.family.as_str() == family && &t.name == tname)
+                {
+                    for c in t.chains.iter_mut().filter(|c| &c.name == cname) {
+                        if let Some(b) = &mut c.base
+                            && b.devices.is_none()
+                        {
+                            b.devices = Some(devices.clone());
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 

@@ -140,8 +140,10 @@ pub struct BaseChain {
     /// Lower runs first (raw −300, mangle −150, dstnat −100, filter 0, security 50, srcnat 100).
     pub priority: i32,
     pub policy: Policy,
-    /// `netdev` ingress chains: the device they are bound to.
-    pub device: Option<String>,
+    /// Ingress chains: the devices they are bound to. `None` for an ingress chain means
+    /// the reader could not tell (nft 1.0.6's JSON leaves them out; `firewall::
+    /// ingress_devices` reads them from `nft list ruleset`); other hooks ignore it.
+    pub devices: Option<Vec<String>>,
 }
 
 /// The standard priorities, for iptables tables (which have no priority of their own).
@@ -228,6 +230,13 @@ pub enum Key {
     MarkMasked(u64),
     /// IPv6 hop limit / IPv4 TTL.
     HopLimit,
+    /// TCP flags under a mask (`tcp flags & (fin|syn|rst|ack) == syn`, iptables `--syn`,
+    /// `--tcp-flags MASK COMP`): values are compared with `flags & mask`. FIN 0x01, SYN
+    /// 0x02, RST 0x04, PSH 0x08, ACK 0x10, URG 0x20, ECE 0x40, CWR 0x80. A non-TCP packet
+    /// never matches.
+    TcpFlags(u64),
+    /// Conntrack direction: `original` or `reply`.
+    CtDirection,
     /// A concatenation (`ip saddr . tcp dport`); values are [`Value::Tuple`].
     Concat(Vec<Key>),
 }

@@ -135,15 +135,18 @@ fn chain(c: &J) -> Chain {
                 Some("drop") => Policy::Drop,
                 _ => Policy::Accept,
             };
-            let device = c
-                .get("dev")
-                .and_then(|d| d.as_str().map(str::to_owned).or_else(|| first_str(d)));
+            // `dev` is a name or a list; nft 1.0.6 leaves it out of its JSON altogether.
+            let devices = c.get("dev").and_then(|d| match d {
+                J::String(one) => Some(vec![one.clone()]),
+                J::Array(many) => many.iter().map(|v| v.as_str().map(str::to_owned)).collect(),
+                _ => None,
+            });
             BaseChain {
                 hook,
                 kind,
                 priority,
                 policy,
-                device,
+                devices,
             }
         });
     Chain {
@@ -151,10 +154,6 @@ fn chain(c: &J) -> Chain {
         base,
         rules: Vec::new(),
     }
-}
-
-fn first_str(v: &J) -> Option<String> {
-    v.as_array()?.first()?.as_str().map(str::to_owned)
 }
 
 struct Ctx<'a> {
@@ -413,6 +412,14 @@ impl Ctx<'_> {
                 });
             }
         };
+        // A bare `tcp flags syn` (op `in`) is `flags & syn != 0`.
+        if op == "in" && key == Key::TcpFlags(0xff) && right.get("set").is_none() {
+            return Some(Stmt::Match {
+                key: Key::TcpFlags(tcp_flag_bits(right)?),
+                negate: true,
+                values: vec![Value::num(0)],
+            });
+        }
         if let Some(name) = right.as_str().and_then(|s| s.strip_prefix('@')) {
             let (raw, _) = self.sets.get(&(self.table, name.to_owned()))?;
             let (values, _) = set_elements(raw, Some(&key));
@@ -434,6 +441,9 @@ impl Ctx<'_> {
 /// The protocol match nft adds in front of a transport header field and leaves out of its
 /// JSON (`tcp dport 22` is `meta l4proto tcp` + the port).
 fn l4_dependency(left: &J) -> Option<Stmt> {
+    if let Some([inner, _]) = left.get("&").and_then(J::as_array).map(Vec::as_slice) {
+        return l4_dependency(inner);
+    }
     let proto = match left.get("concat").and_then(J::as_array) {
         Some(parts) => parts.iter().find_map(|p| {
             let proto = p.get("payload")?.get("protocol")?.as_str()?;
@@ -478,12 +488,13 @@ fn verdict_of(v: &J) -> Option<Verdict> {
 
 /// The key of a match's left side, or `None` when the evaluator does not model it.
 fn key_of(left: &J) -> Option<Key> {
-    // `meta mark & MASK`
+    // `meta mark & MASK`, `tcp flags & (fin | syn | rst | ack)`
     if let Some([inner, mask]) = left.get("&").and_then(J::as_array).map(Vec::as_slice) {
-        if key_of(inner)? == Key::Mark {
-            return Some(Key::MarkMasked(mask.as_u64()?));
-        }
-        return None;
+        return match key_of(inner)? {
+            Key::Mark => Some(Key::MarkMasked(mask.as_u64()?)),
+            Key::TcpFlags(_) => Some(Key::TcpFlags(tcp_flag_bits(mask)?)),
+            _ => None,
+        };
     }
     if let Some(parts) = left.get("concat").and_then(J::as_array) {
         return Some(Key::Concat(
@@ -507,6 +518,7 @@ fn key_of(left: &J) -> Option<Key> {
         return Some(match ct.get("key")?.as_str()? {
             "state" => Key::CtState,
             "status" => Key::CtStatus,
+            "direction" => Key::CtDirection,
             _ => return None,
         });
     }
@@ -534,6 +546,7 @@ fn key_of(left: &J) -> Option<Key> {
             ("icmp", "type") => Key::IcmpType { v6: false },
             ("icmpv6", "type") => Key::IcmpType { v6: true },
             ("ip", "ttl") | ("ip6", "hoplimit") => Key::HopLimit,
+            ("tcp", "flags") => Key::TcpFlags(0xff),
             _ => return None,
         });
     }
@@ -583,6 +596,9 @@ fn values_of(key: &Key, right: &J) -> Option<Vec<Value>> {
 }
 
 fn scalar(key: &Key, v: &J) -> Option<Value> {
+    if let Key::TcpFlags(_) = key {
+        return tcp_flag_bits(v).map(Value::num);
+    }
     if let Some(p) = v.get("prefix") {
         let addr = p.get("addr")?.as_str()?;
         let len = u8::try_from(p.get("len")?.as_u64()?).ok()?;
@@ -624,6 +640,30 @@ fn scalar(key: &Key, v: &J) -> Option<Value> {
     }
     // Interface names: nft prints a wildcard as `eth*` (and `\*` for a literal star).
     Some(Value::Name(s.to_owned()))
+}
+
+/// `syn`, `["fin","syn"]`, `{"|": ["syn", "ack"]}` or a number → flag bits.
+fn tcp_flag_bits(v: &J) -> Option<u64> {
+    if let Some(n) = v.as_u64() {
+        return Some(n);
+    }
+    if let Some(s) = v.as_str() {
+        return Some(match s {
+            "fin" => 0x01,
+            "syn" => 0x02,
+            "rst" => 0x04,
+            "psh" => 0x08,
+            "ack" => 0x10,
+            "urg" => 0x20,
+            "ecn" => 0x40,
+            "cwr" => 0x80,
+            _ => return None,
+        });
+    }
+    let items = v.as_array().or_else(|| v.get("|").and_then(J::as_array))?;
+    items
+        .iter()
+        .try_fold(0, |acc, i| Some(acc | tcp_flag_bits(i)?))
 }
 
 pub(crate) fn protocol_number(s: &str) -> Option<u64> {

@@ -156,6 +156,9 @@ pub struct RawFirewall {
     pub nft_tables: Vec<(String, String)>,
     /// `nft -j list ruleset`, read only when `nft_tables` is not empty.
     pub nft_json: Option<String>,
+    /// `nft list ruleset` (text), read only when the JSON has an ingress chain without
+    /// its devices (nft 1.0.6 leaves them out of the JSON).
+    pub nft_text: Option<String>,
     /// `iptables-nft-save`, read only when an `ip` table named filter, nat, mangle, raw or
     /// security exists (see the module doc for why, and for its caveat).
     pub iptables_nft: Option<String>,
@@ -390,6 +393,19 @@ pub fn read_current(opts: &ReadOptions) -> RawFirewall {
             opts,
             &["-j", "list", "ruleset"],
             "the nftables ruleset (nft -j list ruleset)",
+            &mut fw.problems,
+        );
+    }
+    if fw
+        .nft_json
+        .as_deref()
+        .is_some_and(|j| j.contains("\"hook\": \"ingress\"") || j.contains("\"hook\":\"ingress\""))
+    {
+        fw.nft_text = run_tool(
+            Tool::Nft,
+            opts,
+            &["list", "ruleset"],
+            "the devices of ingress chains (nft list ruleset)",
             &mut fw.problems,
         );
     }
