@@ -118,7 +118,81 @@ pub enum ScanError {
 /// How many namespaces are read at once.
 const NETNS_PARALLEL: usize = 4;
 
+/// Each namespace's firewall as assembled, kept across the scans of `run`: a ruleset is
+/// parsed, and its answers computed, again only when what was read changed (the OS
+/// layer re-reads it only when its generation changed).
+#[derive(Debug, Default)]
+pub struct FirewallMemo {
+    entries: HashMap<u64, MemoEntry>,
+    /// How many times a firewall was assembled (for tests and debug logs).
+    built: usize,
+}
+
+#[derive(Debug)]
+struct MemoEntry {
+    raw: Option<crate::os::firewall::RawFirewall>,
+    routes: Vec<(std::net::IpAddr, u8, String)>,
+    local: Option<crate::model::LocalAddrs>,
+    firewall: Firewall,
+}
+
+impl FirewallMemo {
+    /// The namespace's firewall, assembled again only when its reading, routes or local
+    /// addresses differ from last time.
+    fn get(&mut self, inode: u64, view: &crate::model::NetnsView) -> &mut Firewall {
+        let fresh = self.entries.get(&inode).is_some_and(|e| {
+            e.raw == view.firewall && e.routes == view.routes && e.local == view.local
+        });
+        if !fresh {
+            self.built += 1;
+            let mut firewall = match &view.firewall {
+                Some(raw) => Firewall::from_raw(raw),
+                None => Firewall::not_read(
+                    "the firewall was not read: the namespace could not be entered (it \
+                     needs CAP_SYS_ADMIN; its sockets came from /proc/PID/net)",
+                ),
+            };
+            firewall.set_routes(view.routes.clone());
+            if let Some(local) = &view.local {
+                firewall.set_local(local);
+            }
+            self.entries.insert(
+                inode,
+                MemoEntry {
+                    raw: view.firewall.clone(),
+                    routes: view.routes.clone(),
+                    local: view.local.clone(),
+                    firewall,
+                },
+            );
+        }
+        // Inserted just above when missing.
+        #[allow(clippy::expect_used)]
+        &mut self
+            .entries
+            .get_mut(&inode)
+            .expect("the entry was just inserted")
+            .firewall
+    }
+
+    /// Forgets namespaces no longer selected (gone or filtered out).
+    fn retain(&mut self, selected: &[NetnsEntry]) {
+        self.entries
+            .retain(|inode, _| selected.iter().any(|n| n.id.inode == *inode));
+    }
+}
+
+/// One scan with nothing kept from earlier ones (`scan` on the command line).
 pub fn scan(sys: &dyn System, opts: &ScanOptions) -> Result<Inventory, ScanError> {
+    scan_with(sys, opts, &mut FirewallMemo::default())
+}
+
+/// One scan that reuses the firewalls assembled by earlier scans (`run`).
+pub fn scan_with(
+    sys: &dyn System,
+    opts: &ScanOptions,
+    memo: &mut FirewallMemo,
+) -> Result<Inventory, ScanError> {
     let scanned_at = OffsetDateTime::now_utc();
     let started = Instant::now();
     // The /proc walk is the longest step and needs only the socket inodes: it starts first,
@@ -129,7 +203,7 @@ pub fn scan(sys: &dyn System, opts: &ScanOptions) -> Result<Inventory, ScanError
         let walk = s.spawn(|| sys.owners(&wanted));
         // On an error or a panic the walker must not wait forever for the wanted set.
         let publish_on_exit = PublishEmpty(&wanted);
-        let collected = collect(sys, opts, &wanted, started);
+        let collected = collect(sys, memo, opts, &wanted, started);
         drop(publish_on_exit);
         (collected, walk.join())
     });
@@ -180,6 +254,7 @@ struct Collected {
 /// for, then classifies and orders the listeners.
 fn collect(
     sys: &dyn System,
+    memo: &mut FirewallMemo,
     opts: &ScanOptions,
     wanted: &OnceLock<FastSet<u64>>,
     started: Instant,
@@ -216,7 +291,8 @@ fn collect(
     let t_read = started.elapsed();
     // The rulesets are read now, while the owner walk (already given its inodes) runs.
     let views = read_firewalls(sys, &selected, views);
-    let (listeners, namespaces) = assemble(sys, &selected, views, opts, caps, &mut warnings);
+    let (listeners, namespaces) = assemble(sys, memo, &selected, views, opts, caps, &mut warnings);
+    memo.retain(&selected);
     tracing::debug!(
         discover_us = t_discover.as_micros() as u64,
         read_us = (t_read - t_discover).as_micros() as u64,
@@ -242,8 +318,10 @@ impl Drop for PublishEmpty<'_> {
 
 /// Classifies every socket of the namespaces read, marks hidden IPv4 exposure per port,
 /// applies the output filters, attributes cgroups and sorts.
+#[allow(clippy::too_many_arguments)]
 fn assemble(
     sys: &dyn System,
+    memo: &mut FirewallMemo,
     selected: &[NetnsEntry],
     views: Vec<Result<crate::model::NetnsView, ReadError>>,
     opts: &ScanOptions,
@@ -268,17 +346,7 @@ fn assemble(
                 if let Some(local) = &view.local {
                     locals.insert(ns.id.inode, local.clone());
                 }
-                let mut firewall = match &view.firewall {
-                    Some(raw) => Firewall::from_raw(raw),
-                    None => Firewall::not_read(
-                        "the firewall was not read: the namespace could not be entered (it \
-                         needs CAP_SYS_ADMIN; its sockets came from /proc/PID/net)",
-                    ),
-                };
-                firewall.set_routes(view.routes.clone());
-                if let Some(local) = &view.local {
-                    firewall.set_local(local);
-                }
+                let firewall = memo.get(ns.id.inode, &view);
                 for note in &firewall.notes {
                     warnings.push(format!("netns {}: firewall: {note}", ns.id.name));
                 }
@@ -967,5 +1035,40 @@ mod tests {
             (l.class.reach_ipv4, l.class.trap, l.hidden_ipv4_exposure),
             (Reach::Unknown, false, false)
         );
+    }
+
+    /// `run` scans every interval: an unchanged namespace's firewall is not assembled (nor
+    /// its answers computed) again; a changed reading, route or address is.
+    #[test]
+    fn firewall_memo_rebuilds_only_on_change() {
+        let raw = crate::os::firewall::RawFirewall {
+            generation: Some(7),
+            ..Default::default()
+        };
+        let mut view = NetnsView {
+            sockets: vec![],
+            local: None,
+            ifnames: vec![],
+            source: Source::SockDiag,
+            notes: vec![],
+            firewall: Some(raw),
+            routes: vec![],
+        };
+        let mut memo = FirewallMemo::default();
+        memo.get(1, &view);
+        memo.get(1, &view);
+        assert_eq!(memo.built, 1);
+        view.routes
+            .push(("10.0.0.0".parse().unwrap(), 8, "eth0".into()));
+        memo.get(1, &view);
+        assert_eq!(memo.built, 2);
+        if let Some(raw) = &mut view.firewall {
+            raw.generation = Some(8);
+        }
+        memo.get(1, &view);
+        memo.get(2, &view);
+        assert_eq!(memo.built, 4);
+        memo.retain(&[]);
+        assert!(memo.entries.is_empty());
     }
 }

@@ -67,12 +67,16 @@ pub enum RunError {
     NoCollector,
 }
 
+/// One scan on a blocking thread; `memo` keeps the assembled firewalls between scans (a
+/// ruleset is parsed and evaluated again only when it changed).
 async fn scan_state(
     sys: Arc<dyn System + Send + Sync>,
     opts: ScanOptions,
+    memo: Arc<std::sync::Mutex<scan::FirewallMemo>>,
 ) -> Result<(State, OffsetDateTime), RunError> {
     tokio::task::spawn_blocking(move || {
-        let inv = scan::scan(&*sys, &opts)?;
+        let mut memo = memo.lock().unwrap_or_else(|p| p.into_inner());
+        let inv = scan::scan_with(&*sys, &opts, &mut memo)?;
         Ok((state_of(&inv), inv.scanned_at))
     })
     .await
@@ -102,7 +106,8 @@ pub async fn run(
         ..ScanOptions::default()
     };
     // Scan before connecting: an early connection must never send an empty inventory.
-    let (state, at) = scan_state(Arc::clone(&sys), opts.clone()).await?;
+    let memo = Arc::new(std::sync::Mutex::new(scan::FirewallMemo::default()));
+    let (state, at) = scan_state(Arc::clone(&sys), opts.clone(), Arc::clone(&memo)).await?;
     tracing::info!(listeners = state.len(), "First scan done.");
     let shared = Arc::new(Shared {
         outbox: Mutex::new(Outbox::new(
@@ -124,7 +129,7 @@ pub async fn run(
             tick.tick().await; // the first tick is immediate: the first scan already ran
             loop {
                 tick.tick().await;
-                match scan_state(Arc::clone(&sys), opts.clone()).await {
+                match scan_state(Arc::clone(&sys), opts.clone(), Arc::clone(&memo)).await {
                     Ok((state, at)) => {
                         let recorded = shared.outbox().record_scan(state, at);
                         match recorded {
