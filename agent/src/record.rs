@@ -4,9 +4,14 @@
 //! [`listenscope_core::record`]). Sockets sharing an endpoint (an SO_REUSEPORT group, one
 //! socket per worker) become one record whose `sockets` counts them and whose `processes`
 //! is the union of their owners.
+//!
+//! Each record carries the firewall's verdict per IP version (`Listener::effective`) as a
+//! [`FirewallAnswer`]: the agent's `firewall::Answer` with its DNAT target, when there is
+//! one, written into the reason (the fleet keeps verdict, reason and conditions).
 
-pub use listenscope_core::record::{ListenerKey, ListenerRecord, State};
+pub use listenscope_core::record::{FirewallAnswer, ListenerKey, ListenerRecord, State};
 
+use crate::firewall::Answer;
 use crate::model::{Listener, ProcessInfo};
 use crate::scan::Inventory;
 
@@ -23,8 +28,47 @@ pub fn key_of(l: &Listener) -> ListenerKey {
     }
 }
 
+/// The fleet's form of one verdict: the DNAT target (`diverted_to`) joins the reason, so
+/// where the traffic goes is shown without becoming history of its own (the verdict
+/// `diverted` is history; a new target address is a reload's detail).
+pub fn answer_of(a: &Answer) -> FirewallAnswer {
+    let mut reason = a.reason.clone();
+    if let Some(to) = &a.diverted_to
+        && !reason.contains(to.as_str())
+    {
+        if !reason.is_empty() {
+            reason.push_str("; ");
+        }
+        reason.push_str("diverted to ");
+        reason.push_str(to);
+    }
+    let mut out = FirewallAnswer {
+        verdict: a.verdict,
+        reason,
+        conditions: a.conditions.clone(),
+    };
+    out.bound();
+    out
+}
+
+/// Keeps the more permissive of two verdicts of one endpoint (see [`state_of`]).
+fn widen(kept: &mut FirewallAnswer, other: &Answer) {
+    if other.verdict.permissiveness() > kept.verdict.permissiveness() {
+        *kept = answer_of(other);
+    }
+}
+
 /// Groups a scan's sockets into endpoint records. Within a group the first socket (scan
 /// order) gives the classification; owners are merged.
+///
+/// Firewall verdicts: the sockets of one endpoint share protocol, address, port and
+/// device, which is everything the evaluator asks about, so they share a verdict. Should
+/// they ever differ (a ruleset read between two of them, a rule matching on the socket's
+/// cgroup or owner), the record keeps the most permissive one, by the order open >
+/// restricted > diverted > unknown > filtered > n/a (`Effective::permissiveness`), with
+/// that socket's reason and conditions: an endpoint some socket of which lets clients in
+/// is open to them, and a report must never understate an exposure. On equal verdicts
+/// the first socket's answer stays (scan order, so the record is stable).
 pub fn state_of(inv: &Inventory) -> State {
     let mut state = State::new();
     for l in &inv.listeners {
@@ -40,6 +84,8 @@ pub fn state_of(inv: &Inventory) -> State {
                 }
                 r.freebind = or_opt(r.freebind, l.socket.freebind);
                 r.transparent = or_opt(r.transparent, l.socket.transparent);
+                widen(&mut r.effective_ipv4, &l.effective.ipv4);
+                widen(&mut r.effective_ipv6, &l.effective.ipv6);
                 r.bound();
             }
             None => {
@@ -65,6 +111,8 @@ pub fn state_of(inv: &Inventory) -> State {
                     transparent: l.socket.transparent,
                     source: l.source,
                     sockets: 1,
+                    effective_ipv4: answer_of(&l.effective.ipv4),
+                    effective_ipv6: answer_of(&l.effective.ipv6),
                 };
                 record.bound();
                 state.insert(key, record);
@@ -79,5 +127,197 @@ fn or_opt(a: Option<bool>, b: Option<bool>) -> Option<bool> {
         (Some(x), Some(y)) => Some(x || y),
         (x, None) => x,
         (None, y) => y,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    use listenscope_core::domain::Effective;
+    use time::OffsetDateTime;
+
+    use super::*;
+    use crate::firewall::Exposure;
+    use crate::model::{Classification, Family, NetnsId, Protocol, RawSocket, Reach, Source};
+
+    fn answer(verdict: Effective, reason: &str) -> Answer {
+        Answer::new(verdict, reason)
+    }
+
+    /// A `:::80` dual-stack socket (one of an SO_REUSEPORT group) with these verdicts.
+    fn socket(inode: u64, pid: u32, ipv4: Answer, ipv6: Answer) -> Listener {
+        Listener {
+            socket: RawSocket {
+                protocol: Protocol::Tcp,
+                family: Family::Ipv6,
+                address: IpAddr::from([0u16; 8]),
+                port: 80,
+                v6only: Some(false),
+                ifindex: 0,
+                freebind: Some(false),
+                transparent: Some(false),
+                uid: 0,
+                inode,
+                cgroup_id: None,
+            },
+            netns: Arc::new(NetnsId {
+                inode: 4026531840,
+                name: "host".into(),
+            }),
+            source: Source::SockDiag,
+            interface: None,
+            class: Classification {
+                reach_ipv4: Reach::Any,
+                reach_ipv6: Reach::Any,
+                latent: false,
+                shown_as: ":::80".into(),
+                netstat_proto: "tcp6",
+                trap: true,
+            },
+            hidden_ipv4_exposure: true,
+            pids: vec![pid],
+            cgroup: None,
+            container: None,
+            unit: None,
+            effective: Exposure { ipv4, ipv6 },
+        }
+    }
+
+    fn inventory(listeners: Vec<Listener>) -> Inventory {
+        let processes: BTreeMap<u32, ProcessInfo> = listeners
+            .iter()
+            .flat_map(|l| l.pids.iter())
+            .map(|&pid| {
+                (
+                    pid,
+                    ProcessInfo {
+                        pid,
+                        comm: "nginx".into(),
+                        cmdline: "nginx: worker process".into(),
+                        user: "www-data".into(),
+                    },
+                )
+            })
+            .collect();
+        Inventory {
+            host: "h".into(),
+            scanned_at: OffsetDateTime::UNIX_EPOCH,
+            listeners,
+            processes,
+            namespaces: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    fn one(listeners: Vec<Listener>) -> ListenerRecord {
+        let state = state_of(&inventory(listeners));
+        assert_eq!(state.len(), 1, "one endpoint");
+        state.into_values().next().unwrap()
+    }
+
+    #[test]
+    fn verdicts_are_carried() {
+        let mut restricted = answer(Effective::Restricted, "inet filter input handle 7: accept");
+        restricted.conditions = vec!["saddr 198.51.100.0/24".into()];
+        let r = one(vec![socket(
+            1,
+            10,
+            restricted,
+            answer(Effective::Filtered, "policy drop of inet filter input"),
+        )]);
+        assert_eq!(r.effective_ipv4.verdict, Effective::Restricted);
+        assert_eq!(
+            r.effective_ipv4.reason,
+            "inet filter input handle 7: accept"
+        );
+        assert_eq!(r.effective_ipv4.conditions, ["saddr 198.51.100.0/24"]);
+        assert_eq!(r.effective_ipv6.verdict, Effective::Filtered);
+        assert!(r.effective_ipv6.conditions.is_empty());
+    }
+
+    /// Sockets of one endpoint that disagree: the most permissive verdict wins, in either
+    /// order, with its own reason; equal verdicts keep the first socket's answer.
+    #[test]
+    fn an_endpoint_keeps_its_most_permissive_verdict() {
+        let ladder = [
+            Effective::NotApplicable,
+            Effective::Filtered,
+            Effective::Unknown,
+            Effective::Diverted,
+            Effective::Restricted,
+            Effective::Open,
+        ];
+        for (i, &low) in ladder.iter().enumerate() {
+            for &high in &ladder[i + 1..] {
+                for swap in [false, true] {
+                    let a = socket(1, 10, answer(low, "low"), answer(high, "high"));
+                    let b = socket(2, 11, answer(high, "high"), answer(low, "low"));
+                    let r = one(if swap { vec![b, a] } else { vec![a, b] });
+                    assert_eq!(r.sockets, 2);
+                    assert_eq!(r.processes.len(), 2);
+                    assert_eq!(
+                        (r.effective_ipv4.verdict, r.effective_ipv6.verdict),
+                        (high, high)
+                    );
+                    assert_eq!(r.effective_ipv4.reason, "high", "{low:?} < {high:?}");
+                }
+            }
+        }
+        let r = one(vec![
+            socket(
+                1,
+                10,
+                answer(Effective::Open, "first"),
+                answer(Effective::Open, "first"),
+            ),
+            socket(
+                2,
+                11,
+                answer(Effective::Open, "second"),
+                answer(Effective::Open, "second"),
+            ),
+        ]);
+        assert_eq!(r.effective_ipv4.reason, "first");
+    }
+
+    #[test]
+    fn a_dnat_target_joins_the_reason() {
+        let mut d = answer(
+            Effective::Diverted,
+            "ip nat PREROUTING handle 3: dnat to 192.0.2.2:80",
+        );
+        d.diverted_to = Some("192.0.2.2:80 (netns web)".into());
+        let a = answer_of(&d);
+        assert_eq!(a.verdict, Effective::Diverted);
+        assert_eq!(
+            a.reason,
+            "ip nat PREROUTING handle 3: dnat to 192.0.2.2:80; diverted to 192.0.2.2:80 (netns web)"
+        );
+        // Already named in the reason: not repeated.
+        let mut d = answer(Effective::Diverted, "dnat to 192.0.2.2:80");
+        d.diverted_to = Some("192.0.2.2:80".into());
+        assert_eq!(answer_of(&d).reason, "dnat to 192.0.2.2:80");
+    }
+
+    /// Whatever a ruleset holds (a comment with a terminal escape), the record is within
+    /// the collector's rules: it escapes, it never sends what the collector refuses.
+    #[test]
+    fn verdict_texts_are_made_safe() {
+        let mut a = answer(Effective::Restricted, "rule \u{1b}]0;pwned\u{7} accept");
+        a.conditions = vec!["iifname \"x\ny\"".into(), "x".repeat(1000)];
+        let r = one(vec![socket(
+            1,
+            10,
+            a,
+            answer(Effective::NotApplicable, "n/a"),
+        )]);
+        let wire = listenscope_proto::v1::Listener::from(&r);
+        let back = ListenerRecord::try_from(wire).unwrap();
+        assert_eq!(back, r);
+        assert!(!r.effective_ipv4.reason.contains('\u{1b}'));
+        assert!(r.effective_ipv4.reason.contains("\\u{1b}"));
     }
 }

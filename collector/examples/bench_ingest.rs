@@ -17,8 +17,8 @@ use std::time::Instant;
 
 use listenscope_collector::store::{DbUrl, Store, StoreOptions};
 use listenscope_core::diff::Changes;
-use listenscope_core::domain::{Family, ProcessInfo, Protocol, Reach, Source};
-use listenscope_core::record::{ListenerKey, ListenerRecord};
+use listenscope_core::domain::{Effective, Family, ProcessInfo, Protocol, Reach, Source};
+use listenscope_core::record::{FirewallAnswer, ListenerKey, ListenerRecord};
 use time::OffsetDateTime;
 
 fn record(port: u16, comm: &str, pid: u32) -> ListenerRecord {
@@ -59,6 +59,26 @@ fn record(port: u16, comm: &str, pid: u32) -> ListenerRecord {
         transparent: Some(false),
         source: Source::SockDiag,
         sockets: 1,
+        // Half the dual-stack ports open, half restricted to a management network (the
+        // rows carry realistic verdict texts); v6-only ports accept no IPv4.
+        effective_ipv4: match port % 4 {
+            1 => FirewallAnswer::new(
+                Effective::Open,
+                format!("inet filter input handle {port}: tcp dport {port} accept"),
+            ),
+            3 => FirewallAnswer {
+                verdict: Effective::Restricted,
+                reason: format!(
+                    "inet filter input handle {port}: ip saddr 10.0.0.0/8 tcp dport {port} accept"
+                ),
+                conditions: vec!["saddr 10.0.0.0/8".into()],
+            },
+            _ => FirewallAnswer::new(Effective::NotApplicable, "the socket accepts no IPv4"),
+        },
+        effective_ipv6: FirewallAnswer::new(
+            Effective::Open,
+            format!("inet filter input handle {port}: tcp dport {port} accept"),
+        ),
     }
 }
 

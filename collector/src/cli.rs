@@ -31,15 +31,19 @@ pub enum Command {
     /// Create the fleet CA, the server certificate and agent certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
-    /// Run SQL on a read-only connection (views: current_listeners, hidden_ipv4_exposure,
-    /// hosts, listener_changes, listener_history; see docs/views.md).
+    /// Run SQL on a read-only connection (views: current_listeners, effective_exposure,
+    /// hidden_ipv4_exposure, hosts, listener_changes, listener_history, listener_versions;
+    /// see docs/views.md).
     Query(QueryArgs),
-    /// Which hosts expose a port over IPv4 although netstat shows only IPv6 lines.
+    /// Which hosts expose a port over IPv4 although netstat shows only IPv6 lines, with
+    /// what their firewall lets through over IPv4 (open and restricted first; filtered
+    /// ones marked as not exposed).
     Exposure(ExposureArgs),
     /// Hosts with their last contact; silent (stale) ones first.
     Hosts(HostsArgs),
-    /// What changed between two times: listeners opened, changed and closed, and ports
-    /// whose exposure changed (e.g. became reachable over IPv4).
+    /// What changed between two times: listeners opened, changed and closed (firewall
+    /// verdicts before → after), and ports whose exposure changed (e.g. became reachable
+    /// over IPv4, or opened by a ruleset change).
     Diff(DiffArgs),
     /// Try it on this machine: dev certificates, a collector on SQLite and an agent, then
     /// the inventory and the headline answer.

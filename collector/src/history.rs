@@ -5,15 +5,21 @@
 //! ended in it, found through indexes on the time columns), never by loading whole fleet
 //! states: a port without events did not change. They return what the `listener_changes`
 //! and `hidden_ipv4_exposure` views would, on every database and on whatever retention
-//! has left. Exposure per port is aggregated here as the headline view does it.
+//! has left. Exposure per port is aggregated here as the headline view does it, firewall
+//! verdicts included: the hidden side's effective IPv4 verdict as `hidden_port` keeps it
+//! (`store::row::hidden_effective_sql`: the most permissive among the port's trap
+//! sockets), and per IP version the most permissive verdict of the port's listeners for
+//! `diff`. Verdicts rank by `Effective::permissiveness`, the same numbers the SQL uses.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use listenscope_core::domain::Effective;
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::query::{Dialect, FromRow, Named, Param, QueryError, ReadOnly, ResultSet};
+use crate::store::row::rank_sql;
 use crate::timefmt;
 
 /// Parses `now`, an RFC 3339 time (`2026-11-24T10:00:00Z`) or an age (`24h`, `7d`, `90m`:
@@ -44,9 +50,52 @@ pub struct PortState {
     pub hidden: bool,
     pub shown_as: String,
     pub processes: String,
+    /// Whether any listener held the port (the firewall is compared only then).
+    pub present: bool,
+    /// Most permissive firewall verdict among its listeners over IPv4 / IPv6 (`n/a`
+    /// without listeners), each with the conditions of its listeners when `restricted`
+    /// (one condition per line, each listener's list once, in byte order; else empty).
+    pub firewall_ipv4: (Effective, String),
+    pub firewall_ipv6: (Effective, String),
+    /// The hidden side's effective IPv4 verdict and conditions, as the `hidden_port` row
+    /// of the port holds them (meaningful when `hidden`).
+    pub hidden_effective: Effective,
+    pub hidden_conditions: Option<String>,
 }
 
 type PortKey = (String, String, String, i64);
+
+/// A stored verdict name; anything else counts as `unknown` (never guessed open).
+fn verdict(s: &str) -> Effective {
+    s.parse().unwrap_or(Effective::Unknown)
+}
+
+/// A verdict read as its rank (`store::row::rank_sql`): the reports that read tens of
+/// thousands of versions get an integer per row, not a string to allocate and parse.
+fn verdict_of_rank(rank: i64) -> Effective {
+    Effective::ALL
+        .into_iter()
+        .find(|e| i64::from(e.permissiveness()) == rank)
+        .unwrap_or(Effective::Unknown)
+}
+
+/// The more permissive of two verdicts.
+fn widest(a: Option<Effective>, b: Effective) -> Option<Effective> {
+    Some(match a {
+        Some(a) if a.permissiveness() >= b.permissiveness() => a,
+        _ => b,
+    })
+}
+
+/// A verdict with its conditions as stored (one per line) for display: `restricted
+/// (saddr 10.0.0.0/8 | iifname eth0)`.
+fn verdict_text(v: Effective, conditions: &str) -> String {
+    if conditions.is_empty() {
+        v.as_str().to_string()
+    } else {
+        format!("{} ({})", v.as_str(), conditions.replace('\n', " | "))
+    }
+}
 
 fn rank(r: &str) -> (u8, &'static str) {
     match r {
@@ -71,8 +120,12 @@ struct VersionRow {
     reach_ipv4: (u8, &'static str),
     reach_ipv6: (u8, &'static str),
     hidden: bool,
+    trap: bool,
     shown_as: String,
     processes: String,
+    /// Verdicts and their stored conditions (one per line).
+    effective_ipv4: (Effective, String),
+    effective_ipv6: (Effective, String),
     at_since: bool,
     at_until: bool,
 }
@@ -89,42 +142,97 @@ impl FromRow for VersionRow {
             reach_ipv4: rank(&r.text("reach_ipv4")?),
             reach_ipv6: rank(&r.text("reach_ipv6")?),
             hidden: r.boolean("hidden_ipv4_exposure")?,
+            trap: r.boolean("trap")?,
             shown_as: r.text("shown_as")?,
             processes: r.text("processes")?,
+            effective_ipv4: (
+                verdict_of_rank(r.int("effective_ipv4_rank")?),
+                r.text("effective_conditions_ipv4")?,
+            ),
+            effective_ipv6: (
+                verdict_of_rank(r.int("effective_ipv6_rank")?),
+                r.text("effective_conditions_ipv6")?,
+            ),
             at_since: r.boolean("at_since")?,
             at_until: r.boolean("at_until")?,
         })
     }
 }
 
+/// The most permissive verdict of some listeners, and the condition lists of those of
+/// them that are `restricted` (non-empty lists, each once, in byte order).
+#[derive(Default)]
+struct Verdicts {
+    widest: Option<Effective>,
+    restricted: BTreeSet<String>,
+}
+
+impl Verdicts {
+    fn add(&mut self, (v, conditions): &(Effective, String)) {
+        self.widest = widest(self.widest, *v);
+        if *v == Effective::Restricted && !conditions.is_empty() {
+            self.restricted.insert(conditions.clone());
+        }
+    }
+
+    /// The widest verdict (`none` without listeners) and, when it is `restricted`, the
+    /// conditions joined one per line (`None` when there are none).
+    fn result(self, none: Effective) -> (Effective, Option<String>) {
+        let v = self.widest.unwrap_or(none);
+        let conditions = (v == Effective::Restricted && !self.restricted.is_empty())
+            .then(|| self.restricted.into_iter().collect::<Vec<_>>().join("\n"));
+        (v, conditions)
+    }
+}
+
 /// Accumulates listener versions into per-port states: the best reach of the port, the
-/// agent's hidden verdict carried in each record, and the lists the headline view shows.
+/// agent's hidden verdict carried in each record, the lists the headline view shows, and
+/// the firewall verdicts (all listeners per IP version; the trap sockets for the hidden
+/// side, as `hidden_port` aggregates them).
 #[derive(Default)]
 struct Acc {
+    present: bool,
     v4: (u8, &'static str),
     v6: (u8, &'static str),
     hidden: bool,
-    shown: std::collections::BTreeSet<String>,
-    procs: std::collections::BTreeSet<String>,
+    shown: BTreeSet<String>,
+    procs: BTreeSet<String>,
+    fw4: Verdicts,
+    fw6: Verdicts,
+    trap4: Verdicts,
 }
 
 impl Acc {
     fn add(&mut self, r: &VersionRow) {
+        self.present = true;
         self.v4 = self.v4.max(r.reach_ipv4);
         self.v6 = self.v6.max(r.reach_ipv6);
         self.hidden |= r.hidden;
         self.shown.insert(r.shown_as.clone());
         // Whole owner lists, as the hidden_ipv4_exposure view aggregates them.
         self.procs.insert(r.processes.clone());
+        self.fw4.add(&r.effective_ipv4);
+        self.fw6.add(&r.effective_ipv6);
+        if r.trap {
+            self.trap4.add(&r.effective_ipv4);
+        }
     }
 
     fn state(self) -> PortState {
+        let (fw4, c4) = self.fw4.result(Effective::NotApplicable);
+        let (fw6, c6) = self.fw6.result(Effective::NotApplicable);
+        let (hidden_effective, hidden_conditions) = self.trap4.result(Effective::Unknown);
         PortState {
             ipv4: if self.v4.0 == 0 { "none" } else { self.v4.1 },
             ipv6: if self.v6.0 == 0 { "none" } else { self.v6.1 },
             hidden: self.hidden,
             shown_as: join(self.shown),
             processes: join(self.procs),
+            present: self.present,
+            firewall_ipv4: (fw4, c4.unwrap_or_default()),
+            firewall_ipv6: (fw6, c6.unwrap_or_default()),
+            hidden_effective,
+            hidden_conditions,
         }
     }
 }
@@ -138,11 +246,13 @@ fn ph(ro: &ReadOnly, n: usize) -> String {
 }
 
 /// The listener versions that begin or end in `(since, until]` (`until` absent: any time
-/// after `since`), as events: columns host_id, at, change, netns, protocol, family,
-/// address, port, shown_as, reach_ipv4, reach_ipv6, processes. Parameters: 1 = since,
+/// after `since`), as events: columns host_id, at, change, netns, protocol, port and, when
+/// `full`, id, family, address, shown_as, reach_ipv4, reach_ipv6, processes, the
+/// verdicts and their stored conditions (one per line): the port questions read only the
+/// keys (PostgreSQL computes every column of a UNION ALL). Parameters: 1 = since,
 /// 2 = until (when bounded), then the host name (when given). Both halves run on an
 /// index on the time column, so the cost follows the number of changes, not the fleet.
-fn events_sql(ro: &ReadOnly, bounded: bool, host: bool) -> String {
+fn events_sql(ro: &ReadOnly, bounded: bool, host: bool, full: bool) -> String {
     let since = ph(ro, 1);
     let until = bounded.then(|| ph(ro, 2));
     let host_param = ph(ro, if bounded { 3 } else { 2 });
@@ -158,15 +268,25 @@ fn events_sql(ro: &ReadOnly, bounded: bool, host: bool) -> String {
         }
         w
     };
-    const COLS: &str = "netns, protocol, family, address, port, shown_as, reach_ipv4, \
-                        reach_ipv6, process_names AS processes";
+    let full_cols = format!(
+        "id, netns, protocol, family, address, port, shown_as, reach_ipv4, reach_ipv6, \
+         process_names AS processes, {} AS effective_ipv4_rank, {} AS effective_ipv6_rank, \
+         effective_conditions_ipv4, effective_conditions_ipv6",
+        rank_sql("effective_ipv4"),
+        rank_sql("effective_ipv6")
+    );
+    let cols = if full {
+        full_cols.as_str()
+    } else {
+        "netns, protocol, port"
+    };
     format!(
         "SELECT host_id, valid_from AS at,
                 CASE WHEN valid_from = first_seen THEN 'opened' ELSE 'changed' END AS change,
-                {COLS}
+                {cols}
          FROM listener WHERE {}
          UNION ALL
-         SELECT host_id, valid_to AS at, 'closed' AS change, {COLS}
+         SELECT host_id, valid_to AS at, 'closed' AS change, {cols}
          FROM listener WHERE end_reason = 'closed' AND {}",
         window("valid_from"),
         window("valid_to"),
@@ -197,7 +317,7 @@ async fn touched(
     until: Option<OffsetDateTime>,
     host: Option<&str>,
 ) -> Result<BTreeMap<PortKey, (PortState, PortState)>, QueryError> {
-    let events = events_sql(ro, until.is_some(), host.is_some());
+    let events = events_sql(ro, until.is_some(), host.is_some(), false);
     let valid_at = |n: usize| {
         let t = ph(ro, n);
         format!("(l.valid_from <= {t} AND (l.valid_to IS NULL OR l.valid_to > {t}))")
@@ -226,10 +346,14 @@ async fn touched(
                  OFFSET 0) l"
         }
     };
+    let (rank4, rank6) = (rank_sql("l.effective_ipv4"), rank_sql("l.effective_ipv6"));
     let sql = format!(
         "WITH t AS (SELECT DISTINCT host_id, netns, protocol, port FROM ({events}) e)
          SELECT h.name AS host, l.netns, l.protocol, l.port, l.reach_ipv4, l.reach_ipv6,
-                l.hidden_ipv4_exposure, l.shown_as, l.process_names AS processes,
+                l.hidden_ipv4_exposure, l.trap, l.shown_as, l.process_names AS processes,
+                {rank4} AS effective_ipv4_rank, {rank6} AS effective_ipv6_rank,
+                l.effective_conditions_ipv4,
+                l.effective_conditions_ipv6,
                 CASE WHEN {at_since} THEN 1 ELSE 0 END AS at_since,
                 CASE WHEN {at_until} THEN 1 ELSE 0 END AS at_until
          FROM t
@@ -312,9 +436,10 @@ impl Report {
     }
 }
 
-/// The headline as of `at`: the same columns as the `hidden_ipv4_exposure` view. The
-/// current headline (maintained at ingest) is rolled back over the changes since `at`:
-/// only ports with events after `at` are recomputed from history.
+/// The headline as of `at`: the rows of [`crate::query::exposure`] as they were then, in
+/// its order (ports the firewall leaves open or restricted first). The current headline
+/// (maintained at ingest) is rolled back over the changes since `at`: only ports with
+/// events after `at` are recomputed from history, effective verdict included.
 pub async fn exposure_at(
     ro: &ReadOnly,
     at: OffsetDateTime,
@@ -325,65 +450,94 @@ pub async fn exposure_at(
     let changed = touched(ro, at, None, None)
         .await
         .map_err(too_many_changes)?;
-    let now = crate::query::exposure(ro, port, protocol, None).await?.rows;
+    let now = crate::query::headline_rows(ro, port, protocol).await?;
     let wanted = |p: i64, proto: &str| {
         port.is_none_or(|want| i64::from(want) == p) && protocol.is_none_or(|want| want == proto)
     };
-    let mut rows: BTreeMap<PortKey, (String, String)> = BTreeMap::new();
-    for r in now.decode::<HeadlineRow>()? {
-        if !changed.contains_key(&r.0) {
-            rows.insert(r.0, (r.1, r.2));
+    // The rows of ports without events since `at` are today's, as read (moved, not
+    // decoded: a port-80 question at 100,000 hosts reads 30,000 of them); the others are
+    // rebuilt from history.
+    let changed_keys: std::collections::HashSet<(&str, &str, &str, i64)> = changed
+        .keys()
+        .map(|(h, n, p, port)| (h.as_str(), n.as_str(), p.as_str(), *port))
+        .collect();
+    let mut rows: Vec<(u8, Vec<Value>)> = Vec::with_capacity(now.rows.len());
+    for r in now.rows {
+        if r.len() != 8 {
+            return Err(QueryError::Sql(format!(
+                "headline row of {} columns",
+                r.len()
+            )));
         }
-    }
-    for (k, (then, _)) in changed {
-        if then.hidden && wanted(k.3, &k.2) {
-            rows.insert(k, (then.shown_as, then.processes));
+        let key = (
+            r[0].as_str().unwrap_or(""),
+            r[1].as_str().unwrap_or(""),
+            r[2].as_str().unwrap_or(""),
+            r[3].as_i64().unwrap_or(0),
+        );
+        if changed_keys.contains(&key) {
+            continue;
         }
+        rows.push((verdict(r[6].as_str().unwrap_or("")).permissiveness(), r));
     }
-    let mut rs = ResultSet {
-        columns: ["host", "netns", "protocol", "port", "shown_as", "processes"]
-            .map(String::from)
-            .to_vec(),
-        rows: Vec::new(),
+    drop(changed_keys);
+    let text_or_null = |s: String| {
+        if s.is_empty() {
+            Value::Null
+        } else {
+            Value::from(s)
+        }
     };
-    for ((host, netns, proto, p), (shown, procs)) in rows {
-        rs.rows.push(vec![
-            Value::from(host),
-            Value::from(netns),
-            Value::from(proto),
-            Value::from(p),
-            Value::from(shown),
-            if procs.is_empty() {
-                Value::Null
-            } else {
-                Value::from(procs)
-            },
-        ]);
+    for ((host, netns, proto, p), (then, _)) in changed {
+        if then.hidden && wanted(p, &proto) {
+            rows.push((
+                then.hidden_effective.permissiveness(),
+                vec![
+                    Value::from(host),
+                    Value::from(netns),
+                    Value::from(proto),
+                    Value::from(p),
+                    Value::from(then.shown_as),
+                    text_or_null(then.processes),
+                    Value::from(then.hidden_effective.as_str()),
+                    // As the view shows them: ' | ' between ways in.
+                    then.hidden_conditions
+                        .map_or(Value::Null, |c| Value::from(c.replace('\n', " | "))),
+                ],
+            ));
+        }
     }
-    Ok(Report::limited(rs, limit))
-}
-
-/// A row of the headline view.
-struct HeadlineRow(PortKey, String, String);
-
-impl FromRow for HeadlineRow {
-    fn from_row(r: &Named<'_>) -> Result<Self, QueryError> {
-        let procs = match r.value("processes")? {
-            Value::Null => String::new(),
-            Value::String(s) => s,
-            v => v.to_string(),
-        };
-        Ok(HeadlineRow(
-            (
-                r.text("host")?,
-                r.text("netns")?,
-                r.text("protocol")?,
-                r.int("port")?,
-            ),
-            r.text("shown_as")?,
-            procs,
-        ))
+    // The order of `query::exposure`: most permissive verdict first, then the port key
+    // (byte order, as both databases sort it there).
+    fn port_key(r: &[Value]) -> (&str, &str, &str, i64) {
+        (
+            r[0].as_str().unwrap_or(""),
+            r[1].as_str().unwrap_or(""),
+            r[2].as_str().unwrap_or(""),
+            r[3].as_i64().unwrap_or(0),
+        )
     }
+    rows.sort_unstable_by(|(ra, a), (rb, b)| {
+        rb.cmp(ra).then_with(|| port_key(a).cmp(&port_key(b)))
+    });
+    let left_out = match limit {
+        Some(n) if rows.len() > n => {
+            let extra = rows.len() - n;
+            rows.truncate(n);
+            extra as u64
+        }
+        _ => 0,
+    };
+    let mut rs = ResultSet {
+        columns: crate::query::EXPOSURE_COLUMNS.map(String::from).to_vec(),
+        rows: Vec::with_capacity(rows.len()),
+    };
+    for (_, mut r) in rows {
+        let note = crate::query::exposure_note(r[6].as_str().unwrap_or(""));
+        r.push(note);
+        rs.rows.push(r);
+    }
+    Ok(Report { rows: rs, left_out })
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -392,6 +546,8 @@ fn yes_no(b: bool) -> &'static str {
 
 /// One row of `listener_changes`, as `diff` reads it.
 struct EventRow {
+    /// The version's row id (to find the version a `changed` replaced).
+    id: i64,
     /// In the display format, as the view gives it.
     at: Value,
     host: String,
@@ -405,6 +561,12 @@ struct EventRow {
     reach_ipv4: String,
     reach_ipv6: String,
     processes: String,
+    /// The verdicts after the event (before it, for `closed`), conditions as stored.
+    effective_ipv4: (Effective, String),
+    effective_ipv6: (Effective, String),
+    /// For `changed`: the verdicts of the version it replaced, when still stored.
+    before_ipv4: Option<(Effective, String)>,
+    before_ipv6: Option<(Effective, String)>,
 }
 
 impl FromRow for EventRow {
@@ -422,13 +584,135 @@ impl FromRow for EventRow {
             reach_ipv4: r.text("reach_ipv4")?,
             reach_ipv6: r.text("reach_ipv6")?,
             processes: r.text("processes")?,
+            effective_ipv4: (
+                verdict_of_rank(r.int("effective_ipv4_rank")?),
+                r.text("effective_conditions_ipv4")?,
+            ),
+            effective_ipv6: (
+                verdict_of_rank(r.int("effective_ipv6_rank")?),
+                r.text("effective_conditions_ipv6")?,
+            ),
+            id: r.int("id")?,
+            before_ipv4: None,
+            before_ipv6: None,
         })
     }
 }
 
-/// What changed in `(since, until]`: every listener opened, changed or closed, then every
-/// port whose exposure differs between the two times (over IPv4, over IPv6, or hidden
-/// from netstat), e.g. a port that became reachable over IPv4.
+/// Fills in, for each `changed` event, the verdicts of the version it replaced: the same
+/// key's previous row (ids grow with every insert, and a key's versions are inserted in
+/// time order), one lookup through (host_id, port) per changed event, in one statement
+/// for all of them. Windows without `changed` events cost nothing more. A replaced
+/// version that retention already pruned leaves the event without a before.
+async fn replaced_verdicts(ro: &ReadOnly, events: &mut [EventRow]) -> Result<(), QueryError> {
+    let wanted: Vec<i64> = events
+        .iter()
+        .filter(|e| e.change == "changed")
+        .map(|e| e.id)
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    // The ids go as one JSON array parameter (one statement whatever their number).
+    let sql = match ro.dialect() {
+        Dialect::Sqlite => {
+            "SELECT e.id, p.effective_ipv4, p.effective_ipv6, p.effective_conditions_ipv4,
+                    p.effective_conditions_ipv6
+             FROM json_each(?1) AS k
+             JOIN listener e ON e.id = k.value
+             JOIN listener p ON p.id = (
+                 SELECT max(q.id) FROM listener q
+                 WHERE q.host_id = e.host_id AND q.port = e.port AND q.lkey = e.lkey
+                   AND q.id < e.id)"
+        }
+        // As a LATERAL lookup per event (see `touched` for why PostgreSQL gets it so).
+        Dialect::Postgres => {
+            "SELECT e.id, p.effective_ipv4, p.effective_ipv6, p.effective_conditions_ipv4,
+                    p.effective_conditions_ipv6
+             FROM json_array_elements_text($1::json) AS k (id)
+             JOIN listener e ON e.id = k.id::bigint
+             CROSS JOIN LATERAL (
+                 SELECT q.effective_ipv4, q.effective_ipv6, q.effective_conditions_ipv4,
+                        q.effective_conditions_ipv6
+                 FROM listener q
+                 WHERE q.host_id = e.host_id AND q.port = e.port AND q.lkey = e.lkey
+                   AND q.id < e.id
+                 ORDER BY q.id DESC LIMIT 1) p"
+        }
+    };
+    let list = serde_json::to_string(&wanted)
+        .map_err(|e| QueryError::Sql(format!("cannot encode a list: {e}")))?;
+    let rows = ro.run(sql, &[Param::Text(Some(list))]).await?;
+    let mut before: std::collections::HashMap<i64, [(Effective, String); 2]> = rows
+        .decode::<ReplacedRow>()?
+        .into_iter()
+        .map(|r| (r.0, r.1))
+        .collect();
+    for e in events.iter_mut().filter(|e| e.change == "changed") {
+        if let Some([v4, v6]) = before.remove(&e.id) {
+            e.before_ipv4 = Some(v4);
+            e.before_ipv6 = Some(v6);
+        }
+    }
+    Ok(())
+}
+
+/// A replaced version's verdicts, by the id of the event's version.
+struct ReplacedRow(i64, [(Effective, String); 2]);
+
+impl FromRow for ReplacedRow {
+    fn from_row(r: &Named<'_>) -> Result<Self, QueryError> {
+        Ok(ReplacedRow(
+            r.int("id")?,
+            [
+                (
+                    verdict(&r.text("effective_ipv4")?),
+                    r.text("effective_conditions_ipv4")?,
+                ),
+                (
+                    verdict(&r.text("effective_ipv6")?),
+                    r.text("effective_conditions_ipv6")?,
+                ),
+            ],
+        ))
+    }
+}
+
+/// `; firewall IPv4 open, IPv6 restricted (saddr 10.0.0.0/8)` for an event: each IP
+/// version's verdict, or its change (`IPv4 open → filtered`) when the event replaced a
+/// version with another verdict; versions that are `n/a` and stay so are left out.
+fn firewall_detail(e: &EventRow) -> String {
+    let mut parts = Vec::new();
+    for (name, now, before) in [
+        ("IPv4", &e.effective_ipv4, &e.before_ipv4),
+        ("IPv6", &e.effective_ipv6, &e.before_ipv6),
+    ] {
+        match before {
+            Some(b) if b != now => parts.push(format!(
+                "{name} {} → {}",
+                verdict_text(b.0, &b.1),
+                verdict_text(now.0, &now.1)
+            )),
+            _ if now.0 != Effective::NotApplicable => {
+                parts.push(format!("{name} {}", verdict_text(now.0, &now.1)))
+            }
+            _ => {}
+        }
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("; firewall {}", parts.join(", "))
+    }
+}
+
+/// What changed in `(since, until]`: every listener opened, changed or closed, with its
+/// observation time and its firewall verdicts (for `changed`, the verdicts' change: the
+/// replaced version is looked up by key, one index probe per changed event, in a second
+/// statement), then every
+/// port whose exposure differs between the two times (over IPv4, over IPv6, hidden from
+/// netstat, or the firewall's most permissive verdict per IP version), e.g. a port that
+/// became reachable over IPv4 or that a ruleset change opened.
 pub async fn diff(
     ro: &ReadOnly,
     host: Option<&str>,
@@ -443,16 +727,40 @@ pub async fn diff(
         }
     };
     let sql = format!(
-        "SELECT e.at, h.name AS host, e.change, e.netns, e.protocol, e.port, e.family,
-                e.address, e.shown_as, e.reach_ipv4, e.reach_ipv6, e.processes
+        "SELECT e.at, h.name AS host, e.change, e.id, e.netns, e.protocol,
+                e.port, e.family, e.address, e.shown_as, e.reach_ipv4, e.reach_ipv6,
+                e.processes, e.effective_ipv4_rank, e.effective_ipv6_rank,
+                e.effective_conditions_ipv4,
+                e.effective_conditions_ipv6
          FROM ({}) e JOIN host h ON h.id = e.host_id
          {order}",
-        events_sql(ro, true, host.is_some())
+        events_sql(ro, true, host.is_some(), true)
     );
     let events = ro
         .run(&sql, &window_params(since, Some(until), host))
         .await
         .map_err(too_many_changes)?;
+    // Only the rows the limit keeps are decoded and described (a window of 10,000
+    // changes prints 1,000); every event still gives its port's latest time, which the
+    // exposure lines are reported at.
+    let keep = limit.unwrap_or(usize::MAX);
+    let mut last_event: BTreeMap<PortKey, Value> = BTreeMap::new();
+    let mut shown: Vec<EventRow> = Vec::new();
+    for (i, r) in events.named().enumerate() {
+        let key = (
+            r.text("host")?,
+            r.text("netns")?,
+            r.text("protocol")?,
+            r.int("port")?,
+        );
+        last_event.insert(key, r.value("at")?);
+        if i < keep {
+            shown.push(EventRow::from_row(&r)?);
+        }
+    }
+    let mut left_out = events.rows.len().saturating_sub(keep) as u64;
+    drop(events);
+    replaced_verdicts(ro, &mut shown).await?;
     let mut rs = ResultSet {
         columns: [
             "at", "host", "change", "netns", "protocol", "port", "shown_as", "detail",
@@ -461,18 +769,15 @@ pub async fn diff(
         .to_vec(),
         rows: Vec::new(),
     };
-    // Latest event per port inside the window: the time an exposure change is reported at.
-    let mut last_event: BTreeMap<PortKey, Value> = BTreeMap::new();
-    for e in events.decode::<EventRow>()? {
-        let key = (e.host.clone(), e.netns.clone(), e.protocol.clone(), e.port);
-        last_event.insert(key, e.at.clone());
+    for e in shown {
         let detail = format!(
-            "{} {} {}: IPv4 {}, IPv6 {}{}",
+            "{} {} {}: IPv4 {}, IPv6 {}{}{}",
             e.family,
             e.address,
             if e.change == "closed" { "was" } else { "now" },
             e.reach_ipv4,
             e.reach_ipv6,
+            firewall_detail(&e),
             match e.processes.as_str() {
                 "" => String::new(),
                 p => format!(" ({p})"),
@@ -493,7 +798,16 @@ pub async fn diff(
         .await
         .map_err(too_many_changes)?
     {
-        if (b.ipv4, b.ipv6, b.hidden) == (a.ipv4, a.ipv6, a.hidden) {
+        // The firewall is compared where the port has listeners at both ends (a port that
+        // opened or closed says so through its reach).
+        let firewall_changed = b.present
+            && a.present
+            && (b.firewall_ipv4 != a.firewall_ipv4 || b.firewall_ipv6 != a.firewall_ipv6);
+        if (b.ipv4, b.ipv6, b.hidden) == (a.ipv4, a.ipv6, a.hidden) && !firewall_changed {
+            continue;
+        }
+        if rs.rows.len() >= keep {
+            left_out += 1;
             continue;
         }
         let mut what = Vec::new();
@@ -509,6 +823,31 @@ pub async fn diff(
                 yes_no(b.hidden),
                 yes_no(a.hidden)
             ));
+        }
+        if !b.present && a.present {
+            // A port that came to be: what the firewall does to it now.
+            let now: Vec<String> = [("IPv4", &a.firewall_ipv4), ("IPv6", &a.firewall_ipv6)]
+                .into_iter()
+                .filter(|(_, v)| v.0 != Effective::NotApplicable)
+                .map(|(name, v)| format!("{name} {}", verdict_text(v.0, &v.1)))
+                .collect();
+            if !now.is_empty() {
+                what.push(format!("firewall {}", now.join(", ")));
+            }
+        }
+        if firewall_changed {
+            for (name, before, after) in [
+                ("IPv4", &b.firewall_ipv4, &a.firewall_ipv4),
+                ("IPv6", &b.firewall_ipv6, &a.firewall_ipv6),
+            ] {
+                if before != after {
+                    what.push(format!(
+                        "firewall {name} {} → {}",
+                        verdict_text(before.0, &before.1),
+                        verdict_text(after.0, &after.1)
+                    ));
+                }
+            }
         }
         let at = last_event
             .get(&k)
@@ -530,7 +869,7 @@ pub async fn diff(
             Value::from(what.join("; ")),
         ]);
     }
-    Ok(Report::limited(rs, limit))
+    Ok(Report { rows: rs, left_out })
 }
 
 #[cfg(test)]

@@ -12,7 +12,10 @@ use serde_json::{Map, Value};
 use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 use unicode_width::UnicodeWidthStr as _;
 
+use listenscope_core::domain::Effective;
+
 use crate::history::Report;
+use crate::store::row;
 use crate::store::sqlite_step::{self, Bind, StepError};
 use crate::store::{DbUrl, StoreError, postgres, sqlite};
 
@@ -23,7 +26,8 @@ pub const MAX_ROWS: usize = 1_000_000;
 pub enum QueryError {
     #[error(
         "refused: this connection is read-only ({0}). `query` answers SELECTs over the views \
-         (current_listeners, hidden_ipv4_exposure, hosts, listener_changes, listener_history); \
+         (current_listeners, effective_exposure, hidden_ipv4_exposure, hosts, listener_changes, \
+         listener_history, listener_versions); \
          the collector alone writes"
     )]
     WriteRefused(String),
@@ -80,15 +84,15 @@ pub struct ResultSet {
 impl ResultSet {
     /// The rows decoded into `T` by column name (see [`FromRow`]).
     pub fn decode<T: FromRow>(&self) -> Result<Vec<T>, QueryError> {
-        self.rows
-            .iter()
-            .map(|values| {
-                T::from_row(&Named {
-                    columns: &self.columns,
-                    values,
-                })
-            })
-            .collect()
+        self.named().map(|r| T::from_row(&r)).collect()
+    }
+
+    /// The rows, each read by column name: for reports that decode only some rows fully.
+    pub fn named(&self) -> impl Iterator<Item = Named<'_>> {
+        self.rows.iter().map(|values| Named {
+            columns: &self.columns,
+            values,
+        })
     }
 }
 
@@ -111,6 +115,16 @@ impl Named<'_> {
 
     fn wrong(name: &str, want: &str, v: &Value) -> QueryError {
         QueryError::Sql(format!("column {name:?}: expected {want}, got {v}"))
+    }
+
+    /// Text, borrowed from the row (no copy: reports decode tens of thousands of rows);
+    /// NULL reads as "".
+    pub fn str(&self, name: &str) -> Result<&str, QueryError> {
+        match self.get(name)? {
+            Value::String(s) => Ok(s),
+            Value::Null => Ok(""),
+            v => Err(Self::wrong(name, "text", v)),
+        }
     }
 
     /// Text; NULL reads as "".
@@ -468,32 +482,103 @@ async fn limited(
     Ok(Report { rows, left_out })
 }
 
-/// The headline: ports reachable over IPv4 although netstat shows only IPv6 lines.
+/// The columns of the `exposure` report, now (`exposure`) and as of a time
+/// (`history::exposure_at`), in this order.
+pub const EXPOSURE_COLUMNS: [&str; 9] = [
+    "host",
+    "netns",
+    "protocol",
+    "port",
+    "shown_as",
+    "processes",
+    "effective_ipv4",
+    "conditions",
+    "note",
+];
+
+/// The `note` of an exposure row: what a verdict other than open or restricted means for
+/// the headline (open and restricted ports are the exposures: no note). Filtered ports are
+/// marked: netstat hides their IPv4 side, but the firewall closes it.
+pub fn exposure_note(verdict: &str) -> Value {
+    match verdict.parse::<Effective>() {
+        Ok(Effective::Filtered) => {
+            Value::from("filtered: the firewall drops new IPv4 connections (not exposed)")
+        }
+        Ok(Effective::Diverted) => {
+            Value::from("diverted: the firewall sends IPv4 traffic for the port elsewhere")
+        }
+        Ok(Effective::NotApplicable) => {
+            Value::from("n/a: nothing reaches it over IPv4 from off the host")
+        }
+        Ok(Effective::Unknown) | Err(_) => {
+            Value::from("unknown: the firewall was not decided (why: view effective_exposure)")
+        }
+        Ok(Effective::Open | Effective::Restricted) => Value::Null,
+    }
+}
+
+/// The headline: ports reachable over IPv4 although netstat shows only IPv6 lines, with
+/// the effective IPv4 verdict of each port's hidden side and its conditions. Ports the
+/// firewall leaves open or restricted come first (most permissive verdict first: open,
+/// restricted, diverted, unknown, filtered, n/a), then by host, namespace, protocol, port.
 pub async fn exposure(
     ro: &ReadOnly,
     port: Option<u16>,
     protocol: Option<&str>,
     limit: Option<usize>,
 ) -> Result<Report, QueryError> {
-    limited(
+    let rank = row::rank_sql("effective_ipv4");
+    let order = match ro.dialect() {
+        Dialect::Sqlite => format!("ORDER BY {rank} DESC, host, netns, protocol, port"),
+        Dialect::Postgres => {
+            format!("ORDER BY {rank} DESC, host COLLATE \"C\", netns COLLATE \"C\", protocol, port")
+        }
+    };
+    let mut report = limited(
         ro,
-        "SELECT host, netns, protocol, port, shown_as, processes FROM hidden_ipv4_exposure
-         WHERE 1 = 1",
+        HEADLINE_SELECT,
         "SELECT count(*) FROM hidden_ipv4_exposure WHERE 1 = 1",
-        ro.pick(
-            "ORDER BY host, netns, protocol, port",
-            "ORDER BY host COLLATE \"C\", netns COLLATE \"C\", protocol, port",
-        ),
-        &[
-            ("port", port.map(|p| Param::Int(Some(i64::from(p))))),
-            (
-                "protocol",
-                protocol.map(|p| Param::Text(Some(p.to_string()))),
-            ),
-        ],
+        &order,
+        &headline_filters(port, protocol),
         limit,
     )
-    .await
+    .await?;
+    report.rows.columns.push("note".to_string());
+    for r in &mut report.rows.rows {
+        let note = exposure_note(r.get(6).and_then(Value::as_str).unwrap_or(""));
+        r.push(note);
+    }
+    Ok(report)
+}
+
+/// The headline rows as [`exposure`] reads them, without its note.
+const HEADLINE_SELECT: &str = "SELECT host, netns, protocol, port, shown_as, processes, \
+     effective_ipv4, effective_conditions_ipv4 AS conditions
+     FROM hidden_ipv4_exposure WHERE 1 = 1";
+
+fn headline_filters(
+    port: Option<u16>,
+    protocol: Option<&str>,
+) -> [(&'static str, Option<Param>); 2] {
+    [
+        ("port", port.map(|p| Param::Int(Some(i64::from(p))))),
+        (
+            "protocol",
+            protocol.map(|p| Param::Text(Some(p.to_string()))),
+        ),
+    ]
+}
+
+/// Every headline row (the columns of [`EXPOSURE_COLUMNS`] but `note`) in no particular
+/// order, for `history::exposure_at`, which orders the rows itself after rolling them
+/// back: no sort in the database, no note for rows it replaces.
+pub(crate) async fn headline_rows(
+    ro: &ReadOnly,
+    port: Option<u16>,
+    protocol: Option<&str>,
+) -> Result<ResultSet, QueryError> {
+    let (sql, params) = filtered(ro, HEADLINE_SELECT, &headline_filters(port, protocol));
+    ro.run(&sql, &params).await
 }
 
 /// Hosts, silent longest first (so stale hosts come first).

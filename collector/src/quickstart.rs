@@ -115,10 +115,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let inventory = ro
         .run(
             ro.pick(
-                "SELECT netns, netstat_proto AS proto, shown_as, reach_ipv4, reach_ipv6, v6only, trap, processes
+                "SELECT netns, netstat_proto AS proto, shown_as, reach_ipv4, reach_ipv6, v6only, trap,
+                        effective_ipv4 AS firewall_ipv4, effective_ipv6 AS firewall_ipv6, processes
                  FROM current_listeners WHERE host = ?1
                  ORDER BY netns = 'host' DESC, netns, protocol, port, family",
-                "SELECT netns, netstat_proto AS proto, shown_as, reach_ipv4, reach_ipv6, v6only, trap, processes
+                "SELECT netns, netstat_proto AS proto, shown_as, reach_ipv4, reach_ipv6, v6only, trap,
+                        effective_ipv4 AS firewall_ipv4, effective_ipv6 AS firewall_ipv6, processes
                  FROM current_listeners WHERE host = $1
                  ORDER BY netns = 'host' DESC, netns, protocol, port, family",
             ),

@@ -415,3 +415,179 @@ async fn quickstart_on_postgres() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v[0]["stale"], false, "native booleans on PostgreSQL");
 }
+
+/// `exposure --port P` with firewall verdicts: each host's effective IPv4 verdict of the
+/// hidden port and its conditions, hosts the firewall leaves open or restricted first,
+/// filtered ones marked; `exposure --at` shows the verdicts as they were; `diff` shows a
+/// ruleset change as a change, before → after, at its observation time.
+#[tokio::test]
+async fn exposure_and_diff_show_firewall_verdicts() {
+    let hosts = ["web-a", "web-b", "web-c", "web-d"];
+    let pki = Pki::new(&hosts);
+    let dir = TempDir::new("fwcli");
+    let db = DbUrl::Sqlite(dir.path().join("ls.db"));
+    let c = InProcess::start(&pki, &db).await;
+    let seen = time::OffsetDateTime::now_utc() - time::Duration::minutes(2);
+    let flipped = seen + time::Duration::seconds(30);
+    let before = seen + time::Duration::seconds(10);
+    let with = |v4: Option<v1::FirewallVerdict>| {
+        let mut l = listener("host", 80);
+        l.effective_ipv4 = v4;
+        l.effective_ipv6 = verdict(
+            "open",
+            "inet filter input handle 3: tcp dport 80 accept",
+            &[],
+        );
+        l
+    };
+    let open = || {
+        verdict(
+            "open",
+            "inet filter input handle 5: tcp dport 80 accept",
+            &[],
+        )
+    };
+    let states = [
+        with(open()),
+        with(verdict(
+            "restricted",
+            "inet filter input handle 6: ip saddr 10.0.0.0/8 tcp dport 80 accept",
+            &["saddr 10.0.0.0/8", "iifname eth1"],
+        )),
+        with(open()),
+        listener("host", 80), // an agent from before verdicts
+    ];
+    for (i, (host, l)) in hosts.iter().zip(states).enumerate() {
+        let mut s = session_as(&pki, c.addr, host, hello(i as u8 + 1, 0, host)).await;
+        s.recv().await.unwrap();
+        s.send(snapshot_at(1, seen, vec![l])).await;
+        assert!(matches!(
+            s.recv().await.unwrap(),
+            Some(v1::collector_message::Body::Ack(_))
+        ));
+        if *host == "web-c" {
+            // A ruleset change closes the port over IPv4.
+            let closed = with(verdict("filtered", "policy drop of inet filter input", &[]));
+            s.send(msg(v1::agent_message::Body::Delta(v1::Delta {
+                sequence: 2,
+                observed_at: Some(ts(flipped)),
+                opened: vec![],
+                closed: vec![],
+                changed: vec![closed],
+            })))
+            .await;
+            assert!(matches!(
+                s.recv().await.unwrap(),
+                Some(v1::collector_message::Body::Ack(_))
+            ));
+        }
+    }
+    c.shutdown().await;
+    let url = db.to_string();
+    let rfc = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+
+    // The table: open, restricted, unknown, then filtered (marked).
+    let o = collector(&["exposure", "--db", &url, "--port", "80"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].contains("EFFECTIVE_IPV4")
+            && lines[0].contains("CONDITIONS")
+            && lines[0].contains("NOTE"),
+        "{out}"
+    );
+    let order: Vec<&str> = lines[1..5]
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(order, ["web-a", "web-b", "web-d", "web-c"], "{out}");
+    assert!(lines[1].contains(" open"), "{out}");
+    assert!(
+        lines[2].contains("restricted") && lines[2].contains("saddr 10.0.0.0/8 | iifname eth1"),
+        "{out}"
+    );
+    assert!(lines[3].contains("unknown"), "{out}");
+    assert!(
+        lines[4].contains("filtered") && lines[4].contains("not exposed"),
+        "{out}"
+    );
+    let o = collector(&["exposure", "--db", &url, "--port", "80", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["effective_ipv4"], "open");
+    assert_eq!(v[0]["note"], serde_json::Value::Null);
+    assert_eq!(v[1]["conditions"], "saddr 10.0.0.0/8 | iifname eth1");
+    assert_eq!(v[3]["host"], "web-c");
+    assert_eq!(v[3]["effective_ipv4"], "filtered");
+    assert!(
+        v[3]["note"].as_str().unwrap().starts_with("filtered:"),
+        "{v}"
+    );
+
+    // Before the ruleset change web-c was open: it sorts with the open hosts.
+    let o = collector(&[
+        "exposure",
+        "--db",
+        &url,
+        "--port",
+        "80",
+        "--at",
+        &rfc(before),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let then: Vec<(&str, &str)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["host"].as_str().unwrap(),
+                r["effective_ipv4"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        then,
+        [
+            ("web-a", "open"),
+            ("web-c", "open"),
+            ("web-b", "restricted"),
+            ("web-d", "unknown")
+        ]
+    );
+
+    // diff: the change, before → after, at the time the agent observed it.
+    let o = collector(&["diff", "--db", &url, "--since", &rfc(before), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(
+        rows.len(),
+        2,
+        "the change event and the port's exposure line: {v}"
+    );
+    let at = listenscope_collector::timefmt::format(flipped);
+    for (row, change) in rows.iter().zip(["changed", "exposure"]) {
+        assert_eq!(row["host"], "web-c", "{v}");
+        assert_eq!(row["change"], change, "{v}");
+        assert_eq!(row["at"], at.as_str(), "{v}");
+        assert!(
+            row["detail"]
+                .as_str()
+                .unwrap()
+                .contains("firewall IPv4 open → filtered"),
+            "{v}"
+        );
+    }
+    let o = collector(&["diff", "--db", &url, "--since", &rfc(before)]);
+    assert!(
+        stdout(&o).contains("firewall IPv4 open → filtered"),
+        "{}",
+        stdout(&o)
+    );
+}

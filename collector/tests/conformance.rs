@@ -17,8 +17,8 @@ use listenscope_collector::history;
 use listenscope_collector::query::{self, Param, QueryError, ReadOnly};
 use listenscope_collector::store::{Applied, DbUrl, Message, Store, StoreOptions};
 use listenscope_core::diff::Changes;
-use listenscope_core::domain::{Family, ProcessInfo, Protocol, Reach, Source};
-use listenscope_core::record::{ListenerKey, ListenerRecord};
+use listenscope_core::domain::{Effective, Family, ProcessInfo, Protocol, Reach, Source};
+use listenscope_core::record::{FirewallAnswer, ListenerKey, ListenerRecord};
 use serde_json::{Value, json};
 use time::{Duration, OffsetDateTime};
 use util::TempDir;
@@ -76,6 +76,9 @@ suite!(
     query_is_read_only,
     ten_thousand_listeners,
     hosts_ingest_concurrently,
+    firewall_verdicts_round_trip,
+    firewall_verdicts_history_and_headline,
+    effective_exposure_view,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -153,6 +156,18 @@ fn rec(
         transparent: Some(false),
         source: Source::SockDiag,
         sockets: 1,
+        // A namespace without firewall rules, as the agent answers for it.
+        effective_ipv4: open_or_na(reach.0),
+        effective_ipv6: open_or_na(reach.1),
+    }
+}
+
+/// `open` (no rules) for a version the socket accepts from off-host, else `n/a`.
+fn open_or_na(reach: Reach) -> FirewallAnswer {
+    if reach.exposed() {
+        FirewallAnswer::new(Effective::Open, "no firewall rules in this namespace")
+    } else {
+        FirewallAnswer::new(Effective::NotApplicable, "not reachable from off-host")
     }
 }
 
@@ -554,7 +569,13 @@ async fn snapshots_versions_and_views(db: &DbUrl) {
             "source",
             "sockets",
             "first_seen",
-            "last_changed"
+            "last_changed",
+            "effective_ipv4",
+            "effective_ipv6",
+            "effective_reason_ipv4",
+            "effective_reason_ipv6",
+            "effective_conditions_ipv4",
+            "effective_conditions_ipv6"
         ]
     );
     assert_eq!(
@@ -579,7 +600,16 @@ async fn snapshots_versions_and_views(db: &DbUrl) {
     assert_eq!(details[0]["pid"], 21);
     assert_eq!(
         columns(db, "hidden_ipv4_exposure").await,
-        ["host", "netns", "protocol", "port", "shown_as", "processes"]
+        [
+            "host",
+            "netns",
+            "protocol",
+            "port",
+            "shown_as",
+            "processes",
+            "effective_ipv4",
+            "effective_conditions_ipv4"
+        ]
     );
     assert_eq!(
         same(db, "SELECT host, netns, protocol, port, shown_as, processes FROM hidden_ipv4_exposure ORDER BY port").await,
@@ -618,7 +648,11 @@ async fn snapshots_versions_and_views(db: &DbUrl) {
             "reach_ipv4",
             "reach_ipv6",
             "trap",
-            "processes"
+            "processes",
+            "effective_ipv4",
+            "effective_ipv6",
+            "effective_conditions_ipv4",
+            "effective_conditions_ipv6"
         ]
     );
     assert_eq!(
@@ -671,13 +705,15 @@ async fn snapshots_versions_and_views(db: &DbUrl) {
             json!(5)
         ]]
     );
-    assert_eq!(
-        columns(db, "listener_versions")
-            .await
-            .last()
-            .map(String::as_str),
-        Some("end_reason")
-    );
+    // listener_versions: current_listeners' columns but last_changed, the validity
+    // interval, then (added later, at the end) the verdicts.
+    let versions = columns(db, "listener_versions").await;
+    let mut want: Vec<String> = columns(db, "current_listeners").await;
+    let verdicts = want.split_off(want.iter().position(|c| c == "effective_ipv4").unwrap());
+    want.retain(|c| c != "last_changed");
+    want.extend(["valid_from", "valid_to", "end_reason"].map(String::from));
+    want.extend(verdicts);
+    assert_eq!(versions, want);
     store.close().await;
 }
 
@@ -1171,6 +1207,823 @@ async fn hosts_ingest_concurrently(db: &DbUrl) {
     assert_eq!(
         same(db, "SELECT count(*) FROM hidden_ipv4_exposure").await,
         vec![vec![json!(80)]]
+    );
+    store.close().await;
+}
+
+// --- Firewall verdicts -----------------------------------------------------------------
+
+/// `restricted` with these ways in.
+fn restricted(reason: &str, conditions: &[&str]) -> FirewallAnswer {
+    FirewallAnswer {
+        verdict: Effective::Restricted,
+        reason: reason.into(),
+        conditions: conditions.iter().map(|c| c.to_string()).collect(),
+    }
+}
+
+fn answer(verdict: Effective, reason: &str) -> FirewallAnswer {
+    FirewallAnswer::new(verdict, reason)
+}
+
+/// Runs a statement that writes, outside the collector (a test's own connection).
+async fn write_sql(db: &DbUrl, sql: &'static str) {
+    match db {
+        DbUrl::Sqlite(path) => {
+            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+                .await
+                .unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        DbUrl::Postgres(url) => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+}
+
+/// Every verdict field is stored and read back exactly: through the views (the six new
+/// columns, awkward text included, on PostgreSQL's COPY path too), and through the
+/// stored-columns decoder the fingerprint recompute uses (a database marked with another
+/// scheme is recomputed on open; the same state then writes nothing, so every field came
+/// back as it went in). Rows that predate verdicts say so (migration 0007's default).
+async fn firewall_verdicts_round_trip(db: &DbUrl) {
+    let store = open(db).await;
+    let now = OffsetDateTime::now_utc();
+    let h = store.hello("fw", "fw", "test", now).await.unwrap();
+    // Backslashes, quotes, `\N`, non-ASCII and the views' own ` | ` separator inside one
+    // condition: stored one per line, shown joined, split back exactly.
+    let reason = r#"inet filter input handle 7: ip saddr { 198.51.100.0/24 } tcp dport 80 accept comment "web \N é""#;
+    let mut web = dual80("nginx", 10);
+    web.effective_ipv4 = restricted(
+        reason,
+        &[
+            "iifname \"eth0\" and sport 1024-65535 | x",
+            "saddr 198.51.100.0/24",
+        ],
+    );
+    web.effective_ipv6 = answer(
+        Effective::Open,
+        "inet filter input handle 8: tcp dport 80 accept",
+    );
+    let mut dns = dns();
+    dns.effective_ipv4 = answer(Effective::Filtered, "policy drop of inet filter input");
+    dns.effective_ipv6 = answer(
+        Effective::Diverted,
+        "ip6 nat PREROUTING handle 3: udp dport 53 redirect to :5353; diverted to :5353",
+    );
+    let mut unread = ssh4(20);
+    unread.effective_ipv4 = answer(
+        Effective::Unknown,
+        "the nftables ruleset could not be parsed: x",
+    );
+    let mut records = vec![web, dns, unread];
+    // Enough rows for PostgreSQL's COPY path (its text format escapes backslashes).
+    records.extend((1000..3500).map(|port| {
+        let mut o = ssh4(20);
+        o.key.port = port;
+        o.effective_ipv4 = restricted(
+            &format!("handle {port}: \\ accept"),
+            &[&format!("saddr 10.{}.0.0/16 \\N", port % 200)],
+        );
+        o
+    }));
+    assert_eq!(
+        store
+            .apply_snapshot(h.host_id, S1, 1, base(), records.clone(), now)
+            .await
+            .unwrap(),
+        Applied::Committed { rows: 2503 }
+    );
+    let cols = "port, effective_ipv4, effective_ipv6, effective_reason_ipv4, \
+                effective_reason_ipv6, effective_conditions_ipv4, effective_conditions_ipv6";
+    assert_eq!(
+        same(
+            db,
+            &format!("SELECT {cols} FROM current_listeners WHERE port IN (22, 53, 80, 3499) ORDER BY port")
+        )
+        .await,
+        vec![
+            vec![
+                json!(22),
+                json!("unknown"),
+                json!("n/a"),
+                json!("the nftables ruleset could not be parsed: x"),
+                json!("not reachable from off-host"),
+                Value::Null,
+                Value::Null
+            ],
+            vec![
+                json!(53),
+                json!("filtered"),
+                json!("diverted"),
+                json!("policy drop of inet filter input"),
+                json!("ip6 nat PREROUTING handle 3: udp dport 53 redirect to :5353; diverted to :5353"),
+                Value::Null,
+                Value::Null
+            ],
+            vec![
+                json!(80),
+                json!("restricted"),
+                json!("open"),
+                json!(reason),
+                json!("inet filter input handle 8: tcp dport 80 accept"),
+                json!("iifname \"eth0\" and sport 1024-65535 | x | saddr 198.51.100.0/24"),
+                Value::Null
+            ],
+            vec![
+                json!(3499),
+                json!("restricted"),
+                json!("n/a"),
+                json!("handle 3499: \\ accept"),
+                json!("not reachable from off-host"),
+                json!("saddr 10.99.0.0/16 \\N"),
+                Value::Null
+            ],
+        ]
+    );
+    // listener_versions has the same values.
+    assert_eq!(
+        same(
+            db,
+            &format!("SELECT {cols} FROM listener_versions WHERE port = 80")
+        )
+        .await,
+        same(
+            db,
+            &format!("SELECT {cols} FROM current_listeners WHERE port = 80")
+        )
+        .await,
+    );
+    // Migration 0007 names the rows it found with the core's text.
+    let default = rows(
+        db,
+        "SELECT dflt_value FROM pragma_table_info('listener') WHERE name = 'effective_reason_ipv6'",
+        "SELECT column_default FROM information_schema.columns
+         WHERE table_name = 'listener' AND column_name = 'effective_reason_ipv6'",
+        &[],
+    )
+    .await;
+    let default = default[0][0].as_str().unwrap().to_string();
+    assert!(
+        default.contains(&format!(
+            "'{}'",
+            listenscope_core::record::STORED_BEFORE_VERDICTS
+        )),
+        "{default}"
+    );
+
+    // The recompute reads every field back from the stored columns.
+    store.close().await;
+    write_sql(
+        db,
+        "UPDATE setting SET value = 'sha256-canonical-v1' WHERE key = 'fingerprint_scheme'",
+    )
+    .await;
+    let store = open(db).await;
+    assert_eq!(
+        same(
+            db,
+            "SELECT value FROM setting WHERE key = 'fingerprint_scheme'"
+        )
+        .await,
+        vec![vec![json!(listenscope_core::fingerprint::SCHEME)]]
+    );
+    assert_eq!(
+        store
+            .apply_snapshot(
+                h.host_id,
+                S1,
+                2,
+                base() + Duration::minutes(1),
+                records,
+                now
+            )
+            .await
+            .unwrap(),
+        Applied::Committed { rows: 0 },
+        "fingerprints recomputed from the stored columns equal those of the records"
+    );
+    store.close().await;
+}
+
+/// A verdict or condition change is a new version with an event at its observation time;
+/// a reason-only change (a reload renumbering handles) is refreshed in place. The
+/// maintained headline carries the effective IPv4 verdict of each hidden port (the most
+/// permissive of its trap sockets, with their conditions) in step with every commit, and
+/// `exposure --at` and `diff` see the verdicts as they were.
+async fn firewall_verdicts_history_and_headline(db: &DbUrl) {
+    let store = open(db).await;
+    let now = OffsetDateTime::now_utc();
+    let m = |n: i64| base() + Duration::minutes(n);
+    let h = store.hello("fw", "fw", "test", now).await.unwrap();
+    // Port 80: one dual-stack socket, restricted. Port 8443: two trap sockets (`::` and a
+    // v4-mapped address) with the same ways in. Port 9000: an agent that reports no
+    // verdicts.
+    let mut web = dual80("nginx", 10);
+    web.effective_ipv4 = restricted("inet filter input handle 7: accept", &["saddr 10.0.0.0/8"]);
+    let mut any8443 = dual(8443, "java", 40);
+    any8443.effective_ipv4 = restricted("handle 9: accept", &["iifname eth1"]);
+    let mut mapped8443 = rec(
+        Protocol::Tcp,
+        "::ffff:10.0.0.5",
+        8443,
+        Some(false),
+        (Reach::Specific, No),
+        "java",
+        41,
+    );
+    mapped8443.effective_ipv4 = restricted("handle 9: accept", &["iifname eth1"]);
+    let mut old = dual(9000, "legacy", 50);
+    old.effective_ipv4 = FirewallAnswer::not_reported();
+    old.effective_ipv6 = FirewallAnswer::not_reported();
+    store
+        .apply_snapshot(
+            h.host_id,
+            S1,
+            1,
+            m(0),
+            vec![
+                web.clone(),
+                any8443.clone(),
+                mapped8443.clone(),
+                old,
+                ssh4(20),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+    let events = || async { same(db, "SELECT count(*) FROM listener_changes").await };
+    let before = events().await;
+
+    // t1: a reload renumbers port 80's rule: refreshed in place, no event, no version.
+    let mut reloaded = web.clone();
+    reloaded.effective_ipv4.reason = "inet filter input handle 12: accept".into();
+    let changed = |records: Vec<ListenerRecord>| Changes {
+        changed: records,
+        ..Changes::default()
+    };
+    assert_eq!(
+        store
+            .apply_delta(h.host_id, S1, 2, m(1), changed(vec![reloaded.clone()]), now)
+            .await
+            .unwrap(),
+        Applied::Committed { rows: 1 }
+    );
+    assert_eq!(events().await, before, "a reason is not history");
+    assert_eq!(
+        same(
+            db,
+            "SELECT effective_reason_ipv4, last_changed FROM current_listeners WHERE port = 80"
+        )
+        .await,
+        vec![vec![
+            json!("inet filter input handle 12: accept"),
+            json!(t(m(0)))
+        ]]
+    );
+
+    // t2: the ruleset closes port 80 and opens 8443 to everyone on the mapped socket.
+    let mut closed = reloaded.clone();
+    closed.effective_ipv4 = answer(Effective::Filtered, "policy drop of inet filter input");
+    let mut opened = mapped8443.clone();
+    opened.effective_ipv4 = answer(Effective::Open, "handle 10: tcp dport 8443 accept");
+    store
+        .apply_delta(h.host_id, S1, 3, m(2), changed(vec![closed, opened]), now)
+        .await
+        .unwrap();
+    // t3: port 80 open again; 8443 back as it was; then a condition change on 8443's `::`.
+    let mut reopened = reloaded.clone();
+    reopened.effective_ipv4 = answer(Effective::Open, "inet filter input handle 13: accept");
+    store
+        .apply_delta(
+            h.host_id,
+            S1,
+            4,
+            m(3),
+            changed(vec![reopened, mapped8443.clone()]),
+            now,
+        )
+        .await
+        .unwrap();
+
+    // Events: one per verdict change, at its observation time, with the new verdicts.
+    assert_eq!(
+        same(
+            db,
+            "SELECT change, at, port, address, effective_ipv4, effective_conditions_ipv4
+             FROM listener_changes WHERE port IN (80, 8443) ORDER BY at, port, address"
+        )
+        .await,
+        vec![
+            vec![
+                json!("opened"),
+                json!(t(m(0))),
+                json!(80),
+                json!("::"),
+                json!("restricted"),
+                json!("saddr 10.0.0.0/8")
+            ],
+            vec![
+                json!("opened"),
+                json!(t(m(0))),
+                json!(8443),
+                json!("::"),
+                json!("restricted"),
+                json!("iifname eth1")
+            ],
+            vec![
+                json!("opened"),
+                json!(t(m(0))),
+                json!(8443),
+                json!("::ffff:10.0.0.5"),
+                json!("restricted"),
+                json!("iifname eth1")
+            ],
+            vec![
+                json!("changed"),
+                json!(t(m(2))),
+                json!(80),
+                json!("::"),
+                json!("filtered"),
+                Value::Null
+            ],
+            vec![
+                json!("changed"),
+                json!(t(m(2))),
+                json!(8443),
+                json!("::ffff:10.0.0.5"),
+                json!("open"),
+                Value::Null
+            ],
+            vec![
+                json!("changed"),
+                json!(t(m(3))),
+                json!(80),
+                json!("::"),
+                json!("open"),
+                Value::Null
+            ],
+            vec![
+                json!("changed"),
+                json!(t(m(3))),
+                json!(8443),
+                json!("::ffff:10.0.0.5"),
+                json!("restricted"),
+                json!("iifname eth1")
+            ],
+        ]
+    );
+
+    // The maintained headline, now: open first, then restricted, then unknown.
+    let headline_cols = "host, port, shown_as, effective_ipv4, effective_conditions_ipv4";
+    assert_eq!(
+        same(
+            db,
+            &format!("SELECT {headline_cols} FROM hidden_ipv4_exposure ORDER BY port")
+        )
+        .await,
+        vec![
+            vec![
+                json!("fw"),
+                json!(80),
+                json!(":::80"),
+                json!("open"),
+                Value::Null
+            ],
+            vec![
+                json!("fw"),
+                json!(8443),
+                json!("10.0.0.5:8443,:::8443"),
+                json!("restricted"),
+                json!("iifname eth1")
+            ],
+            vec![
+                json!("fw"),
+                json!(9000),
+                json!(":::9000"),
+                json!("unknown"),
+                Value::Null
+            ],
+        ]
+    );
+    let ro = ReadOnly::open(db).await.unwrap();
+    let report = |rs: query::ResultSet| -> Vec<(i64, String, Value, Value)> {
+        assert_eq!(rs.columns, query::EXPOSURE_COLUMNS);
+        rs.rows
+            .iter()
+            .map(|r| {
+                (
+                    r[3].as_i64().unwrap(),
+                    r[6].as_str().unwrap().to_string(),
+                    r[7].clone(),
+                    r[8].clone(),
+                )
+            })
+            .collect()
+    };
+    let now_rows = query::exposure(&ro, None, None, None).await.unwrap().rows;
+    assert_eq!(
+        report(now_rows.clone()),
+        [
+            (80, "open".to_string(), Value::Null, Value::Null),
+            (
+                8443,
+                "restricted".to_string(),
+                json!("iifname eth1"),
+                Value::Null
+            ),
+            (
+                9000,
+                "unknown".to_string(),
+                Value::Null,
+                json!("unknown: the firewall was not decided (why: view effective_exposure)")
+            ),
+        ]
+    );
+    // As of t0+: port 8443 is rebuilt from history in Rust (it has events later); its row
+    // must be the one the database's aggregation keeps now (the same state).
+    assert_eq!(
+        report(
+            history::exposure_at(&ro, m(0) + Duration::seconds(30), None, None, None)
+                .await
+                .unwrap()
+                .rows
+        ),
+        [
+            (
+                80,
+                "restricted".to_string(),
+                json!("saddr 10.0.0.0/8"),
+                Value::Null
+            ),
+            (
+                8443,
+                "restricted".to_string(),
+                json!("iifname eth1"),
+                Value::Null
+            ),
+            (
+                9000,
+                "unknown".to_string(),
+                Value::Null,
+                json!("unknown: the firewall was not decided (why: view effective_exposure)")
+            ),
+        ]
+    );
+    let then = history::exposure_at(&ro, m(0) + Duration::seconds(30), Some(8443), None, None)
+        .await
+        .unwrap()
+        .rows;
+    let live = query::exposure(&ro, Some(8443), None, None)
+        .await
+        .unwrap()
+        .rows;
+    assert_eq!(
+        then, live,
+        "Rust's and the database's aggregation of one state agree"
+    );
+    // As of t2+: 8443 open (the mapped socket), port 80 filtered and marked, last.
+    assert_eq!(
+        report(
+            history::exposure_at(&ro, m(2) + Duration::seconds(30), None, None, None)
+                .await
+                .unwrap()
+                .rows
+        ),
+        [
+            (8443, "open".to_string(), Value::Null, Value::Null),
+            (
+                9000,
+                "unknown".to_string(),
+                Value::Null,
+                json!("unknown: the firewall was not decided (why: view effective_exposure)")
+            ),
+            (
+                80,
+                "filtered".to_string(),
+                Value::Null,
+                json!("filtered: the firewall drops new IPv4 connections (not exposed)")
+            ),
+        ]
+    );
+    assert_eq!(
+        history::exposure_at(&ro, OffsetDateTime::now_utc(), None, None, None)
+            .await
+            .unwrap()
+            .rows
+            .rows,
+        now_rows.rows
+    );
+
+    // diff: the reason-only window is empty; the ruleset changes show before → after at
+    // their times, per event and per port.
+    assert!(
+        history::diff(
+            &ro,
+            Some("fw"),
+            m(0) + Duration::seconds(30),
+            m(1) + Duration::seconds(30),
+            None
+        )
+        .await
+        .unwrap()
+        .rows
+        .rows
+        .is_empty()
+    );
+    let d = history::diff(
+        &ro,
+        Some("fw"),
+        m(1) + Duration::seconds(30),
+        m(3) + Duration::seconds(30),
+        None,
+    )
+    .await
+    .unwrap()
+    .rows;
+    let lines: Vec<(Value, String, i64, String)> = d
+        .rows
+        .iter()
+        .map(|r| {
+            (
+                r[0].clone(),
+                r[2].as_str().unwrap().to_string(),
+                r[5].as_i64().unwrap(),
+                r[7].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let find = |at: i64, change: &str, port: i64, needle: &str| {
+        assert!(
+            lines.iter().any(|(a, c, p, d)| *a == json!(t(m(at)))
+                && c == change
+                && *p == port
+                && d.contains(needle)),
+            "{at} {change} {port} {needle:?} in {lines:#?}"
+        );
+    };
+    find(
+        2,
+        "changed",
+        80,
+        "firewall IPv4 restricted (saddr 10.0.0.0/8) → filtered",
+    );
+    find(
+        2,
+        "changed",
+        8443,
+        "firewall IPv4 restricted (iifname eth1) → open",
+    );
+    find(3, "changed", 80, "firewall IPv4 filtered → open");
+    find(
+        3,
+        "changed",
+        8443,
+        "firewall IPv4 open → restricted (iifname eth1)",
+    );
+    // Per port, between the window's ends: 80 went from restricted to open; 8443 ended as
+    // it began (no exposure line).
+    find(
+        3,
+        "exposure",
+        80,
+        "firewall IPv4 restricted (saddr 10.0.0.0/8) → open",
+    );
+    assert!(
+        !lines
+            .iter()
+            .any(|(_, c, p, _)| c == "exposure" && *p == 8443),
+        "{lines:#?}"
+    );
+    assert_eq!(lines.len(), 5, "{lines:#?}");
+    ro.close().await;
+
+    // A port whose trap sockets differ: the most permissive wins, with its conditions;
+    // two restricted sockets show each list once, in byte order.
+    let mut a = dual(7000, "svc", 60);
+    a.effective_ipv4 = answer(Effective::Filtered, "policy drop");
+    let mut b = rec(
+        Protocol::Tcp,
+        "::ffff:10.0.0.5",
+        7000,
+        Some(false),
+        (Reach::Specific, No),
+        "svc",
+        61,
+    );
+    b.effective_ipv4 = restricted("handle 3: accept", &["saddr 192.0.2.0/24"]);
+    let mut c = dual(7001, "svc", 62);
+    c.effective_ipv4 = restricted("handle 4: accept", &["iifname eth1", "saddr 192.0.2.0/24"]);
+    let mut d = rec(
+        Protocol::Tcp,
+        "::ffff:10.0.0.5",
+        7001,
+        Some(false),
+        (Reach::Specific, No),
+        "svc",
+        63,
+    );
+    d.effective_ipv4 = restricted("handle 4: accept", &["iifname eth1"]);
+    store
+        .apply_delta(
+            h.host_id,
+            S1,
+            5,
+            m(4),
+            Changes {
+                opened: vec![a, b, c, d],
+                ..Changes::default()
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        same(db, "SELECT port, effective_ipv4, effective_conditions_ipv4 FROM hidden_ipv4_exposure WHERE port IN (7000, 7001) ORDER BY port").await,
+        vec![
+            vec![json!(7000), json!("restricted"), json!("saddr 192.0.2.0/24")],
+            vec![json!(7001), json!("restricted"), json!("iifname eth1 | iifname eth1 | saddr 192.0.2.0/24")],
+        ]
+    );
+    // The same from history (ports touched after t3): Rust agrees with the database.
+    let ro = ReadOnly::open(db).await.unwrap();
+    let live = query::exposure(&ro, None, None, None).await.unwrap().rows;
+    let recomputed = history::exposure_at(&ro, OffsetDateTime::now_utc(), None, None, None)
+        .await
+        .unwrap()
+        .rows;
+    assert_eq!(recomputed, live);
+    // Closing the restricted socket leaves the filtered one: the headline follows.
+    store
+        .apply_delta(
+            h.host_id,
+            S1,
+            6,
+            m(5),
+            Changes {
+                closed: vec![
+                    rec(
+                        Protocol::Tcp,
+                        "::ffff:10.0.0.5",
+                        7000,
+                        Some(false),
+                        (Reach::Specific, No),
+                        "svc",
+                        61,
+                    )
+                    .key,
+                ],
+                ..Changes::default()
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        same(db, "SELECT effective_ipv4, effective_conditions_ipv4 FROM hidden_ipv4_exposure WHERE port = 7000").await,
+        vec![vec![json!("filtered"), Value::Null]]
+    );
+    let then = history::exposure_at(&ro, m(4) + Duration::seconds(30), Some(7000), None, None)
+        .await
+        .unwrap()
+        .rows;
+    assert_eq!(then.rows[0][6], json!("restricted"), "{then:?}");
+    assert_eq!(then.rows[0][7], json!("saddr 192.0.2.0/24"));
+    ro.close().await;
+    store.close().await;
+}
+
+/// `effective_exposure`: one row per live listener and IP version whose verdict is not
+/// n/a, with its conditions, reason and the listener's context.
+async fn effective_exposure_view(db: &DbUrl) {
+    let store = open(db).await;
+    let now = OffsetDateTime::now_utc();
+    let h = store.hello("fw", "fw", "test", now).await.unwrap();
+    let mut web = dual80("nginx", 10);
+    web.effective_ipv4 = restricted("handle 7: accept", &["saddr 10.0.0.0/8", "iifname eth0"]);
+    web.effective_ipv6 = answer(Effective::Filtered, "policy drop of inet filter input");
+    let mut lo = rec(
+        Protocol::Tcp,
+        "127.0.0.1",
+        5432,
+        None,
+        (Reach::Loopback, No),
+        "postgres",
+        70,
+    );
+    lo.effective_ipv4 = answer(
+        Effective::NotApplicable,
+        "the socket accepts IPv4 on loopback only",
+    );
+    lo.effective_ipv6 = answer(Effective::NotApplicable, "the socket accepts no IPv6");
+    store
+        .apply_snapshot(
+            h.host_id,
+            S1,
+            1,
+            base(),
+            vec![web, lo, ssh4(20), ssh6()],
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        columns(db, "effective_exposure").await,
+        [
+            "host",
+            "netns",
+            "protocol",
+            "port",
+            "family",
+            "address",
+            "shown_as",
+            "ip_version",
+            "verdict",
+            "conditions",
+            "reason",
+            "hidden_ipv4_exposure",
+            "processes",
+            "container_runtime",
+            "container_id",
+            "pod_uid",
+            "unit",
+            "first_seen",
+            "last_changed"
+        ]
+    );
+    assert_eq!(
+        same(
+            db,
+            "SELECT port, family, ip_version, verdict, conditions, reason, hidden_ipv4_exposure,
+                    processes, unit, last_changed
+             FROM effective_exposure ORDER BY port, family, ip_version"
+        )
+        .await,
+        vec![
+            vec![
+                json!(22),
+                json!("ipv4"),
+                json!("ipv4"),
+                json!("open"),
+                Value::Null,
+                json!("no firewall rules in this namespace"),
+                json!(0),
+                json!("sshd"),
+                json!("sshd.service"),
+                json!(t(base()))
+            ],
+            vec![
+                json!(22),
+                json!("ipv6"),
+                json!("ipv6"),
+                json!("open"),
+                Value::Null,
+                json!("no firewall rules in this namespace"),
+                json!(0),
+                json!("sshd"),
+                json!("sshd.service"),
+                json!(t(base()))
+            ],
+            vec![
+                json!(80),
+                json!("ipv6"),
+                json!("ipv4"),
+                json!("restricted"),
+                json!("saddr 10.0.0.0/8 | iifname eth0"),
+                json!("handle 7: accept"),
+                json!(1),
+                json!("nginx"),
+                json!("nginx.service"),
+                json!(t(base()))
+            ],
+            vec![
+                json!(80),
+                json!("ipv6"),
+                json!("ipv6"),
+                json!("filtered"),
+                Value::Null,
+                json!("policy drop of inet filter input"),
+                json!(1),
+                json!("nginx"),
+                json!("nginx.service"),
+                json!(t(base()))
+            ],
+        ],
+        "the loopback-only socket (n/a both ways) has no row"
+    );
+    // Filters reach both halves (the headline recipe: hidden ports the firewall lets in).
+    assert_eq!(
+        same(
+            db,
+            "SELECT host, port, verdict FROM effective_exposure
+             WHERE ip_version = 'ipv4' AND hidden_ipv4_exposure AND verdict IN ('open', 'restricted')"
+        )
+        .await,
+        vec![vec![json!("fw"), json!(80), json!("restricted")]]
     );
     store.close().await;
 }

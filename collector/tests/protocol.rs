@@ -208,6 +208,32 @@ async fn malformed_input_is_refused_with_invalid_argument() {
             },
             "source",
         ),
+        // Firewall verdicts: known names only, printable bounded texts (a terminal escape
+        // in a reason is refused, never stored to be printed later).
+        (
+            {
+                let mut l = listener("host", 80);
+                l.effective_ipv4 = verdict("wide-open", "", &[]);
+                l
+            },
+            "effective_ipv4.verdict: \"wide-open\" is not a known verdict",
+        ),
+        (
+            {
+                let mut l = listener("host", 80);
+                l.effective_ipv6 = verdict("open", "rule \u{1b}[2J accept", &[]);
+                l
+            },
+            "effective_ipv6.reason: contains control characters",
+        ),
+        (
+            {
+                let mut l = listener("host", 80);
+                l.effective_ipv4 = verdict("open", "accept", &["saddr 10.0.0.0/8"]);
+                l
+            },
+            "effective_ipv4.conditions: given for open",
+        ),
     ];
     // The same listener twice in one delta.
     refused(

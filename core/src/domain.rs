@@ -130,6 +130,37 @@ impl Effective {
     }
 }
 
+/// What the fleet does with verdicts: rank them (the agent merging sockets of one endpoint,
+/// the collector's headline and reports choosing the verdict of a port's listeners).
+impl Effective {
+    /// Every verdict, most permissive first.
+    pub const ALL: [Effective; 6] = [
+        Effective::Open,
+        Effective::Restricted,
+        Effective::Diverted,
+        Effective::Unknown,
+        Effective::Filtered,
+        Effective::NotApplicable,
+    ];
+
+    /// How much this verdict lets through, for choosing one verdict among several (the
+    /// most permissive wins): open 5, restricted 4, diverted 3, unknown 2, filtered 1,
+    /// n/a 0. `unknown` ranks above `filtered`: a verdict nobody could decide must not
+    /// hide one that might be open behind one that is closed. `diverted` ranks above
+    /// `unknown`: the traffic certainly goes somewhere. The collector's SQL ranks with the
+    /// same numbers (`store::row::rank_sql`, generated from this function).
+    pub fn permissiveness(self) -> u8 {
+        match self {
+            Effective::Open => 5,
+            Effective::Restricted => 4,
+            Effective::Diverted => 3,
+            Effective::Unknown => 2,
+            Effective::Filtered => 1,
+            Effective::NotApplicable => 0,
+        }
+    }
+}
+
 /// Where a namespace's sockets were read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -229,5 +260,16 @@ mod tests {
             assert_eq!(s.as_str().parse(), Ok(s));
         }
         assert_eq!("sctp".parse::<Protocol>().unwrap_err().what, "protocol");
+        for e in Effective::ALL {
+            assert_eq!(e.as_str().parse(), Ok(e));
+        }
+        assert!("".parse::<Effective>().is_err());
+        assert!("OPEN".parse::<Effective>().is_err());
+    }
+
+    #[test]
+    fn verdicts_rank_most_permissive_first() {
+        let ranks: Vec<u8> = Effective::ALL.iter().map(|e| e.permissiveness()).collect();
+        assert_eq!(ranks, [5, 4, 3, 2, 1, 0]);
     }
 }

@@ -43,6 +43,15 @@ pub const RUNTIME: usize = 32;
 pub const CONTAINER_ID: usize = 255;
 /// Bytes of a Kubernetes pod UID.
 pub const POD_UID: usize = 64;
+/// Bytes of a firewall verdict's reason (the deciding rule, the policy, or why the verdict
+/// is unknown). Rule texts are short; 1 KiB holds a few of them joined.
+pub const EFFECTIVE_REASON: usize = 1024;
+/// Conditions (ways in) one `restricted` verdict carries. The agent's evaluator merges and
+/// absorbs them first; past this many the agent keeps the first ones and one entry that
+/// says how many more there were.
+pub const EFFECTIVE_CONDITIONS: usize = 32;
+/// Bytes of one condition (`iifname eth0 and saddr 198.51.100.0/24`).
+pub const EFFECTIVE_CONDITION: usize = 256;
 /// Bytes of `Hello.agent_version`.
 pub const AGENT_VERSION: usize = 64;
 /// Bytes of `Hello.os_hostname`.

@@ -9,11 +9,15 @@
 //! These are domain types: the agent's transport converts them to protobuf and the
 //! collector converts back with validation (`wire.rs`). The agent builds them from a scan
 //! (`listenscope_agent::record::state_of`).
+//!
+//! Each record carries the firewall's verdict per IP version ([`FirewallAnswer`]): the
+//! verdict and its conditions are material (a ruleset change that opens or closes a port
+//! is history), the reason is not (it names rule handles, which change on every reload).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::domain::{Container, Family, ProcessInfo, Protocol, Reach, Source};
+use crate::domain::{Container, Effective, Family, ProcessInfo, Protocol, Reach, Source};
 use crate::limits;
 
 /// What identifies a listener on a host.
@@ -28,6 +32,94 @@ pub struct ListenerKey {
     pub interface: Option<String>,
     /// As the kernel reported it; `None` for AF_INET or when unknown.
     pub v6only: Option<bool>,
+}
+
+/// The reason of a verdict the agent did not send: an agent older than firewall verdicts
+/// (the wire leaves the field out). The collector stores `unknown` with this reason.
+pub const NOT_REPORTED: &str = "the agent does not report firewall verdicts (upgrade it)";
+
+/// The reason migration 0007 gives the rows stored before verdicts existed (the same text
+/// is in `migrations/*/0007_effective_exposure.sql`; a collector test holds them equal).
+pub const STORED_BEFORE_VERDICTS: &str = "stored before the collector recorded firewall verdicts";
+
+/// What the namespace's own firewall (nftables, iptables) lets through to a listener over
+/// one IP version, for a new connection from off-host: the agent's
+/// `firewall::Answer` as the fleet keeps it (a DNAT target is part of the reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallAnswer {
+    pub verdict: Effective,
+    /// The deciding rule (`inet filter input handle 7: tcp dport 22 accept`), the policy
+    /// (`policy drop of inet filter input`), or why the verdict is unknown. Not material.
+    pub reason: String,
+    /// `restricted` only: each entry one way in (`saddr 198.51.100.0/24`,
+    /// `iifname eth0 and sport 67`); never empty strings, never a line break. Material
+    /// (compared as a set).
+    pub conditions: Vec<String>,
+}
+
+impl FirewallAnswer {
+    pub fn new(verdict: Effective, reason: impl Into<String>) -> FirewallAnswer {
+        FirewallAnswer {
+            verdict,
+            reason: reason.into(),
+            conditions: Vec::new(),
+        }
+    }
+
+    /// `unknown` because the agent did not report verdicts ([`NOT_REPORTED`]).
+    pub fn not_reported() -> FirewallAnswer {
+        FirewallAnswer::new(Effective::Unknown, NOT_REPORTED)
+    }
+
+    /// Applies [`limits::EFFECTIVE_REASON`], [`limits::EFFECTIVE_CONDITIONS`] and
+    /// [`limits::EFFECTIVE_CONDITION`], and makes the texts safe to store and print:
+    /// control characters become visible escapes (`\u{1b}`), which the collector would
+    /// otherwise refuse along with the whole snapshot. Conditions are kept for
+    /// `restricted` only, without empty entries, sorted by bytes and each once; past the
+    /// count limit the last entry says how many more there were. Idempotent.
+    pub fn bound(&mut self) {
+        clean(&mut self.reason, limits::EFFECTIVE_REASON);
+        if self.verdict != Effective::Restricted {
+            self.conditions.clear();
+        }
+        for c in &mut self.conditions {
+            clean(c, limits::EFFECTIVE_CONDITION);
+        }
+        self.conditions.retain(|c| !c.is_empty());
+        self.conditions.sort_unstable();
+        self.conditions.dedup();
+        if self.conditions.len() > limits::EFFECTIVE_CONDITIONS {
+            let keep = limits::EFFECTIVE_CONDITIONS - 1;
+            let more = self.conditions.len() - keep;
+            self.conditions.truncate(keep);
+            self.conditions.push(format!("… and {more} more ways in"));
+        }
+    }
+}
+
+/// Control characters escaped (`\u{1b}`), then cut to `max` bytes at a character
+/// boundary, ending in `…` when cut. A no-op on a clean, short string.
+fn clean(s: &mut String, max: usize) {
+    if s.chars().any(char::is_control) {
+        *s = s
+            .chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_unicode().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect();
+    }
+    if s.len() > max {
+        let mut end = max - '…'.len_utf8();
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
 }
 
 /// One listener (endpoint) and what the agent concluded about it.
@@ -53,6 +145,10 @@ pub struct ListenerRecord {
     pub source: Source,
     /// Sockets on this endpoint (1 unless SO_REUSEPORT).
     pub sockets: u32,
+    /// What the firewall lets through over IPv4 / over IPv6 (`n/a` for a version the
+    /// socket accepts nothing of from off-host).
+    pub effective_ipv4: FirewallAnswer,
+    pub effective_ipv6: FirewallAnswer,
 }
 
 /// A host's inventory at one moment.
@@ -60,9 +156,11 @@ pub type State = BTreeMap<ListenerKey, ListenerRecord>;
 
 impl ListenerRecord {
     /// The fields whose change is an event worth a new history version. Owner pids,
-    /// cmdlines, the socket count and the namespace inode churn on healthy hosts (worker
-    /// recycling, reloads, reboots) and are refreshed in place instead; the exposure, the
-    /// classification and who owns it by name are history.
+    /// cmdlines, the socket count, the namespace inode and the firewall verdicts' reasons
+    /// churn on healthy hosts (worker recycling, reloads, reboots, ruleset reloads that
+    /// renumber rule handles) and are refreshed in place instead; the exposure, the
+    /// classification, who owns it by name and what the firewall lets through (verdicts
+    /// and their conditions) are history.
     pub fn material(&self) -> MaterialView<'_> {
         let mut names: Vec<&str> = self.processes.iter().map(|p| p.comm.as_str()).collect();
         names.sort_unstable();
@@ -85,6 +183,11 @@ impl ListenerRecord {
             uid: self.uid,
             sockopts: (self.freebind, self.transparent),
             source: self.source,
+            effective: (self.effective_ipv4.verdict, self.effective_ipv6.verdict),
+            conditions: (
+                sorted_set(&self.effective_ipv4.conditions),
+                sorted_set(&self.effective_ipv6.conditions),
+            ),
         }
     }
 
@@ -110,11 +213,18 @@ impl ListenerRecord {
             .iter()
             .map(|p| p.comm.len() + p.cmdline.len() + p.user.len() + 16)
             .sum();
-        128 + strings + procs
+        let firewall: usize = [&self.effective_ipv4, &self.effective_ipv6]
+            .iter()
+            .map(|a| 16 + a.reason.len() + a.conditions.iter().map(|c| c.len() + 2).sum::<usize>())
+            .sum();
+        128 + strings + procs + firewall
     }
 
-    /// Applies [`limits::PROCESSES`] and [`limits::CMDLINE_BUDGET`].
+    /// Applies [`limits::PROCESSES`] and [`limits::CMDLINE_BUDGET`], and the verdicts'
+    /// bounds ([`FirewallAnswer::bound`]).
     pub fn bound(&mut self) {
+        self.effective_ipv4.bound();
+        self.effective_ipv6.bound();
         self.processes.truncate(limits::PROCESSES);
         let mut budget = limits::CMDLINE_BUDGET;
         for p in &mut self.processes {
@@ -124,6 +234,14 @@ impl ListenerRecord {
             budget = budget.saturating_sub(p.cmdline.len());
         }
     }
+}
+
+/// The distinct entries of `v`, sorted by bytes (material lists are sets).
+fn sorted_set(v: &[String]) -> Vec<&str> {
+    let mut out: Vec<&str> = v.iter().map(String::as_str).collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// See [`ListenerRecord::material`].
@@ -143,6 +261,10 @@ pub struct MaterialView<'a> {
     pub(crate) uid: u32,
     pub(crate) sockopts: (Option<bool>, Option<bool>),
     pub(crate) source: Source,
+    /// Firewall verdicts over IPv4, IPv6.
+    pub(crate) effective: (Effective, Effective),
+    /// Their conditions, each list sorted and deduplicated.
+    pub(crate) conditions: (Vec<&'a str>, Vec<&'a str>),
 }
 
 /// Builders for tests in this and the other crates (feature `test-support`).
@@ -151,7 +273,8 @@ pub struct MaterialView<'a> {
 pub mod testkit {
     use super::*;
 
-    /// A plausible record: an nginx-owned TCP listener, for tests across the workspace.
+    /// A plausible record: an nginx-owned TCP listener in a namespace without firewall
+    /// rules (both versions `open`), for tests across the workspace.
     pub fn record(netns: &str, addr: &str, port: u16, v6only: Option<bool>) -> ListenerRecord {
         let address: IpAddr = addr.parse().unwrap();
         ListenerRecord {
@@ -190,6 +313,23 @@ pub mod testkit {
             transparent: Some(false),
             source: Source::SockDiag,
             sockets: 1,
+            effective_ipv4: FirewallAnswer::new(
+                Effective::Open,
+                "no firewall rules in this namespace",
+            ),
+            effective_ipv6: FirewallAnswer::new(
+                Effective::Open,
+                "no firewall rules in this namespace",
+            ),
+        }
+    }
+
+    /// `restricted` with these conditions, decided by `reason`.
+    pub fn restricted(reason: &str, conditions: &[&str]) -> FirewallAnswer {
+        FirewallAnswer {
+            verdict: Effective::Restricted,
+            reason: reason.into(),
+            conditions: conditions.iter().map(|c| c.to_string()).collect(),
         }
     }
 }
@@ -237,5 +377,72 @@ mod tests {
         let mut d = a.clone();
         d.processes[0].comm = "apache2".into();
         assert_ne!(a.material(), d.material());
+    }
+
+    #[test]
+    fn verdicts_and_conditions_are_material_reasons_are_not() {
+        let a = record("host", "::", 80, Some(false));
+        // A ruleset reload renumbers handles: the reason changes, nothing material does.
+        let mut reload = a.clone();
+        reload.effective_ipv4.reason = "inet filter input handle 12: tcp dport 80 accept".into();
+        assert_eq!(a.material(), reload.material());
+        let mut closed = a.clone();
+        closed.effective_ipv4 = FirewallAnswer::new(Effective::Filtered, "policy drop");
+        assert_ne!(a.material(), closed.material());
+        let mut v6 = a.clone();
+        v6.effective_ipv6.verdict = Effective::Unknown;
+        assert_ne!(a.material(), v6.material());
+        // Conditions are a set: order and repeats do not matter, content does.
+        let mut r1 = a.clone();
+        r1.effective_ipv4 = testkit::restricted("r", &["saddr 10.0.0.0/8", "iifname eth0"]);
+        let mut r2 = a.clone();
+        r2.effective_ipv4 =
+            testkit::restricted("r", &["iifname eth0", "saddr 10.0.0.0/8", "iifname eth0"]);
+        assert_eq!(r1.material(), r2.material());
+        let mut r3 = a.clone();
+        r3.effective_ipv4 = testkit::restricted("r", &["saddr 10.0.0.0/16", "iifname eth0"]);
+        assert_ne!(r1.material(), r3.material());
+    }
+
+    #[track_caller]
+    fn check_bound(mut a: FirewallAnswer, reason: &str, conditions: &[&str]) {
+        a.bound();
+        assert_eq!(a.reason, reason);
+        assert_eq!(a.conditions, conditions);
+        let once = a.clone();
+        a.bound();
+        assert_eq!(a, once, "bound is idempotent");
+    }
+
+    #[test]
+    fn verdicts_are_bounded_and_printable() {
+        use testkit::restricted;
+        check_bound(restricted("ok", &["b", "a", "a", ""]), "ok", &["a", "b"]);
+        // Terminal escapes and line breaks become visible text.
+        check_bound(
+            restricted("rule \u{1b}[31mred", &["iifname \"e\nth0\""]),
+            "rule \\u{1b}[31mred",
+            &["iifname \"e\\u{a}th0\""],
+        );
+        // Conditions only with `restricted`.
+        let mut open = restricted("accept", &["saddr 10.0.0.0/8"]);
+        open.verdict = Effective::Open;
+        check_bound(open, "accept", &[]);
+        // Long texts are cut at a character boundary, marked with an ellipsis.
+        let mut long = restricted(&"é".repeat(600), &[&"x".repeat(300)]);
+        long.bound();
+        assert!(long.reason.len() <= limits::EFFECTIVE_REASON && long.reason.ends_with('…'));
+        assert!(long.conditions[0].len() <= limits::EFFECTIVE_CONDITION);
+        // Too many ways in: the first ones and a count of the rest.
+        let many: Vec<String> = (0..40).map(|i| format!("saddr 10.0.{i:02}.0/24")).collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        let mut a = restricted("r", &refs);
+        a.bound();
+        assert_eq!(a.conditions.len(), limits::EFFECTIVE_CONDITIONS);
+        assert_eq!(a.conditions[30], "saddr 10.0.30.0/24");
+        assert_eq!(a.conditions[31], "… and 9 more ways in");
+        let once = a.clone();
+        a.bound();
+        assert_eq!(a, once);
     }
 }

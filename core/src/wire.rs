@@ -9,9 +9,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use listenscope_proto::v1;
 use time::OffsetDateTime;
 
-use crate::domain::{Container, Family, ProcessInfo, Protocol, Reach, Source};
+use crate::domain::{Container, Effective, Family, ProcessInfo, Protocol, Reach, Source};
 use crate::limits;
-use crate::record::{ListenerKey, ListenerRecord};
+use crate::record::{FirewallAnswer, ListenerKey, ListenerRecord};
 
 /// A message field that breaks a protocol rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,12 +38,116 @@ fn bounded(field: &'static str, s: String, max: usize) -> Result<String, WireErr
     Ok(s)
 }
 
-/// Key fields must be printable: they are joined into the stored key.
+/// Key fields must be printable: they are joined into the stored key. The firewall
+/// verdicts' texts must be printable too: they are printed by reports and shown in
+/// terminals, and a stored escape sequence would be replayed to every operator who reads
+/// it (the agent escapes control characters before sending, `FirewallAnswer::bound`).
 fn printable(field: &'static str, s: String) -> Result<String, WireError> {
     if s.chars().any(char::is_control) {
         return Err(bad(field, "contains control characters"));
     }
     Ok(s)
+}
+
+/// The field names of one IP version's verdict (errors name the field).
+struct VerdictFields {
+    verdict: &'static str,
+    reason: &'static str,
+    conditions: &'static str,
+}
+
+const EFFECTIVE_IPV4: VerdictFields = VerdictFields {
+    verdict: "effective_ipv4.verdict",
+    reason: "effective_ipv4.reason",
+    conditions: "effective_ipv4.conditions",
+};
+const EFFECTIVE_IPV6: VerdictFields = VerdictFields {
+    verdict: "effective_ipv6.verdict",
+    reason: "effective_ipv6.reason",
+    conditions: "effective_ipv6.conditions",
+};
+
+impl From<&FirewallAnswer> for v1::FirewallVerdict {
+    fn from(a: &FirewallAnswer) -> Self {
+        v1::FirewallVerdict {
+            verdict: a.verdict.as_str().to_string(),
+            reason: a.reason.clone(),
+            conditions: a.conditions.clone(),
+        }
+    }
+}
+
+/// One IP version's verdict: a known name, a bounded printable reason, and conditions
+/// only for `restricted` (bounded in count and size, printable, none empty). Absent, or
+/// an empty verdict with nothing else (an older agent), is `unknown` for the reason
+/// [`crate::record::NOT_REPORTED`].
+fn firewall(
+    f: &VerdictFields,
+    v: Option<v1::FirewallVerdict>,
+) -> Result<FirewallAnswer, WireError> {
+    let Some(v) = v else {
+        return Ok(FirewallAnswer::not_reported());
+    };
+    if v.verdict.is_empty() {
+        if !v.reason.is_empty() || !v.conditions.is_empty() {
+            return Err(bad(
+                f.verdict,
+                "empty, but a reason or conditions are given; name the verdict",
+            ));
+        }
+        return Ok(FirewallAnswer::not_reported());
+    }
+    let verdict: Effective = v.verdict.parse().map_err(|_| {
+        // Echo short names only (escaped by {:?}); a hostile megabyte stays out of the log.
+        let shown = if v.verdict.len() <= 32 {
+            format!("{:?}", v.verdict)
+        } else {
+            format!("a {}-byte name", v.verdict.len())
+        };
+        let known: Vec<&str> = Effective::ALL.iter().map(|e| e.as_str()).collect();
+        bad(
+            f.verdict,
+            format!("{shown} is not a known verdict ({})", known.join(", ")),
+        )
+    })?;
+    let reason = printable(
+        f.reason,
+        bounded(f.reason, v.reason, limits::EFFECTIVE_REASON)?,
+    )?;
+    if !v.conditions.is_empty() && verdict != Effective::Restricted {
+        return Err(bad(
+            f.conditions,
+            format!(
+                "given for {}; only restricted has conditions",
+                verdict.as_str()
+            ),
+        ));
+    }
+    if v.conditions.len() > limits::EFFECTIVE_CONDITIONS {
+        return Err(bad(
+            f.conditions,
+            format!(
+                "{} entries, at most {}",
+                v.conditions.len(),
+                limits::EFFECTIVE_CONDITIONS
+            ),
+        ));
+    }
+    let mut conditions = Vec::with_capacity(v.conditions.len());
+    for c in v.conditions {
+        if c.is_empty() {
+            return Err(bad(f.conditions, "an empty entry"));
+        }
+        conditions.push(printable(
+            f.conditions,
+            bounded(f.conditions, c, limits::EFFECTIVE_CONDITION)?,
+        )?);
+    }
+    Ok(FirewallAnswer {
+        verdict,
+        reason,
+        conditions,
+    })
 }
 
 fn nonempty(s: String) -> Option<String> {
@@ -233,6 +337,8 @@ impl From<&ListenerRecord> for v1::Listener {
             transparent: r.transparent,
             source: v1::Source::from(r.source) as i32,
             sockets: r.sockets,
+            effective_ipv4: Some((&r.effective_ipv4).into()),
+            effective_ipv6: Some((&r.effective_ipv6).into()),
         }
     }
 }
@@ -307,6 +413,8 @@ impl TryFrom<v1::Listener> for ListenerRecord {
             transparent: l.transparent,
             source: source(l.source)?,
             sockets: l.sockets,
+            effective_ipv4: firewall(&EFFECTIVE_IPV4, l.effective_ipv4)?,
+            effective_ipv6: firewall(&EFFECTIVE_IPV6, l.effective_ipv6)?,
         })
     }
 }
@@ -408,6 +516,161 @@ mod tests {
             ListenerRecord::try_from(v1::Listener::from(&r4)).unwrap(),
             r4
         );
+        // Every verdict, with a reason and (restricted) conditions, both versions.
+        for v in Effective::ALL {
+            let mut r = record("host", "::", 443, Some(false));
+            r.effective_ipv4 = FirewallAnswer::new(v, format!("why {}", v.as_str()));
+            if v == Effective::Restricted {
+                r.effective_ipv4.conditions = vec![
+                    "saddr 198.51.100.0/24".into(),
+                    "iifname eth0 and sport 67".into(),
+                ];
+            }
+            r.effective_ipv6 = FirewallAnswer::new(Effective::NotApplicable, "é ✓ non-ASCII");
+            let back = ListenerRecord::try_from(v1::Listener::from(&r)).unwrap();
+            assert_eq!(back, r);
+        }
+    }
+
+    /// What an agent from before firewall verdicts sends: no verdict messages.
+    #[test]
+    fn older_agents_report_unknown() {
+        let mut l = v1::Listener::from(&record("host", "::", 80, Some(false)));
+        l.effective_ipv4 = None;
+        l.effective_ipv6 = None;
+        let r = ListenerRecord::try_from(l.clone()).unwrap();
+        assert_eq!(r.effective_ipv4, FirewallAnswer::not_reported());
+        assert_eq!(r.effective_ipv6.verdict, Effective::Unknown);
+        assert_eq!(
+            r.effective_ipv6.reason,
+            "the agent does not report firewall verdicts (upgrade it)"
+        );
+        // An empty verdict with nothing else means the same.
+        l.effective_ipv4 = Some(v1::FirewallVerdict::default());
+        let r = ListenerRecord::try_from(l).unwrap();
+        assert_eq!(r.effective_ipv4, FirewallAnswer::not_reported());
+    }
+
+    #[track_caller]
+    fn rejects_verdict(edit: impl FnOnce(&mut v1::FirewallVerdict), field: &str, problem: &str) {
+        let mut l = v1::Listener::from(&record("host", "::", 80, Some(false)));
+        edit(l.effective_ipv4.as_mut().unwrap());
+        let err = ListenerRecord::try_from(l).unwrap_err();
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.problem.contains(problem), "{err}");
+    }
+
+    #[test]
+    fn verdict_validation() {
+        let restricted = |v: &mut v1::FirewallVerdict| {
+            v.verdict = "restricted".into();
+            v.conditions = vec!["saddr 10.0.0.0/8".into()];
+        };
+        // Names only from the known set, exactly as spelled.
+        rejects_verdict(
+            |v| v.verdict = "OPEN".into(),
+            "effective_ipv4.verdict",
+            "not a known verdict",
+        );
+        rejects_verdict(
+            |v| v.verdict = "closed".into(),
+            "effective_ipv4.verdict",
+            "open, restricted, diverted, unknown, filtered, n/a",
+        );
+        rejects_verdict(
+            |v| v.verdict = "x".repeat(100_000),
+            "effective_ipv4.verdict",
+            "100000-byte name",
+        );
+        // Empty verdict: only as "not reported", with nothing else.
+        rejects_verdict(
+            |v| v.verdict.clear(),
+            "effective_ipv4.verdict",
+            "empty, but a reason",
+        );
+        rejects_verdict(
+            |v| {
+                v.verdict.clear();
+                v.reason.clear();
+                v.conditions = vec!["saddr 10.0.0.0/8".into()];
+            },
+            "effective_ipv4.verdict",
+            "empty",
+        );
+        // Reason: bounded, printable.
+        rejects_verdict(
+            |v| v.reason = "x".repeat(1025),
+            "effective_ipv4.reason",
+            "1025 bytes, at most 1024",
+        );
+        rejects_verdict(
+            |v| v.reason = "handle 7: \u{1b}[2J accept".into(),
+            "effective_ipv4.reason",
+            "control characters",
+        );
+        rejects_verdict(
+            |v| v.reason = "line\nbreak".into(),
+            "effective_ipv4.reason",
+            "control characters",
+        );
+        rejects_verdict(
+            |v| v.reason = "c1 \u{9b}31m".into(),
+            "effective_ipv4.reason",
+            "control characters",
+        );
+        // Conditions: restricted only, at most 32, each 1–256 printable bytes.
+        rejects_verdict(
+            |v| v.conditions = vec!["saddr 10.0.0.0/8".into()],
+            "effective_ipv4.conditions",
+            "only restricted",
+        );
+        rejects_verdict(
+            |v| {
+                restricted(v);
+                v.conditions = (0..33).map(|i| format!("saddr 10.{i}.0.0/16")).collect();
+            },
+            "effective_ipv4.conditions",
+            "33 entries, at most 32",
+        );
+        rejects_verdict(
+            |v| {
+                restricted(v);
+                v.conditions.push(String::new());
+            },
+            "effective_ipv4.conditions",
+            "empty entry",
+        );
+        rejects_verdict(
+            |v| {
+                restricted(v);
+                v.conditions.push("x".repeat(257));
+            },
+            "effective_ipv4.conditions",
+            "257 bytes, at most 256",
+        );
+        rejects_verdict(
+            |v| {
+                restricted(v);
+                v.conditions.push("iifname \"eth0\u{7}\"".into());
+            },
+            "effective_ipv4.conditions",
+            "control characters",
+        );
+        // The IPv6 side is checked the same way, under its own name.
+        let mut l = v1::Listener::from(&record("host", "::", 80, Some(false)));
+        l.effective_ipv6.as_mut().unwrap().verdict = "wide open".into();
+        assert_eq!(
+            ListenerRecord::try_from(l).unwrap_err().field,
+            "effective_ipv6.verdict"
+        );
+        // At the limits exactly: accepted.
+        let mut l = v1::Listener::from(&record("host", "::", 80, Some(false)));
+        let v = l.effective_ipv4.as_mut().unwrap();
+        restricted(v);
+        v.reason = "r".repeat(1024);
+        v.conditions = (0..32).map(|i| format!("{i:0>256}")).collect();
+        let r = ListenerRecord::try_from(l).unwrap();
+        assert_eq!(r.effective_ipv4.conditions.len(), 32);
     }
 
     #[track_caller]

@@ -1,13 +1,17 @@
 //! What one simulated host listens on: a realistic mix built as the agent would report it
 //! (`ListenerRecord`s with the classifier's reach, netstat form, trap and per-port hidden
-//! IPv4 exposure), and the small changes a steady-state scan finds.
+//! IPv4 exposure, and the firewall's verdicts under one of a few host firewall profiles),
+//! and the small changes a steady-state scan finds (ruleset changes and reloads among
+//! them).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use listenscope_core::diff::{Changes, diff};
-use listenscope_core::domain::{Container, Family, ProcessInfo, Protocol, Reach, Source};
-use listenscope_core::record::{ListenerKey, ListenerRecord, State};
+use listenscope_core::domain::{
+    Container, Effective, Family, ProcessInfo, Protocol, Reach, Source,
+};
+use listenscope_core::record::{FirewallAnswer, ListenerKey, ListenerRecord, State};
 
 /// SplitMix64: small, fast, good enough to spread a simulated fleet.
 #[derive(Debug, Clone)]
@@ -161,7 +165,114 @@ fn listener(
         transparent: Some(false),
         source: Source::SockDiag,
         sockets: 1,
+        effective_ipv4: FirewallAnswer::new(Effective::Unknown, "not yet evaluated"),
+        effective_ipv6: FirewallAnswer::new(Effective::Unknown, "not yet evaluated"),
     }
+}
+
+/// A host's firewall, as the agent's evaluator would judge its listeners. Shares in a
+/// fleet: about a third without rules, half with a default-drop input chain that allows
+/// ssh and the web, node-exporter from the monitoring network only and most application
+/// ports not at all, and a few whose rules the agent cannot read or decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Firewall {
+    /// No rules: what the socket accepts from off-host is open.
+    NoRules,
+    /// `inet filter input` with policy drop and a rule per allowed service.
+    DefaultDrop,
+    /// The rules could not be read (e.g. nft's JSON failed to parse): every verdict is
+    /// unknown, never guessed.
+    Unreadable,
+}
+
+impl Firewall {
+    fn pick(rng: &mut Rng) -> Firewall {
+        match rng.below(100) {
+            0..35 => Firewall::NoRules,
+            35..92 => Firewall::DefaultDrop,
+            _ => Firewall::Unreadable,
+        }
+    }
+
+    /// The verdict over one IP version of a socket that accepts `reach` of it.
+    fn answer(self, netns: &str, protocol: Protocol, port: u16, reach: Reach) -> FirewallAnswer {
+        if !reach.exposed() {
+            return FirewallAnswer::new(
+                Effective::NotApplicable,
+                "the socket accepts nothing of this version from off-host",
+            );
+        }
+        // A pod's namespace has no rules of its own.
+        let fw = if netns == HOST {
+            self
+        } else {
+            Firewall::NoRules
+        };
+        let rule = |n: u32, what: &str| format!("inet filter input handle {n}: {what}");
+        let proto = protocol.as_str();
+        match fw {
+            Firewall::NoRules => {
+                FirewallAnswer::new(Effective::Open, "no firewall rules in this namespace")
+            }
+            Firewall::Unreadable => FirewallAnswer::new(
+                Effective::Unknown,
+                "the nftables ruleset could not be parsed: unexpected expression \"osf\"",
+            ),
+            Firewall::DefaultDrop => match (protocol, port) {
+                (Protocol::Tcp, 22 | 80 | 443) => FirewallAnswer::new(
+                    Effective::Open,
+                    rule(4 + u32::from(port % 7), &format!("tcp dport {port} accept")),
+                ),
+                (Protocol::Tcp, 9100) => FirewallAnswer {
+                    verdict: Effective::Restricted,
+                    reason: rule(11, "ip saddr 10.40.0.0/16 tcp dport 9100 accept"),
+                    conditions: vec!["saddr 10.40.0.0/16".into()],
+                },
+                // Application ports: mostly closed, some open to the app network, a few
+                // open, a few published to a container by DNAT.
+                (_, p) => match p % 10 {
+                    0..6 => {
+                        FirewallAnswer::new(Effective::Filtered, "policy drop of inet filter input")
+                    }
+                    6..8 => FirewallAnswer {
+                        verdict: Effective::Restricted,
+                        reason: rule(
+                            20 + u32::from(p % 50),
+                            &format!("ip saddr 10.20.0.0/16 {proto} dport {p} accept"),
+                        ),
+                        conditions: vec!["iifname eth1".into(), "saddr 10.20.0.0/16".into()],
+                    },
+                    8 => FirewallAnswer::new(
+                        Effective::Open,
+                        rule(20 + u32::from(p % 50), &format!("{proto} dport {p} accept")),
+                    ),
+                    _ => FirewallAnswer::new(
+                        Effective::Diverted,
+                        format!(
+                            "ip nat PREROUTING handle 9: {proto} dport {p} dnat to 172.17.0.2:{p}; \
+                             diverted to 172.17.0.2:{p}"
+                        ),
+                    ),
+                },
+            },
+        }
+    }
+
+    /// Both verdicts of `r` under this firewall.
+    fn apply(self, r: &mut ListenerRecord) {
+        let k = &r.key;
+        r.effective_ipv4 = self.answer(&k.netns, k.protocol, k.port, r.reach_ipv4);
+        r.effective_ipv6 = self.answer(&k.netns, k.protocol, k.port, r.reach_ipv6);
+    }
+}
+
+/// `reason` with its rule handle (`handle 12:`) renumbered to `to`, as a ruleset reload
+/// does; `None` when it names no handle (or already this one).
+fn renumbered(reason: &str, to: u32) -> Option<String> {
+    let at = reason.find("handle ")? + "handle ".len();
+    let digits = reason[at..].bytes().take_while(u8::is_ascii_digit).count();
+    let out = format!("{}{to}{}", &reason[..at], &reason[at + digits..]);
+    (out != reason).then_some(out)
 }
 
 /// The agent's per-port verdict (`classify::hidden_ipv4_groups`): reachable over IPv4
@@ -251,6 +362,7 @@ pub struct Host {
     used_ports: BTreeSet<u16>,
     next_port: u16,
     target: usize,
+    firewall: Firewall,
     rng: Rng,
 }
 
@@ -260,6 +372,7 @@ impl Host {
     /// the same inventory.
     pub fn new(index: u64, n: usize) -> Host {
         let mut rng = Rng::new(index.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ 0x5eed);
+        let firewall = Firewall::pick(&mut rng);
         let mut fixed: Vec<ListenerRecord> = Vec::new();
         let pid = |rng: &mut Rng, base: u32| base + rng.below(400) as u32;
 
@@ -512,12 +625,16 @@ impl Host {
         ));
 
         fixed.truncate(n);
+        for r in &mut fixed {
+            firewall.apply(r);
+        }
         let mut host = Host {
             state: fixed.into_iter().map(|r| (r.key.clone(), r)).collect(),
             fillers: Vec::new(),
             used_ports: BTreeSet::new(),
             next_port: FILLER_PORTS.start,
             target: 0,
+            firewall,
             rng,
         };
         while host.state.len() < n {
@@ -565,7 +682,7 @@ impl Host {
     fn open_filler(&mut self) -> Option<ListenerKey> {
         let port = self.free_port()?;
         let owner = self.app_owner(port);
-        let r = match self.rng.below(100) {
+        let mut r = match self.rng.below(100) {
             0..50 => listener(HOST, HOST_INODE, Protocol::Tcp, V4_ANY, port, None, &owner),
             50..75 => listener(HOST, HOST_INODE, Protocol::Tcp, V4_LO, port, None, &owner),
             75..90 => listener(
@@ -579,6 +696,7 @@ impl Host {
             ),
             _ => listener(HOST, HOST_INODE, Protocol::Udp, V4_ANY, port, None, &owner),
         };
+        self.firewall.apply(&mut r);
         self.used_ports.insert(port);
         self.fillers.push(r.key.clone());
         self.state.insert(r.key.clone(), r);
@@ -595,27 +713,51 @@ impl Host {
         self.state.remove(&k);
     }
 
-    /// A worker recycled (new pid and cmdline: refreshed in place, no history), or the
-    /// service replaced by another program (a material change: a new version).
+    /// A worker recycled (new pid and cmdline: refreshed in place, no history), the
+    /// service replaced by another program (a material change: a new version), a ruleset
+    /// change that opens or closes the port over IPv4 (material), or a ruleset reload that
+    /// renumbers the deciding rule (its reason: refreshed in place).
     fn change_filler(&mut self) {
         if self.fillers.is_empty() {
             return;
         }
         let k = self.fillers[self.rng.below(self.fillers.len() as u64) as usize].clone();
-        let material = self.rng.chance(50);
-        let owner = material.then(|| self.app_owner(k.port));
+        let roll = self.rng.below(100);
+        let owner = (roll < 45).then(|| self.app_owner(k.port));
         let bump = 1 + self.rng.below(500) as u32;
         if let Some(r) = self.state.get_mut(&k) {
-            match owner {
-                Some(o) => {
+            match (owner, roll) {
+                (Some(o), _) => {
                     r.processes = o.processes;
                     r.uid = o.uid;
                 }
-                None => {
+                (None, 45..85) => {
                     for p in &mut r.processes {
                         p.pid = p.pid % 4_000_000 + bump;
                     }
                 }
+                (None, 85..93) if r.reach_ipv4.exposed() => {
+                    r.effective_ipv4 = if r.effective_ipv4.verdict == Effective::Open {
+                        FirewallAnswer::new(Effective::Filtered, "policy drop of inet filter input")
+                    } else {
+                        FirewallAnswer::new(
+                            Effective::Open,
+                            format!(
+                                "inet filter input handle {bump}: {} dport {} accept",
+                                k.protocol.as_str(),
+                                k.port
+                            ),
+                        )
+                    };
+                }
+                _ => match renumbered(&r.effective_ipv4.reason, bump) {
+                    Some(reason) => r.effective_ipv4.reason = reason,
+                    None => {
+                        for p in &mut r.processes {
+                            p.pid = p.pid % 4_000_000 + bump;
+                        }
+                    }
+                },
             }
         }
     }
@@ -673,9 +815,42 @@ mod tests {
             for r in h.state.values() {
                 let back = ListenerRecord::try_from(v1::Listener::from(r)).unwrap();
                 assert_eq!(&back, r);
+                let mut bounded = r.clone();
+                bounded.bound();
+                assert_eq!(&bounded, r, "records are within the agent's bounds");
             }
         }
         assert_eq!(Host::new(1, 3).state.len(), 3);
+    }
+
+    /// The fleet carries every verdict, in realistic shares.
+    #[test]
+    fn verdicts_are_a_realistic_mix() {
+        let mut seen: HashMap<&'static str, usize> = HashMap::new();
+        let mut hidden_open = 0;
+        let mut hidden = 0;
+        for i in 0..300 {
+            let h = Host::new(i, 50);
+            for r in h.state.values() {
+                for a in [&r.effective_ipv4, &r.effective_ipv6] {
+                    *seen.entry(a.verdict.as_str()).or_default() += 1;
+                }
+                if r.hidden_ipv4_exposure && r.trap {
+                    hidden += 1;
+                    hidden_open += usize::from(r.effective_ipv4.verdict.lets_through());
+                }
+            }
+        }
+        for e in Effective::ALL {
+            assert!(
+                seen.get(e.as_str()).is_some_and(|&n| n > 0),
+                "{e:?}: {seen:?}"
+            );
+        }
+        assert!(
+            hidden_open > 0 && hidden_open < hidden,
+            "{hidden_open} of {hidden}"
+        );
     }
 
     #[test]

@@ -227,7 +227,8 @@ pub(crate) trait Backend: Sync {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Recomputes the `hidden_port` rows of the given hosts (and ports) from their live
-    /// listeners, with the aggregation the `hidden_ipv4_exposure` view always had.
+    /// listeners, with the aggregation the `hidden_ipv4_exposure` view always had, and the
+    /// effective IPv4 verdict of each port's hidden side (`row::hidden_effective_sql`).
     fn rebuild_hidden(
         c: &mut Conn<Self>,
         rebuild: &[Rebuild],

@@ -10,7 +10,7 @@
 mod flow;
 pub(crate) mod plan;
 pub(crate) mod postgres;
-mod row;
+pub(crate) mod row;
 pub(crate) mod sqlite;
 pub(crate) mod sqlite_step;
 mod writer;

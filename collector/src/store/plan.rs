@@ -7,8 +7,10 @@
 //! - a new key → a new row (its lifetime starts: `first_seen` = observation time);
 //! - a known key whose *material* fields changed (classification, owner names, attribution)
 //!   → the live row is closed as `changed` and a new version starts, keeping `first_seen`;
-//! - a known key where only pids, cmdlines, socket count or namespace inode changed → the
-//!   live row is refreshed in place (no history event: worker recycling is not news);
+//! - a known key where only pids, cmdlines, socket count, namespace inode or the firewall
+//!   verdicts' reasons changed → the live row is refreshed in place (no history event:
+//!   worker recycling and a ruleset reload that renumbers rule handles are not news; a
+//!   changed verdict or condition is material, so it is a new version);
 //! - a closed key, or (snapshots) any live key absent from the snapshot → closed as `closed`.
 
 use std::collections::HashMap;
@@ -79,7 +81,8 @@ impl Plan<'_> {
     }
 
     /// Whether the live set or any version's values changed (refreshes only touch pids,
-    /// command lines, socket counts and namespace inodes, which no summary shows).
+    /// command lines, socket counts, namespace inodes and verdict reasons, which no
+    /// maintained summary holds: `hidden_port` keeps verdicts and conditions, not reasons).
     pub fn versions_changed(&self) -> bool {
         !(self.insert.is_empty() && self.close_changed.is_empty() && self.close_closed.is_empty())
     }

@@ -428,18 +428,25 @@ impl Backend for PgStore {
                 Vec::with_capacity(n),
                 Vec::with_capacity(n),
             );
+            let (mut reasons4, mut reasons6) = (Vec::with_capacity(n), Vec::with_capacity(n));
             for (id, u) in refresh {
                 ids.push(*id);
                 inodes.push(u.record.netns_inode as i64);
                 procs.push(row::processes_json(&u.record));
                 sockets.push(u.record.sockets as i32);
                 hashes.push(u.fingerprints.full);
+                reasons4.push(u.record.effective_ipv4.reason.as_str());
+                reasons6.push(u.record.effective_ipv6.reason.as_str());
             }
+            // What a refresh writes is what the full fingerprint covers beyond the
+            // material one.
             sqlx::query(
                 "UPDATE listener AS l SET netns_inode = u.netns_inode, processes = u.processes,
-                     sockets = u.sockets, full_hash = u.full_hash
-                 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[]::jsonb[], $4::int[], $5::bigint[])
-                     AS u (id, netns_inode, processes, sockets, full_hash)
+                     sockets = u.sockets, full_hash = u.full_hash,
+                     effective_reason_ipv4 = u.reason4, effective_reason_ipv6 = u.reason6
+                 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[]::jsonb[], $4::int[], $5::bigint[],
+                             $6::text[], $7::text[])
+                     AS u (id, netns_inode, processes, sockets, full_hash, reason4, reason6)
                  WHERE l.id = u.id",
             )
             .bind(ids)
@@ -447,6 +454,8 @@ impl Backend for PgStore {
             .bind(procs)
             .bind(sockets)
             .bind(hashes)
+            .bind(reasons4)
+            .bind(reasons6)
             .execute(&mut *c)
             .await?;
         }
@@ -466,11 +475,19 @@ impl Backend for PgStore {
         // plan read a big host's every live row for each delta (5 ms instead of 0.1 ms).
         let (whole, pairs) = flow::split_rebuild(rebuild);
         let (hosts, ports): (Vec<i64>, Vec<i32>) = pairs.into_iter().unzip();
-        const AGGREGATE: &str = "INSERT INTO hidden_port (host_id, host, netns, protocol, port, shown_as, processes)
-             SELECT l.host_id, h.name, l.netns, l.protocol, l.port,
-                    string_agg(DISTINCT l.shown_as COLLATE \"C\", ',' ORDER BY l.shown_as COLLATE \"C\"),
-                    string_agg(DISTINCT NULLIF(l.process_names, '') COLLATE \"C\", ','
-                               ORDER BY NULLIF(l.process_names, '') COLLATE \"C\")";
+        static AGGREGATE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "INSERT INTO hidden_port (host_id, host, netns, protocol, port, shown_as, processes,
+                                          effective_ipv4, effective_conditions_ipv4)
+                 SELECT l.host_id, h.name, l.netns, l.protocol, l.port,
+                        string_agg(DISTINCT l.shown_as COLLATE \"C\", ',' ORDER BY l.shown_as COLLATE \"C\"),
+                        string_agg(DISTINCT NULLIF(l.process_names, '') COLLATE \"C\", ','
+                                   ORDER BY NULLIF(l.process_names, '') COLLATE \"C\"),
+                        {}",
+                row::hidden_effective_sql(true)
+            )
+        });
+        let aggregate = AGGREGATE.as_str();
         const GROUP: &str = " GROUP BY l.host_id, h.name, l.netns, l.protocol, l.port
              HAVING bool_or(l.hidden_ipv4_exposure)";
         if !whole.is_empty() {
@@ -479,7 +496,7 @@ impl Backend for PgStore {
                 .execute(&mut *c)
                 .await?;
             sqlx::query(AssertSqlSafe(format!(
-                "{AGGREGATE} FROM listener l JOIN host h ON h.id = l.host_id
+                "{aggregate} FROM listener l JOIN host h ON h.id = l.host_id
                  WHERE l.host_id = ANY($1) AND l.valid_to IS NULL {GROUP}"
             )))
             .bind(&whole)
@@ -496,7 +513,7 @@ impl Backend for PgStore {
             .execute(&mut *c)
             .await?;
             sqlx::query(AssertSqlSafe(format!(
-                "{AGGREGATE} FROM UNNEST($1::bigint[], $2::int[]) AS t (host_id, port)
+                "{aggregate} FROM UNNEST($1::bigint[], $2::int[]) AS t (host_id, port)
                  CROSS JOIN LATERAL (
                      SELECT * FROM listener v
                      WHERE v.host_id = t.host_id AND v.port = t.port AND v.valid_to IS NULL
@@ -605,7 +622,9 @@ impl Backend for PgStore {
                  interface, v6only, reach_ipv4, reach_ipv6, latent, shown_as, netstat_proto, trap,
                  hidden_ipv4_exposure, processes::text AS processes, container_runtime,
                  container_id, pod_uid, unit, cgroup, uid, freebind, transparent, source,
-                 sockets::bigint AS sockets
+                 sockets::bigint AS sockets, effective_ipv4, effective_ipv6,
+                 effective_reason_ipv4, effective_reason_ipv6, effective_conditions_ipv4,
+                 effective_conditions_ipv6
              FROM listener WHERE valid_to IS NULL AND id > $1 ORDER BY id LIMIT $2",
         )
         .bind(after)
@@ -625,9 +644,11 @@ impl Backend for PgStore {
         let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
         let material: Vec<i64> = rows.iter().map(|(_, f)| f.material).collect();
         let full: Vec<i64> = rows.iter().map(|(_, f)| f.full).collect();
+        // `full` is a reserved word in PostgreSQL (FULL JOIN): the alias says `full_hash`.
         sqlx::query(
-            "UPDATE listener AS l SET material_hash = u.material, full_hash = u.full
-             FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS u (id, material, full)
+            "UPDATE listener AS l SET material_hash = u.material_hash, full_hash = u.full_hash
+             FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[])
+                 AS u (id, material_hash, full_hash)
              WHERE l.id = u.id",
         )
         .bind(ids)

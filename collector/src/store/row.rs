@@ -1,13 +1,20 @@
 //! The listener row, defined once: its columns in order with their kinds, the values of
 //! one new version, and the way back from stored columns to a record. Each backend turns
 //! the column list into its own statement (SQLite: multi-row `VALUES`; PostgreSQL: one
-//! array per column through `UNNEST`), so no backend spells out the 33 columns.
+//! array per column through `UNNEST`), so no backend spells out the 39 columns.
+//!
+//! Firewall verdicts are six columns: per IP version the verdict's name, its reason, and
+//! its conditions as one text with one condition per line (the wire refuses control
+//! characters inside a condition, so the text splits back exactly; the views show
+//! ` | ` between them). The SQL that ranks verdicts (the headline's most permissive
+//! verdict, the reports' order) is generated here from `Effective::permissiveness`, so
+//! SQL and Rust cannot rank differently.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
 
-use listenscope_core::domain::{Container, ProcessInfo};
-use listenscope_core::record::{ListenerKey, ListenerRecord};
+use listenscope_core::domain::{Container, Effective, ProcessInfo};
+use listenscope_core::record::{FirewallAnswer, ListenerKey, ListenerRecord};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 use time::OffsetDateTime;
 
@@ -27,7 +34,7 @@ pub(crate) enum Kind {
 }
 
 /// Columns of a new `listener` row, in insert order.
-pub(crate) const COLUMNS: [(&str, Kind); 33] = [
+pub(crate) const COLUMNS: [(&str, Kind); 39] = [
     ("host_id", Kind::Int8),
     ("lkey", Kind::Text),
     ("netns", Kind::Text),
@@ -57,6 +64,12 @@ pub(crate) const COLUMNS: [(&str, Kind); 33] = [
     ("transparent", Kind::Bool),
     ("source", Kind::Text),
     ("sockets", Kind::Int4),
+    ("effective_ipv4", Kind::Text),
+    ("effective_ipv6", Kind::Text),
+    ("effective_reason_ipv4", Kind::Text),
+    ("effective_reason_ipv6", Kind::Text),
+    ("effective_conditions_ipv4", Kind::Text),
+    ("effective_conditions_ipv6", Kind::Text),
     ("material_hash", Kind::Int8),
     ("full_hash", Kind::Int8),
     ("first_seen", Kind::Time),
@@ -92,7 +105,7 @@ fn owned(s: String) -> Val<'static> {
 }
 
 /// The values of a new row, in [`COLUMNS`] order.
-pub(crate) fn values<'a>(host_id: i64, n: &NewRow<'a>) -> [Val<'a>; 33] {
+pub(crate) fn values<'a>(host_id: i64, n: &NewRow<'a>) -> [Val<'a>; 39] {
     let p = n.prepared;
     let r = &p.record;
     let k = &r.key;
@@ -127,6 +140,12 @@ pub(crate) fn values<'a>(host_id: i64, n: &NewRow<'a>) -> [Val<'a>; 33] {
         Val::Bool(r.transparent),
         text(r.source.as_str()),
         Val::Int(i64::from(r.sockets)),
+        text(r.effective_ipv4.verdict.as_str()),
+        text(r.effective_ipv6.verdict.as_str()),
+        text(&r.effective_ipv4.reason),
+        text(&r.effective_ipv6.reason),
+        owned(conditions_text(&r.effective_ipv4)),
+        owned(conditions_text(&r.effective_ipv6)),
         Val::Int(p.fingerprints.material),
         Val::Int(p.fingerprints.full),
         Val::Time(n.first_seen),
@@ -141,12 +160,92 @@ pub(crate) fn processes_json(r: &ListenerRecord) -> String {
     serde_json::to_string(&r.processes).unwrap_or_else(|_| "[]".to_string())
 }
 
+/// A verdict's conditions as stored: one per line, `''` for none.
+pub(crate) fn conditions_text(a: &FirewallAnswer) -> String {
+    a.conditions.join("\n")
+}
+
+/// The stored conditions text back as a list (see [`conditions_text`]).
+fn conditions_of(s: &str) -> Vec<String> {
+    if s.is_empty() {
+        Vec::new()
+    } else {
+        s.split('\n').map(str::to_string).collect()
+    }
+}
+
+/// `CASE col WHEN 'open' THEN 5 … END`: a verdict column's rank
+/// ([`Effective::permissiveness`]; an unexpected text ranks as `unknown`).
+pub(crate) fn rank_sql(col: &str) -> String {
+    let mut out = format!("CASE {col}");
+    for e in Effective::ALL {
+        out.push_str(&format!(
+            " WHEN '{}' THEN {}",
+            e.as_str(),
+            e.permissiveness()
+        ));
+    }
+    out.push_str(&format!(
+        " ELSE {} END",
+        Effective::Unknown.permissiveness()
+    ));
+    out
+}
+
+/// `CASE rank WHEN 5 THEN 'open' … END`: a rank back to its verdict's name; `fallback`
+/// for NULL (no listener to rank).
+pub(crate) fn verdict_of_rank_sql(rank: &str, fallback: Effective) -> String {
+    let mut out = format!("CASE {rank}");
+    for e in Effective::ALL {
+        out.push_str(&format!(
+            " WHEN {} THEN '{}'",
+            e.permissiveness(),
+            e.as_str()
+        ));
+    }
+    out.push_str(&format!(" ELSE '{}' END", fallback.as_str()));
+    out
+}
+
+/// The aggregates of a `hidden_port` row's firewall side over the port's live listeners
+/// `l` (grouped by port): its `effective_ipv4` (the most permissive verdict among the
+/// port's trap sockets, the AF_INET6 sockets that accept IPv4; `unknown` if it has none)
+/// and its `effective_conditions_ipv4` (for `restricted`, the conditions of its
+/// restricted trap sockets: each socket's list once, in byte order, one condition per
+/// line; NULL otherwise). `string_agg` is PostgreSQL's spelling of the list. SQLite's
+/// `group_concat` takes no separator with DISTINCT, so each list gets the suffix
+/// `\n\x1f` and the `\n\x1f,` between lists becomes `\n`: a condition never holds a
+/// control character, so that sequence occurs only there, and the suffix sorts below any
+/// printable byte, so the lists keep their byte order. `history` computes the same from
+/// listener versions, for `exposure --at`.
+pub(crate) fn hidden_effective_sql(postgres: bool) -> String {
+    let rank = format!(
+        "max(CASE WHEN l.trap THEN {} END)",
+        rank_sql("l.effective_ipv4")
+    );
+    let verdict = verdict_of_rank_sql(&rank, Effective::Unknown);
+    let restricted = Effective::Restricted.permissiveness();
+    let mine = "CASE WHEN l.trap AND l.effective_ipv4 = 'restricted' \
+                THEN NULLIF(l.effective_conditions_ipv4, '') END";
+    let list = if postgres {
+        format!("string_agg(DISTINCT {mine} COLLATE \"C\", chr(10) ORDER BY {mine} COLLATE \"C\")")
+    } else {
+        format!(
+            "rtrim(replace(group_concat(DISTINCT ({mine}) || char(10, 31) \
+             ORDER BY ({mine}) || char(10, 31)), char(10, 31, 44), char(10)), char(10, 31))"
+        )
+    };
+    format!("{verdict}, CASE WHEN {rank} = {restricted} THEN {list} END")
+}
+
 /// Columns [`record_of`] reads, for SQLite; PostgreSQL casts the integer and JSON columns
 /// to `bigint`/`text` so that one decoder serves both.
 pub(crate) const RECORD_COLUMNS: &str = "id, netns, netns_inode, protocol, family, address, \
     port, interface, v6only, reach_ipv4, reach_ipv6, latent, shown_as, netstat_proto, trap, \
     hidden_ipv4_exposure, processes, container_runtime, container_id, pod_uid, unit, cgroup, \
-    uid, freebind, transparent, source, sockets";
+    uid, freebind, transparent, source, sockets, effective_ipv4, effective_ipv6, \
+    effective_reason_ipv4, effective_reason_ipv6, effective_conditions_ipv4, \
+    effective_conditions_ipv6";
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(format!("{what}: {e}"))
@@ -180,6 +279,13 @@ where
         None => None,
     };
     let int = |c: &str| -> Result<i64, StoreError> { Ok(i(c)?) };
+    let answer = |v: &str, reason: &str, conds: &str| -> Result<FirewallAnswer, StoreError> {
+        Ok(FirewallAnswer {
+            verdict: s(v)?.parse().map_err(|e| corrupt(v, e))?,
+            reason: s(reason)?,
+            conditions: conditions_of(&s(conds)?),
+        })
+    };
     let ranged =
         |c: &str| -> Result<u32, StoreError> { u32::try_from(int(c)?).map_err(|e| corrupt(c, e)) };
     let record = ListenerRecord {
@@ -213,6 +319,16 @@ where
         transparent: ob("transparent")?,
         source: s("source")?.parse().map_err(|e| corrupt("source", e))?,
         sockets: ranged("sockets")?,
+        effective_ipv4: answer(
+            "effective_ipv4",
+            "effective_reason_ipv4",
+            "effective_conditions_ipv4",
+        )?,
+        effective_ipv6: answer(
+            "effective_ipv6",
+            "effective_reason_ipv6",
+            "effective_conditions_ipv6",
+        )?,
     };
     Ok((id, record))
 }
@@ -251,5 +367,31 @@ mod tests {
             assert!(ok, "{name}: {kind:?} got {v:?}");
         }
         assert!(column_list().starts_with("host_id, lkey, netns,"));
+    }
+
+    #[test]
+    fn conditions_split_back_exactly() {
+        for conds in [
+            vec![],
+            vec!["saddr 10.0.0.0/8"],
+            vec!["a | b", "iifname eth0 and sport 67", "é"],
+        ] {
+            let mut a = FirewallAnswer::new(Effective::Restricted, "r");
+            a.conditions = conds.iter().map(|c| c.to_string()).collect();
+            assert_eq!(conditions_of(&conditions_text(&a)), a.conditions);
+        }
+    }
+
+    #[test]
+    fn ranks_in_sql_are_the_domain_ranks() {
+        assert_eq!(
+            rank_sql("v"),
+            "CASE v WHEN 'open' THEN 5 WHEN 'restricted' THEN 4 WHEN 'diverted' THEN 3 \
+             WHEN 'unknown' THEN 2 WHEN 'filtered' THEN 1 WHEN 'n/a' THEN 0 ELSE 2 END"
+        );
+        assert!(
+            verdict_of_rank_sql("r", Effective::Unknown)
+                .ends_with("WHEN 0 THEN 'n/a' ELSE 'unknown' END")
+        );
     }
 }

@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use listenscope_core::fingerprint::Fingerprints;
@@ -31,7 +32,8 @@ use super::sqlite_step::{Bind, Each};
 use super::{HostSession, StoreError, StoreOptions};
 use crate::timefmt;
 
-/// Rows per multi-row INSERT (33 columns each: 13k parameters).
+/// Rows per multi-row statement (`UPDATE … FROM (VALUES …)`: at most 7 values a row, far
+/// under SQLite's 32766 parameters).
 const INSERT_CHUNK: usize = 400;
 /// Ids or keys per `IN (…)` list.
 const IN_CHUNK: usize = 500;
@@ -301,13 +303,15 @@ impl Backend for SqliteStore {
             q.push(") AS v WHERE listener.id = v.column1");
             q.build().execute(&mut *c).await?;
         }
-        // Refreshes and inserts of every message at once: UPDATE … FROM (VALUES …) and
-        // multi-row INSERTs (each row carries its host).
+        // Refreshes of every message at once: UPDATE … FROM (VALUES …). What a refresh
+        // writes is what the full fingerprint covers beyond the material one.
         let refresh: Vec<_> = writes.iter().flat_map(|w| &w.plan.refresh).collect();
         for chunk in refresh.chunks(INSERT_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "UPDATE listener SET netns_inode = v.column2, processes = v.column3,
-                     sockets = v.column4, full_hash = v.column5 FROM (",
+                     sockets = v.column4, full_hash = v.column5,
+                     effective_reason_ipv4 = v.column6, effective_reason_ipv6 = v.column7
+                 FROM (",
             );
             q.push_values(chunk, |mut b, (id, u)| {
                 let r = &u.record;
@@ -315,7 +319,9 @@ impl Backend for SqliteStore {
                     .push_bind(r.netns_inode as i64)
                     .push_bind(row::processes_json(r))
                     .push_bind(i64::from(r.sockets))
-                    .push_bind(u.fingerprints.full);
+                    .push_bind(u.fingerprints.full)
+                    .push_bind(r.effective_ipv4.reason.as_str())
+                    .push_bind(r.effective_ipv6.reason.as_str());
             });
             q.push(") AS v WHERE listener.id = v.column1");
             q.build().execute(&mut *c).await?;
@@ -362,14 +368,21 @@ impl Backend for SqliteStore {
     ) -> Result<(), StoreError> {
         // Whole hosts (snapshots) and (host, port) pairs (deltas): two statements each for
         // the whole round, every list one JSON array.
-        const AGGREGATE: &str =
-            "INSERT INTO hidden_port (host_id, host, netns, protocol, port, shown_as, processes)
-             SELECT l.host_id, h.name, l.netns, l.protocol, l.port,
-                    group_concat(DISTINCT l.shown_as ORDER BY l.shown_as),
-                    group_concat(DISTINCT NULLIF(l.process_names, '')
-                                 ORDER BY NULLIF(l.process_names, ''))";
+        static AGGREGATE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "INSERT INTO hidden_port (host_id, host, netns, protocol, port, shown_as, processes,
+                                          effective_ipv4, effective_conditions_ipv4)
+                 SELECT l.host_id, h.name, l.netns, l.protocol, l.port,
+                        group_concat(DISTINCT l.shown_as ORDER BY l.shown_as),
+                        group_concat(DISTINCT NULLIF(l.process_names, '')
+                                     ORDER BY NULLIF(l.process_names, '')),
+                        {}",
+                row::hidden_effective_sql(false)
+            )
+        });
         const GROUP: &str = " GROUP BY l.host_id, h.name, l.netns, l.protocol, l.port
              HAVING max(l.hidden_ipv4_exposure) = 1";
+        let aggregate = AGGREGATE.as_str();
         let (whole, pairs) = flow::split_rebuild(rebuild);
         if !whole.is_empty() {
             let list = json_list(&whole)?;
@@ -380,7 +393,7 @@ impl Backend for SqliteStore {
             .execute(&mut *c)
             .await?;
             sqlx::query(AssertSqlSafe(format!(
-                "{AGGREGATE} FROM listener AS l INDEXED BY listener_live_key
+                "{aggregate} FROM listener AS l INDEXED BY listener_live_key
                  JOIN host AS h ON h.id = l.host_id
                  WHERE l.valid_to IS NULL AND l.host_id IN (SELECT value FROM json_each(?1))
                  {GROUP}"
@@ -399,7 +412,7 @@ impl Backend for SqliteStore {
             .execute(&mut *c)
             .await?;
             sqlx::query(AssertSqlSafe(format!(
-                "{AGGREGATE} FROM json_each(?1) AS t
+                "{aggregate} FROM json_each(?1) AS t
                  CROSS JOIN listener AS l INDEXED BY listener_host_port
                      ON l.host_id = t.value ->> 0 AND l.port = t.value ->> 1
                     AND l.valid_to IS NULL

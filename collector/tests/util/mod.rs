@@ -246,7 +246,20 @@ pub fn listener(netns: &str, port: u32) -> v1::Listener {
         transparent: Some(false),
         source: v1::Source::SockDiag as i32,
         sockets: 1,
+        // As an agent from before firewall verdicts sends it: the collector stores
+        // `unknown` (see `verdict` for a current agent's).
+        effective_ipv4: None,
+        effective_ipv6: None,
     }
+}
+
+/// A firewall verdict as a current agent sends it.
+pub fn verdict(verdict: &str, reason: &str, conditions: &[&str]) -> Option<v1::FirewallVerdict> {
+    Some(v1::FirewallVerdict {
+        verdict: verdict.into(),
+        reason: reason.into(),
+        conditions: conditions.iter().map(|c| c.to_string()).collect(),
+    })
 }
 
 /// A one-chunk snapshot observed now.
