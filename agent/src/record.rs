@@ -28,11 +28,32 @@ pub fn key_of(l: &Listener) -> ListenerKey {
     }
 }
 
+/// The reason without nftables rule handles (` handle 12:` → `:`). A reload renumbers every
+/// handle; carried to the fleet, each reload would refresh every listener of the host.
+/// The table, chain and rule text still name the rule; `scan --json` keeps the handles.
+fn without_handles(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut rest = reason;
+    while let Some(at) = rest.find(" handle ") {
+        let after = &rest[at + " handle ".len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && after[digits..].starts_with(':') {
+            out.push_str(&rest[..at]);
+            rest = &after[digits..];
+        } else {
+            out.push_str(&rest[..at + " handle ".len()]);
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The fleet's form of one verdict: the DNAT target (`diverted_to`) joins the reason, so
 /// where the traffic goes is shown without becoming history of its own (the verdict
 /// `diverted` is history; a new target address is a reload's detail).
 pub fn answer_of(a: &Answer) -> FirewallAnswer {
-    let mut reason = a.reason.clone();
+    let mut reason = without_handles(&a.reason);
     if let Some(to) = &a.diverted_to
         && !reason.contains(to.as_str())
     {
@@ -220,7 +241,7 @@ mod tests {
 
     #[test]
     fn verdicts_are_carried() {
-        let mut restricted = answer(Effective::Restricted, "inet filter input handle 7: accept");
+        let mut restricted = answer(Effective::Restricted, "inet filter input: accept");
         restricted.conditions = vec!["saddr 198.51.100.0/24".into()];
         let r = one(vec![socket(
             1,
@@ -231,7 +252,7 @@ mod tests {
         assert_eq!(r.effective_ipv4.verdict, Effective::Restricted);
         assert_eq!(
             r.effective_ipv4.reason,
-            "inet filter input handle 7: accept"
+            "inet filter input: accept"
         );
         assert_eq!(r.effective_ipv4.conditions, ["saddr 198.51.100.0/24"]);
         assert_eq!(r.effective_ipv6.verdict, Effective::Filtered);
@@ -284,6 +305,32 @@ mod tests {
     }
 
     #[test]
+    fn rule_handles_stay_out_of_the_fleet() {
+        assert_eq!(
+            without_handles(
+                "inet filter input handle 7: tcp dport 22 accept; ufw: ip filter ufw-user-input handle 123: -A x"
+            ),
+            "inet filter input: tcp dport 22 accept; ufw: ip filter ufw-user-input: -A x"
+        );
+        assert_eq!(
+            without_handles("policy drop of inet filter input"),
+            "policy drop of inet filter input"
+        );
+        assert_eq!(
+            without_handles("rule text with handle x: kept"),
+            "rule text with handle x: kept"
+        );
+        let a = answer(
+            Effective::Open,
+            "inet filter input handle 9: tcp dport 22 accept",
+        );
+        assert_eq!(
+            answer_of(&a).reason,
+            "inet filter input: tcp dport 22 accept"
+        );
+    }
+
+    #[test]
     fn a_dnat_target_joins_the_reason() {
         let mut d = answer(
             Effective::Diverted,
@@ -294,7 +341,7 @@ mod tests {
         assert_eq!(a.verdict, Effective::Diverted);
         assert_eq!(
             a.reason,
-            "ip nat PREROUTING handle 3: dnat to 192.0.2.2:80; diverted to 192.0.2.2:80 (netns web)"
+            "ip nat PREROUTING: dnat to 192.0.2.2:80; diverted to 192.0.2.2:80 (netns web)"
         );
         // Already named in the reason: not repeated.
         let mut d = answer(Effective::Diverted, "dnat to 192.0.2.2:80");
