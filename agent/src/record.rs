@@ -250,10 +250,7 @@ mod tests {
             answer(Effective::Filtered, "policy drop of inet filter input"),
         )]);
         assert_eq!(r.effective_ipv4.verdict, Effective::Restricted);
-        assert_eq!(
-            r.effective_ipv4.reason,
-            "inet filter input: accept"
-        );
+        assert_eq!(r.effective_ipv4.reason, "inet filter input: accept");
         assert_eq!(r.effective_ipv4.conditions, ["saddr 198.51.100.0/24"]);
         assert_eq!(r.effective_ipv6.verdict, Effective::Filtered);
         assert!(r.effective_ipv6.conditions.is_empty());
