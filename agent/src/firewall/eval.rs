@@ -2451,8 +2451,8 @@ mod tests {
                 .reason
                 .starts_with("the reply is dropped by")
         );
-        // DNAT of the port in prerouting: diverted over IPv4, untouched over IPv6 (an
-        // `ip` match only).
+        // DNAT of the port in prerouting (an inet chain: both versions take it; nothing
+        // on the forward path stops it).
         let rs = rules(
             "accept",
             &[(
