@@ -262,6 +262,7 @@ fixtures! {
     c38_reply_dropped: "c38-reply-dropped",
     c39_kube_nodeport: "c39-kube-nodeport",
     c40_kube_proxy_nft: "c40-kube-proxy-nft",
+    c41_docker28_chains: "c41-docker28-chains",
     c50_return_skips_next: "c50-return-skips-next",
     c51_output_syn_drop: "c51-output-syn-drop",
     c52_netdev_two_devices: "c52-netdev-two-devices",
