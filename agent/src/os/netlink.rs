@@ -204,66 +204,50 @@ impl Netlink {
 
     /// The namespace's local addresses: RTN_LOCAL routes of the `local` table.
     pub fn local_addrs(&mut self, family: Family, out: &mut LocalAddrs) -> Result<(), DumpError> {
-        let af = match family {
-            Family::Ipv4 => libc::AF_INET as u8,
-            Family::Ipv6 => libc::AF_INET6 as u8,
-        };
-        // nlmsghdr (16) + rtmsg (12)
-        let mut request = vec![0u8; 28];
-        request[0..4].copy_from_slice(&28u32.to_ne_bytes());
-        request[4..6].copy_from_slice(&RTM_GETROUTE.to_ne_bytes());
-        request[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        request[16] = af;
-        request[20] = RT_TABLE_LOCAL as u8;
+        let mut request = route_dump_request(family, RT_TABLE_LOCAL);
         self.dump(&mut request, |kind, payload| {
             if kind == RTM_NEWROUTE {
-                decode_local_route(payload, out)?;
+                let r = decode_route(payload)?;
+                if r.table == RT_TABLE_LOCAL && r.rtype == RTN_LOCAL {
+                    match r.dst {
+                        Some(IpAddr::V4(a)) => out.v4.push((a, r.dst_len)),
+                        Some(IpAddr::V6(a)) => out.v6.push((a, r.dst_len, r.oif)),
+                        None => {}
+                    }
+                }
             }
             Ok(())
         })
     }
 }
 
-impl Netlink {
-    /// Unicast routes of the `main` table (destination prefix → output interface index),
-    /// for the firewall evaluator's forward path: which interface a DNAT target leaves by.
-    pub fn main_routes(&mut self, family: Family, out: &mut Vec<Route>) -> Result<(), DumpError> {
-        let af = match family {
-            Family::Ipv4 => libc::AF_INET as u8,
-            Family::Ipv6 => libc::AF_INET6 as u8,
-        };
-        let mut request = vec![0u8; 28];
-        request[0..4].copy_from_slice(&28u32.to_ne_bytes());
-        request[4..6].copy_from_slice(&RTM_GETROUTE.to_ne_bytes());
-        request[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        request[16] = af;
-        request[20] = RT_TABLE_MAIN as u8;
-        self.dump(&mut request, |kind, payload| {
-            if kind == RTM_NEWROUTE
-                && out.len() < MAX_ROUTES
-                && let Some(r) = decode_main_route(payload)?
-            {
-                out.push(r);
-            }
-            Ok(())
-        })
-    }
+/// An RTM_GETROUTE dump request for one family and table: nlmsghdr (16) + rtmsg (12).
+fn route_dump_request(family: Family, table: u32) -> Vec<u8> {
+    let mut request = vec![0u8; 28];
+    request[0..4].copy_from_slice(&28u32.to_ne_bytes());
+    request[4..6].copy_from_slice(&RTM_GETROUTE.to_ne_bytes());
+    request[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    request[16] = match family {
+        Family::Ipv4 => libc::AF_INET as u8,
+        Family::Ipv6 => libc::AF_INET6 as u8,
+    };
+    request[20] = table as u8;
+    request
 }
 
-/// At most this many routes are kept per namespace (a full BGP table has ~1M: the
-/// evaluator needs the connected and container routes, which come first).
-const MAX_ROUTES: usize = 10_000;
-
-/// One unicast route of the main table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    pub dst: IpAddr,
-    pub len: u8,
-    /// Output interface index (0 when the route names none, e.g. multipath).
-    pub oif: u32,
+/// The fields of one RTM_NEWROUTE the agent uses.
+struct RouteFields {
+    dst_len: u8,
+    table: u32,
+    rtype: u8,
+    /// `None`: no RTA_DST (a default route) or an address of another length.
+    dst: Option<IpAddr>,
+    af: u8,
+    oif: u32,
 }
 
-fn decode_main_route(payload: &[u8]) -> Result<Option<Route>, DumpError> {
+/// Decodes one RTM_NEWROUTE (rtmsg and its attributes) without allocating.
+fn decode_route(payload: &[u8]) -> Result<RouteFields, DumpError> {
     if payload.len() < 12 {
         return Err(DumpError::Decode("short rtmsg".into()));
     }
@@ -287,26 +271,67 @@ fn decode_main_route(payload: &[u8]) -> Result<Option<Route>, DumpError> {
         }
         attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
     }
-    if table != RT_TABLE_MAIN || rtype != RTN_UNICAST {
-        return Ok(None);
-    }
     let dst = match (i32::from(af), dst) {
         (libc::AF_INET, Some(d)) if d.len() == 4 => {
-            IpAddr::V4(Ipv4Addr::new(d[0], d[1], d[2], d[3]))
+            Some(IpAddr::V4(Ipv4Addr::new(d[0], d[1], d[2], d[3])))
         }
-        (libc::AF_INET, None) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         (libc::AF_INET6, Some(d)) if d.len() == 16 => {
             let octets: [u8; 16] = array_at(d, 0);
-            IpAddr::V6(Ipv6Addr::from(octets))
+            Some(IpAddr::V6(Ipv6Addr::from(octets)))
         }
-        (libc::AF_INET6, None) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        _ => return Ok(None),
+        _ => None,
     };
-    Ok(Some(Route {
+    Ok(RouteFields {
+        af,
+        dst_len,
+        table,
+        rtype,
         dst,
-        len: dst_len,
         oif,
-    }))
+    })
+}
+
+impl Netlink {
+    /// Unicast routes of the `main` table (destination prefix → output interface index),
+    /// for the firewall evaluator's forward path: which interface a DNAT target leaves by.
+    pub fn main_routes(&mut self, family: Family, out: &mut Vec<Route>) -> Result<(), DumpError> {
+        let mut request = route_dump_request(family, RT_TABLE_MAIN);
+        self.dump(&mut request, |kind, payload| {
+            if kind == RTM_NEWROUTE && out.len() < MAX_ROUTES {
+                let r = decode_route(payload)?;
+                // No RTA_DST: the default route of that family.
+                let dst = r.dst.or(match i32::from(r.af) {
+                    libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                    libc::AF_INET6 => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+                    _ => None,
+                });
+                if r.table == RT_TABLE_MAIN
+                    && r.rtype == RTN_UNICAST
+                    && let Some(dst) = dst
+                {
+                    out.push(Route {
+                        dst,
+                        len: r.dst_len,
+                        oif: r.oif,
+                    });
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// At most this many routes are kept per namespace (a full BGP table has ~1M: the
+/// evaluator needs the connected and container routes, which come first).
+const MAX_ROUTES: usize = 10_000;
+
+/// One unicast route of the main table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub dst: IpAddr,
+    pub len: u8,
+    /// Output interface index (0 when the route names none, e.g. multipath).
+    pub oif: u32,
 }
 
 /// The `N` bytes of `b` at `off`. Callers check the length first; a short `b` panics like
@@ -462,48 +487,6 @@ pub fn decode_socket(payload: &[u8], protocol: Protocol) -> Result<RawSocket, Du
         inode: u64::from(h.inode),
         cgroup_id,
     })
-}
-
-/// Decodes one RTM_NEWROUTE; keeps it when it is an RTN_LOCAL route of the local table.
-fn decode_local_route(payload: &[u8], out: &mut LocalAddrs) -> Result<(), DumpError> {
-    if payload.len() < 12 {
-        return Err(DumpError::Decode("short rtmsg".into()));
-    }
-    let (af, dst_len, mut table, rtype) =
-        (payload[0], payload[1], u32::from(payload[4]), payload[7]);
-    let mut dst: Option<&[u8]> = None;
-    let mut oif = 0u32;
-    let mut attrs = &payload[12..];
-    while attrs.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
-        if len < 4 || len > attrs.len() {
-            return Err(DumpError::Decode("bad route attribute length".into()));
-        }
-        let v = &attrs[4..len];
-        match kind {
-            RTA_DST => dst = Some(v),
-            RTA_OIF if v.len() == 4 => oif = u32::from_ne_bytes(array_at(v, 0)),
-            RTA_TABLE if v.len() == 4 => table = u32::from_ne_bytes(array_at(v, 0)),
-            _ => {}
-        }
-        attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
-    }
-    if table != RT_TABLE_LOCAL || rtype != RTN_LOCAL {
-        return Ok(());
-    }
-    match (i32::from(af), dst) {
-        (libc::AF_INET, Some(d)) if d.len() == 4 => {
-            out.v4
-                .push((Ipv4Addr::new(d[0], d[1], d[2], d[3]), dst_len));
-        }
-        (libc::AF_INET6, Some(d)) if d.len() == 16 => {
-            let octets: [u8; 16] = array_at(d, 0);
-            out.v6.push((Ipv6Addr::from(octets), dst_len, oif));
-        }
-        _ => {}
-    }
-    Ok(())
 }
 
 #[cfg(test)]
