@@ -990,7 +990,6 @@ impl<'a> Walker<'a> {
                         | Stmt::MarkBits { .. }
                         | Stmt::Notrack
                         | Stmt::VerdictMap { .. }
-                        | Stmt::NamedVerdictMap { .. }
                 )
             })
         {
@@ -1005,7 +1004,7 @@ impl<'a> Walker<'a> {
                     negate,
                     values,
                 } => self.decide(p, dir, &task.path, key, *negate, values),
-                Stmt::SetMatch { .. } | Stmt::Opaque { .. } | Stmt::NamedVerdictMap { .. } => {
+                Stmt::Opaque { .. } => {
                     let id = self.atom(stmt, ti, ci, ri);
                     Test::Cond(Cond {
                         dim: Dim::Atom(id),
@@ -1205,7 +1204,6 @@ impl<'a> Walker<'a> {
         }
         let text = match stmt {
             Stmt::Opaque { text } => text.clone(),
-            Stmt::SetMatch { set, .. } => format!("@{set}"),
             Stmt::Match {
                 key: Key::HopLimit, ..
             } => "hop limit".to_owned(),

@@ -348,7 +348,6 @@ impl TableBuilder {
             name: self.name,
             origin,
             chains: self.chains,
-            sets: Vec::new(),
         }
     }
 }
@@ -1722,13 +1721,6 @@ mod tests {
                 let values: Vec<_> = values.iter().map(show_value).collect();
                 format!("{}{op}{}", show_key(key), values.join(","))
             }
-            Stmt::SetMatch { key, negate, set } => {
-                format!(
-                    "{}{}@{set}",
-                    show_key(key),
-                    if *negate { "!=" } else { "=" }
-                )
-            }
             Stmt::Limit { text, over: false } => format!("limit({text})"),
             Stmt::Limit { text, over: true } => format!("limit-over({text})"),
             Stmt::Opaque { text } => format!("opaque({text})"),
@@ -1747,7 +1739,7 @@ mod tests {
                 let port = port.map_or("-".to_string(), |p| p.to_string());
                 format!("{kind}({to}, {port})")
             }
-            Stmt::VerdictMap { .. } | Stmt::NamedVerdictMap { .. } => "vmap".to_string(),
+            Stmt::VerdictMap { .. } => "vmap".to_string(),
             Stmt::Verdict(v) => match v {
                 Verdict::Accept => "accept".to_string(),
                 Verdict::Drop => "drop".to_string(),
@@ -2303,7 +2295,6 @@ COMMIT
         assert_eq!(names, ["raw", "nat", "security", "filter"]);
         for t in &parsed.tables {
             assert_eq!((t.family, t.origin), (Ip, Origin::IptablesLegacy));
-            assert!(t.sets.is_empty());
         }
         let base = |table: usize, chain: &str| {
             parsed.tables[table]

@@ -275,12 +275,6 @@ pub enum Stmt {
         negate: bool,
         values: Vec<Value>,
     },
-    /// A named set lookup (`@name`), resolved against the table's sets by the evaluator.
-    SetMatch {
-        key: Key,
-        negate: bool,
-        set: String,
-    },
     /// `limit rate …` (`over` when it matches above the rate): a condition on traffic
     /// the agent cannot know.
     Limit {
@@ -318,14 +312,10 @@ pub enum Stmt {
         /// The destination port after the rewrite, when the rule names one.
         port: Option<u16>,
     },
-    /// `key vmap { value : verdict, … }` (anonymous) or `vmap @name`.
+    /// `key vmap { value : verdict, … }`; a named map (`vmap @name`) arrives inlined.
     VerdictMap {
         key: Key,
         entries: Vec<(Value, Verdict)>,
-    },
-    NamedVerdictMap {
-        key: Key,
-        map: String,
     },
     Verdict(Verdict),
 }
@@ -348,31 +338,19 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
-/// A named set or map of a table.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Set {
-    pub name: String,
-    pub elements: Vec<Value>,
-    /// Verdict maps: the verdict of each element, same order as `elements`.
-    pub verdicts: Option<Vec<Verdict>>,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct Table {
     pub family: TableFamily,
     pub name: String,
     pub origin: Origin,
+    /// Named sets and maps are not kept: the readers inline them into the rules that
+    /// use them.
     pub chains: Vec<Chain>,
-    pub sets: Vec<Set>,
 }
 
 impl Table {
     pub fn chain(&self, name: &str) -> Option<&Chain> {
         self.chains.iter().find(|c| c.name == name)
-    }
-
-    pub fn set(&self, name: &str) -> Option<&Set> {
-        self.sets.iter().find(|s| s.name == name)
     }
 }
 

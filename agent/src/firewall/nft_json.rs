@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use serde_json::Value as J;
 
 use super::model::{
-    BaseChain, Chain, ChainType, Hook, Key, NatKind, Origin, Policy, Rule, Set, Stmt, Table,
+    BaseChain, Chain, ChainType, Hook, Key, NatKind, Origin, Policy, Rule, Stmt, Table,
     TableFamily, Value, Verdict,
 };
 
@@ -49,7 +49,7 @@ pub fn parse(text: &str) -> Result<Vec<Table>, ParseError> {
             .position(|t| t.family == family && t.name == name)
     };
     // Sets first: rules may use a set declared after them in the listing.
-    let mut sets: HashMap<(usize, String), (J, Set)> = HashMap::new();
+    let mut sets: HashMap<(usize, String), J> = HashMap::new();
     for item in items {
         if let Some(t) = item.get("table") {
             let (Some(family), Some(name)) = (
@@ -65,7 +65,6 @@ pub fn parse(text: &str) -> Result<Vec<Table>, ParseError> {
                 name: name.to_owned(),
                 origin: Origin::Nft,
                 chains: Vec::new(),
-                sets: Vec::new(),
             });
         } else if let Some(c) = item.get("chain") {
             let ti = index(&tables, c).ok_or_else(|| {
@@ -77,12 +76,7 @@ pub fn parse(text: &str) -> Result<Vec<Table>, ParseError> {
                 ParseError::UnknownTable("set", s["table"].as_str().unwrap_or("").into())
             })?;
             let name = s.get("name").and_then(J::as_str).unwrap_or("").to_owned();
-            let set = Set {
-                name: name.clone(),
-                elements: Vec::new(),
-                verdicts: None,
-            };
-            sets.insert((ti, name), (s.clone(), set));
+            sets.insert((ti, name), s.clone());
         }
     }
     for item in items {
@@ -102,14 +96,6 @@ pub fn parse(text: &str) -> Result<Vec<Table>, ParseError> {
             .find(|c| c.name == chain_name)
             .ok_or_else(|| ParseError::UnknownChain(chain_name.to_owned()))?;
         chain.rules.push(rule);
-    }
-    for ((ti, _), (raw, mut set)) in sets {
-        // Kept for reference (the evaluator uses the inlined copies).
-        let key = set_key(&raw);
-        let (elements, verdicts) = set_elements(&raw, key.as_ref());
-        set.elements = elements;
-        set.verdicts = verdicts;
-        tables[ti].sets.push(set);
     }
     Ok(tables)
 }
@@ -157,7 +143,7 @@ fn chain(c: &J) -> Chain {
 }
 
 struct Ctx<'a> {
-    sets: &'a HashMap<(usize, String), (J, Set)>,
+    sets: &'a HashMap<(usize, String), J>,
     table: usize,
 }
 
@@ -313,7 +299,7 @@ impl Ctx<'_> {
                 match body.get("data") {
                     Some(J::String(name)) if name.starts_with('@') => {
                         match self.sets.get(&(self.table, name[1..].to_owned())) {
-                            Some((raw, _)) => {
+                            Some(raw) => {
                                 let (elements, verdicts) = set_elements(raw, Some(&key));
                                 let entries = elements
                                     .into_iter()
@@ -421,7 +407,7 @@ impl Ctx<'_> {
             });
         }
         if let Some(name) = right.as_str().and_then(|s| s.strip_prefix('@')) {
-            let (raw, _) = self.sets.get(&(self.table, name.to_owned()))?;
+            let raw = self.sets.get(&(self.table, name.to_owned()))?;
             let (values, _) = set_elements(raw, Some(&key));
             return Some(Stmt::Match {
                 key,
