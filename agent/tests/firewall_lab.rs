@@ -288,6 +288,7 @@ fixtures! {
     c39_kube_nodeport: "c39-kube-nodeport",
     c40_kube_proxy_nft: "c40-kube-proxy-nft",
     c41_docker28_chains: "c41-docker28-chains",
+    c42_firewalld_zones: "c42-firewalld-zones",
     c50_return_skips_next: "c50-return-skips-next",
     c51_output_syn_drop: "c51-output-syn-drop",
     c52_netdev_two_devices: "c52-netdev-two-devices",
@@ -296,6 +297,46 @@ fixtures! {
     c55_dnat_to_local: "c55-dnat-to-local",
     c56_fail2ban_return: "c56-fail2ban-return",
     c57_legacy_output_syn: "c57-legacy-output-syn",
+}
+
+/// Records a new case (not part of the suite): `FWLAB_RECORD=NAME cargo test -p
+/// listenscope-agent --test firewall_lab record -- --ignored --nocapture` runs the folder's
+/// `case.sh` or `case.nft` in a fresh lab, daemons included (ufw, firewalld: they must be
+/// installed), then writes what the kernel holds (`captured.json`, `captured.nft.txt`, and
+/// `captured.iptables-nft.txt` when iptables-nft tables exist) and what the packets did
+/// (`observed.txt`). Read the result and check it by reasoning before committing it.
+#[test]
+#[ignore = "records a fixture; run by hand with FWLAB_RECORD=NAME"]
+fn record() {
+    let name = std::env::var("FWLAB_RECORD").expect("set FWLAB_RECORD=NAME (a fixture folder)");
+    let mut fixture = Fixture::open(&name);
+    let case = ["case.nft", "case.sh"]
+        .map(|f| fixture.dir.join(f))
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap();
+    fixture.load = if case.ends_with("case.nft") {
+        Load::Nft(case)
+    } else {
+        Load::Script(case)
+    };
+    let mut lab = Lab::new();
+    let table = lab.run(&fixture);
+    let write = |file: &str, text: &str| {
+        std::fs::write(fixture.dir.join(file), text).unwrap();
+    };
+    let stdout = |argv: &[&str]| String::from_utf8(lab.run_in(argv, None).stdout).unwrap();
+    write("captured.json", &stdout(&["nft", "-j", "list", "ruleset"]));
+    let text = stdout(&["nft", "list", "ruleset"]);
+    write("captured.nft.txt", &text);
+    if text.contains("managed by iptables-nft") {
+        let v4 = stdout(&["iptables-nft-save"]);
+        let v6 = stdout(&["ip6tables-nft-save"]);
+        write("captured.iptables-nft.txt", &format!("{v4}{v6}"));
+    }
+    let observed = table.render(&name, &fixture.title);
+    write("observed.txt", &observed);
+    print!("{observed}");
 }
 
 #[test]

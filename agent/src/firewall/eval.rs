@@ -29,6 +29,7 @@
 //! - ICMPv6 neighbour solicitations and advertisements are not tracked by conntrack
 //!   (state `untracked`): established/related/invalid/new rules do not match them.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -284,33 +285,63 @@ impl Evaluator {
 
 /// Which well-known tool wrote a table or chain, so a reason reads `ufw: …`, `Docker: …`.
 /// Recognised by the names those tools give their tables and chains.
-pub(crate) fn pattern(t: &Table, chain: &str) -> Option<&'static str> {
+pub(crate) fn pattern(t: &Table, chain: &str) -> Option<Cow<'static, str>> {
+    let known = |name: &'static str| Some(Cow::Borrowed(name));
     if chain.starts_with("ufw-") || chain.starts_with("ufw6-") {
-        return Some("ufw");
+        return known("ufw");
     }
     // ufw also owns the built-in chains' policies of its tables ("default deny incoming").
     if t.chains
         .iter()
         .any(|c| c.name.starts_with("ufw-") || c.name.starts_with("ufw6-"))
     {
-        return Some("ufw");
+        return known("ufw");
     }
     if t.name == "firewalld" {
-        return Some("firewalld");
+        return Some(firewalld_zone(chain).map_or(Cow::Borrowed("firewalld"), Cow::Owned));
     }
     if chain == "DOCKER-USER" {
-        return Some("Docker (DOCKER-USER, the administrator's chain)");
+        return known("Docker (DOCKER-USER, the administrator's chain)");
     }
     if chain == "DOCKER" || chain.starts_with("DOCKER-") {
-        return Some("Docker");
+        return known("Docker");
     }
     if chain.starts_with("KUBE-") || t.name == "kube-proxy" {
-        return Some("kube-proxy");
+        return known("kube-proxy");
     }
     if t.name.starts_with("cilium") || chain.starts_with("CILIUM_") {
-        return Some("Cilium");
+        return known("Cilium");
     }
     None
+}
+
+/// The zone or policy a firewalld chain belongs to: firewalld names them
+/// `{filter_IN,filter_FWD,filter_OUT,nat_PRE,nat_POST,mangle_PRE,raw_PRE}_ZONE[_pre|_log|_deny|_allow|_post]`,
+/// and a policy's `…_policy_NAME…`. `None` for its shared chains (`filter_INPUT`,
+/// `filter_INPUT_ZONES`, …).
+fn firewalld_zone(chain: &str) -> Option<String> {
+    const HOOKS: [&str; 7] = [
+        "filter_IN_",
+        "filter_FWD_",
+        "filter_OUT_",
+        "nat_PRE_",
+        "nat_POST_",
+        "mangle_PRE_",
+        "raw_PRE_",
+    ];
+    const PARTS: [&str; 5] = ["_pre", "_log", "_deny", "_allow", "_post"];
+    let rest = HOOKS.iter().find_map(|h| chain.strip_prefix(h))?;
+    let name = PARTS
+        .iter()
+        .find_map(|p| rest.strip_suffix(p))
+        .unwrap_or(rest);
+    if name.is_empty() {
+        return None;
+    }
+    Some(match name.strip_prefix("policy_") {
+        Some(policy) => format!("firewalld policy {policy}"),
+        None => format!("firewalld zone {name}"),
+    })
 }
 
 /// Debian's shipped `/etc/nftables.conf`: `table inet filter` with input, forward and
@@ -812,7 +843,10 @@ impl<'a> Walker<'a> {
                     for (mut path, end) in ends {
                         match end {
                             End::Accept(by) => {
-                                if by.is_some() {
+                                // The reason names what let the connection in; the
+                                // reply's own accepts (`ct state established accept`
+                                // in output) explain nothing.
+                                if by.is_some() && matches!(dir, Dir::In | Dir::Forward) {
                                     path.accepted_by = by;
                                 }
                                 next.push(path);
@@ -2328,6 +2362,22 @@ mod tests {
                     ("udp:546", "filtered / filtered"),
                 ],
             ),
+            (
+                // Source zones before interface zones; mDNS only to its multicast group.
+                "c42-firewalld-zones",
+                &[
+                    ("tcp:22", "open / open"),
+                    ("tcp:80", "restricted[saddr 198.51.100.0/24] / filtered"),
+                    (
+                        "tcp:5432",
+                        "restricted[iifname eth1 and saddr != 198.51.100.0/24] / \
+                         restricted[iifname eth1 and saddr != 2001:db8:100::/64]",
+                    ),
+                    ("tcp:8080", "filtered / restricted[saddr 2001:db8:100::/64]"),
+                    ("udp:546", "filtered / filtered"),
+                    ("udp:5353", "filtered / filtered"),
+                ],
+            ),
         ];
         for (case, checks) in cases {
             let rs = ruleset(case);
@@ -2335,6 +2385,37 @@ mod tests {
                 check(&rs, spec, expected);
             }
         }
+    }
+
+    #[test]
+    fn firewalld_reasons_name_the_zone() {
+        let mut ev = Evaluator::new(&ruleset("c42-firewalld-zones"));
+        let a = ev.answer(&question("tcp:5432", false));
+        assert!(
+            a.reason
+                .starts_with("firewalld zone internal: inet firewalld filter_IN_internal_allow"),
+            "{}",
+            a.reason
+        );
+        let a = ev.answer(&question("tcp:80", true));
+        assert!(a.reason.starts_with("firewalld"), "{}", a.reason);
+        // An open port's reason is the accept that let the SYN in, not the reply's.
+        let a = ev.answer(&question("tcp:22", false));
+        assert!(
+            a.reason.contains("tcp dport 22 accept") && !a.reason.contains("filter_OUTPUT"),
+            "{}",
+            a.reason
+        );
+        assert_eq!(firewalld_zone("filter_INPUT_ZONES"), None);
+        assert_eq!(firewalld_zone("filter_INPUT"), None);
+        assert_eq!(
+            firewalld_zone("filter_IN_policy_allow-host-ipv6_allow").as_deref(),
+            Some("firewalld policy allow-host-ipv6")
+        );
+        assert_eq!(
+            firewalld_zone("nat_PRE_my_zone").as_deref(),
+            Some("firewalld zone my_zone")
+        );
     }
 
     #[test]

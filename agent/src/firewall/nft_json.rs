@@ -206,8 +206,10 @@ impl Ctx<'_> {
                     Verdict::Goto(target)
                 }));
             }
-            // No effect on whether the packet passes.
-            "counter" | "log" | "comment" => {}
+            // No effect on whether the packet passes. A conntrack helper, timeout or
+            // expectation policy assigned to the connection (firewalld's samba-client,
+            // ftp, …) shapes later related traffic, never this first packet.
+            "counter" | "log" | "comment" | "ct helper" | "ct timeout" | "ct expectation" => {}
             // A byte quota is a condition on traffic volume, like a rate.
             "quota" => out.push(Stmt::Limit {
                 text: render_stmt(e).unwrap_or_else(|| "quota".into()),
@@ -805,6 +807,9 @@ fn render_stmt(e: &J) -> Option<String> {
         ),
         "limit" => render_limit(body),
         "log" => "log".into(),
+        "ct helper" | "ct timeout" | "ct expectation" => {
+            format!("{kind} set {}", render_value(body))
+        }
         "dnat" | "snat" | "redirect" => {
             let addr = body.get("addr").map(render_value);
             let port = body.get("port").map(render_value);
@@ -998,6 +1003,7 @@ mod tests {
             "c14-ufw",
             "c15-docker-published",
             "c20-firewalld",
+            "c42-firewalld-zones",
         ] {
             let tables = fixture(case);
             // Native tables decode fully; only iptables-nft `xt` parts stay opaque.
