@@ -336,7 +336,7 @@ fn record() {
     }
     let observed = table.render(&name, &fixture.title);
     write("observed.txt", &observed);
-    print!("{observed}");
+    eprint!("{observed}");
 }
 
 #[test]
