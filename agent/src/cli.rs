@@ -7,6 +7,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use std::path::PathBuf;
 
+use listenscope_core::exit::Exit;
+use listenscope_core::logging::LogFormat;
+
 use crate::config::{ConfigErrors, RawConfig, RunConfig};
 use crate::model::Protocol;
 use crate::os::LinuxSystem;
@@ -18,6 +21,15 @@ use crate::scan::{self, NetnsSelector, ScanOptions};
 #[derive(Debug, Parser)]
 #[command(name = "listenscope-agent", version, about, long_about = None)]
 pub struct Cli {
+    /// Log lines as `text` or `json` (one object per line, for log shippers).
+    #[arg(
+        long,
+        global = true,
+        env = "LISTENSCOPE_LOG_FORMAT",
+        value_name = "text|json",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -136,15 +148,15 @@ impl ScanArgs {
     }
 }
 
-/// Runs one command; the binary turns the result into an exit code.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs one command; the binary turns the result into an exit code (an error is 2).
+pub fn run(cli: Cli) -> anyhow::Result<Exit> {
     match cli.command {
         Command::Scan(args) => run_scan(&args),
         Command::Run(args) => run_agent(&args),
     }
 }
 
-fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
+fn run_agent(args: &RunArgs) -> anyhow::Result<Exit> {
     let cfg = args.config()?;
     // One scan thread plus a small async side: a current-thread runtime is plenty.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -159,10 +171,10 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<()> {
         )
         .await
     })?;
-    Ok(())
+    Ok(Exit::Success)
 }
 
-fn run_scan(args: &ScanArgs) -> anyhow::Result<()> {
+fn run_scan(args: &ScanArgs) -> anyhow::Result<Exit> {
     let sys = LinuxSystem::new();
     let inv = scan::scan(&sys, &args.options())?;
     let stdout = io::stdout();
@@ -176,7 +188,7 @@ fn run_scan(args: &ScanArgs) -> anyhow::Result<()> {
     tracing::debug!(us = t.elapsed().as_micros() as u64, "Output written.");
     match written.and_then(|()| out.flush()) {
         // `scan | head` closes the pipe early: not an error worth a message.
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(Exit::Success),
         other => other.context("writing the scan to stdout")?,
     }
     if !args.json {
@@ -185,7 +197,7 @@ fn run_scan(args: &ScanArgs) -> anyhow::Result<()> {
             let _ = writeln!(err, "warning: {w}");
         }
     }
-    Ok(())
+    Ok(Exit::Success)
 }
 
 #[cfg(test)]

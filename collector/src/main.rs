@@ -1,9 +1,10 @@
 //! `listenscope-collector`: parse the command line, start logging, run, map the result to
 //! an exit code. Everything else lives in the library.
 
+use std::io::Write;
+
 use clap::Parser;
 use listenscope_collector::cli::{self, Cli};
-use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -13,18 +14,13 @@ fn main() -> std::process::ExitCode {
         cli::Command::Serve(_) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("LISTENSCOPE_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    listenscope_core::logging::init(cli.log_format, default);
     match cli::run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(exit) => std::process::ExitCode::from(exit.code()),
         Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // A closed stderr must not turn an error into a panic.
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            std::process::ExitCode::from(listenscope_core::exit::ERROR)
         }
     }
 }

@@ -7,7 +7,8 @@
 //! - `limits`: every bound of the protocol, once; `wire`: the protobuf edge, where every
 //!   rule is enforced (`TryFrom`);
 //! - `pem`: loading and checking the PEM files of mutual TLS; `config`: durations and TOML;
-//!   `signal`: the shutdown signal.
+//!   `signal`: the shutdown signal; `exit`: the exit codes; `logging`: `--log-format` and
+//!   `LISTENSCOPE_LOG`.
 //!
 //! Nothing here touches the OS beyond reading named files; the agent's Linux layer stays
 //! in the agent, the store in the collector (see ARCHITECTURE.md).
@@ -15,8 +16,10 @@
 pub mod config;
 pub mod diff;
 pub mod domain;
+pub mod exit;
 pub mod fingerprint;
 pub mod limits;
+pub mod logging;
 pub mod pem;
 pub mod record;
 pub mod signal;

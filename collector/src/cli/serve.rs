@@ -1,0 +1,176 @@
+//! `serve` and `certs`.
+
+#![allow(clippy::print_stdout)] // CLI output code: printing to stdout is its job
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use listenscope_core::exit::Exit;
+
+use crate::config::RawConfig;
+use crate::ingest::Limits;
+use crate::store::{Store, StoreOptions};
+use crate::{pki, server, tls};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration (example: deploy/collector.toml); flags override its keys.
+    #[arg(long, env = "LISTENSCOPE_COLLECTOR_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Database: sqlite://PATH or postgres://USER@HOST/DB.
+    #[arg(long, env = "LISTENSCOPE_DB", value_name = "URL")]
+    pub db: Option<String>,
+    /// CA certificate that signs agent certificates.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// The collector's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The collector's private key.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics here (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// A host silent for longer is stale (default 5m).
+    #[arg(long, value_name = "DURATION")]
+    pub stale_after: Option<String>,
+    /// Database connection pool size (default 4).
+    #[arg(long, value_name = "N")]
+    pub pool_size: Option<u32>,
+    /// Prune history older than this (e.g. 90d); default: keep forever. The current state
+    /// is never pruned.
+    #[arg(long, value_name = "DURATION")]
+    pub retain: Option<String>,
+    /// Agent sessions held at once; more are refused until one ends (default 20000,
+    /// lowered to fit the open-file limit; each session needs one open file).
+    #[arg(long, value_name = "N")]
+    pub max_sessions: Option<usize>,
+    /// This collector's name in the hosts view (default HOSTNAME:PORT); give each
+    /// collector sharing a PostgreSQL database its own.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create DIR/ca.pem, ca.key, server.pem, server.key (keys mode 0600).
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Name or IP the collector is reached by (repeatable). Default: localhost,
+        /// 127.0.0.1, ::1 and this machine's host name.
+        #[arg(long = "server-name", value_name = "NAME")]
+        server_names: Vec<String>,
+        /// Validity of the server certificate in days (the CA gets at least 10 years).
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Replace an existing CA (every agent certificate must then be issued again).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create DIR/NAME.pem and DIR/NAME.key for one host (DNS SAN = NAME, clientAuth).
+    Issue {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The host's identity in the fleet.
+        #[arg(long, value_name = "NAME")]
+        host: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+}
+
+pub(super) fn certs(c: CertsCommand) -> anyhow::Result<Exit> {
+    let written = match c {
+        CertsCommand::Init {
+            dir,
+            server_names,
+            days,
+            force,
+        } => {
+            let names = if server_names.is_empty() {
+                pki::default_server_names()
+            } else {
+                server_names
+            };
+            let w = pki::init(&dir, &names, days, force)?;
+            println!("Server certificate names: {}", names.join(", "));
+            w
+        }
+        CertsCommand::Issue { dir, host, days } => pki::issue(&dir, &host, days)?,
+    };
+    for f in written.files {
+        println!("wrote {}", f.display());
+    }
+    Ok(Exit::Success)
+}
+
+pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
+    let file = match &a.config {
+        Some(p) => RawConfig::load(p)?,
+        None => RawConfig::default(),
+    };
+    let cfg = file
+        .overridden_by(RawConfig {
+            listen: a.listen,
+            db: a.db,
+            tls_ca: a.tls_ca,
+            tls_cert: a.tls_cert,
+            tls_key: a.tls_key,
+            metrics_listen: a.metrics_listen,
+            stale_after: a.stale_after,
+            pool_size: a.pool_size,
+            retain: a.retain,
+            max_sessions: a.max_sessions,
+            name: a.name,
+        })
+        .validate()?;
+    let max_sessions = crate::fdlimit::fit_sessions(cfg.max_sessions);
+    let tls = tls::server_config(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key)?;
+    let store = Store::open(
+        &cfg.db,
+        &StoreOptions {
+            stale_after_secs: cfg.stale_after_secs,
+            pool_size: cfg.pool_size,
+        },
+    )
+    .await?;
+    if let Some(addr) = cfg.metrics_listen {
+        crate::metrics::install(addr).map_err(anyhow::Error::msg)?;
+        tracing::info!(%addr, "Serving metrics.");
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    tracing::info!(db = %cfg.db, "Store open.");
+    let stop_pruning = tokio_util::sync::CancellationToken::new();
+    if let Some(retain) = cfg.retain {
+        tracing::info!(
+            retain_secs = retain.as_secs(),
+            "Pruning history older than the retention period."
+        );
+        tokio::spawn(crate::retention::run(
+            store.clone(),
+            retain,
+            stop_pruning.clone(),
+        ));
+    }
+    let shutdown = async move {
+        listenscope_core::signal::shutdown_signal().await;
+        stop_pruning.cancel();
+    };
+    let limits = Limits {
+        max_sessions,
+        instance: cfg.name.clone(),
+        ..Limits::for_stale_after(std::time::Duration::from_secs(cfg.stale_after_secs))
+    };
+    tracing::info!(max_sessions, name = %cfg.name, "Accepting agent sessions.");
+    server::serve(listener, tls, store, limits, shutdown).await?;
+    Ok(Exit::Success)
+}
