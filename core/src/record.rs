@@ -97,20 +97,48 @@ impl FirewallAnswer {
     }
 }
 
-/// Control characters escaped (`\u{1b}`), then cut to `max` bytes at a character
-/// boundary, ending in `…` when cut. A no-op on a clean, short string.
-fn clean(s: &mut String, max: usize) {
-    if s.chars().any(char::is_control) {
-        *s = s
-            .chars()
+/// Whether `c` must never reach a terminal as itself: control characters (C0, DEL, C1:
+/// escape sequences, line breaks, bell) and the invisible formatting characters that
+/// reorder or hide text (bidirectional overrides and isolates, zero-width characters, the
+/// byte order mark, the soft hyphen), with which `:::80` can be made to read as
+/// something else.
+pub fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{ad}'
+            | '\u{61c}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}')
+}
+
+/// Text safe to store and print: every [`is_unsafe_char`] escaped as visible text
+/// (`\u{1b}`). Returns `None` when `s` is already safe.
+pub fn escape_unsafe(s: &str) -> Option<String> {
+    if !s.chars().any(is_unsafe_char) {
+        return None;
+    }
+    Some(
+        s.chars()
             .map(|c| {
-                if c.is_control() {
+                if is_unsafe_char(c) {
                     c.escape_unicode().to_string()
                 } else {
                     c.to_string()
                 }
             })
-            .collect();
+            .collect(),
+    )
+}
+
+/// [`escape_unsafe`], then cut to `max` bytes at a character boundary, ending in `…` when
+/// cut. A no-op on a clean, short string.
+pub fn clean(s: &mut String, max: usize) {
+    if let Some(escaped) = escape_unsafe(s) {
+        *s = escaped;
     }
     if s.len() > max {
         let mut end = max - '…'.len_utf8();
@@ -220,11 +248,36 @@ impl ListenerRecord {
         128 + strings + procs + firewall
     }
 
-    /// Applies [`limits::PROCESSES`] and [`limits::CMDLINE_BUDGET`], and the verdicts'
-    /// bounds ([`FirewallAnswer::bound`]).
+    /// Applies [`limits::PROCESSES`] and [`limits::CMDLINE_BUDGET`] and the verdicts'
+    /// bounds ([`FirewallAnswer::bound`]), and makes every text safe to store and print
+    /// ([`clean`]): a process may name itself `\x1b]0;pwned\x07`, and the collector refuses
+    /// a record with control characters (and the snapshot with it). Idempotent.
     pub fn bound(&mut self) {
         self.effective_ipv4.bound();
         self.effective_ipv6.bound();
+        clean(&mut self.key.netns, limits::NETNS);
+        if let Some(i) = &mut self.key.interface {
+            clean(i, limits::INTERFACE);
+        }
+        clean(&mut self.shown_as, limits::SHOWN_AS);
+        for p in &mut self.processes {
+            clean(&mut p.comm, limits::COMM);
+            clean(&mut p.cmdline, limits::CMDLINE);
+            clean(&mut p.user, limits::USER);
+        }
+        if let Some(c) = &mut self.container {
+            clean(&mut c.runtime, limits::RUNTIME);
+            clean(&mut c.id, limits::CONTAINER_ID);
+            if let Some(p) = &mut c.pod_uid {
+                clean(p, limits::POD_UID);
+            }
+        }
+        if let Some(u) = &mut self.unit {
+            clean(u, limits::UNIT);
+        }
+        if let Some(c) = &mut self.cgroup {
+            clean(c, limits::CGROUP);
+        }
         self.processes.truncate(limits::PROCESSES);
         let mut budget = limits::CMDLINE_BUDGET;
         for p in &mut self.processes {

@@ -38,15 +38,33 @@ fn bounded(field: &'static str, s: String, max: usize) -> Result<String, WireErr
     Ok(s)
 }
 
-/// Key fields must be printable: they are joined into the stored key. The firewall
-/// verdicts' texts must be printable too: they are printed by reports and shown in
-/// terminals, and a stored escape sequence would be replayed to every operator who reads
-/// it (the agent escapes control characters before sending, `FirewallAnswer::bound`).
+/// Every text an agent sends is printed by reports in operators' terminals, and key
+/// fields are joined into the stored key: a stored escape sequence would be replayed to
+/// every operator who reads it, and a bidirectional override makes `:::80` read as
+/// something else. So no text may carry control characters or invisible formatting
+/// characters ([`crate::record::is_unsafe_char`]); the agent escapes them before sending
+/// (`ListenerRecord::bound`).
 fn printable(field: &'static str, s: String) -> Result<String, WireError> {
-    if s.chars().any(char::is_control) {
-        return Err(bad(field, "contains control characters"));
+    if let Some(c) = s.chars().find(|&c| crate::record::is_unsafe_char(c)) {
+        let what = if c.is_control() {
+            "control characters"
+        } else {
+            "invisible formatting characters"
+        };
+        return Err(bad(
+            field,
+            format!(
+                "contains {what} ({}); send them escaped",
+                c.escape_unicode()
+            ),
+        ));
     }
     Ok(s)
+}
+
+/// [`bounded`], then [`printable`].
+fn text(field: &'static str, s: String, max: usize) -> Result<String, WireError> {
+    printable(field, bounded(field, s, max)?)
 }
 
 /// The field names of one IP version's verdict (errors name the field).
@@ -110,10 +128,7 @@ fn firewall(
             format!("{shown} is not a known verdict ({})", known.join(", ")),
         )
     })?;
-    let reason = printable(
-        f.reason,
-        bounded(f.reason, v.reason, limits::EFFECTIVE_REASON)?,
-    )?;
+    let reason = text(f.reason, v.reason, limits::EFFECTIVE_REASON)?;
     if !v.conditions.is_empty() && verdict != Effective::Restricted {
         return Err(bad(
             f.conditions,
@@ -138,10 +153,7 @@ fn firewall(
         if c.is_empty() {
             return Err(bad(f.conditions, "an empty entry"));
         }
-        conditions.push(printable(
-            f.conditions,
-            bounded(f.conditions, c, limits::EFFECTIVE_CONDITION)?,
-        )?);
+        conditions.push(text(f.conditions, c, limits::EFFECTIVE_CONDITION)?);
     }
     Ok(FirewallAnswer {
         verdict,
@@ -287,15 +299,12 @@ impl TryFrom<v1::ListenerKey> for ListenerKey {
             return Err(bad("key.v6only", "set on an IPv4 socket"));
         }
         Ok(ListenerKey {
-            netns: printable("key.netns", bounded("key.netns", k.netns, limits::NETNS)?)?,
+            netns: text("key.netns", k.netns, limits::NETNS)?,
             protocol: protocol(k.protocol)?,
             family,
             address,
             port: k.port as u16,
-            interface: nonempty(printable(
-                "key.interface",
-                bounded("key.interface", k.interface, limits::INTERFACE)?,
-            )?),
+            interface: nonempty(text("key.interface", k.interface, limits::INTERFACE)?),
             v6only: k.v6only,
         })
     }
@@ -374,9 +383,9 @@ impl TryFrom<v1::Listener> for ListenerRecord {
             }
             processes.push(ProcessInfo {
                 pid: p.pid,
-                comm: bounded("processes.comm", p.comm, limits::COMM)?,
-                cmdline: bounded("processes.cmdline", p.cmdline, limits::CMDLINE)?,
-                user: bounded("processes.user", p.user, limits::USER)?,
+                comm: text("processes.comm", p.comm, limits::COMM)?,
+                cmdline: text("processes.cmdline", p.cmdline, limits::CMDLINE)?,
+                user: text("processes.user", p.user, limits::USER)?,
             });
         }
         processes.sort_by_key(|p| p.pid);
@@ -387,9 +396,9 @@ impl TryFrom<v1::Listener> for ListenerRecord {
                     return Err(bad("container.runtime", "empty"));
                 }
                 Some(Container {
-                    runtime: bounded("container.runtime", c.runtime, limits::RUNTIME)?,
-                    id: bounded("container.id", c.id, limits::CONTAINER_ID)?,
-                    pod_uid: nonempty(bounded("container.pod_uid", c.pod_uid, limits::POD_UID)?),
+                    runtime: text("container.runtime", c.runtime, limits::RUNTIME)?,
+                    id: text("container.id", c.id, limits::CONTAINER_ID)?,
+                    pod_uid: nonempty(text("container.pod_uid", c.pod_uid, limits::POD_UID)?),
                 })
             }
             None => None,
@@ -400,14 +409,14 @@ impl TryFrom<v1::Listener> for ListenerRecord {
             reach_ipv4: reach("reach_ipv4", l.reach_ipv4)?,
             reach_ipv6: reach("reach_ipv6", l.reach_ipv6)?,
             latent: l.latent,
-            shown_as: bounded("shown_as", l.shown_as, limits::SHOWN_AS)?,
+            shown_as: text("shown_as", l.shown_as, limits::SHOWN_AS)?,
             netstat_proto: l.netstat_proto,
             trap: l.trap,
             hidden_ipv4_exposure: l.hidden_ipv4_exposure,
             processes,
             container,
-            unit: nonempty(bounded("unit", l.unit, limits::UNIT)?),
-            cgroup: nonempty(bounded("cgroup", l.cgroup, limits::CGROUP)?),
+            unit: nonempty(text("unit", l.unit, limits::UNIT)?),
+            cgroup: nonempty(text("cgroup", l.cgroup, limits::CGROUP)?),
             uid: l.uid,
             freebind: l.freebind,
             transparent: l.transparent,
@@ -450,8 +459,8 @@ impl TryFrom<v1::Hello> for Hello {
         Ok(Hello {
             session_id,
             acked_sequence: h.acked_sequence,
-            agent_version: bounded("agent_version", h.agent_version, limits::AGENT_VERSION)?,
-            os_hostname: bounded("os_hostname", h.os_hostname, limits::OS_HOSTNAME)?,
+            agent_version: text("agent_version", h.agent_version, limits::AGENT_VERSION)?,
+            os_hostname: text("os_hostname", h.os_hostname, limits::OS_HOSTNAME)?,
         })
     }
 }
@@ -747,6 +756,73 @@ mod tests {
         assert_eq!(field(|m| m.session_id = vec![1; 15]), "session_id");
         assert_eq!(field(|m| m.agent_version = "x".repeat(65)), "agent_version");
         assert_eq!(field(|m| m.os_hostname = "x".repeat(256)), "os_hostname");
+        assert_eq!(
+            field(|m| m.os_hostname = "\u{1b}]0;pwned\u{7}web".into()),
+            "os_hostname"
+        );
+        assert_eq!(
+            field(|m| m.agent_version = "0.1\u{202e}0".into()),
+            "agent_version"
+        );
+    }
+
+    /// Every text field of a listener refuses terminal control and invisible formatting
+    /// characters, naming the field; the same record escaped by `bound` (as the agent
+    /// sends it) is accepted.
+    #[test]
+    fn texts_are_data_never_terminal_control() {
+        type Edit = fn(&mut ListenerRecord, &str);
+        let fields: [(&str, Edit); 11] = [
+            ("shown_as", |r, t| r.shown_as = t.into()),
+            ("processes.comm", |r, t| r.processes[0].comm = t.into()),
+            ("processes.cmdline", |r, t| {
+                r.processes[0].cmdline = t.into()
+            }),
+            ("processes.user", |r, t| r.processes[0].user = t.into()),
+            ("container.runtime", |r, t| {
+                r.container.as_mut().unwrap().runtime = t.into()
+            }),
+            ("container.id", |r, t| {
+                r.container.as_mut().unwrap().id = t.into()
+            }),
+            ("container.pod_uid", |r, t| {
+                r.container.as_mut().unwrap().pod_uid = Some(t.into())
+            }),
+            ("unit", |r, t| r.unit = Some(t.into())),
+            ("cgroup", |r, t| r.cgroup = Some(t.into())),
+            ("key.netns", |r, t| r.key.netns = t.into()),
+            ("key.interface", |r, t| r.key.interface = Some(t.into())),
+        ];
+        for hostile in [
+            "\u{1b}]0;pwned\u{7}\u{1b}[31m:::80",
+            "line\nbreak",
+            "c1 \u{9b}31m",
+            "evil\u{202e}08:::",
+            "zero\u{200b}width",
+        ] {
+            for (name, edit) in &fields {
+                let mut r = record("host", "::", 80, Some(false));
+                r.processes = vec![ProcessInfo {
+                    pid: 1,
+                    comm: "nginx".into(),
+                    cmdline: "nginx".into(),
+                    user: "root".into(),
+                }];
+                r.container = Some(Container {
+                    runtime: "docker".into(),
+                    id: "abc".into(),
+                    pod_uid: Some("p".into()),
+                });
+                edit(&mut r, hostile);
+                let err = ListenerRecord::try_from(v1::Listener::from(&r)).unwrap_err();
+                assert_eq!(err.field, *name, "{hostile:?}: {err}");
+                assert!(err.problem.contains("characters"), "{err}");
+                r.bound();
+                let back = ListenerRecord::try_from(v1::Listener::from(&r))
+                    .unwrap_or_else(|e| panic!("{name} {hostile:?} after bound: {e}"));
+                assert_eq!(back, r);
+            }
+        }
     }
 
     #[test]

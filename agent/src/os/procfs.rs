@@ -394,11 +394,14 @@ pub fn parse_proc_cgroup(text: &str) -> Option<String> {
     fallback
 }
 
-/// The host name (`/proc/sys/kernel/hostname`, i.e. this UTS namespace's).
+/// The host name (`/proc/sys/kernel/hostname`, i.e. this UTS namespace's), safe to print
+/// and within the protocol's bound (`sethostname` takes any bytes: escapes are escaped).
 pub fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".to_string())
+    let mut name = fs::read("/proc/sys/kernel/hostname")
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string());
+    listenscope_core::record::clean(&mut name, listenscope_core::limits::OS_HOSTNAME);
+    name
 }
 
 /// Reads `/proc/PID/net/{tcp,tcp6,udp,udp6}`: the namespace's sockets without v6only,
