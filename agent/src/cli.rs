@@ -37,6 +37,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Scan once and print every listening socket with what it really accepts.
+    #[command(after_help = SCAN_EXIT_CODES)]
     Scan(ScanArgs),
     /// Scan every interval and stream the inventory to a collector over mutual TLS.
     Run(RunArgs),
@@ -70,8 +71,9 @@ pub struct RunArgs {
     /// Time between scans (default 10s).
     #[arg(long, value_name = "DURATION")]
     pub interval: Option<String>,
-    /// Namespaces to scan: all (default) or current.
-    #[arg(long, value_name = "all|current")]
+    /// Namespaces to scan (default all): all, current, a name (host, a /run/netns name), a
+    /// path (/run/netns/NAME, an nsfs mount, /proc/PID/ns/net), INODE or net:[INODE].
+    #[arg(long, value_name = "all|current|NAME|PATH|INODE")]
     pub netns: Option<String>,
     /// Name expected in every collector's certificate (default: each URL's host).
     #[arg(long, value_name = "NAME")]
@@ -114,11 +116,27 @@ pub enum ProtoArg {
     Udp,
 }
 
+/// `scan --help`: the exit codes (core::exit), as scripts need them.
+const SCAN_EXIT_CODES: &str = "Exit status:
+  0  the scan is complete; with --trap-only: a trap was found (even in a partial scan)
+  1  --trap-only: no trap found, and the scan is complete
+  2  error (bad flags, no such namespace, output failed)
+  3  the scan is partial (warnings on stderr, or in the JSON's \"warnings\": some namespaces,
+     owners or firewalls could not be read, e.g. without root); with --trap-only: no trap
+     found in what could be read";
+
 #[derive(Debug, Args)]
 pub struct ScanArgs {
     /// Print one JSON document instead of a table (schema: docs/scan-json.md).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["csv", "no_header"])]
     pub json: bool,
+    /// Print CSV (a header line, then one line per listener, LF line ends; columns in
+    /// docs/scan-json.md).
+    #[arg(long)]
+    pub csv: bool,
+    /// Rows only: no header line (and, for the table, no summary below it).
+    #[arg(long)]
+    pub no_header: bool,
     /// Only listeners on this port.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Option<u16>,
@@ -128,8 +146,13 @@ pub struct ScanArgs {
     /// Only IPv6 sockets that also accept IPv4 (the ones netstat shows as IPv6 only).
     #[arg(long)]
     pub trap_only: bool,
-    /// Which network namespaces: all, current, a name (`host`, a /run/netns name) or an inode.
-    #[arg(long, value_name = "all|current|NAME|INODE", default_value = "all")]
+    /// Which network namespaces: all, current, a name (host, a /run/netns name), a path
+    /// (/run/netns/NAME, an nsfs mount, /proc/PID/ns/net), INODE or net:[INODE].
+    #[arg(
+        long,
+        value_name = "all|current|NAME|PATH|INODE",
+        default_value = "all"
+    )]
     pub netns: NetnsSelector,
 }
 
@@ -177,18 +200,23 @@ fn run_agent(args: &RunArgs) -> anyhow::Result<Exit> {
 fn run_scan(args: &ScanArgs) -> anyhow::Result<Exit> {
     let sys = LinuxSystem::new();
     let inv = scan::scan(&sys, &args.options())?;
+    let exit = scan_exit(&inv, args.trap_only);
     let stdout = io::stdout();
     let mut out = io::BufWriter::with_capacity(256 * 1024, stdout.lock());
     let t = std::time::Instant::now();
+    let header = !args.no_header;
     let written = if args.json {
         output::write_json(&inv, &mut out)
+    } else if args.csv {
+        output::write_csv(&inv, header, &mut out)
     } else {
-        output::write_table(&inv, &mut out)
+        output::write_table(&inv, header, &mut out)
     };
     tracing::debug!(us = t.elapsed().as_micros() as u64, "Output written.");
     match written.and_then(|()| out.flush()) {
-        // `scan | head` closes the pipe early: not an error worth a message.
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(Exit::Success),
+        // `scan | head` closes the pipe early: the reader has what it wanted (dropping the
+        // BufWriter tries its last bytes once more and ignores the error).
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(exit),
         other => other.context("writing the scan to stdout")?,
     }
     if !args.json {
@@ -197,7 +225,19 @@ fn run_scan(args: &ScanArgs) -> anyhow::Result<Exit> {
             let _ = writeln!(err, "warning: {w}");
         }
     }
-    Ok(Exit::Success)
+    Ok(exit)
+}
+
+/// The exit status of a scan (see [`SCAN_EXIT_CODES`]): partial when anything could not be
+/// read (every such thing is a warning); with `--trap-only`, a search.
+fn scan_exit(inv: &scan::Inventory, trap_only: bool) -> Exit {
+    let partial = !inv.warnings.is_empty();
+    match (trap_only, inv.listeners.is_empty(), partial) {
+        (true, false, _) => Exit::Success,
+        (true, true, false) => Exit::NothingFound,
+        (_, _, true) => Exit::Partial,
+        (false, _, false) => Exit::Success,
+    }
 }
 
 #[cfg(test)]

@@ -34,7 +34,8 @@ pub struct RawConfig {
     pub tls_key: Option<PathBuf>,
     /// Time between scans, e.g. "10s". Default 10s, at least 1s.
     pub interval: Option<String>,
-    /// Namespaces to scan: "all" (default) or "current".
+    /// Namespaces to scan: "all" (default), "current", a name, a path (/run/netns/NAME,
+    /// an nsfs mount, /proc/PID/ns/net), an inode or "net:[INODE]" (as `scan --netns`).
     pub netns: Option<String>,
     /// Most listener changes held while the collector is unreachable; past it the agent
     /// sends one fresh snapshot on reconnect instead. Default 100000.
@@ -169,12 +170,11 @@ impl RawConfig {
             Duration::from_millis(100),
         );
         let netns = match self.netns.as_deref() {
-            None | Some("all") => NetnsSelector::All,
-            Some("current") => NetnsSelector::Current,
-            Some(other) => {
-                errs.push(format!("netns {other:?}: run scans \"all\" or \"current\""));
+            None => NetnsSelector::All,
+            Some(v) => v.parse().unwrap_or_else(|e| {
+                errs.push(format!("netns {v:?}: {e}"));
                 NetnsSelector::All
-            }
+            }),
         };
         let max_pending_changes = self.max_pending_changes.unwrap_or(100_000);
         if max_pending_changes == 0 {
@@ -283,7 +283,7 @@ mod tests {
     #[test]
     fn reports_every_problem_at_once() {
         let raw: RawConfig = toml::from_str(
-            "collector = \"http://x:1\"\ninterval = \"0s\"\nnetns = \"blue\"\nmax_pending_changes = 0\n",
+            "collector = \"http://x:1\"\ninterval = \"0s\"\nnetns = \"net:[x]\"\nmax_pending_changes = 0\n",
         )
         .unwrap();
         let err = raw.validate().unwrap_err().to_string();
@@ -298,6 +298,35 @@ mod tests {
         ] {
             assert!(err.contains(needle), "{needle} missing from:\n{err}");
         }
+    }
+
+    /// `run --netns` takes what `scan --netns` takes.
+    #[test]
+    fn netns_takes_the_scan_selectors() {
+        let netns = |v: &str| {
+            let raw: RawConfig = toml::from_str(&format!(
+                "collector = \"https://c:1\"\ntls_ca = \"a\"\ntls_cert = \"b\"\ntls_key = \"c\"\nnetns = {v:?}\n"
+            ))
+            .unwrap();
+            raw.validate().map(|c| c.netns).map_err(|e| e.to_string())
+        };
+        assert_eq!(netns("all"), Ok(NetnsSelector::All));
+        assert_eq!(netns("current"), Ok(NetnsSelector::Current));
+        assert_eq!(netns("blue"), Ok(NetnsSelector::Name("blue".into())));
+        assert_eq!(
+            netns("/run/netns/blue"),
+            Ok(NetnsSelector::Name("/run/netns/blue".into()))
+        );
+        assert_eq!(
+            netns("net:[4026532177]"),
+            Ok(NetnsSelector::Inode(4026532177))
+        );
+        assert_eq!(netns("4026532177"), Ok(NetnsSelector::Inode(4026532177)));
+        let err = netns("").unwrap_err();
+        assert!(
+            err.contains("- netns \"\": empty namespace selector; use all"),
+            "{err}"
+        );
     }
 
     #[test]

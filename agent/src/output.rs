@@ -15,7 +15,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::firewall::Effective;
 use crate::model::{Family, Listener, ProcessInfo, Reach, Source};
-use crate::scan::Inventory;
+use crate::scan::{Inventory, count};
 
 /// Mark in the first table column for trap rows.
 pub const TRAP_MARK: &str = "!";
@@ -34,7 +34,10 @@ struct DocNetns<'a> {
     inode: u64,
     name: &'a str,
     source: Option<Source>,
+    /// Every listener of the namespace, whatever the output filters.
     listeners: usize,
+    /// The ones the output filters let through.
+    shown: usize,
     /// `null` when the namespace could not be read at all.
     firewall: Option<DocFirewall<'a>>,
 }
@@ -75,6 +78,7 @@ pub fn write_json(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
                 name: &n.id.name,
                 source: n.source,
                 listeners: n.listeners,
+                shown: n.shown,
                 firewall: n.firewall.as_ref().map(|f| DocFirewall {
                     sources: &f.sources,
                     generation: f.generation,
@@ -335,10 +339,22 @@ fn owner_cell(l: &Listener) -> String {
     }
 }
 
-/// Writes the human table, its footer, and nothing else (warnings go to stderr).
-pub fn write_table(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
+/// Writes the human table, its footer, and nothing else (warnings go to stderr). With
+/// `header` false: the rows only (no header line, no footer), for `awk` and `cut`.
+pub fn write_table(inv: &Inventory, header: bool, out: &mut dyn Write) -> io::Result<()> {
     let mut table = Table::new();
     table.load_style(presets::NOTHING);
+    if !header {
+        for l in &inv.listeners {
+            table.add_row(table_row(l, inv));
+        }
+        if !inv.listeners.is_empty() {
+            for line in table.to_string().lines() {
+                writeln!(out, "{}", line.trim_end())?;
+            }
+        }
+        return Ok(());
+    }
     table.set_header(vec![
         "",
         "PROTO",
@@ -351,17 +367,7 @@ pub fn write_table(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
         "UNIT/CONTAINER",
     ]);
     for l in &inv.listeners {
-        table.add_row(vec![
-            if l.class.trap { TRAP_MARK } else { "" }.to_string(),
-            l.class.netstat_proto.to_string(),
-            l.class.shown_as.clone(),
-            really_accepts(l),
-            v6only_cell(l).to_string(),
-            firewall_cell(l),
-            l.netns.name.clone(),
-            process_cell(l, &inv.processes),
-            owner_cell(l),
-        ]);
+        table.add_row(table_row(l, inv));
     }
     if inv.listeners.is_empty() {
         writeln!(out, "No listening sockets matched.")?;
@@ -429,12 +435,154 @@ pub fn write_table(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
     let scanned = inv.namespaces.iter().filter(|n| n.source.is_some()).count();
     writeln!(
         out,
-        "{} listeners in {} of {} network namespaces on {}.",
-        inv.listeners.len(),
+        "{} in {} of {} on {}.",
+        count(inv.listeners.len(), "listener", "listeners"),
         scanned,
-        inv.namespaces.len(),
+        count(
+            inv.namespaces.len(),
+            "network namespace",
+            "network namespaces"
+        ),
         inv.host
     )
+}
+
+/// One table row: the columns of the header in [`write_table`].
+fn table_row(l: &Listener, inv: &Inventory) -> Vec<String> {
+    vec![
+        if l.class.trap { TRAP_MARK } else { "" }.to_string(),
+        l.class.netstat_proto.to_string(),
+        l.class.shown_as.clone(),
+        really_accepts(l),
+        v6only_cell(l).to_string(),
+        firewall_cell(l),
+        l.netns.name.clone(),
+        process_cell(l, &inv.processes),
+        owner_cell(l),
+    ]
+}
+
+/// The CSV columns: the table's, in words a spreadsheet can filter (booleans `true` /
+/// `false`, empty for unknown), plus the JSON fields a sheet needs to tell rows apart and
+/// sort them. Documented in docs/scan-json.md.
+pub const CSV_COLUMNS: &[&str] = &[
+    "trap",
+    "netstat_proto",
+    "shown_as",
+    "really_accepts",
+    "v6only",
+    "firewall",
+    "netns",
+    "processes",
+    "unit_or_container",
+    "protocol",
+    "family",
+    "address",
+    "port",
+    "interface",
+    "reach_ipv4",
+    "reach_ipv6",
+    "latent",
+    "hidden_ipv4_exposure",
+    "effective_ipv4",
+    "effective_ipv6",
+    "pids",
+    "unit",
+    "container_runtime",
+    "container_id",
+    "container_pod_uid",
+    "cgroup",
+    "uid",
+    "inode",
+    "netns_inode",
+    "source",
+];
+
+/// Writes the inventory as CSV (RFC 4180 quoting, LF line ends), header first unless
+/// `header` is false; the header is written even when no listener matched.
+pub fn write_csv(inv: &Inventory, header: bool, out: &mut dyn Write) -> io::Result<()> {
+    let mut line = String::new();
+    if header {
+        csv_line(&mut line, CSV_COLUMNS.iter().copied());
+        out.write_all(line.as_bytes())?;
+    }
+    let opt_bool = |b: Option<bool>| match b {
+        Some(true) => "true",
+        Some(false) => "false",
+        None => "",
+    };
+    let boolean = |b: bool| if b { "true" } else { "false" };
+    for l in &inv.listeners {
+        let s = &l.socket;
+        let pids: Vec<String> = l.pids.iter().map(u32::to_string).collect();
+        let v6only = match s.family {
+            Family::Ipv4 => None,
+            Family::Ipv6 => s.v6only,
+        };
+        let fields: [String; 30] = [
+            boolean(l.class.trap).into(),
+            l.class.netstat_proto.into(),
+            l.class.shown_as.clone(),
+            really_accepts(l),
+            opt_bool(v6only).into(),
+            firewall_cell(l),
+            l.netns.name.clone(),
+            process_cell(l, &inv.processes),
+            owner_cell(l),
+            s.protocol.as_str().into(),
+            s.family.as_str().into(),
+            s.address.to_string(),
+            s.port.to_string(),
+            l.interface.clone().unwrap_or_default(),
+            l.class.reach_ipv4.as_str().into(),
+            l.class.reach_ipv6.as_str().into(),
+            boolean(l.class.latent).into(),
+            boolean(l.hidden_ipv4_exposure).into(),
+            l.effective.ipv4.verdict.as_str().into(),
+            l.effective.ipv6.verdict.as_str().into(),
+            pids.join(" "),
+            l.unit.clone().unwrap_or_default(),
+            l.container
+                .as_ref()
+                .map(|c| c.runtime.clone())
+                .unwrap_or_default(),
+            l.container
+                .as_ref()
+                .map(|c| c.id.clone())
+                .unwrap_or_default(),
+            l.container
+                .as_ref()
+                .and_then(|c| c.pod_uid.clone())
+                .unwrap_or_default(),
+            l.cgroup.clone().unwrap_or_default(),
+            s.uid.to_string(),
+            s.inode.to_string(),
+            l.netns.inode.to_string(),
+            l.source.as_str().into(),
+        ];
+        line.clear();
+        csv_line(&mut line, fields.iter().map(String::as_str));
+        out.write_all(line.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Appends one CSV record and its LF. A field with a comma, a quote or a line break is
+/// quoted, its quotes doubled.
+fn csv_line<'a>(line: &mut String, fields: impl Iterator<Item = &'a str>) {
+    for (i, f) in fields.enumerate() {
+        if i > 0 {
+            line.push(',');
+        }
+        if f.contains([',', '"', '\n', '\r']) {
+            line.push('"');
+            line.push_str(&f.replace('"', "\"\""));
+            line.push('"');
+        } else {
+            line.push_str(f);
+        }
+    }
+    line.push('\n');
 }
 
 #[cfg(test)]
@@ -655,6 +803,81 @@ mod tests {
         for (l, want) in cases {
             assert_eq!(really_accepts(&l), want, "{}", l.socket.address);
         }
+    }
+
+    fn inventory(listeners: Vec<Listener>) -> Inventory {
+        Inventory {
+            host: "h1".into(),
+            scanned_at: time::OffsetDateTime::UNIX_EPOCH,
+            listeners,
+            processes: BTreeMap::new(),
+            namespaces: vec![crate::scan::NetnsReport {
+                id: NetnsId {
+                    inode: 1,
+                    name: "host".into(),
+                },
+                source: Some(Source::SockDiag),
+                listeners: 1,
+                shown: 1,
+                firewall: None,
+            }],
+            warnings: vec![],
+        }
+    }
+
+    fn text(f: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> String {
+        let mut out = Vec::new();
+        f(&mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn csv_has_lf_lines_a_header_always_and_quotes() {
+        let empty = inventory(vec![]);
+        let header = CSV_COLUMNS.join(",") + "\n";
+        assert_eq!(text(|o| write_csv(&empty, true, o)), header);
+        assert_eq!(text(|o| write_csv(&empty, false, o)), "");
+        let mut l = listener("::", Some(false), 0, None);
+        l.netns = std::sync::Arc::new(NetnsId {
+            inode: 9,
+            name: "a,\"b\"\nc".into(),
+        });
+        let inv = inventory(vec![l]);
+        let csv = text(|o| write_csv(&inv, true, o));
+        assert!(!csv.contains('\r'), "{csv:?}");
+        let (head, row) = csv.split_once('\n').unwrap();
+        assert_eq!(head, CSV_COLUMNS.join(","));
+        assert!(row.ends_with(",9,sock_diag\n"), "{row:?}");
+        assert!(row.contains(",\"a,\"\"b\"\"\nc\","), "{row:?}");
+        assert!(
+            row.starts_with("true,tcp6,:::80,all IPv4 + all IPv6,false,"),
+            "{row:?}"
+        );
+        assert!(
+            row.contains(",tcp,ipv6,::,80,,any,any,false,false,"),
+            "{row:?}"
+        );
+        assert_eq!(text(|o| write_csv(&inv, false, o)), row);
+    }
+
+    #[test]
+    fn table_counts_in_words_and_rows_only_without_header() {
+        let inv = inventory(vec![listener("0.0.0.0", None, 0, None)]);
+        let table = text(|o| write_table(&inv, true, o));
+        assert!(table.trim_start().starts_with("PROTO"), "{table}");
+        assert!(
+            table.ends_with("1 listener in 1 of 1 network namespace on h1.\n"),
+            "{table}"
+        );
+        let rows = text(|o| write_table(&inv, false, o));
+        assert_eq!(rows.lines().count(), 1, "{rows}");
+        assert!(rows.contains("tcp") && !rows.contains("PROTO"), "{rows}");
+        let none = inventory(vec![]);
+        assert_eq!(text(|o| write_table(&none, false, o)), "");
+        assert!(
+            text(|o| write_table(&none, true, o))
+                .ends_with("0 listeners in 1 of 1 network namespace on h1.\n")
+        );
     }
 
     #[test]

@@ -26,28 +26,70 @@ use crate::os::{NetnsEntry, ReadError, System};
 pub enum NetnsSelector {
     All,
     Current,
-    /// A `/run/netns` name, `host`, an nsfs mount path or `net:[INODE]`.
+    /// A namespace's name as the scan shows it (`host`, a `/run/netns` name, an nsfs mount
+    /// path, `net:[INODE]`), or a path that reaches it (`/run/netns/NAME`, an nsfs mount,
+    /// `/proc/PID/ns/net`).
     Name(String),
+    /// `INODE` or `net:[INODE]`.
     Inode(u64),
 }
+
+/// What `--netns` accepts, for help texts and errors.
+pub const NETNS_HELP: &str = "all, current, a name (host, a /run/netns name), a path \
+                              (/run/netns/NAME, an nsfs mount, /proc/PID/ns/net), INODE or \
+                              net:[INODE]";
 
 impl std::str::FromStr for NetnsSelector {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
         Ok(match s {
-            "" => {
-                return Err(
-                    "empty namespace selector; use all, current, a name or an inode".into(),
-                );
-            }
+            "" => return Err(format!("empty namespace selector; use {NETNS_HELP}")),
             "all" => NetnsSelector::All,
             "current" => NetnsSelector::Current,
             _ => match s.parse::<u64>() {
                 Ok(ino) => NetnsSelector::Inode(ino),
-                Err(_) => NetnsSelector::Name(s.to_string()),
+                Err(_) => match s.strip_prefix("net:[").and_then(|r| r.strip_suffix(']')) {
+                    Some(ino) => NetnsSelector::Inode(
+                        ino.parse()
+                            .map_err(|_| "the inode in net:[INODE] must be a number")?,
+                    ),
+                    None => NetnsSelector::Name(s.to_string()),
+                },
             },
         })
+    }
+}
+
+impl std::fmt::Display for NetnsSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NetnsSelector::All => f.write_str("all"),
+            NetnsSelector::Current => f.write_str("current"),
+            NetnsSelector::Name(n) => f.write_str(n),
+            NetnsSelector::Inode(i) => write!(f, "net:[{i}]"),
+        }
+    }
+}
+
+impl NetnsSelector {
+    /// Whether `ns` is selected. A path matches the namespace it leads to: its name, or
+    /// one of the handles discovery found for it (`/run/netns/NAME` for the namespace
+    /// named NAME, nsfs mounts, `/proc/PID/ns/net` of a member process).
+    fn matches(&self, ns: &NetnsEntry) -> bool {
+        match self {
+            NetnsSelector::All => true,
+            NetnsSelector::Current => ns.current,
+            NetnsSelector::Inode(i) => ns.id.inode == *i || ns.id.name == i.to_string(),
+            NetnsSelector::Name(n) => {
+                let path = std::path::Path::new(n);
+                ns.id.name == *n
+                    || (path.is_absolute()
+                        && (ns.handles.iter().any(|h| h == path)
+                            || n.strip_prefix("/run/netns/") == Some(ns.id.name.as_str())))
+            }
+        }
     }
 }
 
@@ -78,8 +120,11 @@ pub struct NetnsReport {
     pub id: NetnsId,
     /// `None` when it could not be read at all (see warnings).
     pub source: Option<Source>,
-    /// Listeners found in it (before output filters).
+    /// Listeners found in it, before any output filter (`--proto`, `--port`,
+    /// `--trap-only`).
     pub listeners: usize,
+    /// Of those, the ones the filters let through (what the output lists).
+    pub shown: usize,
     /// Its firewall as read; `None` when the namespace could not be read at all.
     pub firewall: Option<FirewallReport>,
 }
@@ -264,10 +309,12 @@ fn collect(
     let selected = select(&discovery.namespaces, &opts.netns)?;
     let mut warnings = Vec::new();
     if discovery.unreadable_pids > 0 && matches!(opts.netns, NetnsSelector::All) {
+        let n = discovery.unreadable_pids;
         warnings.push(format!(
-            "could not see which network namespace {} processes are in: namespaces only they use \
-             are missing ({})",
-            discovery.unreadable_pids,
+            "could not see which network namespace {} {} in: namespaces only {} are missing ({})",
+            count(n, "process", "processes"),
+            if n == 1 { "is" } else { "are" },
+            if n == 1 { "it uses" } else { "they use" },
             ptrace_hint(caps)
         ));
     }
@@ -278,13 +325,17 @@ fn collect(
         );
     }
     let t_discover = started.elapsed();
-    let views = read_all(sys, &selected, &opts.protocols);
+    // Both protocols are always read: `namespaces[].listeners` counts every listener of a
+    // namespace whatever the output filters (`--proto` included) show.
+    let views = read_all(sys, &selected, &[Protocol::Tcp, Protocol::Udp]);
     let _ = wanted.set(
         views
             .iter()
             .flatten()
             .flat_map(|v| &v.sockets)
-            .filter(|s| opts.port.is_none_or(|p| s.port == p))
+            .filter(|s| {
+                opts.port.is_none_or(|p| s.port == p) && opts.protocols.contains(&s.protocol)
+            })
             .map(|s| s.inode)
             .collect(),
     );
@@ -360,6 +411,7 @@ fn assemble(
                     id: ns.id.clone(),
                     source: Some(view.source),
                     listeners: view.sockets.len(),
+                    shown: 0,
                     firewall: Some(FirewallReport {
                         sources: firewall.sources.iter().map(|o| o.as_str()).collect(),
                         generation: firewall.generation,
@@ -401,6 +453,7 @@ fn assemble(
                     id: ns.id.clone(),
                     source: None,
                     listeners: 0,
+                    shown: 0,
                     firewall: None,
                 });
             }
@@ -433,8 +486,16 @@ fn assemble(
     }
     link_diverted(&mut listeners, &locals);
     listeners.retain(|l| {
-        opts.port.is_none_or(|p| l.socket.port == p) && (!opts.trap_only || l.class.trap)
+        opts.port.is_none_or(|p| l.socket.port == p)
+            && opts.protocols.contains(&l.socket.protocol)
+            && (!opts.trap_only || l.class.trap)
     });
+    for n in &mut namespaces {
+        n.shown = listeners
+            .iter()
+            .filter(|l| l.netns.inode == n.id.inode)
+            .count();
+    }
     attach_socket_cgroups(sys, &mut listeners);
     sort_listeners(&mut listeners, &namespaces);
     (listeners, namespaces)
@@ -555,29 +616,17 @@ fn sort_listeners(listeners: &mut [Listener], namespaces: &[NetnsReport]) {
 }
 
 fn select(all: &[NetnsEntry], sel: &NetnsSelector) -> Result<Vec<NetnsEntry>, ScanError> {
-    let picked: Vec<NetnsEntry> = all
-        .iter()
-        .filter(|ns| match sel {
-            NetnsSelector::All => true,
-            NetnsSelector::Current => ns.current,
-            NetnsSelector::Name(n) => &ns.id.name == n,
-            NetnsSelector::Inode(i) => ns.id.inode == *i || ns.id.name == i.to_string(),
-        })
-        .cloned()
-        .collect();
+    let picked: Vec<NetnsEntry> = all.iter().filter(|ns| sel.matches(ns)).cloned().collect();
     if picked.is_empty() && *sel != NetnsSelector::All {
-        let wanted = match sel {
-            NetnsSelector::Current => "current".to_string(),
-            NetnsSelector::Name(n) => n.clone(),
-            NetnsSelector::Inode(i) => i.to_string(),
-            NetnsSelector::All => unreachable!(),
-        };
         let known = all
             .iter()
             .map(|ns| format!("{} ({})", ns.id.name, ns.id.inode))
             .collect::<Vec<_>>()
             .join(", ");
-        return Err(ScanError::NoSuchNetns { wanted, known });
+        return Err(ScanError::NoSuchNetns {
+            wanted: sel.to_string(),
+            known,
+        });
     }
     Ok(picked)
 }
@@ -682,8 +731,9 @@ fn attach_owners(
     }
     if walk.denied > 0 {
         warnings.push(format!(
-            "could not read the open files of {} processes: their sockets show no owner ({})",
-            walk.denied,
+            "could not read the open files of {}: {} sockets show no owner ({})",
+            count(walk.denied, "process", "processes"),
+            if walk.denied == 1 { "its" } else { "their" },
             ptrace_hint(caps)
         ));
     }
@@ -699,6 +749,11 @@ fn apply_attribution(l: &mut Listener, path: String, cache: &mut HashMap<String,
     l.container = container.clone();
     l.unit = unit.clone();
     l.cgroup = Some(path);
+}
+
+/// `1 process`, `2 processes`.
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// Which capability would let us look at other processes, or why having it did not help.
@@ -874,10 +929,16 @@ mod tests {
     }
 
     fn fake() -> Fake {
+        let mut blue = ns(100, "blue", false);
+        blue.handles = vec![
+            "/run/netns/blue".into(),
+            "/run/docker/netns/b1".into(),
+            "/proc/4242/ns/net".into(),
+        ];
         Fake {
             namespaces: vec![
                 (
-                    ns(100, "blue", false),
+                    blue,
                     Ok(vec![sock(Protocol::Udp, "::", 53, Some(false), 7)]),
                 ),
                 (
@@ -981,6 +1042,61 @@ mod tests {
         );
     }
 
+    /// `namespaces[].listeners` counts what a namespace holds, whatever the filters show;
+    /// `shown` counts what they let through.
+    #[test]
+    fn namespace_counts_ignore_filters() {
+        let counts = |opts: ScanOptions| {
+            let inv = scan(&fake(), &opts).unwrap();
+            inv.namespaces
+                .iter()
+                .map(|n| (n.id.name.clone(), n.listeners, n.shown))
+                .collect::<Vec<_>>()
+        };
+        let name = |s: &str| s.to_string();
+        assert_eq!(
+            counts(ScanOptions::default()),
+            [
+                (name("host"), 4, 4),
+                (name("blue"), 1, 1),
+                (name("red"), 0, 0)
+            ]
+        );
+        assert_eq!(
+            counts(ScanOptions {
+                protocols: vec![Protocol::Udp],
+                ..ScanOptions::default()
+            }),
+            [
+                (name("host"), 4, 0),
+                (name("blue"), 1, 1),
+                (name("red"), 0, 0)
+            ]
+        );
+        assert_eq!(
+            counts(ScanOptions {
+                port: Some(22),
+                protocols: vec![Protocol::Tcp],
+                ..ScanOptions::default()
+            }),
+            [
+                (name("host"), 4, 2),
+                (name("blue"), 1, 0),
+                (name("red"), 0, 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn warnings_count_in_words() {
+        let mut f = fake();
+        f.denied = 1;
+        let inv = scan(&f, &ScanOptions::default()).unwrap();
+        let w = inv.warnings.join("\n");
+        assert!(w.contains("open files of 1 process: its sockets"), "{w}");
+        assert_eq!(count(2, "process", "processes"), "2 processes");
+    }
+
     #[test]
     fn netns_selection() {
         let pick = |s: &str| {
@@ -998,7 +1114,23 @@ mod tests {
         assert_eq!(pick("current").unwrap(), ["host"]);
         assert_eq!(pick("blue").unwrap(), ["blue"]);
         assert_eq!(pick("100").unwrap(), ["blue"]);
+        // As documented (README, docs/scan-json.md): net:[INODE] and /run/netns/NAME.
+        assert_eq!(pick("net:[100]").unwrap(), ["blue"]);
+        assert_eq!(pick("/run/netns/blue").unwrap(), ["blue"]);
+        // Any path discovery reached it by.
+        assert_eq!(pick("/run/docker/netns/b1").unwrap(), ["blue"]);
+        assert_eq!(pick("/proc/4242/ns/net").unwrap(), ["blue"]);
+        assert!(pick("/run/netns/green").is_err());
+        assert!(pick("/run/docker/netns").is_err());
         assert_eq!(pick("all").unwrap(), ["host", "blue", "red"]);
+        let err = pick("net:[7]").unwrap_err().to_string();
+        assert!(err.contains("--netns net:[7]"), "{err}");
+        assert!(
+            "net:[x]"
+                .parse::<NetnsSelector>()
+                .unwrap_err()
+                .contains("must be a number")
+        );
         let err = pick("green").unwrap_err().to_string();
         assert!(
             err.contains("--netns green") && err.contains("blue (100)"),

@@ -246,10 +246,17 @@ fn pki(dir: &TempDir) -> Pki {
         std::fs::write(&path, pem).unwrap();
         path
     };
+    // As `certs issue` writes it: the agent refuses a key other users can read.
+    let agent_key = write("h1.key", &agent_key_pem);
+    std::fs::set_permissions(
+        &agent_key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     Pki {
         ca: write("ca.pem", &ca_pem),
         agent_cert: write("h1.pem", &agent_pem),
-        agent_key: write("h1.key", &agent_key_pem),
+        agent_key,
         ca_pem,
         server_cert_pem,
         server_key_pem,

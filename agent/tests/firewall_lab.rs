@@ -143,7 +143,7 @@ fn agent_agrees(name: &str, lab: &Lab, table: &ProbeTable) {
         .output()
         .unwrap();
     assert!(
-        out.status.success(),
+        matches!(out.status.code(), Some(0 | 3)),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -595,7 +595,7 @@ fn a_published_port_links_to_the_container_listener() {
         .output()
         .unwrap();
     assert!(
-        out.status.success(),
+        matches!(out.status.code(), Some(0 | 3)),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

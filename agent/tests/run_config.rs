@@ -1,5 +1,6 @@
 //! `listenscope-agent run` refuses bad configuration with every problem named, and keeps
-//! running (retrying) with a clear message when its certificate files are wrong.
+//! running (retrying) with a clear message when its certificate files go wrong after it
+//! started.
 
 #![allow(
     clippy::unwrap_used,
@@ -8,11 +9,12 @@
 )]
 
 mod util;
+mod ux_util;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use util::{Proc, TempDir, agent_command as agent, wait_for};
+use util::{LogsOnPanic, TempDir, agent_command as agent, wait_for};
+use ux_util::{AgentFiles, Ca, log_line, start_run};
 
 #[test]
 fn missing_settings_are_listed_together() {
@@ -43,7 +45,7 @@ fn missing_settings_are_listed_together() {
             "--tls-key",
             "c",
         ])
-        .args(["--interval", "fast", "--netns", "blue"])
+        .args(["--interval", "fast", "--netns", "net:[x]"])
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
@@ -69,42 +71,54 @@ fn config_file_unknown_keys_are_errors() {
     );
 }
 
+/// At start-up a missing file is fatal (exit 2: `ux_startup.rs`); once running, a file
+/// that cannot be read (a rotation half done) is named, logged and retried, and the next
+/// attempt reads the files again.
 #[test]
-fn unreadable_certificates_are_named_and_retried() {
+fn certificates_unreadable_after_start_are_named_and_retried() {
     let dir = TempDir::new("agentcerts");
     let log = dir.join("agent.log");
-    let mut agent = Proc(
-        agent()
-            .args([
-                "run",
-                "--collector",
-                "https://127.0.0.1:9",
-                "--tls-ca",
-                "/nonexistent/ca.pem",
-            ])
-            .args([
-                "--tls-cert",
-                "/nonexistent/h1.pem",
-                "--tls-key",
-                "/nonexistent/h1.key",
-            ])
-            .args(["--reconnect-max", "200ms", "--netns", "current"])
-            .env("LISTENSCOPE_LOG", "info")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let _logs = LogsOnPanic(vec![log.clone()]);
+    let ca = Ca::new("rotation CA");
+    let files = AgentFiles::write(dir.path(), &ca, &ca, "h1");
+    let mut args = vec!["--collector".to_string(), "https://127.0.0.1:9".into()];
+    args.extend(files.args());
+    let mut agent = start_run(&args, &log);
+    // Running: connection refused, retried.
+    log_line(&mut agent, &log, "connection refused");
+    // The certificate goes away mid-rotation: named, not fatal.
+    let saved = std::fs::read(&files.cert).unwrap();
+    std::fs::remove_file(&files.cert).unwrap();
+    let e = wait_for(
+        Duration::from_secs(60),
+        "the missing certificate logged twice",
+        || {
+            let e = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Ok(Some(status)) = agent.0.try_wait() {
+                panic!("the agent exited ({status}) instead of retrying: {e}");
+            }
+            let missing = format!("{}: cannot read it", files.cert.display());
+            match e.matches(&missing).count() {
+                2.. => Ok(e),
+                _ => Err(e),
+            }
+        },
     );
-    // It keeps running and retrying: a second reconnect is logged, the process still runs.
-    let e = wait_for(Duration::from_secs(20), "two reconnect attempts", || {
-        let e = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Ok(Some(status)) = agent.0.try_wait() {
-            panic!("the agent exited ({status}) instead of retrying: {e}");
-        }
-        match e.matches("Reconnecting.").count() {
-            2.. => Ok(e),
-            _ => Err(e),
-        }
-    });
-    assert!(e.contains("/nonexistent/ca.pem: cannot read it"), "{e}");
+    assert!(e.contains("certs issue"), "{e}");
+    // The new file is read on the next attempt.
+    std::fs::write(&files.cert, saved).unwrap();
+    let before = e.matches("connection refused").count();
+    wait_for(
+        Duration::from_secs(60),
+        "attempts with the restored file",
+        || {
+            let e = std::fs::read_to_string(&log).unwrap_or_default();
+            if e.matches("connection refused").count() > before {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        },
+    );
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited");
 }

@@ -38,6 +38,12 @@ pub struct RawConfig {
     /// This collector's name in the `hosts` view (which collector holds each host).
     /// Default: HOSTNAME:PORT.
     pub name: Option<String>,
+    /// The file the values came from (not a key): errors about its keys name it.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
+    /// The keys whose value is the file's (a flag did not override it).
+    #[serde(skip)]
+    pub file_keys: Vec<&'static str>,
 }
 
 /// Validated `serve` settings.
@@ -63,11 +69,59 @@ pub struct ConfigErrors(pub Vec<String>);
 
 impl RawConfig {
     pub fn load(path: &Path) -> Result<RawConfig, ConfigErrors> {
-        listenscope_core::config::read_toml(path).map_err(|e| ConfigErrors(vec![e]))
+        let fail = |e: String| ConfigErrors(vec![format!("{}: {e}", path.display())]);
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            fail(match e.kind() {
+                std::io::ErrorKind::NotFound => "no such file; copy deploy/collector.toml there \
+                     and edit it, or leave out --config (every key is also a flag)"
+                    .to_string(),
+                std::io::ErrorKind::PermissionDenied => "permission denied; make it readable \
+                     by the collector's user (e.g. `chgrp listenscope FILE && chmod 640 FILE`)"
+                    .to_string(),
+                _ => format!("cannot read it: {e}"),
+            })
+        })?;
+        // toml's message names the line, the key and what it expected.
+        let mut raw: RawConfig = toml::from_str(&text).map_err(|e| {
+            fail(format!(
+                "{}(keys and their meaning: deploy/collector.toml)",
+                e.to_string().trim_end().to_string() + "\n"
+            ))
+        })?;
+        raw.file_keys = raw.set_keys();
+        raw.file = Some(path.to_path_buf());
+        Ok(raw)
+    }
+
+    /// The keys that have a value.
+    fn set_keys(&self) -> Vec<&'static str> {
+        [
+            ("listen", self.listen.is_some()),
+            ("db", self.db.is_some()),
+            ("tls_ca", self.tls_ca.is_some()),
+            ("tls_cert", self.tls_cert.is_some()),
+            ("tls_key", self.tls_key.is_some()),
+            ("metrics_listen", self.metrics_listen.is_some()),
+            ("stale_after", self.stale_after.is_some()),
+            ("pool_size", self.pool_size.is_some()),
+            ("retain", self.retain.is_some()),
+            ("max_sessions", self.max_sessions.is_some()),
+            ("name", self.name.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect()
     }
 
     /// Values from `other` win where set.
     pub fn overridden_by(self, other: RawConfig) -> RawConfig {
+        let overridden = other.set_keys();
+        let file_keys = self
+            .file_keys
+            .iter()
+            .copied()
+            .filter(|k| !overridden.contains(k))
+            .collect();
         RawConfig {
             listen: other.listen.or(self.listen),
             db: other.db.or(self.db),
@@ -80,10 +134,35 @@ impl RawConfig {
             retain: other.retain.or(self.retain),
             max_sessions: other.max_sessions.or(self.max_sessions),
             name: other.name.or(self.name),
+            file: self.file,
+            file_keys,
         }
     }
 
     pub fn validate(self) -> Result<ServeConfig, ConfigErrors> {
+        let file = self.file.clone();
+        let file_keys = self.file_keys.clone();
+        self.validate_values().map_err(|ConfigErrors(errs)| {
+            // A value from the file: say which file (the message starts with its key).
+            let Some(file) = file else {
+                return ConfigErrors(errs);
+            };
+            ConfigErrors(
+                errs.into_iter()
+                    .map(|e| {
+                        let key = e.split([' ', ':']).next().unwrap_or("");
+                        if file_keys.contains(&key) {
+                            format!("{}: {e}", file.display())
+                        } else {
+                            e
+                        }
+                    })
+                    .collect(),
+            )
+        })
+    }
+
+    fn validate_values(self) -> Result<ServeConfig, ConfigErrors> {
         let mut errs = Vec::new();
         let mut addr = |v: Option<String>, name: &str, required: bool| -> Option<SocketAddr> {
             match v {
@@ -218,6 +297,51 @@ mod tests {
         ] {
             assert!(err.contains(needle), "{needle} missing:\n{err}");
         }
+    }
+
+    #[test]
+    fn errors_name_the_file_of_a_value() {
+        let dir = std::env::temp_dir().join(format!("lst-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("collector.toml");
+        std::fs::write(&path, "listen = \"nope\"\nstale_after = \"5 parsecs\"\n").unwrap();
+        let file = RawConfig::load(&path).unwrap();
+        let flags = RawConfig {
+            stale_after: Some("7 parsecs".into()),
+            ..RawConfig::default()
+        };
+        let err = file
+            .overridden_by(flags)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        let p = path.display().to_string();
+        assert!(err.contains(&format!("{p}: listen \"nope\"")), "{err}");
+        // The flag's value is not the file's.
+        assert!(err.contains("- stale_after: \"7 parsecs\""), "{err}");
+        let err = RawConfig::load(&dir.join("none.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no such file; copy deploy/collector.toml"),
+            "{err}"
+        );
+        std::fs::write(&path, "dbx = 1\n").unwrap();
+        let err = RawConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(&p) && err.contains("unknown field `dbx`"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The example shipped in deploy/ and the packages is a valid configuration.
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let raw: RawConfig = toml::from_str(include_str!("../../deploy/collector.toml")).unwrap();
+        let c = raw.validate().unwrap();
+        assert_eq!(c.listen.port(), 7443);
+        assert!(c.metrics_listen.is_some() && c.retain.is_some());
     }
 
     #[test]

@@ -22,22 +22,52 @@ use crate::query::{Dialect, FromRow, Named, Param, QueryError, ReadOnly, ResultS
 use crate::store::row::rank_sql;
 use crate::timefmt;
 
-/// Parses `now`, an RFC 3339 time (`2026-11-24T10:00:00Z`) or an age (`24h`, `7d`, `90m`:
-/// that long before `now`).
+/// The time arguments `--since`, `--until` and `--at` accept, for `--help` and errors.
+pub const TIME_FORMS: &str = "now; an age such as 24h, 7d, 90m (that long ago, at most \
+     100 years); a UTC time as this tool prints it (2026-11-27 09:00:00, seconds and \
+     .mmm optional) or with a T (2026-11-27T09:00:00); RFC 3339 with a zone \
+     (2026-11-27T09:00:00Z, 2026-11-27T10:00:00+01:00); a date (2026-11-27: midnight UTC)";
+
+/// Parses a time argument (see [`TIME_FORMS`]): `now`, an age (that long before `now`),
+/// a time in this tool's own format or with a `T` (UTC), RFC 3339 with a zone, or a date
+/// (midnight UTC).
 pub fn parse_time(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
     let s = s.trim();
     if s == "now" {
         return Ok(now);
     }
-    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
-        return Ok(t);
+    use listenscope_core::config::{DurationError, try_parse_duration};
+    match try_parse_duration(s) {
+        Ok(d) => time::Duration::try_from(d)
+            .ok()
+            .and_then(|d| now.checked_sub(d))
+            .ok_or_else(|| format!("{s:?} before now is out of the range of dates")),
+        Err(e @ DurationError::OutOfRange(_)) => Err(e.to_string()),
+        Err(_) => absolute(s).ok_or_else(|| format!("{s:?} is not a time; use {TIME_FORMS}")),
     }
-    match listenscope_core::config::parse_duration(s) {
-        Ok(d) => Ok(now - d),
-        Err(_) => Err(format!(
-            "{s:?} is not a time: use RFC 3339 (2026-11-24T10:00:00Z), an age (24h, 7d) or now"
-        )),
+}
+
+/// A written time: `YYYY-MM-DD`, then optionally ` `/`T` and `HH:MM[:SS[.f…]]`, then
+/// optionally `Z` or an offset (RFC 3339); without a zone the time is UTC.
+fn absolute(s: &str) -> Option<OffsetDateTime> {
+    use time::format_description::BorrowedFormatItem;
+    use time::macros::format_description;
+    const DATE: &[BorrowedFormatItem<'static>] = format_description!("[year]-[month]-[day]");
+    const CLOCK: &[BorrowedFormatItem<'static>] =
+        format_description!("[hour]:[minute][optional [:[second][optional [.[subsecond]]]]]");
+    let date_len = 10;
+    let date = time::Date::parse(s.get(..date_len)?, DATE).ok()?;
+    let rest = &s[date_len..];
+    if rest.is_empty() {
+        return Some(date.midnight().assume_utc());
     }
+    let rest = rest.strip_prefix([' ', 'T', 't'])?;
+    // RFC 3339 with its zone (`Z`, `+01:00`): the whole text in `T` form.
+    if let Ok(t) = OffsetDateTime::parse(&format!("{}T{rest}", &s[..date_len]), &Rfc3339) {
+        return Some(t);
+    }
+    let clock = time::Time::parse(rest, CLOCK).ok()?;
+    Some(time::PrimitiveDateTime::new(date, clock).assume_utc())
 }
 
 /// One (host, netns, protocol, port) and what it accepts.
@@ -270,7 +300,7 @@ fn events_sql(ro: &ReadOnly, bounded: bool, host: bool, full: bool) -> String {
     };
     let full_cols = format!(
         "id, netns, protocol, family, address, port, shown_as, reach_ipv4, reach_ipv6, \
-         process_names AS processes, {} AS effective_ipv4_rank, {} AS effective_ipv6_rank, \
+         hidden_ipv4_exposure, process_names AS processes, {} AS effective_ipv4_rank, {} AS effective_ipv6_rank, \
          effective_conditions_ipv4, effective_conditions_ipv6",
         rank_sql("effective_ipv4"),
         rank_sql("effective_ipv6")
@@ -481,13 +511,6 @@ pub async fn exposure_at(
         rows.push((verdict(r[6].as_str().unwrap_or("")).permissiveness(), r));
     }
     drop(changed_keys);
-    let text_or_null = |s: String| {
-        if s.is_empty() {
-            Value::Null
-        } else {
-            Value::from(s)
-        }
-    };
     for ((host, netns, proto, p), (then, _)) in changed {
         if then.hidden && wanted(p, &proto) {
             rows.push((
@@ -560,7 +583,11 @@ struct EventRow {
     shown_as: String,
     reach_ipv4: String,
     reach_ipv6: String,
+    hidden: bool,
     processes: String,
+    /// For `changed`: reach over IPv4, over IPv6, and hidden, of the version it replaced,
+    /// when still stored.
+    before_reach: Option<(String, String, bool)>,
     /// The verdicts after the event (before it, for `closed`), conditions as stored.
     effective_ipv4: (Effective, String),
     effective_ipv6: (Effective, String),
@@ -583,7 +610,9 @@ impl FromRow for EventRow {
             shown_as: r.text("shown_as")?,
             reach_ipv4: r.text("reach_ipv4")?,
             reach_ipv6: r.text("reach_ipv6")?,
+            hidden: r.boolean("hidden_ipv4_exposure")?,
             processes: r.text("processes")?,
+            before_reach: None,
             effective_ipv4: (
                 verdict_of_rank(r.int("effective_ipv4_rank")?),
                 r.text("effective_conditions_ipv4")?,
@@ -617,7 +646,8 @@ async fn replaced_verdicts(ro: &ReadOnly, events: &mut [EventRow]) -> Result<(),
     let sql = match ro.dialect() {
         Dialect::Sqlite => {
             "SELECT e.id, p.effective_ipv4, p.effective_ipv6, p.effective_conditions_ipv4,
-                    p.effective_conditions_ipv6
+                    p.effective_conditions_ipv6, p.reach_ipv4, p.reach_ipv6,
+                    p.hidden_ipv4_exposure
              FROM json_each(?1) AS k
              JOIN listener e ON e.id = k.value
              JOIN listener p ON p.id = (
@@ -628,12 +658,14 @@ async fn replaced_verdicts(ro: &ReadOnly, events: &mut [EventRow]) -> Result<(),
         // As a LATERAL lookup per event (see `touched` for why PostgreSQL gets it so).
         Dialect::Postgres => {
             "SELECT e.id, p.effective_ipv4, p.effective_ipv6, p.effective_conditions_ipv4,
-                    p.effective_conditions_ipv6
+                    p.effective_conditions_ipv6, p.reach_ipv4, p.reach_ipv6,
+                    p.hidden_ipv4_exposure
              FROM json_array_elements_text($1::json) AS k (id)
              JOIN listener e ON e.id = k.id::bigint
              CROSS JOIN LATERAL (
                  SELECT q.effective_ipv4, q.effective_ipv6, q.effective_conditions_ipv4,
-                        q.effective_conditions_ipv6
+                        q.effective_conditions_ipv6, q.reach_ipv4, q.reach_ipv6,
+                        q.hidden_ipv4_exposure
                  FROM listener q
                  WHERE q.host_id = e.host_id AND q.port = e.port AND q.lkey = e.lkey
                    AND q.id < e.id
@@ -643,22 +675,24 @@ async fn replaced_verdicts(ro: &ReadOnly, events: &mut [EventRow]) -> Result<(),
     let list = serde_json::to_string(&wanted)
         .map_err(|e| QueryError::Sql(format!("cannot encode a list: {e}")))?;
     let rows = ro.run(sql, &[Param::Text(Some(list))]).await?;
-    let mut before: std::collections::HashMap<i64, [(Effective, String); 2]> = rows
+    let mut before: std::collections::HashMap<i64, ReplacedRow> = rows
         .decode::<ReplacedRow>()?
         .into_iter()
-        .map(|r| (r.0, r.1))
+        .map(|r| (r.0, r))
         .collect();
     for e in events.iter_mut().filter(|e| e.change == "changed") {
-        if let Some([v4, v6]) = before.remove(&e.id) {
+        if let Some(ReplacedRow(_, [v4, v6], reach)) = before.remove(&e.id) {
             e.before_ipv4 = Some(v4);
             e.before_ipv6 = Some(v6);
+            e.before_reach = Some(reach);
         }
     }
     Ok(())
 }
 
-/// A replaced version's verdicts, by the id of the event's version.
-struct ReplacedRow(i64, [(Effective, String); 2]);
+/// A replaced version's verdicts and reach (IPv4, IPv6, hidden), by the id of the
+/// event's version.
+struct ReplacedRow(i64, [(Effective, String); 2], (String, String, bool));
 
 impl FromRow for ReplacedRow {
     fn from_row(r: &Named<'_>) -> Result<Self, QueryError> {
@@ -674,6 +708,11 @@ impl FromRow for ReplacedRow {
                     r.text("effective_conditions_ipv6")?,
                 ),
             ],
+            (
+                r.text("reach_ipv4")?,
+                r.text("reach_ipv6")?,
+                r.boolean("hidden_ipv4_exposure")?,
+            ),
         ))
     }
 }
@@ -706,6 +745,143 @@ fn firewall_detail(e: &EventRow) -> String {
     }
 }
 
+/// The columns of `diff`: the event and `detail` (what changed, in words: the table's
+/// eight columns, first, in the order they always had), then the listener's `family` and
+/// `address` (`null` on `exposure` lines, which are per port), its processes, and each
+/// field's state before and after the event (`null` where there is none: before an
+/// `opened`, after a `closed`). `firewall_*` are verdict names, `conditions_*` the ways
+/// in of a `restricted` verdict (` | ` between them, as the views show them).
+pub const DIFF_COLUMNS: [&str; 25] = [
+    "at",
+    "host",
+    "change",
+    "netns",
+    "protocol",
+    "port",
+    "shown_as",
+    "detail",
+    "family",
+    "address",
+    "processes",
+    "reach_ipv4_before",
+    "reach_ipv4_after",
+    "reach_ipv6_before",
+    "reach_ipv6_after",
+    "hidden_before",
+    "hidden_after",
+    "firewall_ipv4_before",
+    "firewall_ipv4_after",
+    "conditions_ipv4_before",
+    "conditions_ipv4_after",
+    "firewall_ipv6_before",
+    "firewall_ipv6_after",
+    "conditions_ipv6_before",
+    "conditions_ipv6_after",
+];
+
+/// The columns `diff` prints as a table (the rest is in `detail`).
+pub const DIFF_TABLE_COLUMNS: [&str; 8] = [
+    "at", "host", "change", "netns", "protocol", "port", "shown_as", "detail",
+];
+
+fn text_or_null(s: String) -> Value {
+    if s.is_empty() {
+        Value::Null
+    } else {
+        Value::from(s)
+    }
+}
+
+/// One side (before or after) of a `diff` line, as JSON values.
+struct Side {
+    reach_ipv4: Value,
+    reach_ipv6: Value,
+    hidden: Value,
+    firewall_ipv4: Value,
+    conditions_ipv4: Value,
+    firewall_ipv6: Value,
+    conditions_ipv6: Value,
+}
+
+impl Side {
+    const NONE: Side = Side {
+        reach_ipv4: Value::Null,
+        reach_ipv6: Value::Null,
+        hidden: Value::Null,
+        firewall_ipv4: Value::Null,
+        conditions_ipv4: Value::Null,
+        firewall_ipv6: Value::Null,
+        conditions_ipv6: Value::Null,
+    };
+
+    fn verdict(v: &(Effective, String)) -> (Value, Value) {
+        (
+            Value::from(v.0.as_str()),
+            text_or_null(v.1.replace('\n', " | ")),
+        )
+    }
+
+    fn new(reach: (&str, &str, bool), v4: &(Effective, String), v6: &(Effective, String)) -> Side {
+        let ((firewall_ipv4, conditions_ipv4), (firewall_ipv6, conditions_ipv6)) =
+            (Side::verdict(v4), Side::verdict(v6));
+        Side {
+            reach_ipv4: Value::from(reach.0),
+            reach_ipv6: Value::from(reach.1),
+            hidden: Value::Bool(reach.2),
+            firewall_ipv4,
+            conditions_ipv4,
+            firewall_ipv6,
+            conditions_ipv6,
+        }
+    }
+
+    /// The event's own version.
+    fn of_version(e: &EventRow) -> Side {
+        Side::new(
+            (&e.reach_ipv4, &e.reach_ipv6, e.hidden),
+            &e.effective_ipv4,
+            &e.effective_ipv6,
+        )
+    }
+
+    /// The version a `changed` event replaced, when still stored.
+    fn replaced(e: &EventRow) -> Side {
+        match (&e.before_reach, &e.before_ipv4, &e.before_ipv6) {
+            (Some((r4, r6, hidden)), Some(v4), Some(v6)) => Side::new((r4, r6, *hidden), v4, v6),
+            _ => Side::NONE,
+        }
+    }
+
+    /// A port's state at one end of the window (`none` and `n/a` without listeners).
+    fn of_port(p: &PortState) -> Side {
+        Side::new(
+            (p.ipv4, p.ipv6, p.hidden),
+            &p.firewall_ipv4,
+            &p.firewall_ipv6,
+        )
+    }
+
+    /// Appends both sides in [`DIFF_COLUMNS`] order (each field before, then after).
+    fn push_pair(row: &mut Vec<Value>, before: Side, after: Side) {
+        row.extend([
+            before.reach_ipv4,
+            after.reach_ipv4,
+            before.reach_ipv6,
+            after.reach_ipv6,
+            before.hidden,
+            after.hidden,
+            before.firewall_ipv4,
+            after.firewall_ipv4,
+            before.conditions_ipv4,
+            after.conditions_ipv4,
+            before.firewall_ipv6,
+            after.firewall_ipv6,
+            before.conditions_ipv6,
+            after.conditions_ipv6,
+        ]);
+    }
+}
+
 /// What changed in `(since, until]`: every listener opened, changed or closed, with its
 /// observation time and its firewall verdicts (for `changed`, the verdicts' change: the
 /// replaced version is looked up by key, one index probe per changed event, in a second
@@ -729,7 +905,7 @@ pub async fn diff(
     let sql = format!(
         "SELECT e.at, h.name AS host, e.change, e.id, e.netns, e.protocol,
                 e.port, e.family, e.address, e.shown_as, e.reach_ipv4, e.reach_ipv6,
-                e.processes, e.effective_ipv4_rank, e.effective_ipv6_rank,
+                e.hidden_ipv4_exposure, e.processes, e.effective_ipv4_rank, e.effective_ipv6_rank,
                 e.effective_conditions_ipv4,
                 e.effective_conditions_ipv6
          FROM ({}) e JOIN host h ON h.id = e.host_id
@@ -762,11 +938,7 @@ pub async fn diff(
     drop(events);
     replaced_verdicts(ro, &mut shown).await?;
     let mut rs = ResultSet {
-        columns: [
-            "at", "host", "change", "netns", "protocol", "port", "shown_as", "detail",
-        ]
-        .map(String::from)
-        .to_vec(),
+        columns: DIFF_COLUMNS.map(String::from).to_vec(),
         rows: Vec::new(),
     };
     for e in shown {
@@ -783,7 +955,14 @@ pub async fn diff(
                 p => format!(" ({p})"),
             }
         );
-        rs.rows.push(vec![
+        let this = Side::of_version(&e);
+        let (before, after) = match e.change.as_str() {
+            "opened" => (Side::NONE, this),
+            "closed" => (this, Side::NONE),
+            // A replaced version that retention pruned has no before.
+            _ => (Side::replaced(&e), this),
+        };
+        let mut row = vec![
             e.at,
             Value::from(e.host),
             Value::from(e.change),
@@ -792,7 +971,12 @@ pub async fn diff(
             Value::from(e.port),
             Value::from(e.shown_as),
             Value::from(detail),
-        ]);
+            Value::from(e.family),
+            Value::from(e.address),
+            text_or_null(e.processes),
+        ];
+        Side::push_pair(&mut row, before, after);
+        rs.rows.push(row);
     }
     for (k, (b, a)) in touched(ro, since, Some(until), host)
         .await
@@ -858,7 +1042,12 @@ pub async fn diff(
         } else {
             &a.shown_as
         };
-        rs.rows.push(vec![
+        let processes = if a.processes.is_empty() {
+            &b.processes
+        } else {
+            &a.processes
+        };
+        let mut row = vec![
             at,
             Value::from(k.0.clone()),
             Value::from("exposure"),
@@ -867,7 +1056,12 @@ pub async fn diff(
             Value::from(k.3),
             Value::from(shown.clone()),
             Value::from(what.join("; ")),
-        ]);
+            Value::Null,
+            Value::Null,
+            text_or_null(processes.clone()),
+        ];
+        Side::push_pair(&mut row, Side::of_port(&b), Side::of_port(&a));
+        rs.rows.push(row);
     }
     Ok(Report { rows: rs, left_out })
 }
@@ -889,5 +1083,62 @@ mod tests {
                 .unwrap_err()
                 .contains("RFC 3339")
         );
+    }
+
+    /// Every written form the tool accepts, its own output format first.
+    #[test]
+    fn written_times() {
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let nine = |ms: i64| {
+            time::macros::datetime!(2026-11-27 09:00:00 UTC) + time::Duration::milliseconds(ms)
+        };
+        for (text, want) in [
+            ("2026-11-27 09:00:00", nine(0)),
+            ("2026-11-27 09:00:00.250", nine(250)),
+            ("2026-11-27 09:00", nine(0)),
+            ("2026-11-27T09:00:00", nine(0)),
+            ("2026-11-27t09:00:00", nine(0)),
+            ("2026-11-27T09:00:00Z", nine(0)),
+            ("2026-11-27 09:00:00Z", nine(0)),
+            ("2026-11-27T10:00:00+01:00", nine(0)),
+            ("2026-11-27T09:00:00.5Z", nine(500)),
+            ("2026-11-27", nine(0) - time::Duration::hours(9)),
+            ("  2026-11-27  ", nine(0) - time::Duration::hours(9)),
+        ] {
+            assert_eq!(parse_time(text, now), Ok(want), "{text}");
+        }
+        // What `timefmt::format` prints reads back as the same time.
+        let t = nine(123);
+        assert_eq!(parse_time(&timefmt::format(t), now), Ok(t));
+        for bad in [
+            "2026-13-01",
+            "2026-11-31",
+            "2026-11-27 25:00",
+            "2026-11-27X09:00",
+            "2026-11-27 09:00:00 UTC",
+            "27.11.2026",
+            "2026-11",
+        ] {
+            let e = parse_time(bad, now).unwrap_err();
+            assert!(
+                e.contains("is not a time") && e.contains("2026-11-27 09:00:00"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    /// Ages beyond the range are errors that name the value and the range, never a panic.
+    #[test]
+    fn ages_out_of_range() {
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        for huge in ["99999999d", "36501d", "99999999999999999999999s"] {
+            let e = parse_time(huge, now).unwrap_err();
+            assert!(e.contains(huge) && e.contains("100 years"), "{huge}: {e}");
+        }
+        assert!(parse_time("36500d", now).is_ok());
+        // At the start of the calendar, a century back has no date: an error, no panic.
+        let first = time::PrimitiveDateTime::MIN.assume_utc();
+        let e = parse_time("1s", first).unwrap_err();
+        assert!(e.contains("out of the range of dates"), "{e}");
     }
 }

@@ -156,6 +156,12 @@ pub async fn run(
     metrics::gauge!(m::CONNECTED_AGENTS).decrement(1.0);
     match result {
         Ok(()) => tracing::info!(host = %host, "Agent disconnected."),
+        // The agent closed its connection (it stopped, or its network went): it comes back
+        // by itself, nothing for an operator to do. An agent's clean shutdown lands here
+        // too, and used to log a warning on every quickstart.
+        Err(status) if status.code() == tonic::Code::Cancelled => {
+            tracing::info!(host = %host, reason = %status.message(), "Agent disconnected.");
+        }
         Err(status) if shutdown.is_cancelled() && status.code() == tonic::Code::Unavailable => {
             tracing::info!(host = %host, "Session closed for shutdown.");
             let _ = tx.send(Err(status)).await;

@@ -27,10 +27,10 @@ pub enum PkiError {
         path.display()
     )]
     CaExists { path: PathBuf },
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "{}: cannot read the CA ({detail}); run `listenscope-collector certs init --dir {}` first",
@@ -45,7 +45,57 @@ pub enum PkiError {
     #[error("{name:?} is not a valid host name (letters, digits, '-', '_', '.'; at most 253)")]
     BadName { name: String },
     #[error("certificate generation failed: {0}")]
-    Generate(#[from] rcgen::Error),
+    Generate(rcgen::Error),
+    #[error("--days 0: a certificate must be valid for at least 1 day (the default is 825)")]
+    NoDays,
+    #[error("--days {days}: at most {MAX_DAYS} (a century)")]
+    TooManyDays { days: u32 },
+    #[error(
+        "--days {days} outlives the CA: {} expires {} UTC, in {max} days, and no certificate \
+         it signs can be valid longer. Use --days {max} or less, or start a new CA \
+         (`certs init --force`; every agent certificate must then be issued again)",
+        ca.display(),
+        crate::timefmt::format(*not_after)
+    )]
+    OutlivesCa {
+        days: u32,
+        ca: PathBuf,
+        not_after: OffsetDateTime,
+        max: i64,
+    },
+    /// The CA's certificate is expired or not yet valid (a whole message, not a chain).
+    #[error("{0}")]
+    CaUnusable(listenscope_core::pem::TlsFileError),
+    #[error(
+        "{} and {} already exist: host {host:?} has a certificate. Issuing again replaces its \
+         key, and the agent keeps failing until it gets the new files. Pass --force to \
+         replace them",
+        cert.display(),
+        key.display()
+    )]
+    HostExists {
+        host: String,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+}
+
+impl From<rcgen::Error> for PkiError {
+    fn from(e: rcgen::Error) -> Self {
+        PkiError::Generate(e)
+    }
+}
+
+/// The longest validity `--days` accepts: a century, like every duration of the tools.
+pub const MAX_DAYS: u32 = 36_500;
+
+/// `days` is 1..=[`MAX_DAYS`].
+fn check_days(days: u32) -> Result<(), PkiError> {
+    match days {
+        0 => Err(PkiError::NoDays),
+        d if d > MAX_DAYS => Err(PkiError::TooManyDays { days }),
+        _ => Ok(()),
+    }
 }
 
 /// Files written by one command.
@@ -55,9 +105,9 @@ pub struct Written {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io {
+    move |error| PkiError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -94,6 +144,7 @@ pub fn init(
     days: u32,
     force: bool,
 ) -> Result<Written, PkiError> {
+    check_days(days)?;
     let ca_pem = dir.join("ca.pem");
     if ca_pem.exists() && !force {
         return Err(PkiError::CaExists { path: ca_pem });
@@ -154,6 +205,10 @@ pub fn init(
 #[derive(Debug)]
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
+    /// DIR/ca.pem, for errors.
+    path: PathBuf,
+    /// The CA certificate's end of validity: nothing it signs may outlive it.
+    not_after: OffsetDateTime,
 }
 
 impl Ca {
@@ -174,7 +229,36 @@ impl Ca {
             KeyPair::from_pem(&ca_key_pem).map_err(|e| no_ca(&ca_key_path, e.to_string()))?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
             .map_err(|e| no_ca(&ca_pem_path, e.to_string()))?;
-        Ok(Ca { issuer })
+        // Read once more through the shared loader: it refuses an expired CA and gives
+        // its end of validity.
+        let certs =
+            listenscope_core::pem::load_certs(&ca_pem_path).map_err(PkiError::CaUnusable)?;
+        let not_after = certs
+            .first()
+            .and_then(listenscope_core::pem::not_after)
+            .ok_or_else(|| no_ca(&ca_pem_path, "no validity period in it".into()))?;
+        Ok(Ca {
+            issuer,
+            path: ca_pem_path,
+            not_after,
+        })
+    }
+
+    /// `days` fits: at least one, and not past the CA's own expiry.
+    fn check_days(&self, days: u32) -> Result<(), PkiError> {
+        if days == 0 {
+            return Err(PkiError::NoDays);
+        }
+        let max = (self.not_after - OffsetDateTime::now_utc()).whole_days();
+        if i64::from(days) > max {
+            return Err(PkiError::OutlivesCa {
+                days,
+                ca: self.path.clone(),
+                not_after: self.not_after,
+                max: max.max(0),
+            });
+        }
+        Ok(())
     }
 
     /// A new key and a certificate for `host` (DNS SAN and CN = `host`, clientAuth), valid
@@ -185,6 +269,7 @@ impl Ca {
                 name: host.to_string(),
             });
         }
+        self.check_days(days)?;
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(vec![host.to_string()])?;
         params.distinguished_name.push(DnType::CommonName, host);
@@ -196,16 +281,29 @@ impl Ca {
     }
 }
 
-/// Creates DIR/HOST.pem and DIR/HOST.key, signed by DIR/ca.pem + ca.key.
+/// Creates DIR/HOST.pem and DIR/HOST.key, signed by DIR/ca.pem + ca.key; refuses to
+/// replace an existing host's files ([`issue_with`] with `force` does).
 pub fn issue(dir: &Path, host: &str, days: u32) -> Result<Written, PkiError> {
+    issue_with(dir, host, days, false)
+}
+
+/// [`issue`]; `force` replaces the host's existing certificate and key.
+pub fn issue_with(dir: &Path, host: &str, days: u32, force: bool) -> Result<Written, PkiError> {
     if !valid_host_name(host) || matches!(host, "ca" | "server") {
         return Err(PkiError::BadName {
             name: host.to_string(),
         });
     }
-    let (cert, key) = Ca::load(dir)?.issue_pem(host, days)?;
     let key_path = dir.join(format!("{host}.key"));
     let cert_path = dir.join(format!("{host}.pem"));
+    if !force && (key_path.exists() || cert_path.exists()) {
+        return Err(PkiError::HostExists {
+            host: host.to_string(),
+            cert: cert_path,
+            key: key_path,
+        });
+    }
+    let (cert, key) = Ca::load(dir)?.issue_pem(host, days)?;
     write_file(&key_path, &key, 0o600)?;
     write_file(&cert_path, &cert, 0o644)?;
     Ok(Written {
@@ -279,7 +377,7 @@ mod tests {
         let ca = Ca::load(&dir).unwrap();
         let (cert, key) = ca.issue_pem("fleet-000001", 30).unwrap();
         fs::write(dir.join("m.pem"), cert).unwrap();
-        fs::write(dir.join("m.key"), key).unwrap();
+        write_file(&dir.join("m.key"), &key, 0o600).unwrap();
         let (certs, _) =
             listenscope_core::pem::load_identity(&dir.join("m.pem"), &dir.join("m.key")).unwrap();
         assert_eq!(

@@ -1,15 +1,24 @@
 //! Answers for SRE teams: arbitrary SQL on a read-only connection, and the ready reports
 //! (`exposure`, `hosts`), rendered as a table, JSON or CSV.
 //!
-//! Read-only is enforced by the database, not by parsing SQL: SQLite connections run with
-//! `PRAGMA query_only`. A statement that would write fails there and is reported as
-//! refused, with what to do instead.
+//! Read-only is enforced by the database, not by parsing SQL: SQLite connections are
+//! opened read-only with `PRAGMA query_only`, and a statement SQLite does not judge
+//! read-only (`sqlite3_stmt_readonly`) is refused before it runs; PostgreSQL runs every
+//! statement in a read-only transaction. A refused statement is reported with what to do
+//! instead. Every statement has a deadline (default 60 s, `query --timeout`).
+//!
+//! Values come out the same on both databases: SQLite's 0/1 in the schema's boolean
+//! columns become booleans, its JSON text (`process_details`) a nested value, as
+//! PostgreSQL's native types give them.
 
 use std::io::{self, Write};
+use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
 use serde_json::{Map, Value};
-use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
+use sqlx::{
+    AssertSqlSafe, Column, Executor as _, Row, SqlSafeStr as _, Statement as _, TypeInfo, ValueRef,
+};
 use unicode_width::UnicodeWidthStr as _;
 
 use listenscope_core::domain::Effective;
@@ -22,13 +31,34 @@ use crate::store::{DbUrl, StoreError, postgres, sqlite};
 /// Most rows one answer carries; bigger results are an error asking for LIMIT.
 pub const MAX_ROWS: usize = 1_000_000;
 
+/// How long one statement may run unless told otherwise (`query --timeout`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The views `query` answers over (docs/views.md), named in `query --help` and in the
+/// refusal of a write: the one list.
+pub const VIEWS: &str = "current_listeners, effective_exposure, hidden_ipv4_exposure, hosts, \
+     listener_changes, listener_history, listener_versions";
+
+/// Columns of the schema that are boolean (PostgreSQL `boolean`, SQLite 0/1), by table.
+const BOOLEAN_COLUMNS: &[(&str, &str)] = &[
+    ("listener", "v6only"),
+    ("listener", "latent"),
+    ("listener", "trap"),
+    ("listener", "hidden_ipv4_exposure"),
+    ("listener", "freebind"),
+    ("listener", "transparent"),
+];
+/// Columns of the schema that hold JSON (PostgreSQL `jsonb`, SQLite text).
+const JSON_COLUMNS: &[(&str, &str)] = &[("listener", "processes")];
+/// View columns that are boolean expressions rather than table columns (SQLite gives no
+/// origin for them), by name.
+const BOOLEAN_EXPRESSIONS: &[&str] = &["stale"];
+
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     #[error(
         "refused: this connection is read-only ({0}). `query` answers SELECTs over the views \
-         (current_listeners, effective_exposure, hidden_ipv4_exposure, hosts, listener_changes, \
-         listener_history, listener_versions); \
-         the collector alone writes"
+         ({VIEWS}); the collector alone writes"
     )]
     WriteRefused(String),
     #[error("SQL error: {0}")]
@@ -47,6 +77,12 @@ pub enum QueryError {
          or a restored database?); narrow it with a later --since, an earlier --until or --host"
     )]
     WindowTooBig,
+    #[error(
+        "the statement ran longer than {} and was stopped; narrow it (WHERE, LIMIT), or \
+         give `query` more time with --timeout (e.g. 5m)",
+        listenscope_core::config::format_duration(*.0)
+    )]
+    Timeout(Duration),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -165,7 +201,24 @@ pub trait FromRow: Sized {
 impl ReadOnly {
     pub async fn open(url: &DbUrl) -> Result<ReadOnly, StoreError> {
         match url {
-            DbUrl::Sqlite(path) => Ok(ReadOnly::Sqlite(sqlite::open_read_only(path).await?)),
+            DbUrl::Sqlite(path) => {
+                let pool = sqlite::open_read_only(path).await?;
+                // A file the collector never opened (empty, or another program's) has no
+                // views: say so instead of the first query's `no such table: hosts`, as
+                // PostgreSQL's open does.
+                let views: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'view' AND name = 'hosts'",
+                )
+                .fetch_one(&pool)
+                .await?;
+                if views == 0 {
+                    pool.close().await;
+                    return Err(StoreError::NoSchema {
+                        url: url.to_string(),
+                    });
+                }
+                Ok(ReadOnly::Sqlite(pool))
+            }
             DbUrl::Postgres(url) => Ok(ReadOnly::Postgres(postgres::open_read_only(url, 2).await?)),
         }
     }
@@ -192,8 +245,23 @@ impl ReadOnly {
         }
     }
 
-    /// Runs `sql` with `params` bound in order.
+    /// Runs `sql` with `params` bound in order, for at most [`DEFAULT_TIMEOUT`].
     pub async fn run(&self, sql: &str, params: &[Param]) -> Result<ResultSet, QueryError> {
+        self.run_for(sql, params, DEFAULT_TIMEOUT).await
+    }
+
+    /// Runs `sql` with `params` bound in order; a statement still running after
+    /// `timeout` is stopped ([`QueryError::Timeout`]).
+    pub async fn run_for(
+        &self,
+        sql: &str,
+        params: &[Param],
+        timeout: Duration,
+    ) -> Result<ResultSet, QueryError> {
+        let timed_out = |e: QueryError| match e {
+            QueryError::Timeout(_) => QueryError::Timeout(timeout),
+            e => e,
+        };
         match self {
             ReadOnly::Sqlite(pool) => {
                 // Stepped on this thread, on the connection's own handle (see
@@ -216,8 +284,11 @@ impl ReadOnly {
                     .collect();
                 let mut conn = pool.acquire().await.map_err(sql_error)?;
                 let mut handle = conn.lock_handle().await.map_err(sql_error)?;
-                let rows =
-                    sqlite_step::run(&mut handle, sql, &binds, MAX_ROWS).map_err(step_error)?;
+                let deadline = Instant::now().checked_add(timeout);
+                let mut rows = sqlite_step::run(&mut handle, sql, &binds, MAX_ROWS, deadline)
+                    .map_err(step_error)
+                    .map_err(timed_out)?;
+                typed(&mut rows);
                 Ok(ResultSet {
                     columns: rows.columns,
                     rows: rows.rows,
@@ -231,6 +302,29 @@ impl ReadOnly {
                     .execute(&mut *tx)
                     .await
                     .map_err(sql_error)?;
+                // Whole milliseconds, at least 1 (0 would mean no limit), within int4.
+                let ms = timeout.as_millis().clamp(1, i32::MAX as u128);
+                sqlx::query(AssertSqlSafe(format!("SET LOCAL statement_timeout = {ms}")))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(sql_error)?;
+                // A read-only transaction still lets a superuser's `COPY … TO 'file'` (or
+                // `TO PROGRAM`) through: it writes no table. Statements without parameters
+                // (the user's SQL; the reports' always have some) are described first and
+                // refused unless they return rows, before they run.
+                let described = if params.is_empty() {
+                    let columns = pg_columns(&mut tx, sql).await.map_err(timed_out)?;
+                    if columns.is_empty() {
+                        return Err(QueryError::WriteRefused(
+                            "the statement returns no rows: only questions (SELECT, VALUES, \
+                             TABLE, SHOW, EXPLAIN) run here, not COPY, SET, DO or CALL"
+                                .into(),
+                        ));
+                    }
+                    Some(columns)
+                } else {
+                    None
+                };
                 let mut q = sqlx::query(AssertSqlSafe(sql.to_string()));
                 for p in params {
                     q = match p {
@@ -242,7 +336,12 @@ impl ReadOnly {
                 let mut out = ResultSet::default();
                 {
                     let mut rows = q.fetch(&mut *tx);
-                    while let Some(row) = rows.try_next().await.map_err(sql_error)? {
+                    while let Some(row) = rows
+                        .try_next()
+                        .await
+                        .map_err(sql_error)
+                        .map_err(timed_out)?
+                    {
                         if out.columns.is_empty() {
                             out.columns =
                                 row.columns().iter().map(|c| c.name().to_string()).collect();
@@ -253,8 +352,74 @@ impl ReadOnly {
                         out.rows.push(pg_row(&row)?);
                     }
                 }
+                if out.columns.is_empty() {
+                    // No row to read the names from: the statement's description has them
+                    // (a CSV header and a table header for zero rows, as on SQLite).
+                    out.columns = match described {
+                        Some(columns) => columns,
+                        None => pg_columns(&mut tx, sql).await?,
+                    };
+                }
                 tx.rollback().await.map_err(sql_error)?;
                 Ok(out)
+            }
+        }
+    }
+}
+
+/// The names of the columns `sql` returns, from PostgreSQL's description of it (nothing
+/// runs).
+async fn pg_columns(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    sql: &str,
+) -> Result<Vec<String>, QueryError> {
+    let stmt = (&mut **tx)
+        .prepare(AssertSqlSafe(sql.to_string()).into_sql_str())
+        .await
+        .map_err(sql_error)?;
+    Ok(stmt
+        .columns()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect())
+}
+
+/// SQLite's values as PostgreSQL's types give them: 0/1 in a boolean column of the schema
+/// (found through the column's origin, views included) as a boolean, JSON text in a JSON
+/// column as the nested value. Anything else is left as it is, so a count or an
+/// expression stays a number.
+fn typed(rows: &mut sqlite_step::Rows) {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Plain,
+        Bool,
+        Json,
+    }
+    let kinds: Vec<Kind> = rows
+        .columns
+        .iter()
+        .zip(&rows.origins)
+        .map(|(name, origin)| match origin {
+            Some((t, c)) if BOOLEAN_COLUMNS.contains(&(t.as_str(), c.as_str())) => Kind::Bool,
+            Some((t, c)) if JSON_COLUMNS.contains(&(t.as_str(), c.as_str())) => Kind::Json,
+            None if BOOLEAN_EXPRESSIONS.contains(&name.as_str()) => Kind::Bool,
+            _ => Kind::Plain,
+        })
+        .collect();
+    if kinds.iter().all(|k| *k == Kind::Plain) {
+        return;
+    }
+    for row in &mut rows.rows {
+        for (v, kind) in row.iter_mut().zip(&kinds) {
+            match (kind, &*v) {
+                (Kind::Bool, Value::Number(n)) if n.as_i64() == Some(0) => *v = Value::Bool(false),
+                (Kind::Bool, Value::Number(n)) if n.as_i64() == Some(1) => *v = Value::Bool(true),
+                (Kind::Json, Value::String(text)) => {
+                    if let Ok(parsed) = serde_json::from_str::<Value>(text) {
+                        *v = parsed;
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -394,6 +559,8 @@ fn numeric(b: &[u8]) -> Result<Value, QueryError> {
 const SQLITE_READONLY: i64 = 8;
 /// PostgreSQL's SQLSTATE `read_only_sql_transaction`.
 const PG_READ_ONLY_SQL_TRANSACTION: &str = "25006";
+/// PostgreSQL's SQLSTATE `query_canceled`, which `statement_timeout` raises.
+const PG_QUERY_CANCELED: &str = "57014";
 
 /// Whether the database refused a statement because the connection is read-only, by the
 /// error code (never by the message text, which changes with versions and locales).
@@ -413,6 +580,10 @@ fn sql_error(e: sqlx::Error) -> QueryError {
         sqlx::Error::Database(d) if is_write_refused(d.as_ref()) => {
             QueryError::WriteRefused(d.message().to_string())
         }
+        // The timeout is filled in by the caller, which knows it.
+        sqlx::Error::Database(d) if d.code().as_deref() == Some(PG_QUERY_CANCELED) => {
+            QueryError::Timeout(Duration::ZERO)
+        }
         sqlx::Error::Database(d) => QueryError::Sql(d.message().to_string()),
         other => QueryError::Sql(other.to_string()),
     }
@@ -427,6 +598,10 @@ fn step_error(e: StepError) -> QueryError {
         StepError::Empty => QueryError::Empty,
         StepError::Several => QueryError::Several,
         StepError::TooManyRows => QueryError::TooManyRows,
+        StepError::NotReadOnly => {
+            QueryError::WriteRefused("the statement would change the database".into())
+        }
+        StepError::TimedOut => QueryError::Timeout(Duration::ZERO),
     }
 }
 
@@ -607,11 +782,23 @@ pub enum Format {
     Csv,
 }
 
+/// Writes `rs` with a header line (table, CSV).
 pub fn write(rs: &ResultSet, format: Format, out: &mut dyn Write) -> io::Result<()> {
+    write_with(rs, format, true, out)
+}
+
+/// Writes `rs`; `header` false leaves out the table's and the CSV's header line (`--no-header`:
+/// for `while read` loops and `cut`). JSON has no header.
+pub fn write_with(
+    rs: &ResultSet,
+    format: Format,
+    header: bool,
+    out: &mut dyn Write,
+) -> io::Result<()> {
     match format {
-        Format::Table => write_table(rs, out),
+        Format::Table => write_table_with(rs, header, out),
         Format::Json => write_json(rs, out),
-        Format::Csv => write_csv(rs, out),
+        Format::Csv => write_csv_with(rs, header, out),
     }
 }
 
@@ -623,23 +810,63 @@ fn cell(v: &Value) -> String {
     }
 }
 
+/// Line breaks and tabs: a table prints them as spaces, CSV quotes them.
+const BREAKS: [char; 3] = ['\n', '\r', '\t'];
+
+/// A cell for a terminal: whatever a database holds (rows stored before the protocol
+/// edge refused them, or SQL that builds them), control and invisible formatting
+/// characters are printed as visible escapes (`\u{1b}`), never as themselves.
+/// `keep` characters are left for the format to handle (CSV quotes line breaks).
+fn printable_cell(v: &Value, keep: &[char]) -> String {
+    let c = cell(v);
+    if !c
+        .chars()
+        .any(|ch| !keep.contains(&ch) && listenscope_core::record::is_unsafe_char(ch))
+    {
+        return c;
+    }
+    c.chars()
+        .map(|ch| {
+            if !keep.contains(&ch) && listenscope_core::record::is_unsafe_char(ch) {
+                ch.escape_unicode().to_string()
+            } else {
+                ch.to_string()
+            }
+        })
+        .collect()
+}
+
 pub fn write_table(rs: &ResultSet, out: &mut dyn Write) -> io::Result<()> {
+    write_table_with(rs, true, out)
+}
+
+/// Columns padded to their widest cell, then `(N rows)`; without `header`, only the rows
+/// (no header line, no count).
+fn write_table_with(rs: &ResultSet, header: bool, out: &mut dyn Write) -> io::Result<()> {
     if rs.columns.is_empty() {
-        return writeln!(out, "(no rows)");
+        return if header {
+            writeln!(out, "(no rows)")
+        } else {
+            Ok(())
+        };
     }
     // Columns padded to their widest cell (display width, so wide characters line up),
     // two spaces apart; built line by line, since reports can have 100,000 rows.
-    let header: Vec<String> = rs.columns.iter().map(|c| c.to_uppercase()).collect();
+    let names: Vec<String> = rs.columns.iter().map(|c| c.to_uppercase()).collect();
     let cells: Vec<Vec<String>> = rs
         .rows
         .iter()
         .map(|r| {
             r.iter()
-                .map(|v| cell(v).replace(['\n', '\r', '\t'], " "))
+                .map(|v| printable_cell(v, &BREAKS).replace(BREAKS, " "))
                 .collect()
         })
         .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.width()).collect();
+    let mut widths: Vec<usize> = if header {
+        names.iter().map(|h| h.width()).collect()
+    } else {
+        vec![0; names.len()]
+    };
     for row in &cells {
         for (w, c) in widths.iter_mut().zip(row) {
             *w = (*w).max(c.width());
@@ -657,9 +884,14 @@ pub fn write_table(rs: &ResultSet, out: &mut dyn Write) -> io::Result<()> {
         }
         writeln!(out, "{}", line.trim_end())
     };
-    emit(&header, out)?;
+    if header {
+        emit(&names, out)?;
+    }
     for row in &cells {
         emit(row, out)?;
+    }
+    if !header {
+        return Ok(());
     }
     writeln!(
         out,
@@ -682,12 +914,44 @@ pub fn write_json(rs: &ResultSet, out: &mut dyn Write) -> io::Result<()> {
             Value::Object(m)
         })
         .collect();
-    serde_json::to_writer(&mut *out, &rows).map_err(io::Error::other)?;
+    let mut ser = serde_json::Serializer::with_formatter(&mut *out, TerminalSafeJson);
+    serde::Serialize::serialize(&rows, &mut ser).map_err(io::Error::other)?;
     writeln!(out)
 }
 
-/// RFC 4180: a header line, fields quoted when they hold a comma, quote or line break.
+/// Compact JSON that also writes DEL, C1 controls and invisible formatting characters
+/// (bidi overrides, zero-width) as `\uXXXX` escapes, as it does C0 controls: still the
+/// same JSON values, but nothing in it can steer a terminal that shows it.
+struct TerminalSafeJson;
+
+impl serde_json::ser::Formatter for TerminalSafeJson {
+    fn write_string_fragment<W: ?Sized + Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        let mut start = 0;
+        for (i, c) in fragment.char_indices() {
+            // Every unsafe character here is in the Basic Multilingual Plane.
+            if listenscope_core::record::is_unsafe_char(c) {
+                writer.write_all(&fragment.as_bytes()[start..i])?;
+                write!(writer, "\\u{:04x}", u32::from(c))?;
+                start = i + c.len_utf8();
+            }
+        }
+        writer.write_all(&fragment.as_bytes()[start..])
+    }
+}
+
 pub fn write_csv(rs: &ResultSet, out: &mut dyn Write) -> io::Result<()> {
+    write_csv_with(rs, true, out)
+}
+
+/// RFC 4180 fields (quoted when they hold a comma, quote or line break), lines ended by
+/// LF as Unix tools expect (RFC 4180's CRLF breaks `cut`, `grep $`, `while read`); the
+/// header line even for zero rows, unless `header` is false. Nested JSON values (e.g.
+/// `process_details`) are written as JSON text.
+fn write_csv_with(rs: &ResultSet, header: bool, out: &mut dyn Write) -> io::Result<()> {
     fn field(s: &str) -> String {
         if s.contains([',', '"', '\n', '\r']) {
             format!("\"{}\"", s.replace('"', "\"\""))
@@ -696,9 +960,15 @@ pub fn write_csv(rs: &ResultSet, out: &mut dyn Write) -> io::Result<()> {
         }
     }
     let line = |cells: Vec<String>| cells.iter().map(|c| field(c)).collect::<Vec<_>>().join(",");
-    write!(out, "{}\r\n", line(rs.columns.clone()))?;
+    if header {
+        writeln!(out, "{}", line(rs.columns.clone()))?;
+    }
     for r in &rs.rows {
-        write!(out, "{}\r\n", line(r.iter().map(cell).collect()))?;
+        writeln!(
+            out,
+            "{}",
+            line(r.iter().map(|v| printable_cell(v, &BREAKS)).collect())
+        )?;
     }
     Ok(())
 }
@@ -721,13 +991,88 @@ mod tests {
         }
     }
 
+    /// Terminal escapes and bidi overrides already in a database print as visible text in
+    /// tables and CSV (JSON escapes them itself, as `\u001b`; a bidi override too).
+    #[test]
+    fn hostile_cells_print_escaped() {
+        let rs = ResultSet {
+            columns: vec!["comm".into(), "details".into()],
+            rows: vec![vec![
+                Value::from("\u{1b}]0;pwned\u{7}ev\u{202e}il\nx"),
+                serde_json::json!([{"comm": "a\u{202e}b"}]),
+            ]],
+        };
+        let mut table = Vec::new();
+        write_table(&rs, &mut table).unwrap();
+        let table = String::from_utf8(table).unwrap();
+        assert!(
+            table.contains(r"\u{1b}]0;pwned\u{7}ev\u{202e}il x"),
+            "{table}"
+        );
+        assert!(table.contains(r"a\u{202e}b"), "{table}");
+        let mut csv = Vec::new();
+        write_csv(&rs, &mut csv).unwrap();
+        let csv = String::from_utf8(csv).unwrap();
+        assert!(
+            csv.contains("\"\\u{1b}]0;pwned\\u{7}ev\\u{202e}il\nx\""),
+            "{csv}"
+        );
+        let mut json = Vec::new();
+        write_json(&rs, &mut json).unwrap();
+        let json = String::from_utf8(json).unwrap();
+        assert!(json.contains(r"ev\u202eil"), "{json}");
+        assert!(
+            !json
+                .trim_end()
+                .chars()
+                .any(listenscope_core::record::is_unsafe_char),
+            "{json:?}"
+        );
+        // Still the same values.
+        let back: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(back[0]["comm"], rs.rows[0][0]);
+        assert_eq!(back[0]["details"], rs.rows[0][1]);
+        for text in [&table, &csv] {
+            assert!(
+                !text
+                    .chars()
+                    .any(|c| c != '\n' && listenscope_core::record::is_unsafe_char(c)),
+                "{text:?}"
+            );
+        }
+    }
+
     #[test]
     fn csv_quotes() {
         let mut out = Vec::new();
         write_csv(&rs(), &mut out).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "host,port,note\r\nh1,80,\r\nh2,443,\"a,\"\"b\"\"\nc\"\r\n"
+            "host,port,note\nh1,80,\nh2,443,\"a,\"\"b\"\"\nc\"\n"
+        );
+        let mut out = Vec::new();
+        write_with(&rs(), Format::Csv, false, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "h1,80,\nh2,443,\"a,\"\"b\"\"\nc\"\n"
+        );
+        // Zero rows: the header alone (a CSV reader still learns the columns).
+        let empty = ResultSet {
+            columns: rs().columns,
+            rows: vec![],
+        };
+        let mut out = Vec::new();
+        write_csv(&empty, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "host,port,note\n");
+    }
+
+    #[test]
+    fn table_without_header() {
+        let mut out = Vec::new();
+        write_with(&rs(), Format::Table, false, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "h1  80\nh2  443  a,\"b\" c\n"
         );
     }
 

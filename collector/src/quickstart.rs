@@ -34,8 +34,16 @@ pub struct Args {
     pub db: Option<String>,
 }
 
-/// How long to wait for the first snapshot to be stored.
+/// How long to wait for this run's snapshot to be stored.
 const FIRST_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Inventory rows printed; the rest is counted, with the command that shows them all (a
+/// busy host has thousands of listeners, and the headline must not scroll away).
+const INVENTORY_ROWS: usize = 20;
+
+/// The columns of the inventory, for the printed rows and the command that shows all.
+const INVENTORY_COLUMNS: &str = "netns, netstat_proto AS proto, shown_as, reach_ipv4, reach_ipv6, v6only, trap, \
+     effective_ipv4 AS firewall_ipv4, effective_ipv6 AS firewall_ipv6, processes";
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
     let dir = &a.state_dir;
@@ -71,10 +79,16 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     )?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    println!(
-        "  collector     https://{addr} (in this process, until the first snapshot is stored)"
-    );
+    println!("  collector     https://{addr} (in this process, until this run's scan is stored)");
 
+    // This run's data is what its agent observes from now on. An earlier run's snapshot is
+    // in the same database (same host, same certificate): waiting for "a snapshot" found
+    // that one at once, stopped this run's agent before it connected, and printed the old
+    // inventory as new. Millisecond precision: what SQLite stores.
+    let started = {
+        let now = time::OffsetDateTime::now_utc();
+        now.replace_millisecond(now.millisecond()).unwrap_or(now)
+    };
     let stop_server = CancellationToken::new();
     let server = tokio::spawn(server::serve(
         listener,
@@ -103,34 +117,21 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     ));
 
     let ro = ReadOnly::open(&db).await?;
-    let stored = wait_for_snapshot(&ro, &host).await;
+    let stored = wait_for_snapshot(&ro, &host, started).await;
     stop_agent.cancel();
     let _ = agent.await;
     stop_server.cancel();
     server.await.context("collector task")??;
-    let seq = stored?;
-    println!("  agent         scanned this host; snapshot {seq} stored");
+    let observed = stored?;
+    println!(
+        "  agent         scanned this host at {} UTC; stored (everything below is from this \
+         scan; earlier runs stay in the database as history)",
+        crate::timefmt::format(observed)
+    );
     println!();
 
-    let inventory = ro
-        .run(
-            ro.pick(
-                "SELECT netns, netstat_proto AS proto, shown_as, reach_ipv4, reach_ipv6, v6only, trap,
-                        effective_ipv4 AS firewall_ipv4, effective_ipv6 AS firewall_ipv6, processes
-                 FROM current_listeners WHERE host = ?1
-                 ORDER BY netns = 'host' DESC, netns, protocol, port, family",
-                "SELECT netns, netstat_proto AS proto, shown_as, reach_ipv4, reach_ipv6, v6only, trap,
-                        effective_ipv4 AS firewall_ipv4, effective_ipv6 AS firewall_ipv6, processes
-                 FROM current_listeners WHERE host = $1
-                 ORDER BY netns = 'host' DESC, netns, protocol, port, family",
-            ),
-            &[Param::Text(Some(host.clone()))],
-        )
-        .await?;
-    println!("Inventory of {host} (view current_listeners):");
+    // The headline first: the question listenscope exists to answer.
     let mut out = std::io::stdout().lock();
-    query::write(&inventory, Format::Table, &mut out)?;
-    println!();
     let headline = query::exposure(&ro, None, None, None).await?.rows;
     println!(
         "Reachable over IPv4 although netstat shows only IPv6 lines (view hidden_ipv4_exposure):"
@@ -140,13 +141,72 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     } else {
         query::write(&headline, Format::Table, &mut out)?;
     }
-    ro.close().await;
+    println!();
+
+    // Then the inventory, bounded: counts, and the most exposed rows.
     let db_arg = db.to_string();
+    let counts = ro
+        .run(
+            ro.pick(
+                "SELECT reach_ipv4, effective_ipv4 AS firewall_ipv4, count(*) AS listeners
+                 FROM current_listeners WHERE host = ?1
+                 GROUP BY reach_ipv4, effective_ipv4 ORDER BY count(*) DESC, 1, 2",
+                "SELECT reach_ipv4, effective_ipv4 AS firewall_ipv4, count(*) AS listeners
+                 FROM current_listeners WHERE host = $1
+                 GROUP BY reach_ipv4, effective_ipv4 ORDER BY count(*) DESC, 1, 2",
+            ),
+            &[Param::Text(Some(host.clone()))],
+        )
+        .await?;
+    let total: u64 = counts
+        .rows
+        .iter()
+        .filter_map(|r| r.get(2).and_then(serde_json::Value::as_u64))
+        .sum();
+    println!(
+        "Inventory of {host}: {total} listener{} (view current_listeners), by IPv4 reach and \
+         firewall verdict:",
+        if total == 1 { "" } else { "s" }
+    );
+    query::write(&counts, Format::Table, &mut out)?;
+    println!();
+    let order = format!(
+        "ORDER BY {} DESC, {} DESC, netns = 'host' DESC, netns, protocol, port, family",
+        crate::store::row::rank_sql("effective_ipv4"),
+        crate::store::row::rank_sql("effective_ipv6"),
+    );
+    let top = ro
+        .run(
+            &format!(
+                "SELECT {INVENTORY_COLUMNS} FROM current_listeners WHERE host = {} {order} \
+                 LIMIT {INVENTORY_ROWS}",
+                ro.pick("?1", "$1")
+            ),
+            &[Param::Text(Some(host.clone()))],
+        )
+        .await?;
+    let shown = top.rows.len() as u64;
+    if shown < total {
+        println!("The {shown} most exposed (firewall verdict, then namespace and port):");
+    }
+    query::write(&top, Format::Table, &mut out)?;
+    ro.close().await;
+    let all = format!(
+        "listenscope-collector query --db {db_arg} \"SELECT {INVENTORY_COLUMNS} FROM \
+         current_listeners WHERE host = '{host}' ORDER BY netns, protocol, port, family\""
+    );
+    if shown < total {
+        println!("… and {} more. All of them:", total - shown);
+        println!("  {all}");
+    }
     println!();
     println!("Next:");
-    println!("  listenscope-collector query --db {db_arg} \"SELECT * FROM current_listeners\"");
+    if shown >= total {
+        println!("  {all}");
+    }
     println!("  listenscope-collector exposure --db {db_arg} --port 80");
     println!("  listenscope-collector hosts --db {db_arg}");
+    println!("  listenscope-collector diff --db {db_arg} --since 1h");
     println!("  A real fleet: README.md, \"Running a fleet\".");
     Ok(())
 }
@@ -159,40 +219,49 @@ fn ensure_certs(dir: &Path, host: &str) -> anyhow::Result<bool> {
         created = true;
     }
     if !dir.join(format!("{host}.pem")).exists() {
-        pki::issue(dir, host, 825)?;
+        // A key left without its certificate (an interrupted run) is replaced.
+        pki::issue_with(dir, host, 825, true)?;
         created = true;
     }
     Ok(created)
 }
 
-/// `host.committed_seq`, read by name.
-struct CommittedSeq(i64);
+/// `host.last_snapshot_at`, read by name.
+struct SnapshotAt(time::OffsetDateTime);
 
-impl FromRow for CommittedSeq {
+impl FromRow for SnapshotAt {
     fn from_row(r: &Named<'_>) -> Result<Self, QueryError> {
-        Ok(CommittedSeq(r.int("committed_seq")?))
+        let text = r.text("last_snapshot_at")?;
+        crate::timefmt::parse(&text)
+            .map(SnapshotAt)
+            .map_err(|e| QueryError::Sql(format!("last_snapshot_at {text:?}: {e}")))
     }
 }
 
-/// Polls the store until `host` has a committed sequence.
-async fn wait_for_snapshot(ro: &ReadOnly, host: &str) -> anyhow::Result<i64> {
+/// Polls the store until `host` has a snapshot observed at or after `since` (this run's
+/// agent's), and returns its observation time.
+async fn wait_for_snapshot(
+    ro: &ReadOnly,
+    host: &str,
+    since: time::OffsetDateTime,
+) -> anyhow::Result<time::OffsetDateTime> {
     let deadline = tokio::time::Instant::now() + FIRST_SNAPSHOT_TIMEOUT;
     loop {
         let rs = ro
             .run(
                 ro.pick(
-                    "SELECT committed_seq FROM host WHERE name = ?1 AND last_snapshot_at IS NOT NULL",
-                    "SELECT committed_seq FROM host WHERE name = $1 AND last_snapshot_at IS NOT NULL",
+                    "SELECT last_snapshot_at FROM host WHERE name = ?1 AND last_snapshot_at >= ?2",
+                    "SELECT last_snapshot_at FROM host WHERE name = $1 AND last_snapshot_at >= $2",
                 ),
-                &[Param::Text(Some(host.to_string()))],
+                &[Param::Text(Some(host.to_string())), Param::Time(since)],
             )
             .await?;
-        if let Some(seq) = rs.decode::<CommittedSeq>()?.first() {
-            return Ok(seq.0);
+        if let Some(at) = rs.decode::<SnapshotAt>()?.first() {
+            return Ok(at.0);
         }
         if tokio::time::Instant::now() > deadline {
             bail!(
-                "the agent's first snapshot was not stored within {}s; run with LISTENSCOPE_LOG=info to see why",
+                "this run's scan was not stored within {}s; run with LISTENSCOPE_LOG=info to see why",
                 FIRST_SNAPSHOT_TIMEOUT.as_secs()
             );
         }

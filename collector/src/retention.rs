@@ -22,9 +22,20 @@ pub fn every(retain: Duration) -> Duration {
     (retain / 10).clamp(Duration::from_secs(60), Duration::from_secs(3600))
 }
 
+/// `now - retain`, or `None` when that is before the first representable date (nothing
+/// can have ended then). Checked: the retention task must never panic, since the server
+/// would go on without pruning. (`--retain` is at most 100 years where it is parsed.)
+pub fn cutoff(now: OffsetDateTime, retain: Duration) -> Option<OffsetDateTime> {
+    time::Duration::try_from(retain)
+        .ok()
+        .and_then(|r| now.checked_sub(r))
+}
+
 /// Prunes everything that ended before `now - retain`; returns rows deleted.
 pub async fn prune_once(store: &Store, retain: Duration, stop: &CancellationToken) -> u64 {
-    let cutoff = OffsetDateTime::now_utc() - retain;
+    let Some(cutoff) = cutoff(OffsetDateTime::now_utc(), retain) else {
+        return 0;
+    };
     let mut total = 0;
     loop {
         if stop.is_cancelled() {
@@ -41,7 +52,7 @@ pub async fn prune_once(store: &Store, retain: Duration, stop: &CancellationToke
         tokio::time::sleep(PAUSE).await;
     }
     if total > 0 {
-        tracing::info!(rows = total, cutoff = %cutoff, "Pruned history.");
+        tracing::info!(rows = total, cutoff = %crate::timefmt::format(cutoff), "Pruned history.");
     }
     total
 }
@@ -72,5 +83,18 @@ mod tests {
             every(Duration::from_secs(3 * 3600)),
             Duration::from_secs(1080)
         );
+        assert_eq!(every(Duration::MAX), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn cutoff_never_overflows() {
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        assert_eq!(
+            cutoff(now, Duration::from_secs(3600)),
+            Some(now - time::Duration::hours(1))
+        );
+        assert!(cutoff(now, listenscope_core::config::MAX_DURATION).is_some());
+        assert_eq!(cutoff(now, Duration::MAX), None);
+        assert_eq!(cutoff(now, Duration::from_secs(99_999_999 * 86_400)), None);
     }
 }

@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::ingest::{self, Limits};
 use crate::store::Store;
-use crate::tls;
+use crate::tls::{self, RateLimited};
 
 /// HTTP/2 flow-control window of each agent stream: an agent may have this many bytes in
 /// flight before the collector has read them. Kept under the 8 KiB initial size of the
@@ -37,6 +37,10 @@ const STREAM_WINDOW: u32 = 7 * 1024;
 
 /// How long shutdown waits for sessions to finish their current message.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long shutdown then waits for peers to close their connections after the GOAWAY.
+/// `DRAIN_TIMEOUT` plus this stays under systemd's `TimeoutStopSec=30` of the unit.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The `listenscope.v1.Inventory` service.
 #[derive(Debug, Clone)]
@@ -57,39 +61,6 @@ pub struct InventoryService {
     refusals: Arc<RateLimited>,
     /// Places for sessions processing a message ([`Limits::in_flight`]).
     in_flight: Arc<Semaphore>,
-}
-
-/// Logs a repeated event at most once per interval, with the count in between.
-#[derive(Debug, Default)]
-struct RateLimited {
-    /// Milliseconds since `start` of the last line logged (0: never).
-    last_ms: AtomicU64,
-    suppressed: AtomicU64,
-    start: std::sync::OnceLock<std::time::Instant>,
-}
-
-impl RateLimited {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    /// `Some(n)`: log now, `n` events were not logged since the last line.
-    fn hit(&self) -> Option<u64> {
-        let start = self.start.get_or_init(std::time::Instant::now);
-        let now = start.elapsed().as_millis() as u64 + 1;
-        let last = self.last_ms.load(Ordering::Relaxed);
-        if last != 0 && now - last < Self::EVERY.as_millis() as u64 {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        if self
-            .last_ms
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-        {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
-    }
 }
 
 #[tonic::async_trait]
@@ -299,7 +270,19 @@ pub async fn serve(
         }
         () = drain => {}
     }
-    let served = server.await;
+    // Every session has answered its last message. Connections close once their peers
+    // read the GOAWAY; one whose peer cannot (frozen, cut off) would hold the process
+    // until its keepalive expires (50 s, past systemd's stop timeout): close it.
+    let served = match tokio::time::timeout(CLOSE_TIMEOUT, &mut server).await {
+        Ok(served) => served,
+        Err(_) => {
+            tracing::info!(
+                after_secs = CLOSE_TIMEOUT.as_secs(),
+                "Closing connections whose peers did not close them."
+            );
+            Ok(())
+        }
+    };
     store.close().await;
     tracing::info!("Collector stopped.");
     Ok(served?)

@@ -5,11 +5,12 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use listenscope_core::pem::{TlsFileError, identity_of, load_certs, load_identity};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, RootCertStore, ServerConfig};
+use rustls::{AlertDescription, CertificateError, RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
@@ -25,15 +26,29 @@ const MAX_HANDSHAKES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
-    #[error(transparent)]
-    File(#[from] TlsFileError),
+    /// The message is whole (file, cause, fix); not a `source()`, so anyhow's `{:#}` does
+    /// not print the I/O error a second time.
+    #[error("{0}")]
+    File(TlsFileError),
     #[error("{}: not usable as a CA: {detail}", path.display())]
     Ca {
         path: std::path::PathBuf,
         detail: String,
     },
     #[error("TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
+    Config(rustls::Error),
+}
+
+impl From<rustls::Error> for TlsSetupError {
+    fn from(e: rustls::Error) -> Self {
+        TlsSetupError::Config(e)
+    }
+}
+
+impl From<TlsFileError> for TlsSetupError {
+    fn from(e: TlsFileError) -> Self {
+        TlsSetupError::File(e)
+    }
 }
 
 /// Server configuration: our certificate, client certificates required and verified
@@ -67,26 +82,195 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// Why a TLS handshake was refused: its metric label (`reason`) and what to do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NoCertificate,
+    UnknownCa,
+    Expired,
+    NotYetValid,
+    BadCertificate,
+    /// The client refused *our* certificate (it sent an alert): an agent whose CA file or
+    /// server name does not match this collector.
+    ServerCertificateRefused,
+    Handshake,
+    Timeout,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 8] = [
+        Refusal::NoCertificate,
+        Refusal::UnknownCa,
+        Refusal::Expired,
+        Refusal::NotYetValid,
+        Refusal::BadCertificate,
+        Refusal::ServerCertificateRefused,
+        Refusal::Handshake,
+        Refusal::Timeout,
+    ];
+
+    /// Why `err` (from a TLS accept) happened.
+    pub fn of(err: &std::io::Error) -> Refusal {
+        let Some(tls) = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        else {
+            return Refusal::Handshake;
+        };
+        match tls {
+            rustls::Error::NoCertificatesPresented => Refusal::NoCertificate,
+            rustls::Error::InvalidCertificate(c) => match c {
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    Refusal::Expired
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    Refusal::NotYetValid
+                }
+                // Another CA: unknown by name, or same name and a signature ours does not
+                // make.
+                CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                    Refusal::UnknownCa
+                }
+                _ => Refusal::BadCertificate,
+            },
+            rustls::Error::AlertReceived(
+                AlertDescription::BadCertificate
+                | AlertDescription::UnknownCA
+                | AlertDescription::CertificateExpired
+                | AlertDescription::CertificateUnknown
+                | AlertDescription::CertificateRevoked
+                | AlertDescription::UnsupportedCertificate
+                | AlertDescription::AccessDenied
+                // A CA of the same name that did not sign our certificate (rustls sends it
+                // for a bad signature in our chain).
+                | AlertDescription::DecryptError,
+            ) => Refusal::ServerCertificateRefused,
+            _ => Refusal::Handshake,
+        }
+    }
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::NoCertificate => "no_certificate",
+            Refusal::UnknownCa => "unknown_ca",
+            Refusal::Expired => "expired",
+            Refusal::NotYetValid => "not_yet_valid",
+            Refusal::BadCertificate => "bad_certificate",
+            Refusal::ServerCertificateRefused => "server_certificate_refused",
+            Refusal::Handshake => "handshake",
+            Refusal::Timeout => "timeout",
+        }
+    }
+
+    /// What the operator does about it.
+    pub fn fix(self) -> &'static str {
+        match self {
+            Refusal::NoCertificate => {
+                "the client sent no certificate: give the agent --tls-cert and --tls-key \
+                 (`listenscope-collector certs issue --dir DIR --host NAME`)"
+            }
+            Refusal::UnknownCa => {
+                "the client certificate is not signed by this collector's --tls-ca: issue the \
+                 agent's certificate from that CA (`certs issue`), or give the collector the \
+                 CA that signed it"
+            }
+            Refusal::Expired => {
+                "the client certificate expired: issue a new one (`certs issue --host NAME \
+                 --force`) and install it on the agent"
+            }
+            Refusal::NotYetValid => {
+                "the client certificate is not valid yet: check the clocks of the agent's host \
+                 and of this one"
+            }
+            Refusal::BadCertificate => {
+                "the client certificate is unusable for an agent (see detail): issue one with \
+                 `certs issue`"
+            }
+            Refusal::ServerCertificateRefused => {
+                "the client does not accept this collector's certificate: give the agent the \
+                 CA that signed --tls-cert as its --tls-ca, and a --server-name (or collector \
+                 URL host) that the certificate names (`certs init --server-name`)"
+            }
+            Refusal::Handshake => {
+                "the TLS handshake failed (see detail): is the client an agent speaking TLS \
+                 to this port?"
+            }
+            Refusal::Timeout => {
+                "the client did not finish its TLS handshake in time: a slow or lossy network, \
+                 or not a TLS client"
+            }
+        }
+    }
+
+    fn index(self) -> usize {
+        Refusal::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
 /// Why a handshake failed, as a metric label.
 pub fn reject_reason(err: &std::io::Error) -> &'static str {
-    let Some(tls) = err
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>())
-    else {
-        return "handshake";
-    };
-    match tls {
-        rustls::Error::NoCertificatesPresented => "no_certificate",
-        rustls::Error::InvalidCertificate(c) => match c {
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                "not_yet_valid"
-            }
-            // Another CA: unknown by name, or same name and a signature ours does not make.
-            CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown_ca",
-            _ => "bad_certificate",
-        },
-        _ => "handshake",
+    Refusal::of(err).label()
+}
+
+/// Logs a repeated event at most once per interval, with the count in between.
+#[derive(Debug, Default)]
+pub(crate) struct RateLimited {
+    /// Milliseconds since `start` of the last line logged (0: never).
+    last_ms: AtomicU64,
+    suppressed: AtomicU64,
+    start: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl RateLimited {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// `Some(n)`: log now, `n` events were not logged since the last line.
+    pub(crate) fn hit(&self) -> Option<u64> {
+        let start = self.start.get_or_init(std::time::Instant::now);
+        let now = start.elapsed().as_millis() as u64 + 1;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if last != 0 && now - last < Self::EVERY.as_millis() as u64 {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        if self
+            .last_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// Refused handshakes: one log line per reason and interval (a fleet rolled out with the
+/// wrong CA must not flood the log), every one counted.
+#[derive(Debug, Default)]
+struct Refusals {
+    lines: [RateLimited; Refusal::ALL.len()],
+}
+
+impl Refusals {
+    fn refused(&self, peer: SocketAddr, refusal: Refusal, detail: &str, closed: bool) {
+        metrics::counter!(m::REJECTED_CONNECTIONS, "reason" => refusal.label()).increment(1);
+        if refusal == Refusal::Handshake && closed {
+            // Closed before a handshake: a TCP probe or a port scan, not an agent.
+            tracing::debug!(%peer, detail, "Connection closed during the TLS handshake.");
+            return;
+        }
+        if let Some(more) = self.lines[refusal.index()].hit() {
+            tracing::warn!(
+                %peer,
+                reason = refusal.label(),
+                detail,
+                fix = refusal.fix(),
+                refused_since_last_line = more,
+                "Connection refused."
+            );
+        }
     }
 }
 
@@ -99,6 +283,7 @@ pub fn accept_loop(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let refusals = Arc::new(Refusals::default());
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -118,24 +303,30 @@ pub fn accept_loop(
             }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let refusals = Arc::clone(&refusals);
             tokio::spawn(async move {
                 let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
-                    Ok(Err(e)) => refused(peer, reject_reason(&e), &e.to_string()),
-                    Err(_) => refused(peer, "timeout", "handshake took too long"),
+                    Ok(Err(e)) => refusals.refused(
+                        peer,
+                        Refusal::of(&e),
+                        &e.to_string(),
+                        e.kind() == std::io::ErrorKind::UnexpectedEof,
+                    ),
+                    Err(_) => refusals.refused(
+                        peer,
+                        Refusal::Timeout,
+                        &format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+                        false,
+                    ),
                 }
             });
         }
     });
     rx
-}
-
-fn refused(peer: SocketAddr, reason: &'static str, detail: &str) {
-    metrics::counter!(m::REJECTED_CONNECTIONS, "reason" => reason).increment(1);
-    tracing::warn!(%peer, reason, detail, "Connection refused.");
 }
 
 /// The host name a session writes as: the client certificate's DNS SAN, else its CN.
@@ -200,6 +391,16 @@ mod tests {
             ))),
             "expired"
         );
+        assert_eq!(
+            reject_reason(&wrap(rustls::Error::AlertReceived(
+                AlertDescription::UnknownCA
+            ))),
+            "server_certificate_refused"
+        );
         assert_eq!(reject_reason(&std::io::Error::other("eof")), "handshake");
+        // Every reason is a documented label value.
+        for r in Refusal::ALL {
+            assert!(m::REJECT_REASONS.contains(&r.label()), "{r:?}");
+        }
     }
 }

@@ -43,7 +43,6 @@ use std::time::{Duration, Instant};
 
 use listenscope_collector::store::DbUrl;
 use listenscope_collector::timefmt::format as fmt_time;
-use serde_json::Value;
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 use time::OffsetDateTime;
@@ -81,8 +80,18 @@ async fn create_database(server: &PgServer, name: &str, tablespace: Option<&str>
         "postgres://listenscope@127.0.0.1:{}/{name}",
         server.port
     ));
-    let rs = q(&db, "SELECT current_setting('synchronous_commit')", &[]).await;
-    assert_eq!(rs.rows[0][0], Value::from("on"), "synchronous_commit");
+    // On a connection of its own: the reports' read-only open refuses a database the
+    // collector has not created its tables in yet.
+    let DbUrl::Postgres(url) = &db else {
+        unreachable!()
+    };
+    let mut c = PgConnection::connect(url).await.expect("connect");
+    let (sync,): (String,) = sqlx::query_as("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    let _ = c.close().await;
+    assert_eq!(sync, "on", "synchronous_commit");
     db
 }
 

@@ -86,7 +86,9 @@ fn counter(text: &str, name: &str, label: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
-#[tokio::test]
+// Multi-threaded: the test blocks in `terminate()` while the collector waits for this
+// process to close its connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_clients_store_nothing_and_are_counted() {
     let pki = Pki::new(&["h1"]);
     let stranger = Pki::new(&["h1"]); // another CA, same host name
@@ -220,7 +222,9 @@ async fn a_host_writes_only_its_own_rows() {
 /// `rejected_connections_total{reason="session_limit"}` (not as an invalid message), and
 /// logged once per interval with the number refused in between; a slot that frees up is
 /// used again.
-#[tokio::test]
+// Multi-threaded: the test blocks in `terminate()` while the collector waits for this
+// process to close its connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_past_the_cap_are_refused_counted_and_logged() {
     let pki = Pki::new(&["h1", "h2", "h3"]);
     let dir = TempDir::new("cap");
@@ -296,5 +300,91 @@ async fn sessions_past_the_cap_are_refused_counted_and_logged() {
         },
     )
     .await;
+    assert_eq!(collector.terminate().code(), Some(0));
+}
+
+/// Each refused handshake is counted; the log says, once per reason and interval, who
+/// was refused, why and what to do (a fleet rolled out with the wrong CA must not flood
+/// the log). An agent that distrusts the collector's certificate is told apart from one
+/// the collector distrusts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_logged_once_per_reason_with_the_fix() {
+    let pki = Pki::new(&["h1"]);
+    let stranger = Pki::new(&["h1"]);
+    let (exp_cert, exp_key) = expired_cert(&pki, "h3");
+    let dir = TempDir::new("refusal-log");
+    let db = DbUrl::Sqlite(dir.path().join("ls.db"));
+    let addr = free_port("127.0.0.1");
+    let maddr = free_port("127.0.0.1");
+    let log = dir.path().join("collector.log");
+    let mut collector = spawn_collector(&pki, &db, addr, Some(maddr), &log);
+    wait_listening(addr).await;
+    wait_listening(maddr).await;
+
+    let ca = pki.path("ca.pem");
+    let foreign = (stranger.path("h1.pem"), stranger.path("h1.key"));
+    for _ in 0..2 {
+        expect_refused(addr, &ca, None).await;
+        expect_refused(addr, &ca, Some((&foreign.0, &foreign.1))).await;
+    }
+    expect_refused(addr, &ca, Some((&exp_cert, &exp_key))).await;
+    // A TCP probe (connect, close): counted, not logged as a refused agent.
+    drop(tokio::net::TcpStream::connect(addr).await.unwrap());
+    // Our own certificate, but the agent trusts another CA: it refuses the collector.
+    expect_refused(
+        addr,
+        &stranger.path("ca.pem"),
+        Some((&pki.path("h1.pem"), &pki.path("h1.key"))),
+    )
+    .await;
+
+    wait_for_async(Duration::from_secs(10), "every refusal counted", || async {
+        let text = metrics(maddr).await;
+        let n = |r: &str| {
+            counter(
+                &text,
+                "listenscope_rejected_connections_total",
+                &format!("reason=\"{r}\""),
+            )
+        };
+        if n("no_certificate") >= 2
+            && n("unknown_ca") >= 2
+            && n("expired") >= 1
+            && n("server_certificate_refused") >= 1
+            && n("handshake") >= 2
+        {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines = |reason: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| {
+                l.contains("Connection refused.") && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .map(str::to_string)
+            .collect()
+    };
+    for (reason, fix) in [
+        ("no_certificate", "give the agent --tls-cert and --tls-key"),
+        ("unknown_ca", "not signed by this collector's --tls-ca"),
+        ("expired", "certs issue --host NAME --force"),
+        (
+            "server_certificate_refused",
+            "give the agent the CA that signed --tls-cert",
+        ),
+    ] {
+        let l = lines(reason);
+        assert_eq!(l.len(), 1, "one line per reason and interval: {text}");
+        assert!(l[0].contains("peer=127.0.0.1:"), "{}", l[0]);
+        assert!(l[0].contains(fix), "{}", l[0]);
+    }
+    assert!(
+        lines("handshake").is_empty(),
+        "probes are not refused agents: {text}"
+    );
     assert_eq!(collector.terminate().code(), Some(0));
 }

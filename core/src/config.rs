@@ -7,19 +7,40 @@ use std::time::Duration;
 /// adding them to a date would overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 
+/// Why a duration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("empty duration; use e.g. 10s, 5m, 24h, 90d")]
+    Empty,
+    #[error("{0:?} is not a duration ({1}); use e.g. 10s, 5m, 24h, 90d")]
+    Invalid(String, String),
+    #[error(
+        "{0:?} is out of range: a duration is between 1ns and 100 years (36500d); use e.g. \
+         90d or 52w"
+    )]
+    OutOfRange(String),
+}
+
 /// "10s", "500ms", "5m", "24h", "90d", "1h30m", "2w" → Duration (humantime's grammar),
 /// at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    try_parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// [`parse_duration`] with the cause as a value, for callers that branch on it.
+pub fn try_parse_duration(s: &str) -> Result<Duration, DurationError> {
     let s = s.trim();
     if s.is_empty() {
-        return Err("empty duration; use e.g. 10s, 5m, 24h, 90d".into());
+        return Err(DurationError::Empty);
     }
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 10s, 5m, 24h, 90d"))?;
+    let d = humantime::parse_duration(s).map_err(|e| match e {
+        // humantime's own words for an overflow ("number is too large or cannot be
+        // represented…") name no range; a fraction below 1ns is its other case.
+        humantime::DurationError::NumberOverflow => DurationError::OutOfRange(s.into()),
+        e => DurationError::Invalid(s.into(), e.to_string()),
+    })?;
     if d > MAX_DURATION {
-        return Err(format!(
-            "{s:?} is longer than 100 years; use e.g. 90d or 52w"
-        ));
+        return Err(DurationError::OutOfRange(s.into()));
     }
     Ok(d)
 }
@@ -63,9 +84,17 @@ mod tests {
         assert!(
             parse_duration("99999999d")
                 .unwrap_err()
-                .contains("100 years")
+                .contains("100 years (36500d)")
         );
-        assert!(parse_duration("99999999999999999999999s").is_err());
+        for huge in [
+            "99999999999999999999999s",
+            "36501d",
+            "18446744073709551615s",
+        ] {
+            let e = parse_duration(huge).unwrap_err();
+            assert!(e.contains("out of range") && e.contains("36500d"), "{e}");
+        }
+        assert_eq!(parse_duration("36500d"), Ok(MAX_DURATION));
     }
 
     #[test]

@@ -49,7 +49,10 @@ pub fn init(format: LogFormat, default: &str) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A closed stderr (`run 2>&1 | head -1`) must not panic: tracing-subscriber reports
+        // a failed write with eprintln!, which panics when stderr is gone.
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

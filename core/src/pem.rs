@@ -17,7 +17,7 @@ const ISSUE_HINT: &str = "create one with `listenscope-collector certs issue --d
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsFileError {
-    #[error("{}: cannot read it: {source}; {ISSUE_HINT}", path.display())]
+    #[error("{}: cannot read it: {source}; {}", path.display(), read_hint(source))]
     Read { path: PathBuf, source: io::Error },
     #[error(
         "{}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----); is it the key file?",
@@ -50,6 +50,41 @@ pub enum TlsFileError {
     KeyMismatch { cert: PathBuf, key: PathBuf },
     #[error("{}: unusable private key: {detail}", path.display())]
     BadKey { path: PathBuf, detail: String },
+    #[error(
+        "{}: private key open to {who} (mode {mode:04o}); restrict it with `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    KeyMode {
+        path: PathBuf,
+        mode: u32,
+        /// "other users", or "its group" (allowed, read only, when root owns the file).
+        who: &'static str,
+    },
+    #[error(
+        "{}: private key owned by uid {owner}, neither root nor the user running this \
+         program (uid {euid}), who could replace it; `chown {euid} {}` (or root)",
+        path.display(),
+        path.display()
+    )]
+    KeyOwner {
+        path: PathBuf,
+        owner: u32,
+        euid: u32,
+    },
+}
+
+/// The fix for a file that cannot be read, by cause.
+fn read_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::NotFound => ISSUE_HINT,
+        io::ErrorKind::PermissionDenied => {
+            "run as a user who may read it, or give that user access (e.g. `chgrp listenscope \
+             FILE && chmod 640 FILE` with root as the owner)"
+        }
+        io::ErrorKind::IsADirectory => "give the path of the PEM file, not of its directory",
+        _ => "check the path and the disk",
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsFileError> {
@@ -79,12 +114,84 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsFileEr
     Ok(certs)
 }
 
-/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
+/// The private key in a PEM file (PKCS#8, PKCS#1 or SEC1), refused when others may read
+/// or replace it (see [`check_key_access`]).
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsFileError> {
-    let pem = read(path)?;
+    let pem = read_key_file(path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsFileError::NoKey {
         path: path.to_path_buf(),
     })
+}
+
+/// Opens the key file once, checks who may read it on that open file (no window between
+/// the check and the read), then reads it.
+fn read_key_file(path: &Path) -> Result<Vec<u8>, TlsFileError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let err = |source| TlsFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    check_key_access(path, meta.mode(), meta.uid(), effective_uid())?;
+    let mut pem = Vec::new();
+    file.read_to_end(&mut pem).map_err(err)?;
+    Ok(pem)
+}
+
+/// PostgreSQL's rule for its server key, for the same reasons:
+/// - no permission at all for other users;
+/// - group read only when root owns the file: that is how Kubernetes hands a secret to a
+///   non-root container (`fsGroup`: root-owned, mode 0440), and how a packaged service is
+///   given a key it must not be able to change (root:listenscope 0640);
+/// - owned by root or by the user running the program (`euid`; `None`: unknown, not
+///   checked). Anyone else who owns it could swap in a key of their own.
+///
+/// Rejected alternative: ssh's stricter "no group bits at all", which refuses the
+/// Kubernetes secret volume the collector's manifest uses.
+pub fn check_key_access(
+    path: &Path,
+    mode: u32,
+    owner: u32,
+    euid: Option<u32>,
+) -> Result<(), TlsFileError> {
+    let mode = mode & 0o7777;
+    let refuse = |who| TlsFileError::KeyMode {
+        path: path.to_path_buf(),
+        mode,
+        who,
+    };
+    if mode & 0o007 != 0 {
+        return Err(refuse("other users"));
+    }
+    if mode & 0o070 != 0 && (owner != 0 || mode & 0o030 != 0) {
+        return Err(refuse("its group"));
+    }
+    if let Some(euid) = euid
+        && owner != 0
+        && owner != euid
+    {
+        return Err(TlsFileError::KeyOwner {
+            path: path.to_path_buf(),
+            owner,
+            euid,
+        });
+    }
+    Ok(())
+}
+
+/// The effective uid of this process, from `/proc/self/status` (this crate has no libc
+/// binding; the second `Uid:` field is the effective one).
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// A certificate chain and its key, checked to belong together.
@@ -161,4 +268,67 @@ pub fn not_after(der: &CertificateDer<'_>) -> Option<OffsetDateTime> {
 /// which provider to use. Call first thing in `main`.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `check_key_access(mode, owner, euid)`: `None` accepted, else the error's words.
+    #[track_caller]
+    fn check(mode: u32, owner: u32, euid: Option<u32>, expected: Option<&str>) {
+        let got = check_key_access(Path::new("/k.key"), mode, owner, euid)
+            .err()
+            .map(|e| e.to_string());
+        match (got, expected) {
+            (None, None) => {}
+            (Some(e), Some(want)) => assert!(e.contains(want), "{mode:o}: {e}"),
+            (got, want) => {
+                panic!("mode {mode:o} owner {owner} euid {euid:?}: {got:?}, want {want:?}")
+            }
+        }
+    }
+
+    #[test]
+    fn key_access() {
+        let other = Some("open to other users (mode 0644); restrict it with `chmod 600 /k.key`");
+        // Regular-file type bits are ignored; the permission bits decide.
+        check(0o100600, 0, Some(0), None);
+        check(0o100400, 1000, Some(1000), None);
+        check(0o100644, 0, Some(0), other);
+        check(0o100604, 0, Some(0), Some("other users (mode 0604)"));
+        check(0o100601, 0, Some(0), Some("other users (mode 0601)"));
+        // Group read: only when root owns it (Kubernetes fsGroup secrets, root:service 0640).
+        check(0o100640, 0, Some(65532), None);
+        check(0o100440, 0, Some(65532), None);
+        check(0o100640, 1000, Some(1000), Some("its group (mode 0640)"));
+        check(0o100660, 0, Some(0), Some("its group (mode 0660)"));
+        // Owner: root or whoever runs the program.
+        check(0o100600, 1000, Some(0), Some("owned by uid 1000"));
+        check(0o100600, 1000, Some(1001), Some("`chown 1001 /k.key`"));
+        check(0o100600, 1000, None, None);
+    }
+
+    #[test]
+    fn key_files_are_checked_where_they_are_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("listenscope-pem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("h.key");
+        std::fs::write(&key, "not a key").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let open = load_key(&key).unwrap_err().to_string();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let closed = load_key(&key).unwrap_err().to_string();
+        let missing = load_key(&dir.join("nope.key")).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            open.contains("mode 0644") && open.contains("chmod 600"),
+            "{open}"
+        );
+        // Past the mode check, the content is judged.
+        assert!(closed.contains("no PEM private key"), "{closed}");
+        assert!(missing.contains("certs issue"), "{missing}");
+        assert!(effective_uid().is_some());
+    }
 }

@@ -20,6 +20,7 @@
 //! While the collector is unreachable scanning goes on; changes wait in the outbox with
 //! their observation times (bounded, see `outbox.rs`).
 
+mod cause;
 pub mod outbox;
 mod session;
 
@@ -36,7 +37,10 @@ use crate::record::{State, state_of};
 use crate::scan::{self, ScanOptions};
 use outbox::{Outbox, Recorded};
 
+pub use cause::ConnectError;
 pub use session::SessionError;
+
+use listenscope_core::pem::{self, TlsFileError};
 
 /// Shared between the scanner and the connection.
 pub(crate) struct Shared {
@@ -55,7 +59,11 @@ impl Shared {
 /// Why `run` gave up. Everything else (collector down, rejected, scan hiccups) is retried.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("the first scan failed: {0}")]
+    /// The certificate files cannot be used: fatal at start-up only (later, during a
+    /// rotation, a bad file is logged and retried).
+    #[error(transparent)]
+    Files(#[from] FileProblems),
+    #[error("the first scan failed")]
     FirstScan(#[from] scan::ScanError),
     #[error("the scan thread failed: {0}")]
     ScanThread(String),
@@ -65,6 +73,70 @@ pub enum RunError {
     /// still hold it).
     #[error("no collector URL to connect to")]
     NoCollector,
+}
+
+/// Every problem with the certificate files, each said once: the fix for missing files
+/// (where they come from) is given once, however many are missing.
+#[derive(Debug)]
+pub struct FileProblems(pub Vec<TlsFileError>);
+
+impl std::error::Error for FileProblems {}
+
+const CREATE_HINT: &str = "these files come from the collector's machine: run `listenscope-collector \
+     certs issue --dir DIR --host $(hostname -f)` there (ca.pem is the one `certs init` wrote), \
+     copy ca.pem, HOST.pem and HOST.key to this host, and point --tls-ca, --tls-cert and \
+     --tls-key (or the config file's tls_ca, tls_cert, tls_key) at them";
+
+impl std::fmt::Display for FileProblems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let missing = |e: &TlsFileError| matches!(e, TlsFileError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
+        let line = |e: &TlsFileError| match e {
+            TlsFileError::Read { path, .. } if missing(e) => {
+                format!("{}: no such file", path.display())
+            }
+            other => other.to_string(),
+        };
+        let lines: Vec<String> = self.0.iter().map(line).collect();
+        match lines.as_slice() {
+            [one] => f.write_str(one)?,
+            many => write!(
+                f,
+                "the TLS files cannot be used:\n  - {}",
+                many.join("\n  - ")
+            )?,
+        }
+        if self.0.iter().any(missing) {
+            write!(f, "\n{CREATE_HINT}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks at start-up that the CA, certificate and key files exist, can be read, parse,
+/// are valid now, that the key is private to this user and belongs to the certificate.
+/// Every problem is reported, not only the first.
+pub fn check_files(cfg: &RunConfig) -> Result<(), FileProblems> {
+    let mut problems = Vec::new();
+    if let Err(e) = pem::load_certs(&cfg.tls_ca) {
+        problems.push(e);
+    }
+    let cert = pem::load_certs(&cfg.tls_cert)
+        .map_err(|e| problems.push(e))
+        .is_ok();
+    let key = pem::load_key(&cfg.tls_key)
+        .map_err(|e| problems.push(e))
+        .is_ok();
+    if cert
+        && key
+        && let Err(e) = session::check_files(cfg)
+    {
+        problems.push(e);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(FileProblems(problems))
+    }
 }
 
 /// One scan on a blocking thread; `memo` keeps the assembled firewalls between scans (a
@@ -101,6 +173,7 @@ pub async fn run(
     if cfg.collectors.is_empty() {
         return Err(RunError::NoCollector);
     }
+    check_files(&cfg)?;
     let opts = ScanOptions {
         netns: cfg.netns.clone(),
         ..ScanOptions::default()

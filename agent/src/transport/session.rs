@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::Shared;
+use super::cause::{self, CONNECT_TIMEOUT, ConnectError};
 use super::outbox::Pending;
 use crate::config::{RunConfig, url_host};
 
@@ -31,14 +32,12 @@ const WINDOW: usize = 32;
 pub enum SessionError {
     #[error(transparent)]
     TlsFile(#[from] TlsFileError),
-    #[error("cannot connect to {url}: {source}")]
-    Connect {
-        url: String,
-        source: tonic::transport::Error,
-    },
-    #[error("the collector refused the session: {0}")]
+    /// Connecting failed, or the collector's TLS refused us on the first call.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("the collector refused the session ({}): {}", code_name(.0), .0.message())]
     Refused(tonic::Status),
-    #[error("the session broke: {0}")]
+    #[error("the session broke ({}): {}", code_name(.0), status_text(.0))]
     Broken(tonic::Status),
     #[error("protocol violation by the collector: {0}")]
     Protocol(String),
@@ -46,11 +45,46 @@ pub enum SessionError {
     Closed,
 }
 
-async fn connect(cfg: &RunConfig, url: &str) -> Result<Channel, SessionError> {
-    // Read and check the files on every attempt: rotated certificates are picked up, and
-    // an expired or mismatched one is reported by name instead of as a handshake failure.
+fn code_name(s: &tonic::Status) -> String {
+    format!("{:?}", s.code())
+}
+
+/// A status's message, or what lies under it when the message is only tonic's summary.
+fn status_text(s: &tonic::Status) -> String {
+    match std::error::Error::source(s) {
+        Some(source) => cause::chain_text(source),
+        None => s.message().to_string(),
+    }
+}
+
+/// The file problems that stop `run` at start-up, and a later reconnect (logged and
+/// retried: certificates may be in the middle of a rotation).
+pub fn check_files(cfg: &RunConfig) -> Result<(), TlsFileError> {
     tls::load_certs(&cfg.tls_ca)?;
     tls::load_identity(&cfg.tls_cert, &cfg.tls_key)?;
+    Ok(())
+}
+
+/// What the failure of `url` is explained with.
+fn context(cfg: &RunConfig, url: &str) -> cause::Context {
+    let host = url_host(url).unwrap_or_default();
+    let addr = url
+        .strip_prefix("https://")
+        .and_then(|r| r.split('/').next())
+        .unwrap_or(url)
+        .to_string();
+    cause::Context {
+        addr,
+        server_name: cfg.server_name.clone().unwrap_or(host),
+        ca: cfg.tls_ca.clone(),
+        cert: cfg.tls_cert.clone(),
+    }
+}
+
+async fn connect(cfg: &RunConfig, url: &str, cx: &cause::Context) -> Result<Channel, SessionError> {
+    // Read and check the files on every attempt: rotated certificates are picked up, and
+    // an expired or mismatched one is reported by name instead of as a handshake failure.
+    check_files(cfg)?;
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|source| TlsFileError::Read {
             path: p.to_path_buf(),
@@ -60,30 +94,41 @@ async fn connect(cfg: &RunConfig, url: &str) -> Result<Channel, SessionError> {
     let ca = read(&cfg.tls_ca)?;
     let cert = read(&cfg.tls_cert)?;
     let key = read(&cfg.tls_key)?;
-    let domain = cfg
-        .server_name
-        .clone()
-        .or_else(|| url_host(url))
-        .unwrap_or_default();
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .identity(Identity::from_pem(cert, key))
-        .domain_name(domain);
-    let err = |source| SessionError::Connect {
-        url: url.to_string(),
-        source,
-    };
-    Endpoint::from_shared(url.to_string())
-        .map_err(err)?
+        .domain_name(cx.server_name.clone());
+    let classify = |e: tonic::transport::Error| SessionError::Connect(cause::classify(&e, cx));
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(classify)?
         .tls_config(tls)
-        .map_err(err)?
-        .connect_timeout(Duration::from_secs(10))
+        .map_err(classify)?
+        .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
-        .map_err(err)
+        .keep_alive_while_idle(true);
+    let uri = endpoint.uri();
+    let port = uri.port_u16().unwrap_or(443);
+    cause::resolve(uri.host().unwrap_or_default(), port).await?;
+    // tonic's connect timeout covers the TCP connect only: a server that accepts and then
+    // says nothing would hold the agent forever in the TLS handshake.
+    match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+        Ok(connected) => connected.map_err(classify),
+        Err(_) => Err(SessionError::Connect(ConnectError::Timeout {
+            addr: cx.addr.clone(),
+            stage: "TCP connect and TLS handshake",
+            timeout: CONNECT_TIMEOUT,
+        })),
+    }
+}
+
+/// A failed first call: the collector's TLS refusing our certificate (TLS 1.3 reports it
+/// here, not at connect) is named as such; the collector's own answer is kept as it is.
+fn refused(status: tonic::Status, cx: &cause::Context) -> SessionError {
+    match cause::classify_status(&status, cx) {
+        Some(cause) => SessionError::Connect(cause),
+        None => SessionError::Refused(status),
+    }
 }
 
 /// Runs one session with the collector at `url`. Returns whether the collector welcomed it
@@ -116,7 +161,8 @@ async fn session(
     shared: &Shared,
     welcomed: &mut bool,
 ) -> Result<(), SessionError> {
-    let channel = connect(cfg, url).await?;
+    let cx = context(cfg, url);
+    let channel = connect(cfg, url, &cx).await?;
     let mut client = InventoryClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -136,9 +182,9 @@ async fn session(
     let mut inbound = client
         .session(ReceiverStream::new(rx))
         .await
-        .map_err(SessionError::Refused)?
+        .map_err(|s| refused(s, &cx))?
         .into_inner();
-    let welcome = match inbound.message().await.map_err(SessionError::Refused)? {
+    let welcome = match inbound.message().await.map_err(|s| refused(s, &cx))? {
         Some(v1::CollectorMessage {
             body: Some(v1::collector_message::Body::Welcome(w)),
         }) => w,

@@ -40,9 +40,7 @@ pub enum Command {
     /// Create the fleet CA, the server certificate and agent certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
-    /// Run SQL on a read-only connection (views: current_listeners, effective_exposure,
-    /// hidden_ipv4_exposure, hosts, listener_changes, listener_history, listener_versions;
-    /// see docs/views.md).
+    /// Run one read-only SQL statement over the views (listed in --help; docs/views.md).
     Query(QueryArgs),
     /// Which hosts expose a port over IPv4 although netstat shows only IPv6 lines, with
     /// what their firewall lets through over IPv4 (open and restricted first; filtered

@@ -1,8 +1,13 @@
 //! The fleet questions: `query`, `exposure`, `hosts`, `diff`.
+//!
+//! Errors reach `main` as one message each (the cause said once, with the fix); exit
+//! codes are grep's: 0 done (for `exposure`: a host matches), 1 `exposure` found no host,
+//! 2 error.
 
 #![allow(clippy::print_stdout)] // CLI output code: printing to stdout is its job
 
 use std::io::{self, Write};
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use listenscope_core::exit::Exit;
@@ -19,12 +24,16 @@ pub enum ProtoArg {
 
 #[derive(Debug, Args)]
 pub struct OutputArgs {
-    /// JSON array of objects.
+    /// JSON array of objects (booleans as true/false, JSON columns nested, on both
+    /// databases).
     #[arg(long, conflicts_with = "csv")]
     pub json: bool,
-    /// CSV with a header line.
+    /// CSV (LF line ends) with a header line, even for zero rows.
     #[arg(long)]
     pub csv: bool,
+    /// Leave out the header line of the table or CSV (and the table's row count).
+    #[arg(long, conflicts_with = "json")]
+    pub no_header: bool,
 }
 
 /// How many rows a report prints.
@@ -53,19 +62,56 @@ impl OutputArgs {
     }
 }
 
+/// What `query --help` adds after the options: the views, from the one list.
+fn query_help() -> String {
+    format!(
+        "Views: {} (docs/views.md).\n\nOne read-only statement: anything that would change \
+         the database is refused before it runs.\n\nExit status: 0 done, 2 error.",
+        query::VIEWS
+    )
+}
+
+/// What `exposure --help` adds after the options.
+fn exposure_help() -> String {
+    format!(
+        "TIME: {}.\n\nExit status (as grep): 0 a host matches, 1 no host matches, 2 error \
+         (bad flag value, database unreachable or without listenscope tables).",
+        history::TIME_FORMS
+    )
+}
+
+/// What `diff --help` adds after the options.
+fn diff_help() -> String {
+    format!(
+        "TIME: {}.\n\nExit status: 0 done (changes or none), 2 error.",
+        history::TIME_FORMS
+    )
+}
+
 #[derive(Debug, Args)]
+#[command(after_help = query_help())]
 pub struct QueryArgs {
-    /// Database URL.
+    /// Database: sqlite://PATH or postgres://USER@HOST/DB (as `serve --db`).
     #[arg(long, env = "LISTENSCOPE_DB", value_name = "URL")]
     pub db: String,
-    /// The SQL to run (read-only).
+    /// The SQL to run: one read-only statement over the views.
     pub sql: String,
+    /// Stop the statement after this long (e.g. 30s, 5m), on SQLite and PostgreSQL.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "60s",
+        value_parser = listenscope_core::config::parse_duration
+    )]
+    pub timeout: Duration,
     #[command(flatten)]
     pub output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = exposure_help())]
 pub struct ExposureArgs {
+    /// Database: sqlite://PATH or postgres://USER@HOST/DB (as `serve --db`).
     #[arg(long, env = "LISTENSCOPE_DB", value_name = "URL")]
     pub db: String,
     /// Only this port (default: every port).
@@ -74,7 +120,8 @@ pub struct ExposureArgs {
     /// Only this protocol.
     #[arg(long, value_enum)]
     pub proto: Option<ProtoArg>,
-    /// As of this time (RFC 3339, or an age such as 24h) instead of now.
+    /// As of this time instead of now: an age (24h, 7d), a UTC time (2026-11-27
+    /// 09:00:00), RFC 3339 or a date (forms below).
     #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
     #[command(flatten)]
@@ -84,13 +131,16 @@ pub struct ExposureArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = diff_help())]
 pub struct DiffArgs {
+    /// Database: sqlite://PATH or postgres://USER@HOST/DB (as `serve --db`).
     #[arg(long, env = "LISTENSCOPE_DB", value_name = "URL")]
     pub db: String,
     /// Only this host (default: the whole fleet).
     #[arg(long, value_name = "NAME")]
     pub host: Option<String>,
-    /// Start of the window: RFC 3339 (2026-11-24T10:00:00Z) or an age (24h, 7d).
+    /// Start of the window: an age (24h, 7d), a UTC time (2026-11-27 09:00:00), RFC 3339
+    /// or a date (forms below).
     #[arg(long, value_name = "TIME")]
     pub since: String,
     /// End of the window (default: now).
@@ -103,7 +153,9 @@ pub struct DiffArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(after_help = "Exit status: 0 done, 2 error.")]
 pub struct HostsArgs {
+    /// Database: sqlite://PATH or postgres://USER@HOST/DB (as `serve --db`).
     #[arg(long, env = "LISTENSCOPE_DB", value_name = "URL")]
     pub db: String,
     #[command(flatten)]
@@ -112,10 +164,11 @@ pub struct HostsArgs {
     pub output: OutputArgs,
 }
 
-fn print(rs: &query::ResultSet, format: Format) -> anyhow::Result<()> {
+fn print(rs: &query::ResultSet, output: &OutputArgs) -> anyhow::Result<()> {
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
-    match query::write(rs, format, &mut out).and_then(|()| out.flush()) {
+    let written = query::write_with(rs, output.format(), !output.no_header, &mut out);
+    match written.and_then(|()| out.flush()) {
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),
     }
@@ -123,14 +176,20 @@ fn print(rs: &query::ResultSet, format: Format) -> anyhow::Result<()> {
 
 async fn open_ro(db: &str) -> anyhow::Result<ReadOnly> {
     let url: DbUrl = db.parse().map_err(anyhow::Error::msg)?;
-    Ok(ReadOnly::open(&url).await?)
+    ReadOnly::open(&url).await.map_err(once)
+}
+
+/// The error as one message: its text already carries its cause (`StoreError` and
+/// `QueryError` messages are whole), so no chain is printed after it.
+fn once(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::msg(e.to_string())
 }
 
 pub(super) async fn query_cmd(a: QueryArgs) -> anyhow::Result<Exit> {
     let ro = open_ro(&a.db).await?;
-    let rs = ro.run(&a.sql, &[]).await?;
+    let rs = ro.run_for(&a.sql, &[], a.timeout).await;
     ro.close().await;
-    print(&rs, a.output.format())?;
+    print(&rs.map_err(once)?, &a.output)?;
     Ok(Exit::Success)
 }
 
@@ -142,17 +201,19 @@ pub(super) async fn exposure_cmd(a: ExposureArgs) -> anyhow::Result<Exit> {
     });
     let now = time::OffsetDateTime::now_utc();
     let at = match &a.at {
-        Some(t) => Some(history::parse_time(t, now).map_err(anyhow::Error::msg)?),
+        Some(t) => Some(history::parse_time(t, now).map_err(|e| anyhow::anyhow!("--at: {e}"))?),
         None => None,
     };
     let report = match at {
-        Some(at) => history::exposure_at(&ro, at, a.port, proto, a.limit.get()).await?,
-        None => query::exposure(&ro, a.port, proto, a.limit.get()).await?,
+        Some(at) => history::exposure_at(&ro, at, a.port, proto, a.limit.get()).await,
+        None => query::exposure(&ro, a.port, proto, a.limit.get()).await,
     };
     ro.close().await;
+    let report = report.map_err(once)?;
     let rs = report_rows(report);
     let format = a.output.format();
-    if format == Format::Table && rs.rows.is_empty() {
+    // Without a header the table is for a script: no sentence, the exit code says it.
+    if format == Format::Table && rs.rows.is_empty() && !a.output.no_header {
         let what = match (a.port, proto) {
             (Some(p), Some(pr)) => format!("{pr} port {p}"),
             (Some(p), None) => format!("port {p}"),
@@ -175,7 +236,7 @@ pub(super) async fn exposure_cmd(a: ExposureArgs) -> anyhow::Result<Exit> {
     } else {
         Exit::Success
     };
-    print(&rs, format)?;
+    print(&rs, &a.output)?;
     Ok(found)
 }
 
@@ -184,14 +245,18 @@ pub(super) async fn diff_cmd(a: DiffArgs) -> anyhow::Result<Exit> {
     let since = history::parse_time(&a.since, now).map_err(|e| anyhow::anyhow!("--since: {e}"))?;
     let until = history::parse_time(&a.until, now).map_err(|e| anyhow::anyhow!("--until: {e}"))?;
     if since >= until {
-        anyhow::bail!("--since must be before --until ({since} is not before {until})");
+        anyhow::bail!(
+            "--since must be before --until ({} is not before {})",
+            crate::timefmt::format(since),
+            crate::timefmt::format(until)
+        );
     }
     let ro = open_ro(&a.db).await?;
-    let report = history::diff(&ro, a.host.as_deref(), since, until, a.limit.get()).await?;
+    let report = history::diff(&ro, a.host.as_deref(), since, until, a.limit.get()).await;
     ro.close().await;
-    let rs = report_rows(report);
+    let mut rs = report_rows(report.map_err(once)?);
     let format = a.output.format();
-    if format == Format::Table && rs.rows.is_empty() {
+    if format == Format::Table && rs.rows.is_empty() && !a.output.no_header {
         let who = a.host.as_deref().unwrap_or("the fleet");
         println!(
             "Nothing changed on {who} between {} and {}.",
@@ -200,16 +265,42 @@ pub(super) async fn diff_cmd(a: DiffArgs) -> anyhow::Result<Exit> {
         );
         return Ok(Exit::Success);
     }
-    print(&rs, format)?;
+    if format == Format::Table {
+        // The structured before/after columns are for programs (CSV, JSON); people read
+        // them in `detail`.
+        rs = project(rs, &history::DIFF_TABLE_COLUMNS);
+    }
+    print(&rs, &a.output)?;
     Ok(Exit::Success)
+}
+
+/// Only the named columns, in that order (names missing from `rs` are skipped).
+fn project(rs: query::ResultSet, names: &[&str]) -> query::ResultSet {
+    let picks: Vec<usize> = names
+        .iter()
+        .filter_map(|n| rs.columns.iter().position(|c| c == n))
+        .collect();
+    query::ResultSet {
+        columns: picks.iter().map(|&i| rs.columns[i].clone()).collect(),
+        rows: rs
+            .rows
+            .into_iter()
+            .map(|r| {
+                picks
+                    .iter()
+                    .map(|&i| r.get(i).cloned().unwrap_or_default())
+                    .collect()
+            })
+            .collect(),
+    }
 }
 
 pub(super) async fn hosts_cmd(a: HostsArgs) -> anyhow::Result<Exit> {
     let ro = open_ro(&a.db).await?;
-    let report = query::hosts(&ro, a.limit.get()).await?;
+    let report = query::hosts(&ro, a.limit.get()).await;
     ro.close().await;
-    let rs = report_rows(report);
-    print(&rs, a.output.format())?;
+    let rs = report_rows(report.map_err(once)?);
+    print(&rs, &a.output)?;
     Ok(Exit::Success)
 }
 
@@ -224,4 +315,22 @@ fn report_rows(report: history::Report) -> query::ResultSet {
         );
     }
     report.rows
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    /// The flag's default is the library's (one number, two places that must agree).
+    #[test]
+    fn timeout_default_is_the_library_default() {
+        let cli = Cli::try_parse_from(["listenscope-collector", "query", "--db", "x", "SELECT 1"])
+            .unwrap();
+        let Command::Query(q) = cli.command else {
+            panic!("not query")
+        };
+        assert_eq!(q.timeout, crate::query::DEFAULT_TIMEOUT);
+    }
 }

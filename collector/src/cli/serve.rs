@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 use listenscope_core::exit::Exit;
 
@@ -66,7 +65,8 @@ pub enum CertsCommand {
         /// 127.0.0.1, ::1 and this machine's host name.
         #[arg(long = "server-name", value_name = "NAME")]
         server_names: Vec<String>,
-        /// Validity of the server certificate in days (the CA gets at least 10 years).
+        /// Validity of the server certificate in days, 1 to 36500 (the CA gets at least
+        /// 10 years).
         #[arg(long, default_value_t = 825)]
         days: u32,
         /// Replace an existing CA (every agent certificate must then be issued again).
@@ -80,9 +80,13 @@ pub enum CertsCommand {
         /// The host's identity in the fleet.
         #[arg(long, value_name = "NAME")]
         host: String,
-        /// Validity in days.
+        /// Validity in days: at least 1, and not past the CA's expiry.
         #[arg(long, default_value_t = 825)]
         days: u32,
+        /// Replace the host's existing certificate and key (its agent must then get the new
+        /// files).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -103,7 +107,12 @@ pub(super) fn certs(c: CertsCommand) -> anyhow::Result<Exit> {
             println!("Server certificate names: {}", names.join(", "));
             w
         }
-        CertsCommand::Issue { dir, host, days } => pki::issue(&dir, &host, days)?,
+        CertsCommand::Issue {
+            dir,
+            host,
+            days,
+            force,
+        } => pki::issue_with(&dir, &host, days, force)?,
     };
     for f in written.files {
         println!("wrote {}", f.display());
@@ -129,6 +138,7 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
             retain: a.retain,
             max_sessions: a.max_sessions,
             name: a.name,
+            ..RawConfig::default()
         })
         .validate()?;
     let max_sessions = crate::fdlimit::fit_sessions(cfg.max_sessions);
@@ -147,7 +157,23 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
     }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+        .map_err(|e| {
+            let fix = match e.kind() {
+                std::io::ErrorKind::AddrInUse => format!(
+                    "; another process listens there (`ss -ltnp 'sport = :{}'`): stop it or \
+                     choose another --listen",
+                    cfg.listen.port()
+                ),
+                std::io::ErrorKind::PermissionDenied => {
+                    "; ports below 1024 need CAP_NET_BIND_SERVICE".to_string()
+                }
+                std::io::ErrorKind::AddrNotAvailable => {
+                    "; no interface of this host has that address".to_string()
+                }
+                _ => String::new(),
+            };
+            anyhow::anyhow!("cannot listen on {}: {e}{fix}", cfg.listen)
+        })?;
     tracing::info!(db = %cfg.db, "Store open.");
     let stop_pruning = tokio_util::sync::CancellationToken::new();
     if let Some(retain) = cfg.retain {

@@ -16,6 +16,7 @@ pub(crate) mod sqlite_step;
 mod writer;
 
 pub use flow::Message;
+pub use postgres::{CONNECT_TIMEOUT, check_postgres};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -25,9 +26,14 @@ use listenscope_core::diff::Changes;
 use listenscope_core::record::ListenerRecord;
 use time::OffsetDateTime;
 
-/// A write statement slower than this is logged by the driver: group commits of big
-/// bursts legitimately take a second or more.
+/// A write statement slower than this is logged by the driver, at DEBUG
+/// ([`SLOW_WRITE_LEVEL`]): group commits of big bursts legitimately take seconds, and the
+/// driver's line carries the whole statement (a 39-array `UNNEST`). An operator watches
+/// `listenscope_commit_seconds` instead (docs/metrics.md); `LISTENSCOPE_LOG=sqlx=debug`
+/// shows the statements. At WARN they reached quickstart's terminal on a busy machine.
 const SLOW_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
+/// The level of the driver's slow-statement lines (see [`SLOW_WRITE`]).
+const SLOW_WRITE_LEVEL: log::LevelFilter = log::LevelFilter::Debug;
 
 /// Where the data lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,16 +102,34 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Why the store failed. Each variant's message is whole (the cause and, where there is
+/// one, the fix), and none exposes a `source()`: printed with anyhow's `{:#}`, a chain
+/// would repeat the driver's message after ours (`database error: X: X`).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the database {url}: {source}")]
-    Open { url: String, source: sqlx::Error },
+    #[error("cannot open the database {url}: {detail}")]
+    Open { url: String, detail: String },
+    /// The first connection to PostgreSQL failed: why, and what to do.
+    #[error("cannot connect to PostgreSQL {url}: {cause}")]
+    Connect { url: String, cause: ConnectCause },
+    #[error(
+        "cannot create the database {url}: directory {} does not exist; create it \
+         (`mkdir -p {}`) or point --db elsewhere",
+        dir.display(),
+        dir.display()
+    )]
+    NoDirectory { url: String, dir: PathBuf },
     #[error("database {url} does not exist; start `listenscope-collector serve --db {url}` first")]
     Missing { url: String },
-    #[error("migrating the database schema failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("database error: {0}")]
-    Sql(#[from] sqlx::Error),
+    #[error(
+        "database {url} has no listenscope tables yet; start `listenscope-collector serve \
+         --db {url}` first (it creates them)"
+    )]
+    NoSchema { url: String },
+    #[error("migrating the database schema failed: {}", migrate_message(.0))]
+    Migrate(sqlx::migrate::MigrateError),
+    #[error("database error: {}", sql_message(.0))]
+    Sql(sqlx::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("the store is closed (the collector is shutting down)")]
@@ -114,7 +138,96 @@ pub enum StoreError {
     WriterThread(std::io::Error),
     /// A statement stepped on SQLite's own handle failed.
     #[error("database error: {0}")]
-    Step(#[from] sqlite_step::StepError),
+    Step(sqlite_step::StepError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Sql(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Migrate(e)
+    }
+}
+
+impl From<sqlite_step::StepError> for StoreError {
+    fn from(e: sqlite_step::StepError) -> Self {
+        StoreError::Step(e)
+    }
+}
+
+/// A driver error's message once: the database's own words (with its SQLSTATE) rather
+/// than sqlx's "error returned from database: …" wrapper.
+pub(crate) fn sql_message(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => match d.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", d.message()),
+            None => d.message().to_string(),
+        },
+        sqlx::Error::Configuration(c) => c.to_string(),
+        sqlx::Error::Io(io) => io.to_string(),
+        sqlx::Error::Tls(t) => format!("TLS: {t}"),
+        other => other.to_string(),
+    }
+}
+
+fn migrate_message(e: &sqlx::migrate::MigrateError) -> String {
+    let (sql, version) = match e {
+        sqlx::migrate::MigrateError::Execute(sql) => (sql, None),
+        sqlx::migrate::MigrateError::ExecuteMigration(sql, version) => (sql, Some(*version)),
+        other => return other.to_string(),
+    };
+    let mut out = match version {
+        Some(v) => format!("migration {v}: {}", sql_message(sql)),
+        None => sql_message(sql),
+    };
+    if let sqlx::Error::Database(d) = sql
+        && d.code().as_deref() == Some("42501")
+    {
+        // insufficient_privilege: the collector creates its tables at start-up.
+        out.push_str(
+            "; the collector's user must be able to create tables: make it the database's \
+             owner (`createdb -O USER NAME`, or ALTER DATABASE NAME OWNER TO USER) or \
+             GRANT CREATE ON SCHEMA public TO USER",
+        );
+    }
+    out
+}
+
+/// Why the first connection to PostgreSQL failed, with the fix. Found within
+/// [`postgres::CONNECT_TIMEOUT`] at start-up instead of after the pool's 30 s acquire
+/// timeout ("pool timed out" named no cause).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectCause {
+    #[error(
+        "connection refused at {at}: nothing listens there. Is PostgreSQL running, and are \
+         the host and port in the URL right?"
+    )]
+    Refused { at: String },
+    #[error("cannot resolve the host name {host:?} ({detail}); check the host in the URL")]
+    Dns { host: String, detail: String },
+    #[error(
+        "no answer from {at} within {secs} s; check the host and port in the URL, and that \
+         no firewall drops the connection"
+    )]
+    Timeout { at: String, secs: u64 },
+    #[error(
+        "authentication failed for user {user:?} ({detail}); check the user and password in \
+         the URL, and the server's pg_hba.conf"
+    )]
+    Auth { user: String, detail: String },
+    #[error(
+        "database {name:?} does not exist; create it (`createdb {name}`, or CREATE DATABASE \
+         \"{name}\"), or fix the database name in the URL"
+    )]
+    NoDatabase { name: String },
+    #[error("TLS to the server failed ({detail}); check sslmode and sslrootcert in the URL")]
+    Tls { detail: String },
+    #[error("{detail}")]
+    Other { detail: String },
 }
 
 impl StoreError {

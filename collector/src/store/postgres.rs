@@ -15,13 +15,13 @@ use std::time::Duration;
 use listenscope_core::fingerprint::Fingerprints;
 use listenscope_core::record::ListenerRecord;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions as _, Postgres, Row};
+use sqlx::{AssertSqlSafe, ConnectOptions as _, Connection as _, Postgres, Row};
 use time::OffsetDateTime;
 
 use super::flow::{self, Backend, HelloWork, HostRow, HostUpdate, LiveWanted, Rebuild, Write};
 use super::plan::LiveRow;
 use super::row::{self, COLUMNS, Kind, Val};
-use super::{HostSession, StoreError, StoreOptions, redact};
+use super::{ConnectCause, HostSession, StoreError, StoreOptions, redact};
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -30,10 +30,110 @@ pub struct PgStore {
 
 fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
     url.parse::<PgConnectOptions>()
-        .map_err(|source| StoreError::Open {
+        .map_err(|e| StoreError::Open {
             url: redact(url),
-            source,
+            detail: super::sql_message(&e),
         })
+}
+
+/// How long the first connection at start-up may take before the collector (or a report)
+/// gives up and says why. The pool's own wait (30 s) is for a busy pool later, not for a
+/// server that is not there.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Opens one connection to the PostgreSQL server of `url` within [`CONNECT_TIMEOUT`] and
+/// closes it: `Ok` when the server is there and accepts this user and database, else
+/// [`StoreError::Connect`] naming the cause (refused, DNS, timeout, authentication,
+/// missing database, TLS) and its fix. Call it before building a pool: a pool retries a
+/// failed connection until its acquire timeout and then says only "pool timed out".
+pub async fn check_postgres(url: &str) -> Result<(), StoreError> {
+    first_connection(url, &connect_options(url)?).await
+}
+
+async fn first_connection(url: &str, opts: &PgConnectOptions) -> Result<(), StoreError> {
+    let fail = |cause| StoreError::Connect {
+        url: redact(url),
+        cause,
+    };
+    let host = opts.get_host().to_string();
+    let port = opts.get_port();
+    let unix = opts.get_socket().is_some() || host.starts_with('/');
+    let at = if unix {
+        format!("{host} (port {port})")
+    } else {
+        format!("{host}:{port}")
+    };
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let timeout = || ConnectCause::Timeout {
+        at: at.clone(),
+        secs: CONNECT_TIMEOUT.as_secs(),
+    };
+    if !unix {
+        // Resolved here, so a name that does not resolve is told apart from a refusal.
+        let resolved =
+            tokio::time::timeout_at(deadline, tokio::net::lookup_host((host.as_str(), port))).await;
+        match resolved {
+            Err(_) => return Err(fail(timeout())),
+            Ok(Err(e)) => {
+                return Err(fail(ConnectCause::Dns {
+                    host: host.clone(),
+                    detail: e.to_string(),
+                }));
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    let conn = match tokio::time::timeout_at(deadline, opts.connect()).await {
+        Err(_) => return Err(fail(timeout())),
+        Ok(Err(e)) => return Err(fail(connect_cause(opts, &at, &e))),
+        Ok(Ok(c)) => c,
+    };
+    let _ = conn.close().await;
+    Ok(())
+}
+
+/// The cause of a failed connection attempt, by error kind and SQLSTATE (never by message
+/// text).
+fn connect_cause(opts: &PgConnectOptions, at: &str, e: &sqlx::Error) -> ConnectCause {
+    use std::io::ErrorKind;
+    match e {
+        sqlx::Error::Io(io)
+            if matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused | ErrorKind::NotFound
+            ) =>
+        {
+            ConnectCause::Refused { at: at.to_string() }
+        }
+        sqlx::Error::Io(io) if io.kind() == ErrorKind::TimedOut => ConnectCause::Timeout {
+            at: at.to_string(),
+            secs: CONNECT_TIMEOUT.as_secs(),
+        },
+        sqlx::Error::Database(d) => match d.code().as_deref() {
+            // invalid_password, invalid_authorization_specification (no such role, or
+            // pg_hba.conf rejects the connection)
+            Some("28P01" | "28000") => ConnectCause::Auth {
+                user: opts.get_username().to_string(),
+                detail: d.message().to_string(),
+            },
+            // invalid_catalog_name
+            Some("3D000") => ConnectCause::NoDatabase {
+                name: opts
+                    .get_database()
+                    .unwrap_or(opts.get_username())
+                    .to_string(),
+            },
+            _ => ConnectCause::Other {
+                detail: super::sql_message(e),
+            },
+        },
+        sqlx::Error::Tls(t) => ConnectCause::Tls {
+            detail: t.to_string(),
+        },
+        other => ConnectCause::Other {
+            detail: super::sql_message(other),
+        },
+    }
 }
 
 /// Writer tasks (group committers) for a pool of `pool_size`: each holds one connection
@@ -44,17 +144,20 @@ pub(crate) fn writers(pool_size: u32) -> usize {
 
 impl PgStore {
     pub async fn open(url: &str, opts: &StoreOptions) -> Result<PgStore, StoreError> {
+        let options =
+            connect_options(url)?.log_slow_statements(super::SLOW_WRITE_LEVEL, super::SLOW_WRITE);
+        first_connection(url, &options).await?;
         let pool = PgPoolOptions::new()
             .max_connections((writers(opts.pool_size) as u32 + 3).max(opts.pool_size))
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(
-                connect_options(url)?
-                    .log_slow_statements(log::LevelFilter::Warn, super::SLOW_WRITE),
-            )
+            // Under load writers wait for a connection by design (sessions wait, never
+            // fail): not a warning.
+            .acquire_slow_level(super::SLOW_WRITE_LEVEL)
+            .connect_with(options)
             .await
-            .map_err(|source| StoreError::Open {
+            .map_err(|e| StoreError::Open {
                 url: redact(url),
-                source,
+                detail: super::sql_message(&e),
             })?;
         sqlx::migrate!("../migrations/postgres").run(&pool).await?;
         let store = PgStore { pool };
@@ -670,15 +773,27 @@ pub async fn open_read_only(url: &str, pool_size: u32) -> Result<PgPool, StoreEr
             ("default_transaction_read_only", "on"),
             ("statement_timeout", "60s"),
         ]);
-    PgPoolOptions::new()
+    first_connection(url, &opts).await?;
+    let pool = PgPoolOptions::new()
         .max_connections(pool_size.max(1))
         .acquire_timeout(Duration::from_secs(30))
+        .acquire_slow_level(log::LevelFilter::Off)
         .connect_with(opts)
         .await
-        .map_err(|source| StoreError::Open {
+        .map_err(|e| StoreError::Open {
             url: redact(url),
-            source,
-        })
+            detail: super::sql_message(&e),
+        })?;
+    // A database the collector never opened has no views: say so instead of the first
+    // query's `relation "hosts" does not exist`.
+    let (tables,): (bool,) = sqlx::query_as("SELECT to_regclass('hosts') IS NOT NULL")
+        .fetch_one(&pool)
+        .await?;
+    if !tables {
+        pool.close().await;
+        return Err(StoreError::NoSchema { url: redact(url) });
+    }
+    Ok(pool)
 }
 
 #[cfg(test)]

@@ -53,15 +53,9 @@ impl SqliteStore {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
             && !parent.is_dir()
         {
-            return Err(StoreError::Open {
+            return Err(StoreError::NoDirectory {
                 url,
-                source: sqlx::Error::Configuration(
-                    format!(
-                        "directory {} does not exist; create it first",
-                        parent.display()
-                    )
-                    .into(),
-                ),
+                dir: parent.to_path_buf(),
             });
         }
         let options = SqliteConnectOptions::new()
@@ -77,14 +71,14 @@ impl SqliteStore {
             .pragma("cache_size", "-65536")
             .pragma("temp_store", "memory")
             .pragma("wal_autocheckpoint", "10000")
-            .log_slow_statements(log::LevelFilter::Warn, super::SLOW_WRITE);
+            .log_slow_statements(super::SLOW_WRITE_LEVEL, super::SLOW_WRITE);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options)
             .await
-            .map_err(|source| StoreError::Open {
+            .map_err(|e| StoreError::Open {
                 url: url.clone(),
-                source,
+                detail: super::sql_message(&e),
             })?;
         sqlx::migrate!("../migrations/sqlite").run(&writer).await?;
         let store = SqliteStore { writer };
@@ -540,9 +534,9 @@ pub async fn open_read_only(path: &Path) -> Result<SqlitePool, StoreError> {
         return Err(StoreError::Missing { url });
     }
     let options = SqliteConnectOptions::from_str(&url)
-        .map_err(|source| StoreError::Open {
+        .map_err(|e| StoreError::Open {
             url: url.clone(),
-            source,
+            detail: super::sql_message(&e),
         })?
         .read_only(true)
         .pragma("query_only", "1")
@@ -555,5 +549,8 @@ pub async fn open_read_only(path: &Path) -> Result<SqlitePool, StoreError> {
         .max_connections(2)
         .connect_with(options)
         .await
-        .map_err(|source| StoreError::Open { url, source })
+        .map_err(|e| StoreError::Open {
+            url,
+            detail: super::sql_message(&e),
+        })
 }

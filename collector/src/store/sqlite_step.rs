@@ -10,10 +10,17 @@
 //! ([`sqlx::sqlite::SqliteConnection::lock_handle`]) the statement is stepped here, without
 //! hand-offs, binding the caller's text in place. The connection keeps everything sqlx set
 //! on it (pragmas, read-only open, busy timeout, an open transaction).
+//!
+//! [`run`] is the read side (`query` and the reports): a statement that is not read-only
+//! by SQLite's own judgement (`sqlite3_stmt_readonly`) is refused after preparing and
+//! before its first step, so nothing of it happens (`VACUUM INTO` would create its file
+//! before `query_only` stopped it); and a deadline interrupts it through the progress
+//! handler.
 
-use std::ffi::{CStr, c_char, c_int};
+use std::ffi::{CStr, c_char, c_int, c_void};
 use std::marker::PhantomData;
 use std::ptr::{self, NonNull};
+use std::time::Instant;
 
 use libsqlite3_sys as ffi;
 use serde_json::Value;
@@ -38,6 +45,12 @@ pub enum StepError {
     Several,
     #[error("more rows than allowed")]
     TooManyRows,
+    /// SQLite judged the statement not read-only; it was refused before it ran.
+    #[error("the statement is not read-only")]
+    NotReadOnly,
+    /// The deadline passed; the statement was interrupted.
+    #[error("the statement ran past its deadline")]
+    TimedOut,
 }
 
 impl StepError {
@@ -54,6 +67,9 @@ impl StepError {
 #[derive(Debug, Default)]
 pub(crate) struct Rows {
     pub columns: Vec<String>,
+    /// Per column, the table and column it comes from when it is a plain column of a
+    /// table (through views too), else `None` (an expression).
+    pub origins: Vec<Option<(String, String)>>,
     pub rows: Vec<Vec<Value>>,
 }
 
@@ -230,23 +246,33 @@ impl<'h> Each<'h> {
 }
 
 /// Runs the one statement in `sql` with `binds` on the locked connection and returns at
-/// most `max_rows` rows.
+/// most `max_rows` rows. A statement SQLite does not judge read-only is refused before its
+/// first step; one still running at `deadline` is interrupted.
 pub(crate) fn run(
     handle: &mut LockedSqliteHandle<'_>,
     sql: &str,
     binds: &[Bind<'_>],
     max_rows: usize,
+    deadline: Option<Instant>,
 ) -> Result<Rows, StepError> {
     let db = handle.as_raw_handle();
     let stmt = prepare_one(db, sql)?;
-    bind_all(db, &stmt, binds)?;
     let s = stmt.0.as_ptr();
+    // SAFETY: `s` is a live statement.
+    if unsafe { ffi::sqlite3_stmt_readonly(s) } == 0 {
+        return Err(StepError::NotReadOnly);
+    }
+    bind_all(db, &stmt, binds)?;
     // SAFETY: `s` is a live statement.
     let count = unsafe { ffi::sqlite3_column_count(s) };
     let mut out = Rows {
         columns: (0..count).map(|i| column_name(s, i)).collect(),
+        origins: (0..count).map(|i| column_origin(s, i)).collect(),
         rows: Vec::new(),
     };
+    // Declared after `stmt`: dropped (the handler removed) before the statement is
+    // finalized, and before `deadline`'s storage goes.
+    let _progress = deadline.as_ref().map(|d| Progress::install(db, d));
     loop {
         // SAFETY: `s` is live and stepped on this thread only.
         match unsafe { ffi::sqlite3_step(s) } {
@@ -257,8 +283,66 @@ pub(crate) fn run(
                 out.rows.push((0..count).map(|i| column(s, i)).collect());
             }
             ffi::SQLITE_DONE => return Ok(out),
+            ffi::SQLITE_INTERRUPT if deadline.is_some_and(|d| Instant::now() >= d) => {
+                return Err(StepError::TimedOut);
+            }
             _ => return Err(error(db)),
         }
+    }
+}
+
+/// SQLite virtual machine instructions between two deadline checks (a check is one
+/// clock read; 10,000 instructions take well under a millisecond).
+const PROGRESS_EVERY: c_int = 10_000;
+
+/// The progress handler that interrupts a statement past its deadline, removed on drop.
+/// Borrows the deadline, so the handler never reads it after it is gone.
+struct Progress<'d> {
+    db: NonNull<ffi::sqlite3>,
+    _deadline: PhantomData<&'d Instant>,
+}
+
+impl<'d> Progress<'d> {
+    fn install(db: NonNull<ffi::sqlite3>, deadline: &'d Instant) -> Progress<'d> {
+        extern "C" fn past(arg: *mut c_void) -> c_int {
+            // SAFETY: `arg` is the `&Instant` given below, alive while the handler is
+            // installed (the borrow of `Progress`).
+            let deadline = unsafe { &*arg.cast::<Instant>() };
+            c_int::from(Instant::now() >= *deadline)
+        }
+        let arg = ptr::from_ref(deadline).cast_mut().cast::<c_void>();
+        // SAFETY: `db` is a live handle the caller holds exclusively; the handler only
+        // reads the deadline, and is removed (drop) before the borrow ends.
+        unsafe { ffi::sqlite3_progress_handler(db.as_ptr(), PROGRESS_EVERY, Some(past), arg) };
+        Progress {
+            db,
+            _deadline: PhantomData,
+        }
+    }
+}
+
+impl Drop for Progress<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `db` is still locked by the caller of `run`; this removes the handler.
+        unsafe { ffi::sqlite3_progress_handler(self.db.as_ptr(), 0, None, ptr::null_mut()) };
+    }
+}
+
+/// The table and column that column `i` comes from, when it is a plain column.
+fn column_origin(s: *mut ffi::sqlite3_stmt, i: c_int) -> Option<(String, String)> {
+    // SAFETY: `s` is a live, prepared statement and `i` below its column count; both
+    // names are copied before any other call on the statement (the bundled SQLite is
+    // built with SQLITE_ENABLE_COLUMN_METADATA).
+    unsafe {
+        let table = ffi::sqlite3_column_table_name(s, i);
+        let column = ffi::sqlite3_column_origin_name(s, i);
+        if table.is_null() || column.is_null() {
+            return None;
+        }
+        Some((
+            CStr::from_ptr(table).to_string_lossy().into_owned(),
+            CStr::from_ptr(column).to_string_lossy().into_owned(),
+        ))
     }
 }
 
@@ -366,6 +450,7 @@ mod tests {
                 "SELECT k, n, note FROM t WHERE n >= ?1 ORDER BY n",
                 &[Bind::Int(Some(1))],
                 10,
+                None,
             )
             .unwrap();
             assert_eq!(rows.columns, ["k", "n", "note"]);
@@ -378,7 +463,7 @@ mod tests {
                 ]
             );
             assert!(matches!(
-                run(&mut h, "SELECT k FROM t", &[], 2),
+                run(&mut h, "SELECT k FROM t", &[], 2, None),
                 Err(StepError::TooManyRows)
             ));
             assert!(matches!(
@@ -424,7 +509,7 @@ mod tests {
         {
             let mut h = c.lock_handle().await.unwrap();
             assert!(matches!(
-                run(&mut h, "SELECT 1; PRAGMA query_only = 0", &[], 10),
+                run(&mut h, "SELECT 1; PRAGMA query_only = 0", &[], 10, None),
                 Err(StepError::Several)
             ));
         }
@@ -433,5 +518,98 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(on, 1, "the refused statement changed the connection");
+    }
+
+    /// What is not read-only is refused before it runs: `VACUUM INTO` creates no file,
+    /// a journal-mode change is refused rather than failing with an I/O error.
+    #[tokio::test]
+    async fn writes_are_refused_before_they_run() {
+        let dir = std::env::temp_dir().join(format!("ls-step-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("ro.db");
+        let target = dir.join("copy.db");
+        {
+            let mut c = SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", db.display()))
+                .await
+                .unwrap();
+            // WAL, as the collector's databases: the refused pragma would leave it.
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            sqlx::query("CREATE TABLE t (x INTEGER, b INTEGER)")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            sqlx::query("INSERT INTO t VALUES (1, 0)")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            c.close().await.unwrap();
+        }
+        let mut c = SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display()))
+            .await
+            .unwrap();
+        sqlx::query("PRAGMA query_only = 1")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        {
+            let mut h = c.lock_handle().await.unwrap();
+            let vacuum = format!("VACUUM INTO '{}'", target.display());
+            for sql in [
+                vacuum.as_str(),
+                "PRAGMA journal_mode = DELETE",
+                "DELETE FROM t",
+                "CREATE TEMP TABLE u (x)",
+            ] {
+                assert!(
+                    matches!(run(&mut h, sql, &[], 10, None), Err(StepError::NotReadOnly)),
+                    "{sql}"
+                );
+            }
+            assert!(!target.exists(), "VACUUM INTO created its file");
+            let rows = run(&mut h, "SELECT x AS y, b, x + 1 AS z FROM t", &[], 10, None).unwrap();
+            assert_eq!(
+                rows.origins,
+                [
+                    Some(("t".into(), "x".into())),
+                    Some(("t".into(), "b".into())),
+                    None
+                ]
+            );
+        }
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(mode.to_lowercase(), "wal");
+        c.close().await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A statement past its deadline is interrupted and says so; the handler is gone
+    /// afterwards (the next statement without a deadline runs to its end).
+    #[tokio::test]
+    async fn a_deadline_interrupts() {
+        let mut c = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        let mut h = c.lock_handle().await.unwrap();
+        let forever = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
+                       SELECT count(*) FROM n";
+        let deadline = Instant::now() + std::time::Duration::from_millis(200);
+        assert!(matches!(
+            run(&mut h, forever, &[], 10, Some(deadline)),
+            Err(StepError::TimedOut)
+        ));
+        let done = run(
+            &mut h,
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000) \
+             SELECT count(*) AS c FROM n",
+            &[],
+            10,
+            None,
+        )
+        .unwrap();
+        assert_eq!(done.rows, [vec![Value::from(100_000)]]);
     }
 }
