@@ -9,10 +9,7 @@ use anyhow::Context;
 /// pages were written.
 pub fn write_man_pages(mut cmd: clap::Command, dir: &Path) -> anyhow::Result<usize> {
     cmd.build();
-    let name = cmd
-        .get_display_name()
-        .unwrap_or(cmd.get_name())
-        .to_string();
+    let name = cmd.get_display_name().unwrap_or(cmd.get_name()).to_string();
     let mut written = 0;
     for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
         written += write_man_pages(sub.clone(), dir)?;
@@ -33,8 +30,8 @@ mod tests {
     #[test]
     fn one_man_page_per_command_and_subcommand() {
         let dir = listenscope_testkit::TempDir::new("man");
-        let n = super::write_man_pages(listenscope_collector::cli::Cli::command(), dir.path())
-            .unwrap();
+        let n =
+            super::write_man_pages(listenscope_collector::cli::Cli::command(), dir.path()).unwrap();
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

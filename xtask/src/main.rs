@@ -49,8 +49,8 @@ fn write_completions(mut cmd: clap::Command, dir: &Path) -> anyhow::Result<usize
             Shell::Zsh => sub.join(format!("_{name}")),
             _ => sub.join(format!("{name}.fish")),
         };
-        let mut out = std::fs::File::create(&file)
-            .with_context(|| format!("creating {}", file.display()))?;
+        let mut out =
+            std::fs::File::create(&file).with_context(|| format!("creating {}", file.display()))?;
         clap_complete::generate(shell, &mut cmd, &name, &mut out);
     }
     Ok(3)
