@@ -121,9 +121,10 @@ const SCAN_EXIT_CODES: &str = "Exit status:
   0  the scan is complete; with --trap-only: a trap was found (even in a partial scan)
   1  --trap-only: no trap found, and the scan is complete
   2  error (bad flags, no such namespace, output failed)
-  3  the scan is partial (warnings on stderr, or in the JSON's \"warnings\": some namespaces,
-     owners or firewalls could not be read, e.g. without root); with --trap-only: no trap
-     found in what could be read";
+  3  the scan is partial: some namespace could not be read, or only without the kernel's
+     v6only answer (e.g. without root; the warnings say which, and JSON has \"partial\":
+     true); with --trap-only: no trap found in what could be read. Warnings about owners
+     or firewall verdicts alone do not make a scan partial";
 
 #[derive(Debug, Args)]
 pub struct ScanArgs {
@@ -228,11 +229,10 @@ fn run_scan(args: &ScanArgs) -> anyhow::Result<Exit> {
     Ok(exit)
 }
 
-/// The exit status of a scan (see [`SCAN_EXIT_CODES`]): partial when anything could not be
-/// read (every such thing is a warning); with `--trap-only`, a search.
+/// The exit status of a scan (see [`SCAN_EXIT_CODES`]): partial when the socket truth is
+/// incomplete ([`scan::Inventory::partial`]); with `--trap-only`, a search.
 fn scan_exit(inv: &scan::Inventory, trap_only: bool) -> Exit {
-    let partial = !inv.warnings.is_empty();
-    match (trap_only, inv.listeners.is_empty(), partial) {
+    match (trap_only, inv.listeners.is_empty(), inv.partial) {
         (true, false, _) => Exit::Success,
         (true, true, false) => Exit::NothingFound,
         (_, _, true) => Exit::Partial,

@@ -27,6 +27,8 @@ struct Doc<'a> {
     agent_version: &'static str,
     namespaces: Vec<DocNetns<'a>>,
     warnings: &'a [String],
+    /// The socket truth is incomplete (exit status 3).
+    partial: bool,
 }
 
 #[derive(Serialize)]
@@ -87,6 +89,7 @@ pub fn write_json(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
             })
             .collect(),
         warnings: &inv.warnings,
+        partial: inv.partial,
     };
     let mut buf = serde_json::to_vec(&head).map_err(io::Error::other)?;
     buf.pop(); // the closing brace: the listeners array comes last
@@ -822,6 +825,7 @@ mod tests {
                 firewall: None,
             }],
             warnings: vec![],
+            partial: false,
         }
     }
 

@@ -230,6 +230,7 @@ mod tests {
             processes,
             namespaces: Vec::new(),
             warnings: Vec::new(),
+            partial: false,
         }
     }
 

@@ -152,6 +152,11 @@ pub struct Inventory {
     pub namespaces: Vec<NetnsReport>,
     /// What could not be seen, and which capability would fix it.
     pub warnings: Vec<String>,
+    /// The socket truth itself is incomplete: a namespace could not be read, was read
+    /// without the kernel's v6only answer (`/proc/PID/net`), or may be missing (processes
+    /// whose namespace could not be seen). Warnings about owners or firewall verdicts
+    /// alone do not make a scan partial: its sockets and what they accept are all there.
+    pub partial: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +262,7 @@ pub fn scan_with(
         mut namespaces,
         mut warnings,
         caps,
+        partial,
     } = collected?;
     let t_collected = started.elapsed();
     let processes = match walk {
@@ -284,6 +290,7 @@ pub fn scan_with(
         processes,
         namespaces,
         warnings,
+        partial,
     })
 }
 
@@ -293,6 +300,8 @@ struct Collected {
     namespaces: Vec<NetnsReport>,
     warnings: Vec<String>,
     caps: crate::os::Caps,
+    /// [`Inventory::partial`].
+    partial: bool,
 }
 
 /// Finds and reads the namespaces, publishes the socket inodes the owner walk should look
@@ -344,6 +353,10 @@ fn collect(
     let views = read_firewalls(sys, &selected, views);
     let (listeners, namespaces) = assemble(sys, memo, &selected, views, opts, caps, &mut warnings);
     memo.retain(&selected);
+    let partial = (discovery.unreadable_pids > 0 && matches!(opts.netns, NetnsSelector::All))
+        || namespaces
+            .iter()
+            .any(|n| n.source != Some(Source::SockDiag));
     tracing::debug!(
         discover_us = t_discover.as_micros() as u64,
         read_us = (t_read - t_discover).as_micros() as u64,
@@ -355,6 +368,7 @@ fn collect(
         namespaces,
         warnings,
         caps,
+        partial,
     })
 }
 
