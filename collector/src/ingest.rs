@@ -208,8 +208,29 @@ async fn next(
         // A message already being stored finishes first: we only get here between messages.
         () = stop.shutdown.cancelled() => Err(Status::unavailable("collector shutting down; reconnect later")),
         () = stop.replaced.cancelled() => Err(Status::aborted(TAKEN_OVER)),
-        msg = inbound.message() => msg,
+        msg = inbound.message() => msg.map_err(disconnected),
     }
+}
+
+/// An error reading the agent's stream that comes from its connection (reset, closed
+/// without a TLS close_notify, cut off: an agent stopping or a host rebooting) is the
+/// agent going away, `Cancelled`, not a session failure: at fleet scale an operator would
+/// otherwise see a warning for every agent restart. Errors of the messages themselves
+/// (decoding, size) keep their code.
+fn disconnected(status: Status) -> Status {
+    let mut source = std::error::Error::source(&status);
+    while let Some(e) = source {
+        let transport =
+            e.is::<std::io::Error>() || e.downcast_ref::<h2::Error>().is_some_and(h2::Error::is_io);
+        if transport {
+            return Status::cancelled(format!(
+                "the agent's connection closed: {}",
+                status.message()
+            ));
+        }
+        source = e.source();
+    }
+    status
 }
 
 async fn session(

@@ -88,3 +88,47 @@ async fn sigterm_with_a_frozen_agent_stops_within_the_unit_timeout() {
     assert!(log_text.contains("Collector stopped."), "{log_text}");
     eprintln!("stopped {took:?} after SIGTERM");
 }
+
+/// An agent that stops (SIGTERM, as systemd stops it; or killed) is an agent going away,
+/// not a failed session: the collector logs it at info, never as a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_stops_is_no_warning() {
+    require_root();
+    let pki = Pki::new(&["h1", "h2"]);
+    let dir = TempDir::new("agent-stops");
+    let db = DbUrl::Sqlite(dir.path().join("ls.db"));
+    let ns = HostNs::new();
+    let port = free_port("0.0.0.0").port();
+    let listen: SocketAddr = format!("0.0.0.0:{port}").parse().unwrap();
+    let log = |n: &str| dir.path().join(n);
+    let _logs = LogsOnPanic(vec![log("collector.log")]);
+    let _collector = spawn_collector(&pki, &db, listen, None, &log("collector.log"));
+    wait_listening(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let to: SocketAddr = format!("{}:{port}", ns.host_ip).parse().unwrap();
+    let mut stopped = ns.spawn_agent(&pki, "h1", to, &log("agent-h1.log"));
+    let mut killed = ns.spawn_agent(&pki, "h2", to, &log("agent-h2.log"));
+    eventually(30, "both snapshots stored", || async {
+        query(
+            &db,
+            "SELECT count(*) FROM host WHERE last_snapshot_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .rows[0][0]
+            == 2
+    })
+    .await;
+    let status = stopped.terminate();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    killed.kill();
+    let collector_log = || std::fs::read_to_string(log("collector.log")).unwrap();
+    eventually(20, "both disconnections logged", || async {
+        collector_log().matches("Agent disconnected.").count() == 2
+    })
+    .await;
+    let text = collector_log();
+    assert!(
+        !text.contains("WARN"),
+        "an agent stopping is not a warning:\n{text}"
+    );
+}
