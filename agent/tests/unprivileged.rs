@@ -118,7 +118,7 @@ fn unprivileged_scan_says_what_it_could_not_see() {
     // root's sockets: nobody cannot see their owners, and is told why.
     assert_eq!(dual["processes"], serde_json::json!([]));
     assert!(
-        warnings.contains("CAP_SYS_PTRACE + CAP_DAC_READ_SEARCH"),
+        warnings.contains("grant CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH"),
         "{warnings}"
     );
     assert!(warnings.contains("CAP_SYS_ADMIN"), "{warnings}");

@@ -72,7 +72,7 @@ impl Firewall {
     /// rules of tables iptables-nft owns from `iptables-nft-save` (nft's JSON hides their
     /// match parameters), legacy tables from `iptables-legacy-save`.
     pub fn from_raw(raw: &RawFirewall) -> Self {
-        let mut unreadable: Vec<String> = raw.problems.iter().map(ToString::to_string).collect();
+        let mut unreadable: Vec<String> = crate::os::firewall::describe(&raw.problems);
         let mut notes = Vec::new();
         let mut ruleset = Ruleset::default();
         if let Some(json) = &raw.nft_json {

@@ -306,6 +306,25 @@ impl fmt::Display for FirewallProblem {
     }
 }
 
+/// The problems as sentences, each fix said once: problems with the same fix (the IPv4
+/// and IPv6 lists of legacy tables, both unreadable without root) are one sentence, `W1
+/// not read: C1; W2 not read: C2. Fix: F`.
+pub fn describe(problems: &[FirewallProblem]) -> Vec<String> {
+    let mut by_fix: Vec<(String, Vec<String>)> = Vec::new();
+    for p in problems {
+        let what = format!("{} not read: {}", p.what, p.cause);
+        let fix = p.fix();
+        match by_fix.iter_mut().find(|(f, _)| *f == fix) {
+            Some((_, whats)) => whats.push(what),
+            None => by_fix.push((fix, vec![what])),
+        }
+    }
+    by_fix
+        .into_iter()
+        .map(|(fix, whats)| format!("{}. Fix: {fix}", whats.join("; ")))
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------
 // Reading
 
@@ -1525,6 +1544,24 @@ mod tests {
             },
         );
         assert!(p.to_string().contains("AmbientCapabilities=CAP_NET_ADMIN"));
+        // The same fix for two problems is said once.
+        let unreadable = |path: &str| {
+            FirewallProblem::new(
+                "the list of legacy iptables tables",
+                ProblemCause::Unreadable {
+                    path: path.into(),
+                    error: "Permission denied".into(),
+                },
+            )
+        };
+        let said = describe(&[unreadable("a"), unreadable("b"), p]);
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert_eq!(said[0].matches("Fix:").count(), 1, "{}", said[0]);
+        assert!(
+            said[0].contains("a") && said[0].contains("b"),
+            "{}",
+            said[0]
+        );
         assert_eq!(first_line(b"\n  boom: bad\nmore\n"), "boom: bad");
         assert_eq!(first_line(b""), "(no error output)");
     }
