@@ -132,3 +132,46 @@ async fn an_agent_that_stops_is_no_warning() {
         "an agent stopping is not a warning:\n{text}"
     );
 }
+
+/// A SIGTERM while the collector is still starting up (here: waiting for its database,
+/// which another process holds locked) stops it gracefully: the handler is installed
+/// first thing, not when the server first waits for it (until then the default action
+/// kills the process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_start_up_is_graceful() {
+    use sqlx::Connection;
+    let pki = Pki::new(&[]);
+    let dir = TempDir::new("early-term");
+    let path = dir.path().join("ls.db");
+    let log = dir.path().join("collector.log");
+    let _logs = LogsOnPanic(vec![log.clone()]);
+    let mut locker = sqlx::SqliteConnection::connect_with(
+        &sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true),
+    )
+    .await
+    .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let mut collector = spawn_collector(
+        &pki,
+        &DbUrl::Sqlite(path),
+        free_port("127.0.0.1"),
+        None,
+        &log,
+    );
+    // Well into its start-up: it cannot get past opening the locked database.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // SAFETY: signalling our own, not yet reaped, child by pid.
+    unsafe { libc::kill(collector.0.id() as i32, libc::SIGTERM) };
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    let status = tokio::task::block_in_place(|| collector.0.wait().unwrap());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "killed by the signal instead of stopping: {status:?}"
+    );
+}

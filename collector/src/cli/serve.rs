@@ -121,6 +121,8 @@ pub(super) fn certs(c: CertsCommand) -> anyhow::Result<Exit> {
 }
 
 pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
+    // First: a SIGTERM during start-up (opening a big database) must stop it gracefully.
+    let signal = listenscope_core::signal::shutdown_signal();
     let file = match &a.config {
         Some(p) => RawConfig::load(p)?,
         None => RawConfig::default(),
@@ -188,7 +190,7 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
         ));
     }
     let shutdown = async move {
-        listenscope_core::signal::shutdown_signal().await;
+        signal.await;
         stop_pruning.cancel();
     };
     let limits = Limits {
