@@ -18,6 +18,16 @@ use std::time::{Duration, Instant};
 
 use util::*;
 
+/// The tests of this file run one at a time: a scan lists every process holding a socket,
+/// and another test's short-lived children (the churn below) were once seen holding this
+/// test's socket too (CI: an extra `sleep 0.02` among the owners of :8000).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Starts `sleep SECS` holding `fd` (FD_CLOEXEC cleared in the child only); killed on drop.
 fn spawn_holder(fd: RawFd, secs: &str) -> Proc {
     let mut cmd = Command::new("sleep");
@@ -37,6 +47,7 @@ fn spawn_holder(fd: RawFd, secs: &str) -> Proc {
 
 #[test]
 fn shared_socket_lists_every_owner() {
+    let _serial = serial();
     let ns = Netns::new();
     let socket = ns.enter(|| Bind::tcp("::", 8000).v6only(false).open());
     let workers: Vec<Proc> = (0..3)
@@ -75,6 +86,7 @@ fn shared_socket_lists_every_owner() {
 /// owner it lists was alive long enough to be described.
 #[test]
 fn processes_exiting_mid_scan_are_skipped() {
+    let _serial = serial();
     let ns = Netns::new();
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -116,6 +128,7 @@ fn processes_exiting_mid_scan_are_skipped() {
 /// The OS layer itself: a pid that no longer exists is "gone", not an error.
 #[test]
 fn vanished_pid_is_not_an_error() {
+    let _serial = serial();
     use listenscope_agent::os::procfs;
     let mut child = Command::new("true").spawn().unwrap();
     let pid = child.id();
@@ -139,6 +152,7 @@ fn vanished_pid_is_not_an_error() {
 /// still report both owners of the wanted socket, and nothing else.
 #[test]
 fn walk_finds_owners_when_wanted_set_arrives_late() {
+    let _serial = serial();
     use listenscope_agent::os::procfs;
     use std::os::unix::fs::MetadataExt;
     require_root();
