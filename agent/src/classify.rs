@@ -10,15 +10,27 @@ use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::fasthash::FastSet;
-use crate::model::{Classification, Family, LocalAddrs, Protocol, RawSocket, Reach};
+use crate::model::{
+    Classification, Family, Ipv6Facts, Ipv6State, LocalAddrs, Protocol, RawSocket, Reach,
+};
 
 /// ifindex of `lo` in every network namespace (`LOOPBACK_IFINDEX` in the kernel).
 pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Classifies one socket. `local` is the namespace's local table; `None` means it could not
-/// be read, and then a bound address is taken as local (latent is not judged).
-pub fn classify(s: &RawSocket, local: Option<&LocalAddrs>) -> Classification {
+/// be read, and then a bound address is taken as local (latent is not judged). `ipv6` is
+/// whether the namespace's interfaces take IPv6 ([`ipv6_state`]); it caps `reach_ipv6`.
+pub fn classify(s: &RawSocket, local: Option<&LocalAddrs>, ipv6: Ipv6State) -> Classification {
     let (mut reach_ipv4, mut reach_ipv6, is_local) = reach(s, local);
+    reach_ipv6 = match ipv6 {
+        Ipv6State::Enabled => reach_ipv6,
+        Ipv6State::LoopbackOnly => narrow_to_loopback(reach_ipv6),
+        // Unknown stays unknown: what is not known is not claimed either way.
+        Ipv6State::Disabled | Ipv6State::Unavailable if reach_ipv6 == Reach::Unknown => {
+            Reach::Unknown
+        }
+        Ipv6State::Disabled | Ipv6State::Unavailable => Reach::None,
+    };
     let latent = !is_local;
     if latent {
         reach_ipv4 = Reach::None;
@@ -35,6 +47,77 @@ pub fn classify(s: &RawSocket, local: Option<&LocalAddrs>) -> Classification {
         shown_as: netstat_local_address(s.address, s.port),
         netstat_proto: netstat_proto(s.protocol, s.family),
         trap: s.family == Family::Ipv6 && reach_ipv4.accepts(),
+    }
+}
+
+/// An IPv6 address on an interface other than `lo` proves that interface takes IPv6
+/// (the kernel removes every address of an interface whose `disable_ipv6` is set, and
+/// refuses new ones), so the namespace is [`Ipv6State::Enabled`] without reading a sysctl.
+/// This is the usual case; only when it is false are the sysctls read.
+pub fn ipv6_on_a_non_loopback_interface(local: &LocalAddrs) -> bool {
+    local
+        .v6
+        .iter()
+        .any(|&(_, _, oif)| oif != 0 && oif != LOOPBACK_IFINDEX)
+}
+
+/// The namespace's [`Ipv6State`] from `net.ipv6.conf.<if>.disable_ipv6` of each of its
+/// interfaces, as (interface name, disabled); `all` and `default` are not interfaces and
+/// must not be in the list (the kernel copies `all` into every interface when it is
+/// written, but an interface can be enabled again afterwards: only the per-interface
+/// value decides, docs/kernel.md).
+///
+/// [`Ipv6State::LoopbackOnly`] needs another interface with IPv6 disabled: a namespace
+/// whose only interface is `lo` is not limited by a sysctl, and its IPv4 is not narrowed
+/// either (reach is about what the socket and the namespace's settings accept, not about
+/// which links exist today).
+pub fn ipv6_state(interfaces: &[(String, bool)]) -> Ipv6Facts {
+    let enabled: Vec<&str> = interfaces
+        .iter()
+        .filter(|(_, disabled)| !disabled)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let disabled = || {
+        let mut names: Vec<&str> = interfaces
+            .iter()
+            .filter(|(_, disabled)| *disabled)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        names.sort_unstable();
+        const SHOWN: usize = 8;
+        let mut list = names
+            .iter()
+            .take(SHOWN)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if names.len() > SHOWN {
+            let _ = write!(list, " and {} more", names.len() - SHOWN);
+        }
+        list
+    };
+    let only_lo = interfaces.iter().all(|(name, _)| name == "lo");
+    match enabled.as_slice() {
+        [] => Ipv6Facts {
+            state: Ipv6State::Disabled,
+            reason: Some(format!(
+                "net.ipv6.conf.IF.disable_ipv6 is 1 on every interface ({}): IPv6 packets \
+                 are dropped on arrival and there is no IPv6 address, not even ::1",
+                disabled()
+            )),
+        },
+        ["lo"] if !only_lo => Ipv6Facts {
+            state: Ipv6State::LoopbackOnly,
+            reason: Some(format!(
+                "net.ipv6.conf.IF.disable_ipv6 is 1 on every interface but lo ({}): IPv6 \
+                 works inside the namespace only",
+                disabled()
+            )),
+        },
+        _ => Ipv6Facts {
+            state: Ipv6State::Enabled,
+            reason: None,
+        },
     }
 }
 
@@ -302,7 +385,11 @@ mod tests {
         expect: (Reach, Reach, bool, &str, bool),
     ) {
         for proto in [Protocol::Tcp, Protocol::Udp] {
-            let c = classify(&sock(proto, addr, v6only, ifindex), Some(&ns()));
+            let c = classify(
+                &sock(proto, addr, v6only, ifindex),
+                Some(&ns()),
+                Ipv6State::Enabled,
+            );
             let got = (
                 c.reach_ipv4,
                 c.reach_ipv6,
@@ -380,6 +467,121 @@ mod tests {
         );
     }
 
+    /// One case under a namespace IPv6 state: (address, v6only, ifindex) → (v4, v6, trap).
+    #[track_caller]
+    fn check_ipv6(
+        state: Ipv6State,
+        addr: &str,
+        v6only: Option<bool>,
+        expect: (Reach, Reach, bool),
+    ) {
+        for proto in [Protocol::Tcp, Protocol::Udp] {
+            let c = classify(&sock(proto, addr, v6only, 0), Some(&ns()), state);
+            assert_eq!(
+                (c.reach_ipv4, c.reach_ipv6, c.trap),
+                expect,
+                "{proto} {addr} v6only={v6only:?} {state:?}"
+            );
+        }
+    }
+
+    // docs/kernel.md, "IPv6 disabled in a namespace": the namespace caps IPv6 reach and
+    // leaves IPv4 alone (a dual-stack socket still takes IPv4: still the trap).
+    #[test]
+    fn namespace_without_ipv6() {
+        use Ipv6State::{Disabled, Enabled, LoopbackOnly, Unavailable};
+        for state in [Disabled, Unavailable] {
+            check_ipv6(state, "::", Some(false), (Any, No, true));
+            check_ipv6(state, "::", Some(true), (No, No, false));
+            check_ipv6(state, "::", None, (Unknown, No, false));
+            check_ipv6(state, "::1", Some(true), (No, No, false));
+            check_ipv6(state, "fd00::5", Some(true), (No, No, false));
+            check_ipv6(state, "::ffff:10.0.0.5", Some(false), (Specific, No, true));
+            check_ipv6(state, "0.0.0.0", None, (Any, No, false));
+        }
+        check_ipv6(LoopbackOnly, "::", Some(false), (Any, Loopback, true));
+        check_ipv6(LoopbackOnly, "::", Some(true), (No, Loopback, false));
+        check_ipv6(LoopbackOnly, "::1", Some(true), (No, Loopback, false));
+        check_ipv6(LoopbackOnly, "fd00::5", Some(true), (No, Loopback, false));
+        check_ipv6(LoopbackOnly, "0.0.0.0", None, (Any, No, false));
+        check_ipv6(Enabled, "::", Some(false), (Any, Any, true));
+        check_ipv6(Enabled, "fd00::5", Some(true), (No, Specific, false));
+    }
+
+    #[track_caller]
+    fn state_of(interfaces: &[(&str, bool)]) -> Ipv6Facts {
+        let list: Vec<(String, bool)> = interfaces
+            .iter()
+            .map(|&(n, d)| (n.to_string(), d))
+            .collect();
+        ipv6_state(&list)
+    }
+
+    // Measured on Linux 6.18 (docs/kernel.md): only the per-interface value decides.
+    #[test]
+    fn ipv6_state_from_the_sysctls() {
+        use Ipv6State::{Disabled, Enabled, LoopbackOnly};
+        // all.disable_ipv6=1: written through to every interface.
+        let f = state_of(&[("lo", true), ("eth0", true)]);
+        assert_eq!(f.state, Disabled);
+        assert_eq!(
+            f.reason.as_deref(),
+            Some(
+                "net.ipv6.conf.IF.disable_ipv6 is 1 on every interface (eth0, lo): IPv6 packets \
+                 are dropped on arrival and there is no IPv6 address, not even ::1"
+            )
+        );
+        // Then lo enabled again: ::1 comes back, nothing from off the namespace.
+        let f = state_of(&[("lo", false), ("eth0", true), ("eth1", true)]);
+        assert_eq!(f.state, LoopbackOnly);
+        assert_eq!(
+            f.reason.as_deref(),
+            Some(
+                "net.ipv6.conf.IF.disable_ipv6 is 1 on every interface but lo (eth0, eth1): \
+                 IPv6 works inside the namespace only"
+            )
+        );
+        // Only lo exists and takes IPv6: nothing is disabled, nothing is narrowed.
+        assert_eq!(state_of(&[("lo", false)]).state, Enabled);
+        // Only lo exists and it is disabled: not even ::1.
+        assert_eq!(state_of(&[("lo", true)]).state, Disabled);
+        // One other interface enabled (even with lo disabled): it takes IPv6.
+        assert_eq!(state_of(&[("lo", true), ("eth0", false)]).state, Enabled);
+        assert_eq!(state_of(&[("lo", false), ("eth0", false)]).state, Enabled);
+        assert_eq!(
+            state_of(&[("lo", false), ("eth0", true), ("eth1", false)]),
+            Ipv6Facts {
+                state: Enabled,
+                reason: None
+            }
+        );
+        // A long list is cut.
+        let many: Vec<(String, bool)> = (0..10)
+            .map(|i| (format!("veth{i}"), true))
+            .chain([("lo".to_string(), true)])
+            .collect();
+        let f = ipv6_state(&many);
+        assert!(
+            f.reason
+                .as_deref()
+                .is_some_and(|r| r
+                    .contains("(lo, veth0, veth1, veth2, veth3, veth4, veth5, veth6 and 3 more)")),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_address_off_loopback_settles_it() {
+        // The ns() namespace has fd00::5 on ifindex 2.
+        assert!(ipv6_on_a_non_loopback_interface(&ns()));
+        let only_lo = LocalAddrs {
+            v4: vec![],
+            v6: vec![("::1".parse().unwrap(), 128, 1)],
+        };
+        assert!(!ipv6_on_a_non_loopback_interface(&only_lo));
+        assert!(!ipv6_on_a_non_loopback_interface(&LocalAddrs::default()));
+    }
+
     #[test]
     fn v6only_unknown_is_never_guessed() {
         check("::", None, 0, (Unknown, Any, false, ":::80", false));
@@ -452,7 +654,11 @@ mod tests {
 
     #[test]
     fn latent_not_judged_without_local_table() {
-        let c = classify(&sock(Protocol::Tcp, "10.9.9.9", None, 0), None);
+        let c = classify(
+            &sock(Protocol::Tcp, "10.9.9.9", None, 0),
+            None,
+            Ipv6State::Enabled,
+        );
         assert_eq!((c.reach_ipv4, c.latent), (Specific, false));
     }
 
@@ -480,9 +686,17 @@ mod tests {
 
     #[test]
     fn netstat_proto_column() {
-        let c = classify(&sock(Protocol::Udp, "::", Some(false), 0), Some(&ns()));
+        let c = classify(
+            &sock(Protocol::Udp, "::", Some(false), 0),
+            Some(&ns()),
+            Ipv6State::Enabled,
+        );
         assert_eq!(c.netstat_proto, "udp6");
-        let c = classify(&sock(Protocol::Tcp, "0.0.0.0", None, 0), Some(&ns()));
+        let c = classify(
+            &sock(Protocol::Tcp, "0.0.0.0", None, 0),
+            Some(&ns()),
+            Ipv6State::Enabled,
+        );
         assert_eq!(c.netstat_proto, "tcp");
     }
 

@@ -79,6 +79,43 @@ impl LocalAddrs {
     }
 }
 
+/// Whether the interfaces of a namespace take IPv6 at all: `net.ipv6.conf.<if>.disable_ipv6`
+/// per interface (docs/kernel.md, "IPv6 disabled in a namespace"). It bounds what any socket
+/// of the namespace accepts over IPv6, whatever it is bound to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ipv6State {
+    /// An interface other than `lo` takes IPv6: no limit (the usual case).
+    Enabled,
+    /// Only `lo` takes IPv6: IPv6 works inside the namespace, never from off it.
+    LoopbackOnly,
+    /// No interface takes IPv6, `lo` included: no IPv6 packet is accepted and the
+    /// namespace has no IPv6 address, not even `::1`.
+    Disabled,
+    /// The kernel has no IPv6 (`ipv6.disable=1` at boot): there are no IPv6 sockets.
+    Unavailable,
+}
+
+impl Ipv6State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ipv6State::Enabled => "enabled",
+            Ipv6State::LoopbackOnly => "loopback_only",
+            Ipv6State::Disabled => "disabled",
+            Ipv6State::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// [`Ipv6State`] with the facts that decided it (scan JSON `namespaces[].ipv6`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Ipv6Facts {
+    pub state: Ipv6State,
+    /// Which interfaces have `disable_ipv6=1` (or that the kernel has no IPv6); `None`
+    /// when the state is [`Ipv6State::Enabled`].
+    pub reason: Option<String>,
+}
+
 /// Everything read from one namespace.
 #[derive(Debug, Clone)]
 pub struct NetnsView {
@@ -90,6 +127,10 @@ pub struct NetnsView {
     pub source: Source,
     /// Conditions worth telling the operator (e.g. "IPv6 is disabled in this namespace").
     pub notes: Vec<String>,
+    /// Whether the namespace's interfaces take IPv6; `None` when it was not read (the
+    /// namespace was read from /proc/PID/net, or the sysctls could not be read): then
+    /// IPv6 reach is not limited.
+    pub ipv6: Option<Ipv6Facts>,
     /// The namespace's firewall rulesets as read (`System::read_firewall`, filled in by
     /// the scan after the sockets); `None` when they were not read (the namespace was
     /// read from /proc/PID/net, or could not be entered).

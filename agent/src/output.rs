@@ -42,6 +42,8 @@ struct DocNetns<'a> {
     shown: usize,
     /// `null` when the namespace could not be read at all.
     firewall: Option<DocFirewall<'a>>,
+    /// Whether its interfaces take IPv6 (`{"state", "reason"}`); `null` when not read.
+    ipv6: Option<&'a crate::model::Ipv6Facts>,
 }
 
 #[derive(Serialize)]
@@ -86,6 +88,7 @@ pub fn write_json(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
                     generation: f.generation,
                     problem: f.problem.as_deref(),
                 }),
+                ipv6: n.ipv6.as_ref(),
             })
             .collect(),
         warnings: &inv.warnings,
@@ -757,7 +760,7 @@ mod tests {
             ],
         };
         Listener {
-            class: classify(&socket, Some(&local)),
+            class: classify(&socket, Some(&local), crate::model::Ipv6State::Enabled),
             socket,
             netns: std::sync::Arc::new(NetnsId {
                 inode: 1,
@@ -823,6 +826,7 @@ mod tests {
                 listeners: 1,
                 shown: 1,
                 firewall: None,
+                ipv6: None,
             }],
             warnings: vec![],
             partial: false,

@@ -127,6 +127,8 @@ pub struct NetnsReport {
     pub shown: usize,
     /// Its firewall as read; `None` when the namespace could not be read at all.
     pub firewall: Option<FirewallReport>,
+    /// Whether its interfaces take IPv6; `None` when not read (see `NetnsView::ipv6`).
+    pub ipv6: Option<crate::model::Ipv6Facts>,
 }
 
 /// What was read of one namespace's firewall (scan JSON `namespaces[].firewall`).
@@ -431,11 +433,16 @@ fn assemble(
                         generation: firewall.generation,
                         problem: firewall.unreadable.clone(),
                     }),
+                    ipv6: view.ipv6.clone(),
                 });
                 let id = Arc::new(ns.id.clone());
+                let ipv6 = view
+                    .ipv6
+                    .as_ref()
+                    .map_or(crate::model::Ipv6State::Enabled, |f| f.state);
                 listeners.reserve(view.sockets.len());
                 for socket in view.sockets {
-                    let class = classify(&socket, view.local.as_ref());
+                    let class = classify(&socket, view.local.as_ref(), ipv6);
                     let effective = firewall.exposure(&socket, &class, view.local.as_ref());
                     let interface = (socket.ifindex != 0).then(|| {
                         ifnames
@@ -469,6 +476,7 @@ fn assemble(
                     listeners: 0,
                     shown: 0,
                     firewall: None,
+                    ipv6: None,
                 });
             }
         }
@@ -856,6 +864,7 @@ mod tests {
                 ifnames: vec![(2, "eth0".into())],
                 source: Source::SockDiag,
                 notes: vec![],
+                ipv6: None,
                 firewall: None,
                 routes: vec![],
             })
@@ -1201,6 +1210,7 @@ mod tests {
             ifnames: vec![],
             source: Source::SockDiag,
             notes: vec![],
+            ipv6: None,
             firewall: Some(raw),
             routes: vec![],
         };

@@ -14,7 +14,7 @@ use crate::fasthash::FastSet;
 use std::io;
 use std::sync::OnceLock;
 
-use crate::model::{Family, LocalAddrs, NetnsView, Protocol, Source};
+use crate::model::{Family, Ipv6Facts, Ipv6State, LocalAddrs, NetnsView, Protocol, Source};
 pub use netns::{Discovery, NetnsEntry};
 pub use procfs::{Caps, OwnerWalk};
 
@@ -203,6 +203,14 @@ fn read_current_netns(protocols: &[Protocol]) -> Result<NetnsView, ReadError> {
             None
         }
     };
+    let ipv6 = if ipv6_missing {
+        Some(Ipv6Facts {
+            state: Ipv6State::Unavailable,
+            reason: Some("the kernel has no IPv6 (ipv6.disable=1 at boot?)".to_string()),
+        })
+    } else {
+        ipv6_facts(local.as_ref(), &mut notes)
+    };
     let mut ifindexes: Vec<u32> = sockets
         .iter()
         .map(|s| s.ifindex)
@@ -226,9 +234,32 @@ fn read_current_netns(protocols: &[Protocol]) -> Result<NetnsView, ReadError> {
         ifnames,
         source: Source::SockDiag,
         notes,
+        ipv6,
         firewall: None,
         routes,
     })
+}
+
+/// Whether the calling thread's namespace's interfaces take IPv6. An IPv6 address on an
+/// interface other than `lo` settles it with nothing read (the usual case); otherwise
+/// `disable_ipv6` of each interface is read (one small file per interface).
+fn ipv6_facts(local: Option<&LocalAddrs>, notes: &mut Vec<String>) -> Option<Ipv6Facts> {
+    if local.is_some_and(crate::classify::ipv6_on_a_non_loopback_interface) {
+        return Some(Ipv6Facts {
+            state: Ipv6State::Enabled,
+            reason: None,
+        });
+    }
+    match procfs::ipv6_disabled_per_interface() {
+        Ok(interfaces) => Some(crate::classify::ipv6_state(&interfaces)),
+        Err(e) => {
+            notes.push(format!(
+                "/proc/sys/net/ipv6/conf unreadable ({e}): whether IPv6 is disabled on the \
+                 interfaces is not judged (IPv6 reach is reported as if it were enabled)"
+            ));
+            None
+        }
+    }
 }
 
 fn read_routes() -> Result<Vec<(std::net::IpAddr, u8, String)>, netlink::DumpError> {
@@ -287,6 +318,7 @@ fn read_via_procfs(ns: &NetnsEntry, protocols: &[Protocol]) -> Result<NetnsView,
                     local: None,
                     ifnames: Vec::new(),
                     source: Source::Procfs,
+                    ipv6: None,
                     firewall: None,
                     routes: Vec::new(),
                     notes: vec![format!(

@@ -404,6 +404,30 @@ pub fn hostname() -> String {
     name
 }
 
+/// `net.ipv6.conf.IF.disable_ipv6` of every interface of the calling thread's network
+/// namespace (`/proc/sys/net` is resolved against the reading thread's namespace), as
+/// (interface name, disabled); `all` and `default` are left out. An interface that goes
+/// away between the listing and the read is skipped.
+pub fn ipv6_disabled_per_interface() -> io::Result<Vec<(String, bool)>> {
+    let dir = std::path::Path::new("/proc/sys/net/ipv6/conf");
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        if name == "all" || name == "default" {
+            continue;
+        }
+        match fs::read(dir.join(&name).join("disable_ipv6")) {
+            Ok(value) => out.push((
+                name.to_string_lossy().into_owned(),
+                value.trim_ascii() != b"0",
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
 /// Reads `/proc/PID/net/{tcp,tcp6,udp,udp6}`: the namespace's sockets without v6only,
 /// bound device or socket options (the fallback when setns is not allowed).
 pub fn proc_net_sockets(pid: u32, protocols: &[Protocol]) -> io::Result<Vec<RawSocket>> {
