@@ -20,8 +20,8 @@ pub const CONNECTED_AGENTS: &str = "listenscope_connected_agents";
 pub const MESSAGES: &str = "listenscope_messages_total";
 /// Counter: listener rows written (inserted, closed or refreshed).
 pub const ROWS: &str = "listenscope_listener_rows_total";
-/// Counter by `reason` ([`REJECT_REASONS`]): connections refused during TLS, or at the
-/// `max_sessions` cap.
+/// Counter by `reason` ([`REJECT_REASONS`]): connections refused during TLS, for a
+/// certificate that names no host, or at the `max_sessions` cap.
 pub const REJECTED_CONNECTIONS: &str = "listenscope_rejected_connections_total";
 /// Counter by `reason` (invalid_argument): sessions ended for a bad message.
 pub const REJECTED_MESSAGES: &str = "listenscope_rejected_messages_total";
@@ -37,8 +37,8 @@ pub const ACK_SECONDS: &str = "listenscope_ack_seconds";
 
 /// `kind` values of [`MESSAGES`].
 pub const MESSAGE_KINDS: &[&str] = &["snapshot_chunk", "delta", "heartbeat"];
-/// `reason` values of [`REJECTED_CONNECTIONS`]: refused during TLS (see
-/// `tls::Refusal`), or at the session cap.
+/// `reason` values of [`REJECTED_CONNECTIONS`]: refused during TLS or for the
+/// certificate's name (see `tls::Refusal`), or at the session cap.
 pub const REJECT_REASONS: &[&str] = &[
     "no_certificate",
     "unknown_ca",
@@ -46,6 +46,8 @@ pub const REJECT_REASONS: &[&str] = &[
     "not_yet_valid",
     "bad_certificate",
     "server_certificate_refused",
+    "protocol_version",
+    "host_name",
     "handshake",
     "timeout",
     "session_limit",
@@ -110,7 +112,7 @@ fn describe() {
     metrics::describe_counter!(ROWS, "Listener rows written.");
     metrics::describe_counter!(
         REJECTED_CONNECTIONS,
-        "Connections refused (during TLS, or at the session cap), by reason."
+        "Connections refused (during TLS, for the certificate's name, or at the session cap), by reason."
     );
     metrics::describe_counter!(REJECTED_MESSAGES, "Sessions ended for an invalid message.");
     metrics::describe_counter!(RESYNCS, "Snapshots asked of agents, by reason.");

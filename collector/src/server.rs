@@ -59,6 +59,9 @@ pub struct InventoryService {
     /// collectors share it).
     held: ingest::Held,
     refusals: Arc<RateLimited>,
+    /// Refused connections by reason, shared with the TLS accept loop: a certificate that
+    /// names no host is refused here, at its first call.
+    tls_refusals: Arc<tls::Refusals>,
     /// Places for sessions processing a message ([`Limits::in_flight`]).
     in_flight: Arc<Semaphore>,
 }
@@ -71,7 +74,18 @@ impl Inventory for InventoryService {
         &self,
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let host = tls::host_of(&request)?;
+        let host = match tls::host_of(&request) {
+            Ok(host) => host,
+            Err(e) => {
+                self.tls_refusals.refused(
+                    request.remote_addr(),
+                    e.refusal(),
+                    &e.to_string(),
+                    false,
+                );
+                return Err(e.into());
+            }
+        };
         if self.shutdown.is_cancelled() {
             return Err(Status::unavailable(
                 "collector shutting down; reconnect later",
@@ -209,6 +223,7 @@ pub async fn serve(
         next_id: Arc::default(),
         held: Arc::default(),
         refusals: Arc::default(),
+        tls_refusals: Arc::default(),
         in_flight: Arc::new(Semaphore::new(limits_in_flight)),
     };
     if store.shared() {
@@ -226,7 +241,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let incoming = ReceiverStream::new(tls::accept_loop(listener, tls));
+    let incoming = ReceiverStream::new(tls::accept_loop(
+        listener,
+        tls,
+        Arc::clone(&service.tls_refusals),
+    ));
     let inventory = InventoryServer::new(service)
         .max_decoding_message_size(ingest::DECODE_LIMIT_BYTES)
         .max_encoding_message_size(ingest::MAX_MESSAGE_BYTES);

@@ -1,6 +1,7 @@
 //! The collector's side of mutual TLS: a rustls server configuration that requires a
-//! client certificate from our CA, a TLS accept loop that counts refused connections by
-//! reason (tonic's built-in TLS cannot), and the host identity of an accepted session.
+//! client certificate from our CA and TLS 1.3, a TLS accept loop that counts refused
+//! connections by reason (tonic's built-in TLS cannot), and the host identity of an
+//! accepted session (canonical: lower case, no trailing dot).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use listenscope_core::pem::{TlsFileError, identity_of, load_certs, load_identity};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{AlertDescription, CertificateError, RootCertStore, ServerConfig};
+use rustls::{AlertDescription, CertificateError, PeerIncompatible, RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
@@ -51,8 +52,12 @@ impl From<TlsFileError> for TlsSetupError {
     }
 }
 
-/// Server configuration: our certificate, client certificates required and verified
-/// against `ca`, ALPN h2 (gRPC).
+/// Server configuration: TLS 1.3 only, our certificate, client certificates required and
+/// verified against `ca`, ALPN h2 (gRPC).
+///
+/// TLS 1.3 only, as docs/protocol.md promises: every agent speaks it (rustls), and 1.2
+/// would send each agent's certificate, its host name, in the clear, and be a second
+/// protocol to keep safe. A 1.2-only client is refused and counted as `protocol_version`.
 pub fn server_config(
     ca: &Path,
     cert: &Path,
@@ -65,7 +70,7 @@ pub fn server_config(
             detail: e.to_string(),
         })?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(listenscope_core::pem::tls13_provider());
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
             .build()
@@ -75,7 +80,7 @@ pub fn server_config(
             })?;
     let (certs, key) = load_identity(cert, key)?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -93,18 +98,25 @@ pub enum Refusal {
     /// The client refused *our* certificate (it sent an alert): an agent whose CA file or
     /// server name does not match this collector.
     ServerCertificateRefused,
+    /// The client offered no TLS 1.3.
+    ProtocolVersion,
+    /// The certificate is valid but names no host (no DNS SAN or CN, or a name that is not
+    /// a host name, such as a wildcard): refused at the first call, PERMISSION_DENIED.
+    HostName,
     Handshake,
     Timeout,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 8] = [
+    const ALL: [Refusal; 10] = [
         Refusal::NoCertificate,
         Refusal::UnknownCa,
         Refusal::Expired,
         Refusal::NotYetValid,
         Refusal::BadCertificate,
         Refusal::ServerCertificateRefused,
+        Refusal::ProtocolVersion,
+        Refusal::HostName,
         Refusal::Handshake,
         Refusal::Timeout,
     ];
@@ -145,6 +157,11 @@ impl Refusal {
                 // for a bad signature in our chain).
                 | AlertDescription::DecryptError,
             ) => Refusal::ServerCertificateRefused,
+            rustls::Error::PeerIncompatible(
+                PeerIncompatible::Tls12NotOffered
+                | PeerIncompatible::Tls12NotOfferedOrEnabled
+                | PeerIncompatible::SupportedVersionsExtensionRequired,
+            ) => Refusal::ProtocolVersion,
             _ => Refusal::Handshake,
         }
     }
@@ -158,6 +175,8 @@ impl Refusal {
             Refusal::NotYetValid => "not_yet_valid",
             Refusal::BadCertificate => "bad_certificate",
             Refusal::ServerCertificateRefused => "server_certificate_refused",
+            Refusal::ProtocolVersion => "protocol_version",
+            Refusal::HostName => "host_name",
             Refusal::Handshake => "handshake",
             Refusal::Timeout => "timeout",
         }
@@ -191,6 +210,15 @@ impl Refusal {
                 "the client does not accept this collector's certificate: give the agent the \
                  CA that signed --tls-cert as its --tls-ca, and a --server-name (or collector \
                  URL host) that the certificate names (`certs init --server-name`)"
+            }
+            Refusal::ProtocolVersion => {
+                "the client does not speak TLS 1.3, the only version this collector accepts: \
+                 upgrade the agent, or the TLS library of whatever client this is"
+            }
+            Refusal::HostName => {
+                "the client certificate names no host (its DNS SAN, else CN, must be a host \
+                 name: letters, digits, '-', '_' in dot-separated labels): issue the agent's \
+                 certificate with `listenscope-collector certs issue --host NAME`"
             }
             Refusal::Handshake => {
                 "the TLS handshake failed (see detail): is the client an agent speaking TLS \
@@ -246,16 +274,26 @@ impl RateLimited {
     }
 }
 
-/// Refused handshakes: one log line per reason and interval (a fleet rolled out with the
-/// wrong CA must not flood the log), every one counted.
+/// Refused connections: one log line per reason and interval (a fleet rolled out with
+/// the wrong CA must not flood the log), every one counted. Shared by the accept loop
+/// (handshake refusals) and the service (certificates that name no host).
 #[derive(Debug, Default)]
-struct Refusals {
+pub struct Refusals {
     lines: [RateLimited; Refusal::ALL.len()],
 }
 
 impl Refusals {
-    fn refused(&self, peer: SocketAddr, refusal: Refusal, detail: &str, closed: bool) {
+    /// Counts the refusal of `peer` (unknown: `None`), and logs it unless this reason was
+    /// logged within the interval.
+    pub(crate) fn refused(
+        &self,
+        peer: Option<SocketAddr>,
+        refusal: Refusal,
+        detail: &str,
+        closed: bool,
+    ) {
         metrics::counter!(m::REJECTED_CONNECTIONS, "reason" => refusal.label()).increment(1);
+        let peer = peer.map_or_else(|| "unknown".to_string(), |p| p.to_string());
         if refusal == Refusal::Handshake && closed {
             // Closed before a handshake: a TCP probe or a port scan, not an agent.
             tracing::debug!(%peer, detail, "Connection closed during the TLS handshake.");
@@ -279,11 +317,11 @@ impl Refusals {
 pub fn accept_loop(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    refusals: Arc<Refusals>,
 ) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    let refusals = Arc::new(Refusals::default());
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -311,13 +349,13 @@ pub fn accept_loop(
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(e)) => refusals.refused(
-                        peer,
+                        Some(peer),
                         Refusal::of(&e),
                         &e.to_string(),
                         e.kind() == std::io::ErrorKind::UnexpectedEof,
                     ),
                     Err(_) => refusals.refused(
-                        peer,
+                        Some(peer),
                         Refusal::Timeout,
                         &format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()),
                         false,
@@ -329,33 +367,71 @@ pub fn accept_loop(
     rx
 }
 
-/// The host name a session writes as: the client certificate's DNS SAN, else its CN.
-/// Nothing the agent says in its messages can change it.
-pub fn host_of<T>(req: &tonic::Request<T>) -> Result<String, Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let name = identity_of(leaf).ok_or_else(|| {
-        Status::permission_denied("the client certificate names no host (no DNS SAN, no CN)")
-    })?;
-    if !valid_host_name(&name) {
-        return Err(Status::permission_denied(format!(
-            "the client certificate's name {name:?} is not a host name"
-        )));
-    }
-    // DNS names are case-insensitive: WEB01 and web01 are one host.
-    Ok(name.to_ascii_lowercase())
+/// Why a verified client certificate does not give a host identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("the client certificate names no host (no DNS SAN, no CN)")]
+    NoName,
+    #[error("the client certificate's name {0:?} is not a host name")]
+    NotAHostName(String),
 }
 
-/// Letters, digits, `-`, `_`, `.`; 1–253 bytes.
+impl IdentityError {
+    /// How it is counted and logged.
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            IdentityError::NoCertificate => Refusal::NoCertificate,
+            IdentityError::NoName | IdentityError::NotAHostName(_) => Refusal::HostName,
+        }
+    }
+}
+
+impl From<IdentityError> for Status {
+    fn from(e: IdentityError) -> Status {
+        match e {
+            IdentityError::NoCertificate => Status::unauthenticated(e.to_string()),
+            IdentityError::NoName | IdentityError::NotAHostName(_) => {
+                Status::permission_denied(e.to_string())
+            }
+        }
+    }
+}
+
+/// The host name a session writes as: the client certificate's DNS SAN, else its CN, in
+/// its canonical form ([`canonical_host_name`]). Nothing the agent says in its messages
+/// can change it.
+pub fn host_of<T>(req: &tonic::Request<T>) -> Result<String, IdentityError> {
+    let certs = req.peer_certs().ok_or(IdentityError::NoCertificate)?;
+    let leaf = certs.first().ok_or(IdentityError::NoCertificate)?;
+    let name = identity_of(leaf).ok_or(IdentityError::NoName)?;
+    canonical_host_name(&name).ok_or(IdentityError::NotAHostName(name))
+}
+
+/// The one spelling of a host identity: DNS names are case-insensitive and a fully
+/// qualified `web-01.example.net.` is `web-01.example.net`, so `WEB-01.Example.NET.` and
+/// `web-01.example.net` are one host. Lower case, one trailing dot removed, then it must
+/// be a [`valid_host_name`]; `None` when it is not (a wildcard, an empty label, `a..`).
+///
+/// Canonicalised rather than refused: a certificate issued for the FQDN with its root
+/// dot, or in the case the inventory system uses, is a legitimate agent.
+pub fn canonical_host_name(name: &str) -> Option<String> {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    valid_host_name(&name).then_some(name)
+}
+
+/// 1–253 bytes of dot-separated labels, each non-empty and made of letters, digits, `-`
+/// and `_` (no leading, trailing or doubled dot).
 pub fn valid_host_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+        })
 }
 
 #[cfg(test)]
@@ -370,6 +446,30 @@ mod tests {
         assert!(!valid_host_name("a b"));
         assert!(!valid_host_name("x/../y"));
         assert!(!valid_host_name(&"a".repeat(254)));
+        assert!(!valid_host_name("*.example.net"));
+        assert!(!valid_host_name("a..b"));
+        assert!(!valid_host_name(".a"));
+        assert!(
+            !valid_host_name("a."),
+            "canonical names carry no trailing dot"
+        );
+    }
+
+    #[test]
+    fn canonical_names() {
+        let check = |name: &str, want: Option<&str>| {
+            assert_eq!(canonical_host_name(name).as_deref(), want, "{name:?}");
+        };
+        check("web-01.example.net", Some("web-01.example.net"));
+        check("WEB-01.Example.NET.", Some("web-01.example.net"));
+        check("victim-host.", Some("victim-host"));
+        check("H1", Some("h1"));
+        // One root dot only: `a..` would otherwise be a third spelling of `a`.
+        check("a..", None);
+        check(".", None);
+        check("", None);
+        check("*.example.net", None);
+        check("b\u{e4}r.example", None);
     }
 
     #[test]
@@ -396,6 +496,12 @@ mod tests {
                 AlertDescription::UnknownCA
             ))),
             "server_certificate_refused"
+        );
+        assert_eq!(
+            reject_reason(&wrap(rustls::Error::PeerIncompatible(
+                PeerIncompatible::Tls12NotOfferedOrEnabled
+            ))),
+            "protocol_version"
         );
         assert_eq!(reject_reason(&std::io::Error::other("eof")), "handshake");
         // Every reason is a documented label value.

@@ -264,15 +264,42 @@ pub fn not_after(der: &CertificateDer<'_>) -> Option<OffsetDateTime> {
     Some(cert.validity().not_after.to_datetime())
 }
 
-/// Installs the ring provider as the process default; rustls panics when it cannot tell
+/// Installs [`tls13_provider`] as the process default; rustls panics when it cannot tell
 /// which provider to use. Call first thing in `main`.
+///
+/// The agent's TLS client is tonic's, which builds its rustls configuration from the
+/// process default provider with rustls' default versions (1.2 and 1.3) and offers no
+/// way to choose them: a provider without TLS 1.2 cipher suites is how the agent offers
+/// TLS 1.3 only (rustls offers a version only if a suite of it is there). PostgreSQL
+/// connections (sqlx) pick their own provider and are not affected.
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = tls13_provider().install_default();
+}
+
+/// The ring provider with its TLS 1.3 cipher suites only: the protocol is TLS 1.3
+/// (docs/protocol.md), on both sides.
+pub fn tls13_provider() -> rustls::crypto::CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .retain(|s| matches!(s, rustls::SupportedCipherSuite::Tls13(_)));
+    provider
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// TLS 1.3 suites only, and some: a client built on it offers TLS 1.3 and nothing
+    /// else (the handshakes are tested in the agent's transport and the collector's tests).
+    #[test]
+    fn the_provider_speaks_tls13_only() {
+        let p = tls13_provider();
+        assert!(!p.cipher_suites.is_empty());
+        for s in &p.cipher_suites {
+            assert_eq!(s.version(), &rustls::version::TLS13, "{s:?}");
+        }
+    }
 
     /// `check_key_access(mode, owner, euid)`: `None` accepted, else the error's words.
     #[track_caller]

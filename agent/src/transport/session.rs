@@ -322,6 +322,89 @@ mod tests {
     use listenscope_core::record::testkit::record;
     use std::sync::Arc;
 
+    /// The agent speaks TLS 1.3 only (docs/protocol.md): a real server that offers TLS 1.2
+    /// alone (a downgraded or outdated "collector") never completes a handshake with it.
+    /// Before, the agent offered 1.2 too and the handshake succeeded.
+    #[tokio::test]
+    async fn the_agent_offers_tls13_only() {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        };
+        use std::os::unix::fs::PermissionsExt;
+
+        listenscope_core::pem::install_crypto_provider();
+        let dir = listenscope_testkit::TempDir::new("tls13");
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&ca_cert.pem(), &ca_key).unwrap();
+        let leaf = |name: &str, usage: ExtendedKeyUsagePurpose| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(vec![name.to_string()]).unwrap();
+            p.extended_key_usages = vec![usage];
+            (p.signed_by(&key, &issuer).unwrap(), key)
+        };
+        let (server_cert, server_key) = leaf("collector.test", ExtendedKeyUsagePurpose::ServerAuth);
+        let (agent_cert, agent_key) = leaf("h1", ExtendedKeyUsagePurpose::ClientAuth);
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.join("h1.pem"), agent_cert.pem()).unwrap();
+        std::fs::write(dir.join("h1.key"), agent_key.serialize_pem()).unwrap();
+        std::fs::set_permissions(dir.join("h1.key"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+
+        // A real TLS server on a real socket, TLS 1.2 only, ALPN h2: everything an agent
+        // offering 1.2 would accept.
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![server_cert.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(server_key.serialize_der()).into(),
+        )
+        .unwrap();
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handshake = std::thread::spawn(move || {
+            let (mut tcp, _) = listener.accept().unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut conn = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+            while conn.is_handshaking() {
+                if let Err(e) = conn.complete_io(&mut tcp) {
+                    return Err(e.to_string());
+                }
+            }
+            Ok(conn.protocol_version())
+        });
+
+        let cfg = RunConfig {
+            collectors: vec![format!("https://{addr}")],
+            tls_ca: dir.join("ca.pem"),
+            tls_cert: dir.join("h1.pem"),
+            tls_key: dir.join("h1.key"),
+            interval: Duration::from_secs(10),
+            netns: crate::scan::NetnsSelector::Current,
+            max_pending_changes: 1,
+            reconnect_max: Duration::from_secs(1),
+            server_name: Some("collector.test".into()),
+        };
+        let url = format!("https://{addr}");
+        let cx = context(&cfg, &url);
+        let connected = connect(&cfg, &url, &cx).await;
+        let server_saw = handshake.join().unwrap();
+        assert!(
+            server_saw.is_err(),
+            "the agent completed a handshake with a TLS 1.2-only server: {server_saw:?}"
+        );
+        let err = server_saw.unwrap_err();
+        assert!(err.contains("Tls12NotOffered"), "{err}");
+        assert!(connected.is_err(), "the agent connected over TLS 1.2");
+    }
+
     #[test]
     fn snapshots_are_chunked_and_empty_ones_still_sent() {
         let state: State = (1..=2500u16)
