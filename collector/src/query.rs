@@ -2,15 +2,21 @@
 //! (`exposure`, `hosts`), rendered as a table, JSON or CSV.
 //!
 //! Read-only is enforced by the database, not by parsing SQL: SQLite connections are
-//! opened read-only with `PRAGMA query_only`, and a statement SQLite does not judge
-//! read-only (`sqlite3_stmt_readonly`) is refused before it runs; PostgreSQL runs every
-//! statement in a read-only transaction. A refused statement is reported with what to do
-//! instead. Every statement has a deadline (default 60 s, `query --timeout`).
+//! opened read-only with `PRAGMA query_only`, an authorizer refuses ATTACH, DETACH,
+//! pragmas that set and functions that reach outside the database while the statement
+//! is prepared, and a statement SQLite does not judge read-only
+//! (`sqlite3_stmt_readonly`) is refused before it runs; PostgreSQL runs every statement
+//! in a read-only transaction, and `query` refuses a role that could write or is a
+//! superuser ([`ReadOnly::privileges`]) unless told otherwise. A refused statement is
+//! reported with what to do instead. Every statement has a deadline (default 60 s,
+//! `query --timeout`), and a result is capped in rows and in the memory it takes
+//! ([`Bounds`]): reading stops at the first row past either cap, and the statement fails.
 //!
 //! Values come out the same on both databases: SQLite's 0/1 in the schema's boolean
 //! columns become booleans, its JSON text (`process_details`) a nested value, as
 //! PostgreSQL's native types give them.
 
+use std::borrow::Cow;
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
@@ -33,6 +39,43 @@ pub const MAX_ROWS: usize = 1_000_000;
 
 /// How long one statement may run unless told otherwise (`query --timeout`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Most memory one `query` result may take unless told otherwise (`query --max-bytes`):
+/// each value's text plus [`CELL_OVERHEAD`] per value.
+pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
+
+/// What each value of a result costs in memory beyond its text (counted against
+/// `--max-bytes`, so a million rows of small values are bounded too).
+pub const CELL_OVERHEAD: u64 = std::mem::size_of::<Value>() as u64;
+
+/// What one statement may take: time, rows, memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub timeout: Duration,
+    pub max_rows: usize,
+    /// Bytes the result takes in memory: each value's text (a blob as hex) plus
+    /// [`CELL_OVERHEAD`].
+    pub max_bytes: u64,
+}
+
+impl Default for Bounds {
+    /// `query`'s defaults: 60 s, [`MAX_ROWS`] rows, [`DEFAULT_MAX_BYTES`].
+    fn default() -> Bounds {
+        Bounds {
+            timeout: DEFAULT_TIMEOUT,
+            max_rows: MAX_ROWS,
+            max_bytes: DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// The reports' bounds: their SQL is ours and `--limit` bounds their rows; only the row
+/// count is capped, as it always was ([`QueryError::TooManyRows`]).
+const REPORT_BOUNDS: Bounds = Bounds {
+    timeout: DEFAULT_TIMEOUT,
+    max_rows: MAX_ROWS,
+    max_bytes: u64::MAX,
+};
 
 /// The views `query` answers over (docs/views.md), named in `query --help` and in the
 /// refusal of a write: the one list.
@@ -65,6 +108,24 @@ pub enum QueryError {
     Sql(String),
     #[error("the result has more than {MAX_ROWS} rows; add a LIMIT or a WHERE")]
     TooManyRows,
+    #[error(
+        "the result has more than {0} rows and was stopped there; add a LIMIT or a WHERE, \
+         or raise --max-rows"
+    )]
+    RowsOver(usize),
+    #[error(
+        "the result takes more than {} of memory (one value, or all rows together) and was \
+         stopped there; select fewer or shorter columns, add a LIMIT or a WHERE, or raise \
+         --max-bytes",
+        format_bytes(*.0)
+    )]
+    BytesOver(u64),
+    #[error(
+        "refused: the PostgreSQL role {role} {can}. `query` runs any SQL it is given, so \
+         connect as a role that may only SELECT on the views (the read-only role of \
+         docs/postgres.md), or pass --allow-privileged-role to run as {role} anyway"
+    )]
+    PrivilegedRole { role: String, can: String },
     #[error("no SQL statement given (the text is empty or only comments)")]
     Empty,
     #[error(
@@ -85,6 +146,46 @@ pub enum QueryError {
     Timeout(Duration),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// `N` bytes as people write them: `256MiB`, `1GiB`, `1500B` (whole units when exact).
+pub fn format_bytes(n: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= size && n.is_multiple_of(size) {
+            return format!("{}{unit}", n / size);
+        }
+    }
+    format!("{n}B")
+}
+
+/// Parses a byte size: a number with an optional unit `B`, `KiB`, `MiB`, `GiB` (or `K`,
+/// `M`, `G`, binary too), e.g. `256MiB`; at least 1 KiB.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let not_a_size = || {
+        format!(
+            "{text:?} is not a size: write a number of bytes with an optional unit (KiB, \
+             MiB, GiB), e.g. 256MiB"
+        )
+    };
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        _ => return Err(not_a_size()),
+    };
+    let n = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(not_a_size)?;
+    if n < 1 << 10 {
+        return Err(format!("{text:?} is too small: at least 1KiB"));
+    }
+    Ok(n)
 }
 
 /// A read-only database handle.
@@ -223,6 +324,74 @@ impl ReadOnly {
         }
     }
 
+    /// What the role of this handle can do beyond reading, for `query`: its name and
+    /// every such power, in words (none for SQLite, and for a role that may only read).
+    /// Superuser, membership of the roles that read and write server files or run
+    /// programs, a write privilege on a table of the schema the views are in, CREATE on
+    /// that schema or on the database.
+    pub async fn privileges(&self) -> Result<Option<(String, Vec<String>)>, QueryError> {
+        let ReadOnly::Postgres(pool) = self else {
+            return Ok(None);
+        };
+        type Powers = (
+            String,
+            bool,
+            Vec<String>,
+            Vec<String>,
+            Option<String>,
+            bool,
+            String,
+            bool,
+        );
+        let (role, superuser, members, tables, schema, create_schema, database, create_db): Powers =
+            sqlx::query_as(
+                "WITH s AS (SELECT c.relnamespace AS oid FROM pg_class c \
+                            WHERE c.oid = to_regclass('hosts')) \
+                 SELECT current_user::text, \
+                   coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = current_user), false), \
+                   ARRAY(SELECT g FROM unnest(ARRAY['pg_execute_server_program', \
+                           'pg_write_server_files', 'pg_read_server_files']) AS g \
+                         WHERE pg_has_role(current_user, g, 'MEMBER') ORDER BY g), \
+                   ARRAY(SELECT c.relname::text FROM pg_class c, s \
+                         WHERE c.relnamespace = s.oid AND c.relkind IN ('r', 'p') \
+                           AND has_table_privilege(c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE') \
+                         ORDER BY 1), \
+                   (SELECT nspname::text FROM pg_namespace n, s WHERE n.oid = s.oid), \
+                   coalesce((SELECT has_schema_privilege(s.oid, 'CREATE') FROM s), false), \
+                   current_database()::text, \
+                   has_database_privilege(current_database(), 'CREATE')",
+            )
+            .fetch_one(pool)
+            .await
+            .map_err(sql_error)?;
+        if superuser {
+            // Everything else follows; one reason is enough.
+            let what = "is a superuser (it may read and write server files and run programs)";
+            return Ok(Some((role, vec![what.to_string()])));
+        }
+        let mut can = Vec::new();
+        for m in members {
+            can.push(format!("is a member of {m}"));
+        }
+        if !tables.is_empty() {
+            can.push(format!(
+                "may INSERT, UPDATE, DELETE or TRUNCATE {} {}",
+                if tables.len() == 1 { "table" } else { "tables" },
+                tables.join(", ")
+            ));
+        }
+        if create_schema {
+            can.push(format!(
+                "may CREATE in schema {}",
+                schema.as_deref().unwrap_or("public")
+            ));
+        }
+        if create_db {
+            can.push(format!("may CREATE schemas in database {database}"));
+        }
+        Ok(Some((role, can)))
+    }
+
     pub async fn close(&self) {
         match self {
             ReadOnly::Sqlite(p) => p.close().await,
@@ -245,21 +414,30 @@ impl ReadOnly {
         }
     }
 
-    /// Runs `sql` with `params` bound in order, for at most [`DEFAULT_TIMEOUT`].
+    /// Runs `sql` with `params` bound in order, for at most [`DEFAULT_TIMEOUT`] and
+    /// [`MAX_ROWS`] rows (the reports: [`QueryError::TooManyRows`] past it).
     pub async fn run(&self, sql: &str, params: &[Param]) -> Result<ResultSet, QueryError> {
-        self.run_for(sql, params, DEFAULT_TIMEOUT).await
+        match self.run_bounded(sql, params, REPORT_BOUNDS).await {
+            Err(QueryError::RowsOver(_)) => Err(QueryError::TooManyRows),
+            other => other,
+        }
     }
 
-    /// Runs `sql` with `params` bound in order; a statement still running after
-    /// `timeout` is stopped ([`QueryError::Timeout`]).
-    pub async fn run_for(
+    /// Runs `sql` with `params` bound in order within `bounds`: a statement still
+    /// running after the timeout is stopped ([`QueryError::Timeout`]); reading stops at
+    /// the first row past `max_rows` ([`QueryError::RowsOver`]) or `max_bytes`
+    /// ([`QueryError::BytesOver`]).
+    pub async fn run_bounded(
         &self,
         sql: &str,
         params: &[Param],
-        timeout: Duration,
+        bounds: Bounds,
     ) -> Result<ResultSet, QueryError> {
+        let timeout = bounds.timeout;
         let timed_out = |e: QueryError| match e {
             QueryError::Timeout(_) => QueryError::Timeout(timeout),
+            QueryError::RowsOver(_) => QueryError::RowsOver(bounds.max_rows),
+            QueryError::BytesOver(_) => QueryError::BytesOver(bounds.max_bytes),
             e => e,
         };
         match self {
@@ -285,7 +463,11 @@ impl ReadOnly {
                 let mut conn = pool.acquire().await.map_err(sql_error)?;
                 let mut handle = conn.lock_handle().await.map_err(sql_error)?;
                 let deadline = Instant::now().checked_add(timeout);
-                let mut rows = sqlite_step::run(&mut handle, sql, &binds, MAX_ROWS, deadline)
+                let caps = sqlite_step::Caps {
+                    rows: bounds.max_rows,
+                    bytes: bounds.max_bytes,
+                };
+                let mut rows = sqlite_step::run(&mut handle, sql, &binds, caps, deadline)
                     .map_err(step_error)
                     .map_err(timed_out)?;
                 typed(&mut rows);
@@ -334,6 +516,7 @@ impl ReadOnly {
                     };
                 }
                 let mut out = ResultSet::default();
+                let mut held: u64 = 0;
                 {
                     let mut rows = q.fetch(&mut *tx);
                     while let Some(row) = rows
@@ -346,8 +529,15 @@ impl ReadOnly {
                             out.columns =
                                 row.columns().iter().map(|c| c.name().to_string()).collect();
                         }
-                        if out.rows.len() == MAX_ROWS {
-                            return Err(QueryError::TooManyRows);
+                        if out.rows.len() == bounds.max_rows {
+                            return Err(QueryError::RowsOver(bounds.max_rows));
+                        }
+                        // Counted from the row as received, before any value is copied
+                        // out of it. (The driver holds one row whole: a single value is
+                        // bounded by PostgreSQL's own 1 GB, not by this cap.)
+                        held = held.saturating_add(pg_row_bytes(&row)?);
+                        if held > bounds.max_bytes {
+                            return Err(QueryError::BytesOver(bounds.max_bytes));
                         }
                         out.rows.push(pg_row(&row)?);
                     }
@@ -423,6 +613,27 @@ fn typed(rows: &mut sqlite_step::Rows) {
             }
         }
     }
+}
+
+/// The memory a row's values take once decoded, counted as `sqlite_step::cell_bytes`
+/// does: the wire bytes of each value (a `bytea` as hex, twice) plus [`CELL_OVERHEAD`].
+fn pg_row_bytes(row: &sqlx::postgres::PgRow) -> Result<u64, QueryError> {
+    let mut n: u64 = 0;
+    for i in 0..row.len() {
+        let raw = row.try_get_raw(i).map_err(sql_error)?;
+        let len = if raw.is_null() {
+            0
+        } else {
+            let bytes = raw.as_bytes().map_or(0, <[u8]>::len) as u64;
+            if raw.type_info().name() == "BYTEA" {
+                2 * bytes
+            } else {
+                bytes
+            }
+        };
+        n = n.saturating_add(sqlite_step::cell_bytes(len));
+    }
+    Ok(n)
 }
 
 fn pg_row(row: &sqlx::postgres::PgRow) -> Result<Vec<Value>, QueryError> {
@@ -589,15 +800,25 @@ fn sql_error(e: sqlx::Error) -> QueryError {
     }
 }
 
+/// SQLite's primary result code for a text or blob longer than `SQLITE_LIMIT_LENGTH`
+/// (lowered to `--max-bytes`).
+const SQLITE_TOOBIG: i64 = 18;
+
+/// The cap is filled in by the caller, which knows it.
 fn step_error(e: StepError) -> QueryError {
     match e {
+        StepError::Sqlite { code, .. } if i64::from(code) & 0xff == SQLITE_TOOBIG => {
+            QueryError::BytesOver(0)
+        }
         StepError::Sqlite { code, message } if i64::from(code) & 0xff == SQLITE_READONLY => {
             QueryError::WriteRefused(message)
         }
         StepError::Sqlite { message, .. } => QueryError::Sql(message),
         StepError::Empty => QueryError::Empty,
         StepError::Several => QueryError::Several,
-        StepError::TooManyRows => QueryError::TooManyRows,
+        StepError::TooManyRows => QueryError::RowsOver(0),
+        StepError::TooManyBytes => QueryError::BytesOver(0),
+        StepError::Denied(what) => QueryError::WriteRefused(what),
         StepError::NotReadOnly => {
             QueryError::WriteRefused("the statement would change the database".into())
         }
@@ -802,11 +1023,11 @@ pub fn write_with(
     }
 }
 
-fn cell(v: &Value) -> String {
+fn cell(v: &Value) -> Cow<'_, str> {
     match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::Null => Cow::Borrowed(""),
+        Value::String(s) => Cow::Borrowed(s),
+        other => Cow::Owned(other.to_string()),
     }
 }
 
@@ -817,7 +1038,7 @@ const BREAKS: [char; 3] = ['\n', '\r', '\t'];
 /// edge refused them, or SQL that builds them), control and invisible formatting
 /// characters are printed as visible escapes (`\u{1b}`), never as themselves.
 /// `keep` characters are left for the format to handle (CSV quotes line breaks).
-fn printable_cell(v: &Value, keep: &[char]) -> String {
+fn printable_cell<'v>(v: &'v Value, keep: &[char]) -> Cow<'v, str> {
     let c = cell(v);
     if !c
         .chars()
@@ -825,7 +1046,8 @@ fn printable_cell(v: &Value, keep: &[char]) -> String {
     {
         return c;
     }
-    c.chars()
+    let escaped: String = c
+        .chars()
         .map(|ch| {
             if !keep.contains(&ch) && listenscope_core::record::is_unsafe_char(ch) {
                 ch.escape_unicode().to_string()
@@ -833,7 +1055,16 @@ fn printable_cell(v: &Value, keep: &[char]) -> String {
                 ch.to_string()
             }
         })
-        .collect()
+        .collect();
+    Cow::Owned(escaped)
+}
+
+/// A cell as a table prints it: escaped, line breaks and tabs as spaces.
+fn table_cell(v: &Value) -> Cow<'_, str> {
+    match printable_cell(v, &BREAKS) {
+        c if c.contains(BREAKS) => Cow::Owned(c.replace(BREAKS, " ")),
+        c => c,
+    }
 }
 
 pub fn write_table(rs: &ResultSet, out: &mut dyn Write) -> io::Result<()> {
@@ -851,29 +1082,22 @@ fn write_table_with(rs: &ResultSet, header: bool, out: &mut dyn Write) -> io::Re
         };
     }
     // Columns padded to their widest cell (display width, so wide characters line up),
-    // two spaces apart; built line by line, since reports can have 100,000 rows.
+    // two spaces apart; built line by line, since reports can have 100,000 rows. Two
+    // passes over the rows (widths, then lines), so the printed text is never held whole
+    // next to the result (`query` may print up to --max-bytes of it).
     let names: Vec<String> = rs.columns.iter().map(|c| c.to_uppercase()).collect();
-    let cells: Vec<Vec<String>> = rs
-        .rows
-        .iter()
-        .map(|r| {
-            r.iter()
-                .map(|v| printable_cell(v, &BREAKS).replace(BREAKS, " "))
-                .collect()
-        })
-        .collect();
     let mut widths: Vec<usize> = if header {
         names.iter().map(|h| h.width()).collect()
     } else {
         vec![0; names.len()]
     };
-    for row in &cells {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.width());
+    for row in &rs.rows {
+        for (w, v) in widths.iter_mut().zip(row) {
+            *w = (*w).max(table_cell(v).width());
         }
     }
     let mut line = String::new();
-    let mut emit = |row: &[String], out: &mut dyn Write| -> io::Result<()> {
+    let mut emit = |row: &[Cow<'_, str>], out: &mut dyn Write| -> io::Result<()> {
         line.clear();
         for (i, (c, w)) in row.iter().zip(&widths).enumerate() {
             if i > 0 {
@@ -885,10 +1109,14 @@ fn write_table_with(rs: &ResultSet, header: bool, out: &mut dyn Write) -> io::Re
         writeln!(out, "{}", line.trim_end())
     };
     if header {
+        let names: Vec<Cow<'_, str>> = names.iter().map(|n| Cow::Borrowed(n.as_str())).collect();
         emit(&names, out)?;
     }
-    for row in &cells {
-        emit(row, out)?;
+    let mut cells = Vec::with_capacity(rs.columns.len());
+    for row in &rs.rows {
+        cells.clear();
+        cells.extend(row.iter().map(table_cell));
+        emit(&cells, out)?;
     }
     if !header {
         return Ok(());
@@ -901,21 +1129,22 @@ fn write_table_with(rs: &ResultSet, header: bool, out: &mut dyn Write) -> io::Re
     )
 }
 
-/// An array of objects keyed by column name.
+/// An array of objects keyed by column name, written one object at a time (never the
+/// whole document in memory next to the result).
 pub fn write_json(rs: &ResultSet, out: &mut dyn Write) -> io::Result<()> {
-    let rows: Vec<Value> = rs
-        .rows
-        .iter()
-        .map(|r| {
-            let mut m = Map::new();
-            for (c, v) in rs.columns.iter().zip(r) {
-                m.insert(c.clone(), v.clone());
-            }
-            Value::Object(m)
-        })
-        .collect();
-    let mut ser = serde_json::Serializer::with_formatter(&mut *out, TerminalSafeJson);
-    serde::Serialize::serialize(&rows, &mut ser).map_err(io::Error::other)?;
+    out.write_all(b"[")?;
+    for (i, r) in rs.rows.iter().enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        let mut m = Map::new();
+        for (c, v) in rs.columns.iter().zip(r) {
+            m.insert(c.clone(), v.clone());
+        }
+        let mut ser = serde_json::Serializer::with_formatter(&mut *out, TerminalSafeJson);
+        serde::Serialize::serialize(&Value::Object(m), &mut ser).map_err(io::Error::other)?;
+    }
+    out.write_all(b"]")?;
     writeln!(out)
 }
 
@@ -959,9 +1188,19 @@ fn write_csv_with(rs: &ResultSet, header: bool, out: &mut dyn Write) -> io::Resu
             s.to_string()
         }
     }
-    let line = |cells: Vec<String>| cells.iter().map(|c| field(c)).collect::<Vec<_>>().join(",");
+    let line =
+        |cells: Vec<Cow<'_, str>>| cells.iter().map(|c| field(c)).collect::<Vec<_>>().join(",");
     if header {
-        writeln!(out, "{}", line(rs.columns.clone()))?;
+        writeln!(
+            out,
+            "{}",
+            line(
+                rs.columns
+                    .iter()
+                    .map(|c| Cow::Borrowed(c.as_str()))
+                    .collect()
+            )
+        )?;
     }
     for r in &rs.rows {
         writeln!(
@@ -1040,6 +1279,35 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    #[test]
+    fn byte_sizes() {
+        for (text, n) in [
+            ("256MiB", 256 << 20),
+            ("1GiB", 1 << 30),
+            ("64k", 64 << 10),
+            ("2048", 2048),
+            ("1024B", 1024),
+            (" 3 M ", 3 << 20),
+        ] {
+            assert_eq!(parse_bytes(text), Ok(n), "{text}");
+        }
+        for bad in [
+            "",
+            "0",
+            "100",
+            "12X",
+            "1.5GiB",
+            "-1",
+            "99999999999999999999GiB",
+        ] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_bytes(DEFAULT_MAX_BYTES), "256MiB");
+        assert_eq!(format_bytes(1 << 30), "1GiB");
+        assert_eq!(format_bytes(1500), "1500B");
+        assert_eq!(format_bytes(64 << 10), "64KiB");
     }
 
     #[test]

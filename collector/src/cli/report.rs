@@ -66,7 +66,11 @@ impl OutputArgs {
 fn query_help() -> String {
     format!(
         "Views: {} (docs/views.md).\n\nOne read-only statement: anything that would change \
-         the database is refused before it runs.\n\nExit status: 0 done, 2 error.",
+         the database is refused before it runs. On PostgreSQL, connect as a role that may \
+         only read the views (docs/postgres.md): a superuser, or a role that may write, is \
+         refused unless --allow-privileged-role is given. A result past --max-rows or \
+         --max-bytes is not printed: the statement is stopped there and fails.\n\nExit \
+         status: 0 done, 2 error.",
         query::VIEWS
     )
 }
@@ -104,6 +108,23 @@ pub struct QueryArgs {
         value_parser = listenscope_core::config::parse_duration
     )]
     pub timeout: Duration,
+    /// Fail (printing nothing) when the result has more rows than this.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = query::MAX_ROWS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    pub max_rows: usize,
+    /// Fail (printing nothing) when the result takes more memory than this: each value's
+    /// text plus 32 bytes per value (e.g. 64MiB, 1GiB). A single larger value is refused
+    /// before it is made on SQLite.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = query::parse_bytes)]
+    pub max_bytes: u64,
+    /// On PostgreSQL, run even as a superuser or a role that may write (a warning is
+    /// logged): such a role can reach server files and programs through SQL.
+    #[arg(long)]
+    pub allow_privileged_role: bool,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -187,10 +208,38 @@ fn once(e: impl std::fmt::Display) -> anyhow::Error {
 
 pub(super) async fn query_cmd(a: QueryArgs) -> anyhow::Result<Exit> {
     let ro = open_ro(&a.db).await?;
-    let rs = ro.run_for(&a.sql, &[], a.timeout).await;
+    if let Err(e) = check_role(&ro, a.allow_privileged_role).await {
+        ro.close().await;
+        return Err(once(e));
+    }
+    let bounds = query::Bounds {
+        timeout: a.timeout,
+        max_rows: a.max_rows,
+        max_bytes: a.max_bytes,
+    };
+    let rs = ro.run_bounded(&a.sql, &[], bounds).await;
     ro.close().await;
     print(&rs.map_err(once)?, &a.output)?;
     Ok(Exit::Success)
+}
+
+/// Refuses a PostgreSQL role that could do more than read, unless `allow` (then warns).
+async fn check_role(ro: &ReadOnly, allow: bool) -> Result<(), query::QueryError> {
+    let Some((role, can)) = ro.privileges().await? else {
+        return Ok(());
+    };
+    if can.is_empty() {
+        return Ok(());
+    }
+    let can = can.join(", and ");
+    if allow {
+        tracing::warn!(
+            role = %role,
+            "Running query as a privileged PostgreSQL role (--allow-privileged-role): it {can}."
+        );
+        return Ok(());
+    }
+    Err(query::QueryError::PrivilegedRole { role, can })
 }
 
 pub(super) async fn exposure_cmd(a: ExposureArgs) -> anyhow::Result<Exit> {
@@ -332,5 +381,9 @@ mod tests {
             panic!("not query")
         };
         assert_eq!(q.timeout, crate::query::DEFAULT_TIMEOUT);
+        let defaults = crate::query::Bounds::default();
+        assert_eq!(q.max_rows, defaults.max_rows);
+        assert_eq!(q.max_bytes, defaults.max_bytes);
+        assert!(!q.allow_privileged_role);
     }
 }

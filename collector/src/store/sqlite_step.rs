@@ -11,12 +11,20 @@
 //! hand-offs, binding the caller's text in place. The connection keeps everything sqlx set
 //! on it (pragmas, read-only open, busy timeout, an open transaction).
 //!
-//! [`run`] is the read side (`query` and the reports): a statement that is not read-only
-//! by SQLite's own judgement (`sqlite3_stmt_readonly`) is refused after preparing and
-//! before its first step, so nothing of it happens (`VACUUM INTO` would create its file
-//! before `query_only` stopped it); and a deadline interrupts it through the progress
-//! handler.
+//! [`run`] is the read side (`query` and the reports). An authorizer, installed while the
+//! statement is prepared and stepped, refuses what is not a question while SQLite
+//! compiles it: ATTACH, DETACH, every write, a pragma that is not on the list of those
+//! that only read (a flag pragma such as `query_only = 0` takes effect while it is
+//! *prepared*, so refusing it after preparing would be too late), and functions that
+//! reach outside the database (`load_extension`). A statement that is not read-only by
+//! SQLite's own judgement (`sqlite3_stmt_readonly`) is then refused before its first
+//! step, so nothing of it happens (`VACUUM INTO` would create its file before
+//! `query_only` stopped it). A deadline interrupts it through the progress handler. The
+//! result is capped in rows and in bytes ([`Caps`]): stepping stops at the first row
+//! past either, and no value larger than the byte cap is ever made (`SQLITE_LIMIT_LENGTH`
+//! is lowered to it for the statement, so `zeroblob(5e8)` fails before it allocates).
 
+use std::cell::Cell;
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::marker::PhantomData;
 use std::ptr::{self, NonNull};
@@ -45,6 +53,12 @@ pub enum StepError {
     Several,
     #[error("more rows than allowed")]
     TooManyRows,
+    /// The result (or one value of it) is larger than [`Caps::bytes`].
+    #[error("more bytes than allowed")]
+    TooManyBytes,
+    /// The authorizer refused part of the statement while it was prepared; says what.
+    #[error("{0}")]
+    Denied(String),
     /// SQLite judged the statement not read-only; it was refused before it ran.
     #[error("the statement is not read-only")]
     NotReadOnly,
@@ -245,18 +259,41 @@ impl<'h> Each<'h> {
     }
 }
 
+/// How much one result may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Caps {
+    /// Most rows.
+    pub rows: usize,
+    /// Most bytes the rows take in memory, counted as [`cell_bytes`] does.
+    pub bytes: u64,
+}
+
+/// The memory one value of a result takes: the value itself and the text it holds
+/// (a blob is held as hex text, two bytes per byte).
+pub(crate) fn cell_bytes(payload: u64) -> u64 {
+    std::mem::size_of::<Value>() as u64 + payload
+}
+
 /// Runs the one statement in `sql` with `binds` on the locked connection and returns at
-/// most `max_rows` rows. A statement SQLite does not judge read-only is refused before its
-/// first step; one still running at `deadline` is interrupted.
+/// most `caps` of rows. What the authorizer or SQLite does not judge read-only is refused
+/// before its first step; one still running at `deadline` is interrupted.
 pub(crate) fn run(
     handle: &mut LockedSqliteHandle<'_>,
     sql: &str,
     binds: &[Bind<'_>],
-    max_rows: usize,
+    caps: Caps,
     deadline: Option<Instant>,
 ) -> Result<Rows, StepError> {
     let db = handle.as_raw_handle();
-    let stmt = prepare_one(db, sql)?;
+    // Declared before the statement: removed (and the length limit restored) only after
+    // it is finalized, so SQLite never calls into a guard that is gone.
+    let denied = Cell::new(None);
+    let _auth = Authorizer::install(db, &denied);
+    let _length = LengthLimit::lower(db, caps.bytes);
+    let stmt = match prepare_one(db, sql) {
+        Ok(stmt) => stmt,
+        Err(e) => return Err(denied.take().map_or(e, StepError::Denied)),
+    };
     let s = stmt.0.as_ptr();
     // SAFETY: `s` is a live statement.
     if unsafe { ffi::sqlite3_stmt_readonly(s) } == 0 {
@@ -273,12 +310,21 @@ pub(crate) fn run(
     // Declared after `stmt`: dropped (the handler removed) before the statement is
     // finalized, and before `deadline`'s storage goes.
     let _progress = deadline.as_ref().map(|d| Progress::install(db, d));
+    let mut held: u64 = 0;
     loop {
         // SAFETY: `s` is live and stepped on this thread only.
-        match unsafe { ffi::sqlite3_step(s) } {
+        match unsafe { ffi::sqlite3_step(s) } & 0xff {
             ffi::SQLITE_ROW => {
-                if out.rows.len() == max_rows {
+                if out.rows.len() == caps.rows {
                     return Err(StepError::TooManyRows);
+                }
+                // Sizes first, from SQLite's own lengths: a row past the cap is never
+                // copied.
+                for i in 0..count {
+                    held = held.saturating_add(cell_bytes(payload_bytes(s, i)));
+                }
+                if held > caps.bytes {
+                    return Err(StepError::TooManyBytes);
                 }
                 out.rows.push((0..count).map(|i| column(s, i)).collect());
             }
@@ -286,8 +332,210 @@ pub(crate) fn run(
             ffi::SQLITE_INTERRUPT if deadline.is_some_and(|d| Instant::now() >= d) => {
                 return Err(StepError::TimedOut);
             }
-            _ => return Err(error(db)),
+            // A value longer than the lowered SQLITE_LIMIT_LENGTH: refused before it was
+            // made.
+            ffi::SQLITE_TOOBIG => return Err(StepError::TooManyBytes),
+            _ => match denied.take() {
+                // A pragma's table-valued form is prepared while it is stepped.
+                Some(what) => return Err(StepError::Denied(what)),
+                None => return Err(error(db)),
+            },
         }
+    }
+}
+
+/// The bytes column `i` of the current row will take once copied: text as it is, a
+/// blob as hex, numbers and NULL nothing beyond the value itself.
+fn payload_bytes(s: *mut ffi::sqlite3_stmt, i: c_int) -> u64 {
+    // SAFETY: `s` holds a row and `i` is below its column count. For text and blobs,
+    // `sqlite3_column_bytes` reports the length without converting (the value already
+    // is of that type), so the pointer `column` reads afterwards stays the same.
+    unsafe {
+        match ffi::sqlite3_column_type(s, i) {
+            ffi::SQLITE_TEXT => u64::try_from(ffi::sqlite3_column_bytes(s, i)).unwrap_or(0),
+            ffi::SQLITE_BLOB => 2 * u64::try_from(ffi::sqlite3_column_bytes(s, i)).unwrap_or(0),
+            _ => 0,
+        }
+    }
+}
+
+/// `SQLITE_LIMIT_LENGTH` (the longest text or blob SQLite makes) lowered to a byte cap
+/// for one statement, restored on drop.
+struct LengthLimit {
+    db: NonNull<ffi::sqlite3>,
+    before: c_int,
+}
+
+impl LengthLimit {
+    fn lower(db: NonNull<ffi::sqlite3>, bytes: u64) -> LengthLimit {
+        // SAFETY: `db` is a live handle the caller holds exclusively; -1 reads the limit.
+        let before = unsafe { ffi::sqlite3_limit(db.as_ptr(), ffi::SQLITE_LIMIT_LENGTH, -1) };
+        let want = c_int::try_from(bytes).unwrap_or(c_int::MAX).max(1);
+        if want < before {
+            // SAFETY: as above; SQLite only ever lowers a limit past its compiled maximum.
+            unsafe { ffi::sqlite3_limit(db.as_ptr(), ffi::SQLITE_LIMIT_LENGTH, want) };
+        }
+        LengthLimit { db, before }
+    }
+}
+
+impl Drop for LengthLimit {
+    fn drop(&mut self) {
+        // SAFETY: `db` is still locked by the caller of `run`.
+        unsafe { ffi::sqlite3_limit(self.db.as_ptr(), ffi::SQLITE_LIMIT_LENGTH, self.before) };
+    }
+}
+
+/// Pragmas that only read, in their bare form (`PRAGMA page_size`) or their table-valued
+/// one (`SELECT * FROM pragma_journal_mode`). With a value (`PRAGMA page_size = 1024`)
+/// these set, and are refused; every pragma not listed is refused in any form.
+const READ_PRAGMAS: &[&str] = &[
+    "application_id",
+    "auto_vacuum",
+    "automatic_index",
+    "busy_timeout",
+    "cache_size",
+    "cache_spill",
+    "cell_size_check",
+    "collation_list",
+    "compile_options",
+    "data_version",
+    "database_list",
+    "encoding",
+    "foreign_keys",
+    "freelist_count",
+    "function_list",
+    "journal_mode",
+    "journal_size_limit",
+    "locking_mode",
+    "max_page_count",
+    "mmap_size",
+    "module_list",
+    "page_count",
+    "page_size",
+    "pragma_list",
+    "query_only",
+    "schema_version",
+    "secure_delete",
+    "synchronous",
+    "temp_store",
+    "user_version",
+    "wal_autocheckpoint",
+];
+
+/// Pragmas whose argument names what to read (a table, an index), never a new setting.
+const SCHEMA_PRAGMAS: &[&str] = &[
+    "foreign_key_list",
+    "index_info",
+    "index_list",
+    "index_xinfo",
+    "table_info",
+    "table_list",
+    "table_xinfo",
+];
+
+/// SQL functions that reach outside the database (files, shared libraries) or change how
+/// the connection parses text; refused even where SQLite would judge them harmless.
+const DENIED_FUNCTIONS: &[&str] = &[
+    "load_extension",
+    "readfile",
+    "writefile",
+    "edit",
+    "fts3_tokenizer",
+];
+
+/// What the authorizer decides for one action (SQLite's action code and its two first
+/// arguments); `Err` says what was refused, for the user.
+fn authorize(action: c_int, first: Option<&str>, second: Option<&str>) -> Result<(), String> {
+    match action {
+        ffi::SQLITE_SELECT | ffi::SQLITE_READ | ffi::SQLITE_RECURSIVE => Ok(()),
+        ffi::SQLITE_FUNCTION => {
+            let name = second.unwrap_or_default();
+            if DENIED_FUNCTIONS
+                .iter()
+                .any(|f| f.eq_ignore_ascii_case(name))
+            {
+                Err(format!(
+                    "the function {name}() reaches outside the database"
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        ffi::SQLITE_PRAGMA => {
+            let name = first.unwrap_or_default();
+            let listed = |list: &[&str]| list.iter().any(|p| p.eq_ignore_ascii_case(name));
+            match second {
+                None if listed(READ_PRAGMAS) || listed(SCHEMA_PRAGMAS) => Ok(()),
+                Some(_) if listed(SCHEMA_PRAGMAS) => Ok(()),
+                Some(value) if listed(READ_PRAGMAS) => Err(format!(
+                    "PRAGMA {name} = {value} changes a setting (read it with                      `SELECT * FROM pragma_{name}`)"
+                )),
+                _ => Err(format!("PRAGMA {name} is not one that only reads")),
+            }
+        }
+        ffi::SQLITE_ATTACH => Err("ATTACH opens another database".into()),
+        ffi::SQLITE_DETACH => Err("DETACH changes the connection".into()),
+        ffi::SQLITE_TRANSACTION | ffi::SQLITE_SAVEPOINT => {
+            Err("transaction control (each statement runs on its own)".into())
+        }
+        _ => Err("the statement would change the database".into()),
+    }
+}
+
+/// The authorizer of [`run`], removed on drop. Records what it refused in the borrowed
+/// cell (SQLite reports only "not authorized").
+struct Authorizer<'c> {
+    db: NonNull<ffi::sqlite3>,
+    _denied: PhantomData<&'c Cell<Option<String>>>,
+}
+
+impl<'c> Authorizer<'c> {
+    fn install(db: NonNull<ffi::sqlite3>, denied: &'c Cell<Option<String>>) -> Authorizer<'c> {
+        unsafe extern "C" fn decide(
+            arg: *mut c_void,
+            action: c_int,
+            first: *const c_char,
+            second: *const c_char,
+            _db_name: *const c_char,
+            _trigger: *const c_char,
+        ) -> c_int {
+            let text = |p: *const c_char| {
+                if p.is_null() {
+                    return None;
+                }
+                // SAFETY: SQLite passes NUL-terminated strings (or NULL, excluded above),
+                // valid for the duration of the call.
+                unsafe { CStr::from_ptr(p) }.to_str().ok()
+            };
+            match authorize(action, text(first), text(second)) {
+                Ok(()) => ffi::SQLITE_OK,
+                Err(what) => {
+                    // SAFETY: `arg` is the cell given below, alive while the authorizer
+                    // is installed (the borrow of `Authorizer`), used on this thread only.
+                    let denied = unsafe { &*arg.cast::<Cell<Option<String>>>() };
+                    // The first refusal is the one to report.
+                    let first = denied.take();
+                    denied.set(first.or(Some(what)));
+                    ffi::SQLITE_DENY
+                }
+            }
+        }
+        let arg = ptr::from_ref(denied).cast_mut().cast::<c_void>();
+        // SAFETY: `db` is a live handle the caller holds exclusively; the callback only
+        // touches the cell, and is removed (drop) before the borrow ends.
+        unsafe { ffi::sqlite3_set_authorizer(db.as_ptr(), Some(decide), arg) };
+        Authorizer {
+            db,
+            _denied: PhantomData,
+        }
+    }
+}
+
+impl Drop for Authorizer<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `db` is still locked by the caller of `run`; this removes the callback.
+        unsafe { ffi::sqlite3_set_authorizer(self.db.as_ptr(), None, ptr::null_mut()) };
     }
 }
 
@@ -407,6 +655,13 @@ mod tests {
     use super::*;
     use crate::store::StoreError;
 
+    fn caps(rows: usize) -> Caps {
+        Caps {
+            rows,
+            bytes: u64::MAX,
+        }
+    }
+
     #[tokio::test]
     async fn each_binds_in_place_and_reports_constraints() {
         let mut c = SqliteConnection::connect("sqlite::memory:").await.unwrap();
@@ -449,7 +704,7 @@ mod tests {
                 &mut h,
                 "SELECT k, n, note FROM t WHERE n >= ?1 ORDER BY n",
                 &[Bind::Int(Some(1))],
-                10,
+                caps(10),
                 None,
             )
             .unwrap();
@@ -463,7 +718,7 @@ mod tests {
                 ]
             );
             assert!(matches!(
-                run(&mut h, "SELECT k FROM t", &[], 2, None),
+                run(&mut h, "SELECT k FROM t", &[], caps(2), None),
                 Err(StepError::TooManyRows)
             ));
             assert!(matches!(
@@ -509,7 +764,13 @@ mod tests {
         {
             let mut h = c.lock_handle().await.unwrap();
             assert!(matches!(
-                run(&mut h, "SELECT 1; PRAGMA query_only = 0", &[], 10, None),
+                run(
+                    &mut h,
+                    "SELECT 1; PRAGMA query_only = 0",
+                    &[],
+                    caps(10),
+                    None
+                ),
                 Err(StepError::Several)
             ));
         }
@@ -564,12 +825,22 @@ mod tests {
                 "CREATE TEMP TABLE u (x)",
             ] {
                 assert!(
-                    matches!(run(&mut h, sql, &[], 10, None), Err(StepError::NotReadOnly)),
+                    matches!(
+                        run(&mut h, sql, &[], caps(10), None),
+                        Err(StepError::NotReadOnly | StepError::Denied(_))
+                    ),
                     "{sql}"
                 );
             }
             assert!(!target.exists(), "VACUUM INTO created its file");
-            let rows = run(&mut h, "SELECT x AS y, b, x + 1 AS z FROM t", &[], 10, None).unwrap();
+            let rows = run(
+                &mut h,
+                "SELECT x AS y, b, x + 1 AS z FROM t",
+                &[],
+                caps(10),
+                None,
+            )
+            .unwrap();
             assert_eq!(
                 rows.origins,
                 [
@@ -598,7 +869,7 @@ mod tests {
                        SELECT count(*) FROM n";
         let deadline = Instant::now() + std::time::Duration::from_millis(200);
         assert!(matches!(
-            run(&mut h, forever, &[], 10, Some(deadline)),
+            run(&mut h, forever, &[], caps(10), Some(deadline)),
             Err(StepError::TimedOut)
         ));
         let done = run(
@@ -606,10 +877,148 @@ mod tests {
             "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000) \
              SELECT count(*) AS c FROM n",
             &[],
-            10,
+            caps(10),
             None,
         )
         .unwrap();
         assert_eq!(done.rows, [vec![Value::from(100_000)]]);
+    }
+
+    /// A read-only connection cannot be switched back, nor reach another file: the
+    /// authorizer refuses the pragma while it is prepared (SQLite applies a flag pragma
+    /// then, before any step) and ATTACH before it opens anything; pragmas that only read
+    /// still work, in every form.
+    #[tokio::test]
+    async fn the_authorizer_refuses_what_is_not_a_question() {
+        let dir = std::env::temp_dir().join(format!("ls-step-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("ro.db");
+        let other = dir.join("other.db");
+        let created = dir.join("created.db");
+        for f in [&db, &other] {
+            let mut c = SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", f.display()))
+                .await
+                .unwrap();
+            sqlx::query("CREATE TABLE t (x INTEGER)")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            c.close().await.unwrap();
+        }
+        let mut c = SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display()))
+            .await
+            .unwrap();
+        sqlx::query("PRAGMA query_only = 1")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        {
+            let mut h = c.lock_handle().await.unwrap();
+            let attach_other = format!("ATTACH '{}' AS o", other.display());
+            let attach_new = format!("ATTACH 'file:{}?mode=rwc' AS n", created.display());
+            for (sql, says) in [
+                ("PRAGMA query_only = 0", "query_only"),
+                ("PRAGMA query_only = false", "query_only"),
+                ("PRAGMA writable_schema = 1", "writable_schema"),
+                ("PRAGMA wal_checkpoint", "wal_checkpoint"),
+                ("PRAGMA optimize", "optimize"),
+                (attach_other.as_str(), "ATTACH"),
+                (attach_new.as_str(), "ATTACH"),
+                ("DETACH main", "DETACH"),
+                ("BEGIN IMMEDIATE", "transaction"),
+                (
+                    "SELECT load_extension('/nonexistent/libx.so')",
+                    "load_extension",
+                ),
+                ("SELECT * FROM pragma_optimize", "optimize"),
+            ] {
+                match run(&mut h, sql, &[], caps(10), None) {
+                    Err(StepError::Denied(what)) => assert!(what.contains(says), "{sql}: {what}"),
+                    other => panic!("{sql}: {other:?}"),
+                }
+            }
+            assert!(!created.exists(), "ATTACH created {}", created.display());
+            for sql in [
+                "PRAGMA query_only",
+                "PRAGMA table_info(t)",
+                "SELECT * FROM pragma_table_info('t')",
+                "SELECT * FROM pragma_journal_mode",
+                "SELECT name FROM pragma_database_list",
+            ] {
+                let rows =
+                    run(&mut h, sql, &[], caps(10), None).unwrap_or_else(|e| panic!("{sql}: {e}"));
+                assert!(!rows.rows.is_empty(), "{sql}");
+            }
+            let list = run(
+                &mut h,
+                "SELECT name FROM pragma_database_list",
+                &[],
+                caps(10),
+                None,
+            )
+            .unwrap();
+            assert_eq!(list.rows, [vec![Value::from("main")]]);
+        }
+        let on: i64 = sqlx::query_scalar("PRAGMA query_only")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(on, 1, "a refused statement switched query_only off");
+        // The authorizer is gone afterwards: sqlx's own statements are not judged.
+        sqlx::query("PRAGMA query_only = 1")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Past the byte cap stepping stops; a single value larger than the cap is refused
+    /// before SQLite makes it; the connection's length limit is back afterwards.
+    #[tokio::test]
+    async fn the_byte_cap_stops_stepping_and_refuses_big_values() {
+        let mut c = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        let mut h = c.lock_handle().await.unwrap();
+        let cap = Caps {
+            rows: 1_000_000,
+            bytes: 1 << 20,
+        };
+        let rows_1k = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n \
+                       WHERE i < 10000) SELECT i, printf('%.1000c', 'x') FROM n";
+        assert!(matches!(
+            run(&mut h, rows_1k, &[], cap, None),
+            Err(StepError::TooManyBytes)
+        ));
+        for sql in [
+            "SELECT zeroblob(500000000)",
+            "SELECT length(zeroblob(500000000))",
+            "SELECT randomblob(2000000)",
+        ] {
+            match run(&mut h, sql, &[], cap, None) {
+                Err(StepError::TooManyBytes) => {}
+                Err(StepError::Sqlite { code, .. }) if code & 0xff == ffi::SQLITE_TOOBIG => {}
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+        // Within the cap: the whole result.
+        let small = run(
+            &mut h,
+            "SELECT length(zeroblob(100000)) AS n, printf('%.1000c', 'x') AS t",
+            &[],
+            cap,
+            None,
+        )
+        .unwrap();
+        assert_eq!(small.rows[0][0], Value::from(100_000));
+        // Uncapped again (the reports): SQLite's own limit is back.
+        let big = run(
+            &mut h,
+            "SELECT length(zeroblob(50000000)) AS n",
+            &[],
+            caps(10),
+            None,
+        )
+        .unwrap();
+        assert_eq!(big.rows[0][0], Value::from(50_000_000));
     }
 }
