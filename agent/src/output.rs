@@ -455,7 +455,7 @@ pub fn write_table(inv: &Inventory, header: bool, out: &mut dyn Write) -> io::Re
 
 /// One table row: the columns of the header in [`write_table`].
 fn table_row(l: &Listener, inv: &Inventory) -> Vec<String> {
-    vec![
+    [
         if l.class.trap { TRAP_MARK } else { "" }.to_string(),
         l.class.netstat_proto.to_string(),
         l.class.shown_as.clone(),
@@ -466,6 +466,17 @@ fn table_row(l: &Listener, inv: &Inventory) -> Vec<String> {
         process_cell(l, &inv.processes),
         owner_cell(l),
     ]
+    .into_iter()
+    .map(printable)
+    .collect()
+}
+
+/// A cell for a terminal: a local process may name itself with terminal escapes or a
+/// bidirectional override (`prctl(PR_SET_NAME)`, `argv[0]`), and a namespace or unit name
+/// can carry them too; they are printed as visible escapes (`\u{1b}`), never as
+/// themselves (`listenscope_core::record::is_unsafe_char`).
+fn printable(cell: String) -> String {
+    listenscope_core::record::escape_unsafe(&cell).unwrap_or(cell)
 }
 
 /// The CSV columns: the table's, in words a spreadsheet can filter (booleans `true` /
@@ -580,6 +591,27 @@ fn csv_line<'a>(line: &mut String, fields: impl Iterator<Item = &'a str>) {
         if i > 0 {
             line.push(',');
         }
+        // Terminal control never reaches a terminal that shows the CSV (see `printable`);
+        // line breaks and tabs stay, quoted as RFC 4180 says.
+        let escaped = f
+            .chars()
+            .any(|c| {
+                !matches!(c, '\n' | '\r' | '\t') && listenscope_core::record::is_unsafe_char(c)
+            })
+            .then(|| {
+                f.chars()
+                    .map(|c| {
+                        if !matches!(c, '\n' | '\r' | '\t')
+                            && listenscope_core::record::is_unsafe_char(c)
+                        {
+                            c.escape_unicode().to_string()
+                        } else {
+                            c.to_string()
+                        }
+                    })
+                    .collect::<String>()
+            });
+        let f = escaped.as_deref().unwrap_or(f);
         if f.contains([',', '"', '\n', '\r']) {
             line.push('"');
             line.push_str(&f.replace('"', "\"\""));
@@ -837,6 +869,29 @@ mod tests {
         let mut out = Vec::new();
         f(&mut out).unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    /// A local process named with terminal escapes and a bidi override prints them as
+    /// visible text in the table and CSV.
+    #[test]
+    fn hostile_names_print_escaped() {
+        let mut l = listener("::", Some(false), 0, None);
+        l.netns = std::sync::Arc::new(NetnsId {
+            inode: 9,
+            name: "\u{1b}]0;pwned\u{7}ev\u{202e}il".into(),
+        });
+        let inv = inventory(vec![l]);
+        for out in [
+            text(|o| write_table(&inv, true, o)),
+            text(|o| write_csv(&inv, true, o)),
+        ] {
+            assert!(out.contains(r"\u{1b}]0;pwned\u{7}ev\u{202e}il"), "{out}");
+            assert!(
+                !out.chars()
+                    .any(|c| c != '\n' && listenscope_core::record::is_unsafe_char(c)),
+                "{out:?}"
+            );
+        }
     }
 
     #[test]
