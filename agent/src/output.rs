@@ -593,24 +593,7 @@ fn csv_line<'a>(line: &mut String, fields: impl Iterator<Item = &'a str>) {
         }
         // Terminal control never reaches a terminal that shows the CSV (see `printable`);
         // line breaks and tabs stay, quoted as RFC 4180 says.
-        let escaped = f
-            .chars()
-            .any(|c| {
-                !matches!(c, '\n' | '\r' | '\t') && listenscope_core::record::is_unsafe_char(c)
-            })
-            .then(|| {
-                f.chars()
-                    .map(|c| {
-                        if !matches!(c, '\n' | '\r' | '\t')
-                            && listenscope_core::record::is_unsafe_char(c)
-                        {
-                            c.escape_unicode().to_string()
-                        } else {
-                            c.to_string()
-                        }
-                    })
-                    .collect::<String>()
-            });
+        let escaped = listenscope_core::record::escape_unsafe_except(f, &['\n', '\r', '\t']);
         let f = escaped.as_deref().unwrap_or(f);
         if f.contains([',', '"', '\n', '\r']) {
             line.push('"');

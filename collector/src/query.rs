@@ -1040,23 +1040,10 @@ const BREAKS: [char; 3] = ['\n', '\r', '\t'];
 /// `keep` characters are left for the format to handle (CSV quotes line breaks).
 fn printable_cell<'v>(v: &'v Value, keep: &[char]) -> Cow<'v, str> {
     let c = cell(v);
-    if !c
-        .chars()
-        .any(|ch| !keep.contains(&ch) && listenscope_core::record::is_unsafe_char(ch))
-    {
-        return c;
+    match listenscope_core::record::escape_unsafe_except(&c, keep) {
+        Some(escaped) => Cow::Owned(escaped),
+        None => c,
     }
-    let escaped: String = c
-        .chars()
-        .map(|ch| {
-            if !keep.contains(&ch) && listenscope_core::record::is_unsafe_char(ch) {
-                ch.escape_unicode().to_string()
-            } else {
-                ch.to_string()
-            }
-        })
-        .collect();
-    Cow::Owned(escaped)
 }
 
 /// A cell as a table prints it: escaped, line breaks and tabs as spaces.

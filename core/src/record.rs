@@ -118,13 +118,20 @@ pub fn is_unsafe_char(c: char) -> bool {
 /// Text safe to store and print: every [`is_unsafe_char`] escaped as visible text
 /// (`\u{1b}`). Returns `None` when `s` is already safe.
 pub fn escape_unsafe(s: &str) -> Option<String> {
-    if !s.chars().any(is_unsafe_char) {
+    escape_unsafe_except(s, &[])
+}
+
+/// [`escape_unsafe`] leaving the characters of `keep` alone (CSV quotes line breaks and
+/// tabs itself).
+pub fn escape_unsafe_except(s: &str, keep: &[char]) -> Option<String> {
+    let escape = |c: char| is_unsafe_char(c) && !keep.contains(&c);
+    if !s.chars().any(escape) {
         return None;
     }
     Some(
         s.chars()
             .map(|c| {
-                if is_unsafe_char(c) {
+                if escape(c) {
                     c.escape_unicode().to_string()
                 } else {
                     c.to_string()
