@@ -287,13 +287,18 @@ pub fn issue(dir: &Path, host: &str, days: u32) -> Result<Written, PkiError> {
     issue_with(dir, host, days, false)
 }
 
-/// [`issue`]; `force` replaces the host's existing certificate and key.
+/// [`issue`]; `force` replaces the host's existing certificate and key. The host is
+/// written in its canonical form (`WEB-01.example.net.` → `web-01.example.net`), the name
+/// the collector records, so files, certificate and fleet agree.
 pub fn issue_with(dir: &Path, host: &str, days: u32, force: bool) -> Result<Written, PkiError> {
-    if !valid_host_name(host) || matches!(host, "ca" | "server") {
+    let Some(host) =
+        crate::tls::canonical_host_name(host).filter(|h| !matches!(h.as_str(), "ca" | "server"))
+    else {
         return Err(PkiError::BadName {
             name: host.to_string(),
         });
-    }
+    };
+    let host = host.as_str();
     let key_path = dir.join(format!("{host}.key"));
     let cert_path = dir.join(format!("{host}.pem"));
     if !force && (key_path.exists() || cert_path.exists()) {
@@ -368,6 +373,30 @@ mod tests {
             &dir.join("server.key"),
         )
         .unwrap();
+        // Issued under the name the collector records: lower case, no trailing dot.
+        let w = issue(&dir, "WEB-01.Example.NET.", 30).unwrap();
+        assert!(
+            w.files.iter().all(|f| f
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("web-01.example.net.")),
+            "{:?}",
+            w.files
+        );
+        let (certs, _) = listenscope_core::pem::load_identity(
+            &dir.join("web-01.example.net.pem"),
+            &dir.join("web-01.example.net.key"),
+        )
+        .unwrap();
+        assert_eq!(
+            listenscope_core::pem::identity_of(&certs[0]).as_deref(),
+            Some("web-01.example.net")
+        );
+        assert!(matches!(
+            issue(&dir, "CA", 30),
+            Err(PkiError::BadName { .. })
+        ));
         // A key from another issue run does not match.
         issue(&dir, "h2", 30).unwrap();
         let err = listenscope_core::pem::load_identity(&dir.join("h1.pem"), &dir.join("h2.key"))

@@ -393,6 +393,12 @@ async fn diff_and_point_in_time_from_the_command_line() {
         4,
         "opened at the snapshot, closed, opened, exposure"
     );
+    // --host as an operator may type it: case and a trailing dot do not matter.
+    let o = collector(&[
+        "diff", "--db", &url, "--since", "1h", "--host", "H1.", "--json",
+    ]);
+    let by_name: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(by_name, v, "{}", stderr(&o));
     let o = collector(&["diff", "--db", &url, "--since", "yesterday"]);
     assert!(
         !o.status.success() && stderr(&o).contains("--since") && stderr(&o).contains("RFC 3339"),

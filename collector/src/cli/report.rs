@@ -301,7 +301,12 @@ pub(super) async fn diff_cmd(a: DiffArgs) -> anyhow::Result<Exit> {
         );
     }
     let ro = open_ro(&a.db).await?;
-    let report = history::diff(&ro, a.host.as_deref(), since, until, a.limit.get()).await;
+    // The host as the collector records it (lower case, no trailing dot).
+    let host = a
+        .host
+        .as_deref()
+        .map(|h| crate::tls::canonical_host_name(h).unwrap_or_else(|| h.to_string()));
+    let report = history::diff(&ro, host.as_deref(), since, until, a.limit.get()).await;
     ro.close().await;
     let mut rs = report_rows(report.map_err(once)?);
     let format = a.output.format();
