@@ -443,7 +443,8 @@ fn assemble(
                 listeners.reserve(view.sockets.len());
                 for socket in view.sockets {
                     let class = classify(&socket, view.local.as_ref(), ipv6);
-                    let effective = firewall.exposure(&socket, &class, view.local.as_ref());
+                    let effective =
+                        firewall.exposure(&socket, &class, view.local.as_ref(), view.ipv6.as_ref());
                     let interface = (socket.ifindex != 0).then(|| {
                         ifnames
                             .get(&socket.ifindex)

@@ -121,6 +121,9 @@ fn agrees(seen: &Seen, tcp: &Value, udp: &Value) {
     if tcp_v6 != "any" {
         for l in [tcp, udp] {
             assert_eq!(l["effective_ipv6"], "n/a", "{l}");
+            // The reason names the namespace, not the socket.
+            let why = l["effective_reason"]["ipv6"].as_str().unwrap_or_default();
+            assert!(why.contains("in this namespace"), "{l}");
         }
     }
 }

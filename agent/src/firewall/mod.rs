@@ -209,16 +209,39 @@ impl Firewall {
         self.evaluator.set_local(local.clone());
     }
 
-    /// The effective exposure of one classified socket.
+    /// The effective exposure of one classified socket. `ipv6` is the namespace's IPv6
+    /// state: where its interfaces take no IPv6, that (not the socket) is why IPv6 is `n/a`.
     pub fn exposure(
         &mut self,
         socket: &RawSocket,
         class: &Classification,
         local: Option<&LocalAddrs>,
+        ipv6: Option<&crate::model::Ipv6Facts>,
     ) -> Exposure {
+        let ipv6_answer = match ipv6 {
+            Some(facts)
+                if facts.state != crate::model::Ipv6State::Enabled
+                    && matches!(class.reach_ipv6, Reach::None | Reach::Loopback)
+                    && socket.family == crate::model::Family::Ipv6 =>
+            {
+                Answer::new(
+                    Effective::NotApplicable,
+                    format!(
+                        "IPv6 is {} in this namespace: {}",
+                        match facts.state {
+                            crate::model::Ipv6State::LoopbackOnly => "on loopback only",
+                            crate::model::Ipv6State::Unavailable => "not in the kernel",
+                            _ => "disabled",
+                        },
+                        facts.reason.as_deref().unwrap_or("see namespaces[].ipv6")
+                    ),
+                )
+            }
+            _ => self.one(socket, class, local, true),
+        };
         Exposure {
             ipv4: self.one(socket, class, local, false),
-            ipv6: self.one(socket, class, local, true),
+            ipv6: ipv6_answer,
         }
     }
 
