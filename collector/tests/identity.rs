@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use listenscope_collector::store::DbUrl;
 use listenscope_proto::v1;
-use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,24 +29,7 @@ type Body = v1::collector_message::Body;
 /// given (the collector's `certs issue` only writes canonical names; other CAs, such as a
 /// company's, may not), written as `file`.pem and `file`.key.
 fn cert_named(pki: &Pki, name: &str, file: &str) -> (PathBuf, PathBuf) {
-    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(pki.path("ca.key")).unwrap()).unwrap();
-    let issuer = Issuer::from_ca_cert_pem(
-        &std::fs::read_to_string(pki.path("ca.pem")).unwrap(),
-        &ca_key,
-    )
-    .unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let (c, k) = (
-        pki.path(&format!("{file}.pem")),
-        pki.path(&format!("{file}.key")),
-    );
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    (c, k)
+    pki.client_cert(name, file, |_| {})
 }
 
 async fn open_as(

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use listenscope_collector::store::DbUrl;
 use listenscope_proto::v1;
-use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use util::*;
@@ -24,26 +23,10 @@ type Body = v1::collector_message::Body;
 
 /// An agent certificate for `host` signed by the real CA but already expired.
 fn expired_cert(pki: &Pki, host: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(pki.path("ca.key")).unwrap()).unwrap();
-    let issuer = Issuer::from_ca_cert_pem(
-        &std::fs::read_to_string(pki.path("ca.pem")).unwrap(),
-        &ca_key,
-    )
-    .unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec![host.to_string()]).unwrap();
-    params.distinguished_name.push(DnType::CommonName, host);
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.not_before = OffsetDateTime::now_utc() - time::Duration::days(10);
-    params.not_after = OffsetDateTime::now_utc() - time::Duration::days(1);
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let (c, k) = (
-        pki.path(&format!("{host}-expired.pem")),
-        pki.path(&format!("{host}-expired.key")),
-    );
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    (c, k)
+    pki.client_cert(host, &format!("{host}-expired"), |params| {
+        params.not_before = OffsetDateTime::now_utc() - time::Duration::days(10);
+        params.not_after = OffsetDateTime::now_utc() - time::Duration::days(1);
+    })
 }
 
 /// Opens a session with the given identity and expects the collector to refuse it, at the

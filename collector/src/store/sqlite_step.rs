@@ -655,6 +655,26 @@ mod tests {
     use super::*;
     use crate::store::StoreError;
 
+    /// A database file written by `setup` (each statement run in order), then opened again
+    /// as `query` opens it: read-only, `query_only`.
+    async fn read_only_db(db: &std::path::Path, setup: &[&'static str]) -> SqliteConnection {
+        let mut c = SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", db.display()))
+            .await
+            .unwrap();
+        for sql in setup {
+            sqlx::query(*sql).execute(&mut c).await.unwrap();
+        }
+        c.close().await.unwrap();
+        let mut c = SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display()))
+            .await
+            .unwrap();
+        sqlx::query("PRAGMA query_only = 1")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        c
+    }
+
     fn caps(rows: usize) -> Caps {
         Caps {
             rows,
@@ -789,32 +809,16 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let db = dir.join("ro.db");
         let target = dir.join("copy.db");
-        {
-            let mut c = SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", db.display()))
-                .await
-                .unwrap();
-            // WAL, as the collector's databases: the refused pragma would leave it.
-            sqlx::query("PRAGMA journal_mode = WAL")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            sqlx::query("CREATE TABLE t (x INTEGER, b INTEGER)")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            sqlx::query("INSERT INTO t VALUES (1, 0)")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            c.close().await.unwrap();
-        }
-        let mut c = SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display()))
-            .await
-            .unwrap();
-        sqlx::query("PRAGMA query_only = 1")
-            .execute(&mut c)
-            .await
-            .unwrap();
+        // WAL, as the collector's databases: the refused pragma would leave it.
+        let mut c = read_only_db(
+            &db,
+            &[
+                "PRAGMA journal_mode = WAL",
+                "CREATE TABLE t (x INTEGER, b INTEGER)",
+                "INSERT INTO t VALUES (1, 0)",
+            ],
+        )
+        .await;
         {
             let mut h = c.lock_handle().await.unwrap();
             let vacuum = format!("VACUUM INTO '{}'", target.display());
@@ -895,23 +899,12 @@ mod tests {
         let db = dir.join("ro.db");
         let other = dir.join("other.db");
         let created = dir.join("created.db");
-        for f in [&db, &other] {
-            let mut c = SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", f.display()))
-                .await
-                .unwrap();
-            sqlx::query("CREATE TABLE t (x INTEGER)")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            c.close().await.unwrap();
-        }
-        let mut c = SqliteConnection::connect(&format!("sqlite://{}?mode=ro", db.display()))
+        read_only_db(&other, &["CREATE TABLE t (x INTEGER)"])
+            .await
+            .close()
             .await
             .unwrap();
-        sqlx::query("PRAGMA query_only = 1")
-            .execute(&mut c)
-            .await
-            .unwrap();
+        let mut c = read_only_db(&db, &["CREATE TABLE t (x INTEGER)"]).await;
         {
             let mut h = c.lock_handle().await.unwrap();
             let attach_other = format!("ATTACH '{}' AS o", other.display());

@@ -59,6 +59,38 @@ impl Pki {
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.path().join(file)
     }
+
+    /// An agent certificate signed by this CA with DNS SAN and CN `name` exactly as given
+    /// (clientAuth), after `edit` (validity, …), written as `file`.pem and `file`.key:
+    /// the certificates `certs issue` would not write (odd names, expired ones).
+    pub fn client_cert(
+        &self,
+        name: &str,
+        file: &str,
+        edit: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> (PathBuf, PathBuf) {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+        let ca_key =
+            KeyPair::from_pem(&std::fs::read_to_string(self.path("ca.key")).unwrap()).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(
+            &std::fs::read_to_string(self.path("ca.pem")).unwrap(),
+            &ca_key,
+        )
+        .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        edit(&mut params);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let (c, k) = (
+            self.path(&format!("{file}.pem")),
+            self.path(&format!("{file}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
     pub fn server_tls(&self) -> std::sync::Arc<rustls::ServerConfig> {
         tls::server_config(
             &self.path("ca.pem"),
