@@ -436,6 +436,8 @@ pub struct Hello {
     pub acked_sequence: u64,
     pub agent_version: String,
     pub os_hostname: String,
+    /// The agent installation (`None`: an agent older than the field).
+    pub instance_id: Option<[u8; 16]>,
 }
 
 impl TryFrom<v1::Hello> for Hello {
@@ -456,8 +458,16 @@ impl TryFrom<v1::Hello> for Hello {
         let n = h.session_id.len();
         let session_id = <[u8; 16]>::try_from(h.session_id.as_slice())
             .map_err(|_| bad("session_id", format!("{n} bytes, expected 16")))?;
+        let instance_id = match h.instance_id.len() {
+            0 => None,
+            n => Some(
+                <[u8; 16]>::try_from(h.instance_id.as_slice())
+                    .map_err(|_| bad("instance_id", format!("{n} bytes, expected 16 or none")))?,
+            ),
+        };
         Ok(Hello {
             session_id,
+            instance_id,
             acked_sequence: h.acked_sequence,
             agent_version: text("agent_version", h.agent_version, limits::AGENT_VERSION)?,
             os_hostname: text("os_hostname", h.os_hostname, limits::OS_HOSTNAME)?,
@@ -744,9 +754,16 @@ mod tests {
             os_hostname: "web-01".into(),
             session_id: vec![7; 16],
             acked_sequence: 3,
+            instance_id: vec![9; 16],
         };
         let h = Hello::try_from(ok.clone()).unwrap();
         assert_eq!((h.session_id, h.acked_sequence), ([7; 16], 3));
+        assert_eq!(h.instance_id, Some([9; 16]));
+        let older = v1::Hello {
+            instance_id: Vec::new(),
+            ..ok.clone()
+        };
+        assert_eq!(Hello::try_from(older).unwrap().instance_id, None);
         let field = |edit: fn(&mut v1::Hello)| {
             let mut m = ok.clone();
             edit(&mut m);
@@ -754,6 +771,7 @@ mod tests {
         };
         assert_eq!(field(|m| m.protocol_version = 2), "protocol_version");
         assert_eq!(field(|m| m.session_id = vec![1; 15]), "session_id");
+        assert_eq!(field(|m| m.instance_id = vec![1; 17]), "instance_id");
         assert_eq!(field(|m| m.agent_version = "x".repeat(65)), "agent_version");
         assert_eq!(field(|m| m.os_hostname = "x".repeat(256)), "os_hostname");
         assert_eq!(

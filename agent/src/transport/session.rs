@@ -175,6 +175,7 @@ async fn session(
             os_hostname: crate::os::procfs::hostname(),
             session_id: o.session_id.to_vec(),
             acked_sequence: o.acked(),
+            instance_id: Vec::new(),
         }
     };
     let _ = tx.send(body(v1::agent_message::Body::Hello(hello))).await;

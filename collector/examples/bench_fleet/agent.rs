@@ -408,6 +408,7 @@ impl Agent {
             os_hostname: spec.name.clone(),
             session_id: self.rng.bytes16().to_vec(),
             acked_sequence: 0,
+            instance_id: Vec::new(),
         };
         let _ = tx.try_send(msg(v1::agent_message::Body::Hello(hello)));
         self.stage = "session call";

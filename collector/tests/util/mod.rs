@@ -232,6 +232,7 @@ pub fn hello(session: u8, acked: u64, os_hostname: &str) -> v1::AgentMessage {
         os_hostname: os_hostname.into(),
         session_id: vec![session; 16],
         acked_sequence: acked,
+        instance_id: Vec::new(),
     }))
 }
 
