@@ -64,7 +64,7 @@ pub fn write_json(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
     let processes: HashMap<u32, Box<RawValue>> = inv
         .processes
         .iter()
-        .map(|(pid, p)| Ok((*pid, serde_json::value::to_raw_value(p)?)))
+        .map(|(pid, p)| Ok((*pid, listenscope_core::json::to_raw_value(p)?)))
         .collect::<Result<_, serde_json::Error>>()
         .map_err(io::Error::other)?;
     let head = Doc {
@@ -94,7 +94,7 @@ pub fn write_json(inv: &Inventory, out: &mut dyn Write) -> io::Result<()> {
         warnings: &inv.warnings,
         partial: inv.partial,
     };
-    let mut buf = serde_json::to_vec(&head).map_err(io::Error::other)?;
+    let mut buf = listenscope_core::json::to_vec(&head).map_err(io::Error::other)?;
     buf.pop(); // the closing brace: the listeners array comes last
     buf.extend_from_slice(b",\"listeners\":[");
     for (i, l) in inv.listeners.iter().enumerate() {
@@ -121,7 +121,7 @@ fn write_listener(buf: &mut Vec<u8>, l: &Listener, processes: &HashMap<u32, Box<
     fn string(buf: &mut Vec<u8>, s: &str) {
         // Writing to a Vec cannot fail, and a str always serializes.
         #[allow(clippy::expect_used)]
-        serde_json::to_writer(&mut *buf, s).expect("writing to a Vec cannot fail");
+        listenscope_core::json::to_writer(&mut *buf, s).expect("writing to a Vec cannot fail");
     }
     fn opt_string(buf: &mut Vec<u8>, s: Option<&str>) {
         match s {
@@ -171,7 +171,9 @@ fn write_listener(buf: &mut Vec<u8>, l: &Listener, processes: &HashMap<u32, Box<
     match &l.container {
         // Writing to a Vec cannot fail, and a Container (strings only) always serializes.
         #[allow(clippy::expect_used)]
-        Some(c) => serde_json::to_writer(&mut *buf, c).expect("writing to a Vec cannot fail"),
+        Some(c) => {
+            listenscope_core::json::to_writer(&mut *buf, c).expect("writing to a Vec cannot fail")
+        }
         None => buf.extend_from_slice(b"null"),
     }
     buf.extend_from_slice(b",\"unit\":");
@@ -222,7 +224,7 @@ fn write_listener(buf: &mut Vec<u8>, l: &Listener, processes: &HashMap<u32, Box<
 fn strings(buf: &mut Vec<u8>, list: &[String]) {
     // Writing to a Vec cannot fail, and strings always serialize.
     #[allow(clippy::expect_used)]
-    serde_json::to_writer(&mut *buf, list).expect("writing to a Vec cannot fail");
+    listenscope_core::json::to_writer(&mut *buf, list).expect("writing to a Vec cannot fail");
 }
 
 /// The firewall column: the verdict per IP version the socket accepts from off-host.
@@ -854,8 +856,9 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
-    /// A local process named with terminal escapes and a bidi override prints them as
-    /// visible text in the table and CSV.
+    /// A local process named with terminal escapes, a C1 control and a bidi override
+    /// prints them as visible text in the table and CSV, and as `\uXXXX` escapes in JSON
+    /// (the same string once parsed).
     #[test]
     fn hostile_names_print_escaped() {
         let mut l = listener("::", Some(false), 0, None);
@@ -875,6 +878,21 @@ mod tests {
                 "{out:?}"
             );
         }
+        let mut l = listener("::", Some(false), 0, None);
+        let name = "\u{1b}]0;pwned\u{7}e\u{9b}v\u{202e}il";
+        l.netns = std::sync::Arc::new(NetnsId {
+            inode: 9,
+            name: name.into(),
+        });
+        let json = text(|o| write_json(&inventory(vec![l]), o));
+        assert!(
+            !json
+                .chars()
+                .any(|c| c != '\n' && listenscope_core::record::is_unsafe_char(c)),
+            "{json:?}"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(doc["listeners"][0]["netns"]["name"], name, "{json}");
     }
 
     #[test]

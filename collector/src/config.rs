@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use listenscope_core::config::parse_duration;
+use listenscope_core::config::{parse_duration, parse_size};
 use serde::Deserialize;
 
 use crate::store::DbUrl;
@@ -38,6 +38,11 @@ pub struct RawConfig {
     /// This collector's name in the `hosts` view (which collector holds each host).
     /// Default: HOSTNAME:PORT.
     pub name: Option<String>,
+    /// Encoded bytes of agent messages held at once, all sessions together, e.g. "1GiB"
+    /// (the default). Admission waits when it is full; memory use is about 2.5 times this
+    /// at most (docs/security.md). Also caps the largest snapshot (three quarters of it
+    /// minus 4 MiB, at most 256 MiB). At least 16MiB.
+    pub memory_budget: Option<String>,
     /// The file the values came from (not a key): errors about its keys name it.
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -61,6 +66,8 @@ pub struct ServeConfig {
     /// `None`: the default, fitted to the open-file limit at start-up.
     pub max_sessions: Option<usize>,
     pub name: String,
+    /// Bytes ([`crate::budget::Budget`]).
+    pub memory_budget: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +114,7 @@ impl RawConfig {
             ("retain", self.retain.is_some()),
             ("max_sessions", self.max_sessions.is_some()),
             ("name", self.name.is_some()),
+            ("memory_budget", self.memory_budget.is_some()),
         ]
         .into_iter()
         .filter_map(|(k, set)| set.then_some(k))
@@ -134,6 +142,7 @@ impl RawConfig {
             retain: other.retain.or(self.retain),
             max_sessions: other.max_sessions.or(self.max_sessions),
             name: other.name.or(self.name),
+            memory_budget: other.memory_budget.or(self.memory_budget),
             file: self.file,
             file_keys,
         }
@@ -252,6 +261,21 @@ impl RawConfig {
                 "name {n:?} must be 1 to 200 printable characters (e.g. collector-a:7443)"
             ));
         }
+        let memory_budget = match self.memory_budget.as_deref().map(parse_size) {
+            None => crate::budget::DEFAULT_BUDGET_BYTES,
+            Some(Ok(n)) if crate::budget::Budget::new(n as usize).is_ok() => n as usize,
+            Some(Ok(n)) => {
+                errs.push(format!(
+                    "memory_budget {n} bytes is below the minimum of {} MiB (e.g. 1GiB)",
+                    crate::budget::MIN_BUDGET_BYTES >> 20
+                ));
+                0
+            }
+            Some(Err(e)) => {
+                errs.push(format!("memory_budget: {e}"));
+                0
+            }
+        };
         let (Some(listen), Some(db), true) = (listen, db, errs.is_empty()) else {
             return Err(ConfigErrors(errs));
         };
@@ -266,6 +290,7 @@ impl RawConfig {
             pool_size,
             retain,
             max_sessions: self.max_sessions,
+            memory_budget,
             name: self
                 .name
                 .unwrap_or_else(|| format!("{}:{}", crate::pki::this_hostname(), listen.port())),

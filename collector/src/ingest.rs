@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
+use crate::budget::{Assembled, Budget, Ledger};
 use crate::metrics as m;
 use crate::store::{Applied, HostSession, Message, Store, StoreError};
 
@@ -60,6 +61,10 @@ pub struct Limits {
     /// A snapshot whose next chunk does not arrive within this long ends the session
     /// (its holder would keep an in-flight place forever).
     pub chunk_wait: std::time::Duration,
+    /// Encoded bytes of agent messages admitted at once, collector-wide ([`Budget`]). The
+    /// largest snapshot accepted is the smaller of `per_snapshot_bytes` and what the
+    /// budget allows ([`Budget::snapshot_bytes`]).
+    pub memory_budget: usize,
 }
 
 impl Default for Limits {
@@ -73,6 +78,7 @@ impl Default for Limits {
             instance: String::new(),
             in_flight: 2048,
             chunk_wait: std::time::Duration::from_secs(60),
+            memory_budget: crate::budget::DEFAULT_BUDGET_BYTES,
         }
     }
 }
@@ -139,6 +145,10 @@ pub struct Stop {
     pub held: Held,
     /// Places for messages being processed ([`Limits::in_flight`]).
     pub in_flight: Arc<tokio::sync::Semaphore>,
+    /// The collector's memory budget (slots for snapshots in several chunks).
+    pub budget: Budget,
+    /// This session's admitted messages, in the order they are decoded.
+    pub ledger: Arc<Ledger>,
 }
 
 /// Runs one session to its end; errors go to the agent as the stream's final status.
@@ -244,6 +254,8 @@ async fn session(
     let Some(first) = next(inbound, stop).await? else {
         return Ok(());
     };
+    // Given back once the Welcome is sent.
+    let hello_bytes = stop.ledger.take();
     check_size(&first)?;
     let hello = match first.body {
         Some(v1::agent_message::Body::Hello(h)) => wire::Hello::try_from(h).map_err(invalid)?,
@@ -254,6 +266,7 @@ async fn session(
         }
     };
     let mut s = Session::open(host, store, limits, tx, hello).await?;
+    drop(hello_bytes);
     let registered = s.stored.clone();
     stop.held.lock().unwrap_or_else(|p| p.into_inner()).insert(
         registered.host_id,
@@ -278,10 +291,22 @@ async fn messages(
     // Held from the first message that carries listeners until it (or the snapshot it
     // starts) is answered.
     let mut place: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    // The budget's bytes of the chunks of the snapshot being assembled, given back when
+    // it is answered (or the session ends).
+    let mut assembly: Vec<Assembled> = Vec::new();
     loop {
         let msg = if s.assembling.is_some() {
             match tokio::time::timeout(s.limits.chunk_wait, next(inbound, stop)).await {
                 Ok(m) => m?,
+                Err(_) if stop.ledger.waiting() => {
+                    metrics::counter!(m::BUDGET_REFUSALS).increment(1);
+                    return Err(Status::resource_exhausted(format!(
+                        "the collector's memory budget for messages in flight ({} MiB) stayed \
+                         full for {} s while this snapshot was assembled; retry later",
+                        stop.budget.total() / (1024 * 1024),
+                        s.limits.chunk_wait.as_secs()
+                    )));
+                }
                 Err(_) => {
                     return Err(Status::deadline_exceeded(format!(
                         "the next chunk of the snapshot did not arrive within {} s; send the \
@@ -294,6 +319,8 @@ async fn messages(
             next(inbound, stop).await?
         };
         let Some(msg) = msg else { break };
+        // The budget's bytes of this message, given back once it is processed.
+        let admitted = stop.ledger.take();
         check_size(&msg)?;
         let carries_listeners = matches!(
             msg.body,
@@ -307,6 +334,7 @@ async fn messages(
                 () = stop.replaced.cancelled() => return Err(Status::aborted(TAKEN_OVER)),
             });
         }
+        let kept = matches!(&msg.body, Some(v1::agent_message::Body::Snapshot(c)) if !c.last);
         let now = OffsetDateTime::now_utc();
         match msg.body {
             None => return Err(Status::invalid_argument("empty AgentMessage")),
@@ -316,11 +344,18 @@ async fn messages(
                 ));
             }
             Some(v1::agent_message::Body::Heartbeat(h)) => s.heartbeat(h, now).await?,
-            Some(v1::agent_message::Body::Snapshot(chunk)) => s.snapshot_chunk(chunk, now).await?,
+            Some(v1::agent_message::Body::Snapshot(chunk)) => {
+                s.snapshot_chunk(chunk, now).await?;
+                // A chunk that is not the last stays in memory until the snapshot is whole.
+                if kept && let Some(chunk) = admitted {
+                    assembly.push(stop.budget.assemble(chunk).await?);
+                }
+            }
             Some(v1::agent_message::Body::Delta(d)) => s.delta(d, now).await?,
         }
         if s.assembling.is_none() {
             place = None;
+            assembly.clear();
         }
     }
     Ok(())

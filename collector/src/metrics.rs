@@ -34,6 +34,17 @@ pub const BATCH_MESSAGES: &str = "listenscope_write_batch_messages";
 /// Histogram: seconds from a message's arrival to its commit (queueing included): what
 /// an agent waits for its Ack.
 pub const ACK_SECONDS: &str = "listenscope_ack_seconds";
+/// Gauge: the memory budget for agent messages in flight (`serve --memory-budget`).
+pub const BUDGET_LIMIT_BYTES: &str = "listenscope_ingest_budget_limit_bytes";
+/// Gauge: encoded bytes of agent messages admitted and not yet answered.
+pub const BUDGET_BYTES: &str = "listenscope_ingest_budget_bytes";
+/// Gauge: the most bytes admitted at once since start.
+pub const BUDGET_PEAK_BYTES: &str = "listenscope_ingest_budget_peak_bytes";
+/// Counter: messages whose admission had to wait for the budget.
+pub const BUDGET_WAITS: &str = "listenscope_ingest_budget_waits_total";
+/// Counter: sessions ended (RESOURCE_EXHAUSTED) because no slot for a snapshot in several
+/// chunks was free in time.
+pub const BUDGET_REFUSALS: &str = "listenscope_ingest_budget_refusals_total";
 
 /// `kind` values of [`MESSAGES`].
 pub const MESSAGE_KINDS: &[&str] = &["snapshot_chunk", "delta", "heartbeat"];
@@ -81,6 +92,11 @@ const ALL: &[&str] = &[
     COMMIT_SECONDS,
     BATCH_MESSAGES,
     ACK_SECONDS,
+    BUDGET_LIMIT_BYTES,
+    BUDGET_BYTES,
+    BUDGET_PEAK_BYTES,
+    BUDGET_WAITS,
+    BUDGET_REFUSALS,
 ];
 
 /// Starts the exporter's HTTP listener (needs a tokio runtime). Call once per process.
@@ -117,6 +133,26 @@ fn describe() {
     metrics::describe_counter!(REJECTED_MESSAGES, "Sessions ended for an invalid message.");
     metrics::describe_counter!(RESYNCS, "Snapshots asked of agents, by reason.");
     metrics::describe_histogram!(COMMIT_SECONDS, "Seconds to store one group commit.");
+    metrics::describe_gauge!(
+        BUDGET_LIMIT_BYTES,
+        "The memory budget for agent messages in flight, in encoded bytes."
+    );
+    metrics::describe_gauge!(
+        BUDGET_BYTES,
+        "Encoded bytes of agent messages admitted and not yet answered."
+    );
+    metrics::describe_gauge!(
+        BUDGET_PEAK_BYTES,
+        "The most encoded bytes of agent messages admitted at once since start."
+    );
+    metrics::describe_counter!(
+        BUDGET_WAITS,
+        "Agent messages whose reading waited for the memory budget."
+    );
+    metrics::describe_counter!(
+        BUDGET_REFUSALS,
+        "Sessions ended because no slot for a snapshot in several chunks was free in time."
+    );
     metrics::describe_histogram!(BATCH_MESSAGES, "Messages and Hellos per group commit.");
     metrics::describe_histogram!(
         ACK_SECONDS,
@@ -135,6 +171,10 @@ fn register() {
         _ => metrics::gauge!(BUILD_INFO, "version" => version).set(1.0),
     }
     metrics::gauge!(CONNECTED_AGENTS).increment(0.0);
+    metrics::gauge!(BUDGET_BYTES).increment(0.0);
+    metrics::gauge!(BUDGET_PEAK_BYTES).increment(0.0);
+    metrics::counter!(BUDGET_WAITS).increment(0);
+    metrics::counter!(BUDGET_REFUSALS).increment(0);
     metrics::counter!(ROWS).increment(0);
     for kind in MESSAGE_KINDS {
         metrics::counter!(MESSAGES, "kind" => *kind).increment(0);

@@ -1128,35 +1128,11 @@ pub fn write_json(rs: &ResultSet, out: &mut dyn Write) -> io::Result<()> {
         for (c, v) in rs.columns.iter().zip(r) {
             m.insert(c.clone(), v.clone());
         }
-        let mut ser = serde_json::Serializer::with_formatter(&mut *out, TerminalSafeJson);
-        serde::Serialize::serialize(&Value::Object(m), &mut ser).map_err(io::Error::other)?;
+        listenscope_core::json::to_writer(&mut *out, &Value::Object(m))
+            .map_err(io::Error::other)?;
     }
     out.write_all(b"]")?;
     writeln!(out)
-}
-
-/// Compact JSON that also writes DEL, C1 controls and invisible formatting characters
-/// (bidi overrides, zero-width) as `\uXXXX` escapes, as it does C0 controls: still the
-/// same JSON values, but nothing in it can steer a terminal that shows it.
-struct TerminalSafeJson;
-
-impl serde_json::ser::Formatter for TerminalSafeJson {
-    fn write_string_fragment<W: ?Sized + Write>(
-        &mut self,
-        writer: &mut W,
-        fragment: &str,
-    ) -> io::Result<()> {
-        let mut start = 0;
-        for (i, c) in fragment.char_indices() {
-            // Every unsafe character here is in the Basic Multilingual Plane.
-            if listenscope_core::record::is_unsafe_char(c) {
-                writer.write_all(&fragment.as_bytes()[start..i])?;
-                write!(writer, "\\u{:04x}", u32::from(c))?;
-                start = i + c.len_utf8();
-            }
-        }
-        writer.write_all(&fragment.as_bytes()[start..])
-    }
 }
 
 pub fn write_csv(rs: &ResultSet, out: &mut dyn Write) -> io::Result<()> {

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::budget::{Budget, Gated, Ledger};
 use crate::ingest::{self, Limits};
 use crate::store::Store;
 use crate::tls::{self, RateLimited};
@@ -64,6 +65,8 @@ pub struct InventoryService {
     tls_refusals: Arc<tls::Refusals>,
     /// Places for sessions processing a message ([`Limits::in_flight`]).
     in_flight: Arc<Semaphore>,
+    /// Bytes of messages in flight ([`Limits::memory_budget`]).
+    budget: Budget,
 }
 
 #[tonic::async_trait]
@@ -118,6 +121,11 @@ impl Inventory for InventoryService {
         if let Some((_, older)) = older {
             older.cancel();
         }
+        // Every session stream comes through the budget's gate (`serve`), which puts the
+        // session's ledger into the request.
+        let Some(ledger) = request.extensions().get::<Arc<Ledger>>().cloned() else {
+            return Err(Status::internal("session without a memory budget ledger"));
+        };
         let inbound = request.into_inner();
         // Replies are small and sent one at a time: a short queue is enough.
         let (tx, rx) = mpsc::channel(4);
@@ -127,6 +135,8 @@ impl Inventory for InventoryService {
             replaced,
             held: Arc::clone(&self.held),
             in_flight: Arc::clone(&self.in_flight),
+            budget: self.budget.clone(),
+            ledger,
         };
         let session = ingest::run(
             host.clone(),
@@ -199,6 +209,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}; raise --memory-budget")]
+    Budget(#[from] crate::budget::BudgetTooSmall),
 }
 
 /// Serves until `shutdown` resolves, then drains sessions and returns.
@@ -213,6 +225,11 @@ pub async fn serve(
     let sessions = TaskTracker::new();
     let stop_sessions = CancellationToken::new();
     let limits_in_flight = limits.in_flight.max(1);
+    let budget = Budget::new(limits.memory_budget)?;
+    let limits = Limits {
+        per_snapshot_bytes: limits.per_snapshot_bytes.min(budget.snapshot_bytes()),
+        ..limits
+    };
     let service = InventoryService {
         store: store.clone(),
         slots: Arc::new(Semaphore::new(limits.max_sessions)),
@@ -225,6 +242,7 @@ pub async fn serve(
         refusals: Arc::default(),
         tls_refusals: Arc::default(),
         in_flight: Arc::new(Semaphore::new(limits_in_flight)),
+        budget: budget.clone(),
     };
     if store.shared() {
         tokio::spawn(watch_epochs(
@@ -246,9 +264,12 @@ pub async fn serve(
         tls,
         Arc::clone(&service.tls_refusals),
     ));
-    let inventory = InventoryServer::new(service)
-        .max_decoding_message_size(ingest::DECODE_LIMIT_BYTES)
-        .max_encoding_message_size(ingest::MAX_MESSAGE_BYTES);
+    let inventory = Gated::new(
+        InventoryServer::new(service)
+            .max_decoding_message_size(ingest::DECODE_LIMIT_BYTES)
+            .max_encoding_message_size(ingest::MAX_MESSAGE_BYTES),
+        budget,
+    );
 
     let server_stop = CancellationToken::new();
     let drain = {

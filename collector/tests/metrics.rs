@@ -45,6 +45,11 @@ const FAMILIES: &[(&str, &str)] = &[
     ("listenscope_commit_seconds", "histogram"),
     ("listenscope_write_batch_messages", "histogram"),
     ("listenscope_ack_seconds", "histogram"),
+    ("listenscope_ingest_budget_limit_bytes", "gauge"),
+    ("listenscope_ingest_budget_bytes", "gauge"),
+    ("listenscope_ingest_budget_peak_bytes", "gauge"),
+    ("listenscope_ingest_budget_waits_total", "counter"),
+    ("listenscope_ingest_budget_refusals_total", "counter"),
 ];
 
 // Multi-threaded: the test blocks in `terminate()` while the collector waits for this

@@ -55,6 +55,31 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// "512MiB", "1GiB", "64KiB", "1048576" (bytes) → bytes. Binary units only: "MB" would
+/// leave it open whether 10^6 or 2^20 was meant.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a size; use bytes or KiB, MiB, GiB (e.g. 512MiB, 1GiB)"
+            ));
+        }
+    };
+    let n: u64 = n.parse().map_err(|_| {
+        format!("{s:?} is not a size; use bytes or KiB, MiB, GiB (e.g. 512MiB, 1GiB)")
+    })?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 /// Reads and parses a TOML file; the error names the file.
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
     let text = std::fs::read_to_string(path)
@@ -65,6 +90,17 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size(" 1GiB "), Ok(1 << 30));
+        assert_eq!(parse_size("64 KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        for bad in ["", "MiB", "1MB", "1.5GiB", "-1", "1 gib", "99999999999TiB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn durations() {

@@ -18,6 +18,7 @@ pub mod diff;
 pub mod domain;
 pub mod exit;
 pub mod fingerprint;
+pub mod json;
 pub mod limits;
 pub mod logging;
 pub mod pem;

@@ -53,6 +53,12 @@ pub struct ServeArgs {
     /// collector sharing a PostgreSQL database its own.
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
+    /// Encoded bytes of agent messages held at once, all sessions together (default
+    /// 1GiB; at least 16MiB). Reading waits when it is full; memory use stays under
+    /// about 2.5 times this. Also caps the largest snapshot (three quarters of it minus
+    /// 4MiB, at most 256MiB).
+    #[arg(long, value_name = "SIZE", env = "LISTENSCOPE_MEMORY_BUDGET")]
+    pub memory_budget: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -140,6 +146,7 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
             retain: a.retain,
             max_sessions: a.max_sessions,
             name: a.name,
+            memory_budget: a.memory_budget,
             ..RawConfig::default()
         })
         .validate()?;
@@ -196,6 +203,7 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
     let limits = Limits {
         max_sessions,
         instance: cfg.name.clone(),
+        memory_budget: cfg.memory_budget,
         ..Limits::for_stale_after(std::time::Duration::from_secs(cfg.stale_after_secs))
     };
     tracing::info!(max_sessions, name = %cfg.name, "Accepting agent sessions.");
