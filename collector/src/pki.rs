@@ -430,12 +430,12 @@ fn issued_in(dir: &Path, ca_subject: &[u8]) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// A CRL entry: the certificate's raw serial and when it was revoked.
+type Entry = (Vec<u8>, OffsetDateTime);
+
 /// The entries of DIR/crl.pem (none if it does not exist) and its CRL number, checked to
 /// be the CA's.
-fn read_crl(
-    dir: &Path,
-    ca_der: &[u8],
-) -> Result<(Vec<(Vec<u8>, OffsetDateTime)>, u64), RevokeError> {
+fn read_crl(dir: &Path, ca_der: &[u8]) -> Result<(Vec<Entry>, u64), RevokeError> {
     let path = crl_path(dir);
     let pem = match fs::read(&path) {
         Ok(p) => p,

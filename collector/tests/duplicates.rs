@@ -125,15 +125,18 @@ async fn a_second_machine_is_refused_while_the_first_holds_the_host(db: &DbUrl) 
     // it would close 22 and 80 and open 443.
     for attempt in 1..=2 {
         let mut b = session_as(&pki, c.addr, "h1", hello_from(2, 0, "machine-b", Some(B))).await;
-        let _ = b
-            .tx
-            .send(snapshot(1, vec![listener_of("machine-b", 443)]))
-            .await;
+        let _ =
+            b.tx.send(snapshot(1, vec![listener_of("machine-b", 443)]))
+                .await;
         let st = b
             .recv()
             .await
             .expect_err("a second machine with the same certificate is refused");
-        assert_eq!(st.code(), tonic::Code::AlreadyExists, "attempt {attempt}: {st}");
+        assert_eq!(
+            st.code(),
+            tonic::Code::AlreadyExists,
+            "attempt {attempt}: {st}"
+        );
         for part in [
             format!("instance {}", "a1".repeat(16)),
             format!("instance {}", "b2".repeat(16)),
@@ -173,12 +176,19 @@ async fn a_second_machine_is_refused_while_the_first_holds_the_host(db: &DbUrl) 
              FROM hosts WHERE host = 'h1'"
         )
         .await,
-        [json!("machine-a"), json!("yes"), json!("127.0.0.1"), json!("yes")],
+        [
+            json!("machine-a"),
+            json!("yes"),
+            json!("127.0.0.1"),
+            json!("yes")
+        ],
         "shown in hosts"
     );
     // …and in the `hosts` report.
     let ro = ReadOnly::open(db).await.unwrap();
-    let report = listenscope_collector::query::hosts(&ro, None).await.unwrap();
+    let report = listenscope_collector::query::hosts(&ro, None)
+        .await
+        .unwrap();
     ro.close().await;
     let col = |name: &str| {
         report
@@ -189,7 +199,10 @@ async fn a_second_machine_is_refused_while_the_first_holds_the_host(db: &DbUrl) 
             .unwrap_or_else(|| panic!("{name} not in {:?}", report.rows.columns))
     };
     let row = &report.rows.rows[0];
-    assert!(row[col("duplicate_refusals")].as_i64().unwrap() >= 1, "{row:?}");
+    assert!(
+        row[col("duplicate_refusals")].as_i64().unwrap() >= 1,
+        "{row:?}"
+    );
     assert_eq!(row[col("duplicate_last_peer")], json!("127.0.0.1"));
 
     // When the holder goes away, the other machine gets in (the refusal lasts only while
@@ -212,7 +225,8 @@ async fn the_same_installation_and_old_agents_replace_the_older_session(db: &DbU
     let (a, first) = open(&pki, c.addr, 1, 0, "machine-a", Some(A)).await;
     let mut a = a.unwrap();
     assert!(matches!(first, Ok(Some(Body::Welcome(_)))));
-    a.send(snapshot(1, vec![listener_of("machine-a", 22)])).await;
+    a.send(snapshot(1, vec![listener_of("machine-a", 22)]))
+        .await;
     assert!(matches!(a.recv().await, Ok(Some(Body::Ack(_)))));
 
     // The same installation reconnects (its old connection half-open): it replaces the
@@ -238,7 +252,11 @@ async fn the_same_installation_and_old_agents_replace_the_older_session(db: &DbU
     let st = old.unwrap().recv().await.expect_err("replaced");
     assert_eq!(st.code(), tonic::Code::Aborted, "{st}");
     assert_eq!(
-        one(db, "SELECT duplicate_refusals, duplicate_last_at FROM hosts WHERE host = 'h1'").await,
+        one(
+            db,
+            "SELECT duplicate_refusals, duplicate_last_at FROM hosts WHERE host = 'h1'"
+        )
+        .await,
         [json!(0), Value::Null],
         "no duplicate was refused"
     );
@@ -285,10 +303,18 @@ async fn refusals_are_counted_and_logged_once_per_interval() {
         let (_, first) = open(&pki, addr, 2, 0, "machine-b", Some(B)).await;
         assert_eq!(first.unwrap_err().code(), tonic::Code::AlreadyExists);
     }
-    wait_for_async(Duration::from_secs(10), "three refusals counted", || async {
-        let text = metrics(maddr).await;
-        if count(&text) == Some(3) { Ok(()) } else { Err(text) }
-    })
+    wait_for_async(
+        Duration::from_secs(10),
+        "three refusals counted",
+        || async {
+            let text = metrics(maddr).await;
+            if count(&text) == Some(3) {
+                Ok(())
+            } else {
+                Err(text)
+            }
+        },
+    )
     .await;
     let logged = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = logged

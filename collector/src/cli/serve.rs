@@ -284,10 +284,6 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
     };
     let tls = tls::server_tls(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key, vec![crl])?;
     if let Some(revocation) = &tls.revocation {
-        let revoked = revocation.revoked().len();
-        for f in revocation.files() {
-            tracing::info!(crl = %f.path.display(), present = f.path.exists(), revoked, "Certificate revocation list.");
-        }
         spawn_reload_on_sighup(revocation.clone())?;
     }
     let store = Store::open(
@@ -343,6 +339,16 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
         instance: cfg.name.clone(),
         ..Limits::for_stale_after(std::time::Duration::from_secs(cfg.stale_after_secs))
     };
+    if let Some(revocation) = &tls.revocation {
+        for f in revocation.files() {
+            tracing::info!(
+                crl = %f.path.display(),
+                present = f.path.exists(),
+                revoked = revocation.revoked().len(),
+                "Certificate revocation list (reloaded when it changes and on SIGHUP)."
+            );
+        }
+    }
     tracing::info!(max_sessions, name = %cfg.name, "Accepting agent sessions.");
     server::serve(listener, tls, store, limits, shutdown).await?;
     Ok(Exit::Success)
