@@ -210,11 +210,17 @@ pub fn init(
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    // A distinct name per CA: two fleets' CAs are never mistaken for each other.
+    // A distinct name per CA: two fleets' CAs are never mistaken for each other. The
+    // nanoseconds too: two CAs made in one second (a test, a script) had one name, and a
+    // CRL is matched to its CA by name.
     let created = OffsetDateTime::now_utc();
     ca_params.distinguished_name.push(
         DnType::CommonName,
-        format!("listenscope fleet CA {}", created.unix_timestamp()),
+        format!(
+            "listenscope fleet CA {}.{:09}",
+            created.unix_timestamp(),
+            created.nanosecond()
+        ),
     );
     validity(&mut ca_params, days.max(3650));
     let ca_cert = ca_params.self_signed(&ca_key)?;
@@ -666,6 +672,26 @@ pub fn default_server_names() -> Vec<String> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn serials() {
+        let check = |hex: &str, want: Option<&str>| {
+            let got = parse_serial(hex)
+                .ok()
+                .map(|b| crate::revocation::serial_hex(&b));
+            assert_eq!(got.as_deref(), want, "{hex:?}");
+        };
+        check("4F:1A:09", Some("4F1A09"));
+        check("4f1a09", Some("4F1A09"));
+        check("0x4f1a09", Some("4F1A09"));
+        check("f1a09", Some("0F1A09"));
+        check("00:80", Some("80"));
+        check("0", Some("00"));
+        check("", None);
+        check("xyz", None);
+        check("4F 1A", None);
+        check(&"a".repeat(43), None);
+    }
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("lst-pki-{tag}-{}", std::process::id()));

@@ -94,8 +94,8 @@ pub struct Registry {
     revocation: Option<Revocation>,
     /// One log line per interval for duplicate refusals (a pair of machines retries forever).
     duplicates: RateLimited,
-    /// Per host: when its duplicate refusals were last written, and how many since.
-    duplicate_writes: Mutex<HashMap<String, (Instant, u64)>>,
+    /// Per host: the duplicate refusals not written yet.
+    duplicate_writes: Mutex<HashMap<String, Unwritten>>,
 }
 
 /// The session that holds a host.
@@ -109,6 +109,16 @@ struct Holder {
     cert: Option<CertKey>,
     end: CancellationToken,
     why: Arc<OnceLock<Status>>,
+}
+
+/// A host's duplicate refusals since its last write.
+#[derive(Debug)]
+struct Unwritten {
+    /// When the last write was (`None`: never).
+    written: Option<Instant>,
+    count: u64,
+    last_at: OffsetDateTime,
+    last_peer: String,
 }
 
 /// Duplicate refusals of one host are written to the database at most this often (the
@@ -162,11 +172,30 @@ impl Registry {
         ended
     }
 
-    /// Removes session `id`'s hold on `host` (if it still holds it).
-    fn release(&self, host: &str, id: u64) {
+    /// Removes session `id`'s hold on `host`; whether it still held it.
+    fn release(&self, host: &str, id: u64) -> bool {
         let mut map = self.lock();
-        if map.get(host).is_some_and(|h| h.id == id) {
+        let held = map.get(host).is_some_and(|h| h.id == id);
+        if held {
             map.remove(host);
+        }
+        held
+    }
+
+    /// Writes the duplicate refusals of `host` not written yet (its holder ended: the
+    /// other machine's next attempt may well succeed, and would never flush them).
+    async fn flush_duplicates(&self, store: &Store, host: &str) {
+        let pending = self
+            .duplicate_writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(host);
+        if let Some(p) = pending.filter(|p| p.count > 0)
+            && let Err(e) = store
+                .duplicate_refused(host, p.count, p.last_at, &p.last_peer)
+                .await
+        {
+            tracing::warn!(host = %host, error = %e, "Cannot record duplicate refusals.");
         }
     }
 
@@ -199,26 +228,28 @@ impl Registry {
             if writes.len() >= MAX_DUPLICATE_HOSTS && !writes.contains_key(host) {
                 writes.clear();
             }
-            let now = Instant::now();
-            let e = writes
-                .entry(host.to_string())
-                .or_insert((now - DUPLICATE_WRITE_EVERY, 0));
-            e.1 += 1;
-            if now.duration_since(e.0) >= DUPLICATE_WRITE_EVERY {
-                e.0 = now;
-                Some(std::mem::take(&mut e.1))
+            let e = writes.entry(host.to_string()).or_insert(Unwritten {
+                written: None,
+                count: 0,
+                last_at: OffsetDateTime::now_utc(),
+                last_peer: String::new(),
+            });
+            e.count += 1;
+            e.last_at = OffsetDateTime::now_utc();
+            e.last_peer = peer.map(|p| p.ip().to_string()).unwrap_or_default();
+            if e.written
+                .is_none_or(|w| w.elapsed() >= DUPLICATE_WRITE_EVERY)
+            {
+                e.written = Some(Instant::now());
+                Some((std::mem::take(&mut e.count), e.last_at, e.last_peer.clone()))
             } else {
                 None
             }
         };
-        if let Some(n) = due {
-            let peer = peer.map(|p| p.ip().to_string()).unwrap_or_default();
-            if let Err(e) = store
-                .duplicate_refused(host, n, OffsetDateTime::now_utc(), &peer)
-                .await
-            {
-                tracing::warn!(host = %host, error = %e, "Cannot record a duplicate refusal.");
-            }
+        if let Some((n, at, peer)) = due
+            && let Err(e) = store.duplicate_refused(host, n, at, &peer).await
+        {
+            tracing::warn!(host = %host, error = %e, "Cannot record a duplicate refusal.");
         }
     }
 }
@@ -396,9 +427,12 @@ impl Inventory for InventoryService {
             tx,
             stop,
         );
+        let store = self.store.clone();
         self.sessions.spawn(async move {
             session.await;
-            registry.release(&host, id);
+            if registry.release(&host, id) {
+                registry.flush_duplicates(&store, &host).await;
+            }
             drop(slot);
         });
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -215,6 +215,13 @@ async fn a_second_machine_is_refused_while_the_first_holds_the_host(db: &DbUrl) 
         )
     })
     .await;
+    // The refusals not written yet (at most one write per 10 s) were written when the
+    // holder's session ended.
+    eventually(10, "every refusal recorded", || async {
+        let n = one(db, "SELECT duplicate_refusals FROM hosts WHERE host = 'h1'").await;
+        n[0].as_i64().unwrap() >= 2
+    })
+    .await;
     c.shutdown().await;
 }
 
