@@ -23,6 +23,9 @@ pub struct RawConfig {
     pub tls_cert: Option<PathBuf>,
     /// The collector's private key (PEM). Required.
     pub tls_key: Option<PathBuf>,
+    /// Certificate revocation list (PEM, `certs revoke` writes it), reloaded when it
+    /// changes and on SIGHUP. Optional; default: crl.pem next to `tls_ca` if it exists.
+    pub tls_crl: Option<PathBuf>,
     /// Prometheus metrics listen address, e.g. "127.0.0.1:9464". Optional (off).
     pub metrics_listen: Option<String>,
     /// A host silent for longer is stale, e.g. "5m". Default 5m.
@@ -59,6 +62,8 @@ pub struct ServeConfig {
     pub tls_ca: PathBuf,
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
+    /// `None`: crl.pem next to `tls_ca`, if present.
+    pub tls_crl: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
     pub stale_after_secs: u64,
     pub pool_size: u32,
@@ -108,6 +113,7 @@ impl RawConfig {
             ("tls_ca", self.tls_ca.is_some()),
             ("tls_cert", self.tls_cert.is_some()),
             ("tls_key", self.tls_key.is_some()),
+            ("tls_crl", self.tls_crl.is_some()),
             ("metrics_listen", self.metrics_listen.is_some()),
             ("stale_after", self.stale_after.is_some()),
             ("pool_size", self.pool_size.is_some()),
@@ -136,6 +142,7 @@ impl RawConfig {
             tls_ca: other.tls_ca.or(self.tls_ca),
             tls_cert: other.tls_cert.or(self.tls_cert),
             tls_key: other.tls_key.or(self.tls_key),
+            tls_crl: other.tls_crl.or(self.tls_crl),
             metrics_listen: other.metrics_listen.or(self.metrics_listen),
             stale_after: other.stale_after.or(self.stale_after),
             pool_size: other.pool_size.or(self.pool_size),
@@ -285,6 +292,7 @@ impl RawConfig {
             tls_ca,
             tls_cert,
             tls_key,
+            tls_crl: self.tls_crl,
             metrics_listen,
             stale_after_secs,
             pool_size,

@@ -139,8 +139,14 @@ enum Expect {
 pub struct Stop {
     /// The collector is shutting down.
     pub shutdown: CancellationToken,
-    /// A newer connection of the same host replaced this one (one session per host).
+    /// A newer connection of the same host replaced this one (one session per host), or
+    /// (with `why` set) its certificate was revoked.
     pub replaced: CancellationToken,
+    /// Why `replaced` ended the session, if not for a newer connection.
+    pub why: Arc<std::sync::OnceLock<Status>>,
+    /// Takes the host for this connection once its Hello names the agent's instance
+    /// (refused for a second machine with the same certificate: `server::Registry`).
+    pub claim: crate::server::Claim,
     /// Where this session registers once its Hello is stored.
     pub held: Held,
     /// Places for messages being processed ([`Limits::in_flight`]).
@@ -149,6 +155,16 @@ pub struct Stop {
     pub budget: Budget,
     /// This session's admitted messages, in the order they are decoded.
     pub ledger: Arc<Ledger>,
+}
+
+impl Stop {
+    /// The status of a session `replaced` ended.
+    fn ended(&self) -> Status {
+        self.why
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Status::aborted(TAKEN_OVER))
+    }
 }
 
 /// Runs one session to its end; errors go to the agent as the stream's final status.
@@ -181,6 +197,12 @@ pub async fn run(
                 && (stop.replaced.is_cancelled() || status.message().starts_with(TAKEN_OVER)) =>
         {
             tracing::info!(host = %host, "Session replaced by a newer connection of this host.");
+            let _ = tx.send(Err(status)).await;
+        }
+        // A second machine with this certificate: counted and logged (rate-limited) where
+        // it was refused (`server::Claim`); it retries for as long as both run.
+        Err(status) if status.code() == tonic::Code::AlreadyExists => {
+            tracing::debug!(host = %host, message = %status.message(), "Duplicate session refused.");
             let _ = tx.send(Err(status)).await;
         }
         Err(status) => {
@@ -217,7 +239,7 @@ async fn next(
     tokio::select! {
         // A message already being stored finishes first: we only get here between messages.
         () = stop.shutdown.cancelled() => Err(Status::unavailable("collector shutting down; reconnect later")),
-        () = stop.replaced.cancelled() => Err(Status::aborted(TAKEN_OVER)),
+        () = stop.replaced.cancelled() => Err(stop.ended()),
         msg = inbound.message() => msg.map_err(disconnected),
     }
 }
@@ -265,6 +287,8 @@ async fn session(
             ));
         }
     };
+    // Before anything is stored: a second machine with this certificate is refused here.
+    stop.claim.claim(hello.instance_id).await?;
     let mut s = Session::open(host, store, limits, tx, hello).await?;
     drop(hello_bytes);
     let registered = s.stored.clone();
@@ -331,7 +355,7 @@ async fn messages(
             place = Some(tokio::select! {
                 p = wait => p.map_err(|_| Status::unavailable("collector shutting down; reconnect later"))?,
                 () = stop.shutdown.cancelled() => return Err(Status::unavailable("collector shutting down; reconnect later")),
-                () = stop.replaced.cancelled() => return Err(Status::aborted(TAKEN_OVER)),
+                () = stop.replaced.cancelled() => return Err(stop.ended()),
             });
         }
         let kept = matches!(&msg.body, Some(v1::agent_message::Body::Snapshot(c)) if !c.last);

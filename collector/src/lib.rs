@@ -20,6 +20,7 @@ pub mod query;
 #[cfg(feature = "quickstart")]
 mod quickstart;
 pub mod retention;
+pub mod revocation;
 pub mod server;
 pub mod store;
 pub mod timefmt;

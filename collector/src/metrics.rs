@@ -27,6 +27,11 @@ pub const REJECTED_CONNECTIONS: &str = "listenscope_rejected_connections_total";
 pub const REJECTED_MESSAGES: &str = "listenscope_rejected_messages_total";
 /// Counter by `reason` ([`RESYNC_REASONS`]): resyncs asked of agents.
 pub const RESYNCS: &str = "listenscope_resyncs_total";
+/// Counter by `result` ([`CRL_RELOAD_RESULTS`]): loads of the certificate revocation
+/// lists after start-up (SIGHUP, file changed). On `error` the previous lists stay.
+pub const CRL_RELOADS: &str = "listenscope_crl_reloads_total";
+/// Counter: live sessions ended because a reloaded CRL revoked their certificate.
+pub const REVOKED_SESSIONS: &str = "listenscope_revoked_sessions_total";
 /// Histogram: seconds to store one group commit (a batch of messages).
 pub const COMMIT_SECONDS: &str = "listenscope_commit_seconds";
 /// Histogram: messages and Hellos per group commit.
@@ -61,8 +66,12 @@ pub const REJECT_REASONS: &[&str] = &[
     "host_name",
     "handshake",
     "timeout",
+    "revoked",
     "session_limit",
+    "duplicate_identity",
 ];
+/// `result` values of [`CRL_RELOADS`].
+pub const CRL_RELOAD_RESULTS: &[&str] = &["ok", "error"];
 /// `reason` values of [`REJECTED_MESSAGES`].
 pub const REJECTED_MESSAGE_REASONS: &[&str] = &["invalid_argument"];
 /// `reason` values of [`RESYNCS`].
@@ -89,6 +98,8 @@ const ALL: &[&str] = &[
     REJECTED_CONNECTIONS,
     REJECTED_MESSAGES,
     RESYNCS,
+    CRL_RELOADS,
+    REVOKED_SESSIONS,
     COMMIT_SECONDS,
     BATCH_MESSAGES,
     ACK_SECONDS,
@@ -132,6 +143,14 @@ fn describe() {
     );
     metrics::describe_counter!(REJECTED_MESSAGES, "Sessions ended for an invalid message.");
     metrics::describe_counter!(RESYNCS, "Snapshots asked of agents, by reason.");
+    metrics::describe_counter!(
+        CRL_RELOADS,
+        "Reloads of the certificate revocation lists, by result (error: the previous lists stay)."
+    );
+    metrics::describe_counter!(
+        REVOKED_SESSIONS,
+        "Live sessions ended because a reloaded CRL revoked their certificate."
+    );
     metrics::describe_histogram!(COMMIT_SECONDS, "Seconds to store one group commit.");
     metrics::describe_gauge!(
         BUDGET_LIMIT_BYTES,
@@ -188,6 +207,10 @@ fn register() {
     for reason in RESYNC_REASONS {
         metrics::counter!(RESYNCS, "reason" => *reason).increment(0);
     }
+    for result in CRL_RELOAD_RESULTS {
+        metrics::counter!(CRL_RELOADS, "result" => *result).increment(0);
+    }
+    metrics::counter!(REVOKED_SESSIONS).increment(0);
     // A registered histogram is exported with empty buckets until its first sample.
     let _ = metrics::histogram!(COMMIT_SECONDS);
     let _ = metrics::histogram!(BATCH_MESSAGES);
@@ -213,6 +236,7 @@ mod tests {
             .chain(REJECT_REASONS)
             .chain(REJECTED_MESSAGE_REASONS)
             .chain(RESYNC_REASONS)
+            .chain(CRL_RELOAD_RESULTS)
         {
             assert!(
                 doc.contains(&format!("`{value}`")),

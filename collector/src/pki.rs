@@ -5,6 +5,10 @@
 //! with mode 0600 through a temporary file and a rename, so a crash never leaves half a
 //! key. An existing CA is never replaced without `--force`: every agent certificate
 //! depends on it.
+//!
+//! `revoke` adds a certificate to DIR/crl.pem, the CRL signed by the CA, keeping every
+//! earlier entry and increasing the CRL number; `serve` reloads it by itself
+//! (`revocation`). `revoked` lists its entries.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -78,6 +82,48 @@ pub enum PkiError {
         cert: PathBuf,
         key: PathBuf,
     },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(
+        "no certificate for host {host:?}: {} does not exist. `certs revoke` revokes the \
+         certificate `certs issue` wrote there; for one whose file is gone, pass --serial HEX \
+         (`openssl x509 -noout -serial -in FILE` prints it; the collector logs it with \
+         refusals)",
+        path.display()
+    )]
+    NoHost { host: String, path: PathBuf },
+    #[error("{}: not a certificate of this CA ({detail})", path.display())]
+    NotOurs { path: PathBuf, detail: String },
+    #[error(
+        "serial {serial}: no certificate of this CA in {} has it (its files may be gone); \
+         check the number (`openssl x509 -noout -serial -in FILE`), or pass --force to \
+         revoke it anyway",
+        dir.display()
+    )]
+    UnknownSerial { serial: String, dir: PathBuf },
+    #[error("--serial {0:?}: not a hexadecimal serial number (e.g. 4F:1A:09 or 4f1a09)")]
+    BadSerial(String),
+    #[error(
+        "{}: {detail}; it is not a CRL of the CA in {} and is left alone: move it away to \
+         start a new CRL",
+        path.display(),
+        ca.display()
+    )]
+    BadCrl {
+        path: PathBuf,
+        ca: PathBuf,
+        detail: String,
+    },
+}
+
+impl From<rcgen::Error> for RevokeError {
+    fn from(e: rcgen::Error) -> Self {
+        RevokeError::Pki(PkiError::Generate(e))
+    }
 }
 
 impl From<rcgen::Error> for PkiError {
@@ -164,11 +210,17 @@ pub fn init(
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    // A distinct name per CA: two fleets' CAs are never mistaken for each other.
+    // A distinct name per CA: two fleets' CAs are never mistaken for each other. The
+    // nanoseconds too: two CAs made in one second (a test, a script) had one name, and a
+    // CRL is matched to its CA by name.
     let created = OffsetDateTime::now_utc();
     ca_params.distinguished_name.push(
         DnType::CommonName,
-        format!("listenscope fleet CA {}", created.unix_timestamp()),
+        format!(
+            "listenscope fleet CA {}.{:09}",
+            created.unix_timestamp(),
+            created.nanosecond()
+        ),
     );
     validity(&mut ca_params, days.max(3650));
     let ca_cert = ca_params.self_signed(&ca_key)?;
@@ -316,6 +368,285 @@ pub fn issue_with(dir: &Path, host: &str, days: u32, force: bool) -> Result<Writ
     })
 }
 
+/// What to revoke: the certificate of a host (DIR/NAME.pem), or a serial number.
+#[derive(Debug, Clone)]
+pub enum RevokeTarget {
+    Host(String),
+    /// Hexadecimal, colons allowed (as `openssl x509 -serial` prints it).
+    Serial(String),
+}
+
+/// One entry of the CRL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokedEntry {
+    /// Upper-case hex, no leading zeros (as `openssl x509 -serial`).
+    pub serial: String,
+    pub at: OffsetDateTime,
+    /// The host whose certificate in DIR has this serial, if one does.
+    pub host: Option<String>,
+}
+
+/// What [`revoke`] did.
+#[derive(Debug)]
+pub struct RevokeOutcome {
+    pub entry: RevokedEntry,
+    /// It was on the CRL already (nothing written).
+    pub already: bool,
+    pub crl: PathBuf,
+    pub crl_number: u64,
+    /// Entries on the CRL now.
+    pub total: usize,
+}
+
+/// The CRL `revoke` writes and `serve` reads next to the CA.
+pub fn crl_path(dir: &Path) -> PathBuf {
+    dir.join(crate::revocation::DEFAULT_CRL_FILE)
+}
+
+/// A CA certificate's subject (DER) and the certificates it issued in DIR: (host name
+/// from the file name, raw serial).
+fn issued_in(dir: &Path, ca_subject: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".pem"))
+        else {
+            continue;
+        };
+        if matches!(name, "ca" | "crl") {
+            continue;
+        }
+        let Ok(certs) = listenscope_core::pem::load_certs(&path) else {
+            continue;
+        };
+        if let Some(c) = certs.first()
+            && let Ok((_, c)) = x509_parser::parse_x509_certificate(c.as_ref())
+            && c.issuer().as_raw() == ca_subject
+        {
+            out.push((name.to_string(), c.raw_serial().to_vec()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A CRL entry: the certificate's raw serial and when it was revoked.
+type Entry = (Vec<u8>, OffsetDateTime);
+
+/// The entries of DIR/crl.pem (none if it does not exist) and its CRL number, checked to
+/// be the CA's.
+fn read_crl(dir: &Path, ca_der: &[u8]) -> Result<(Vec<Entry>, u64), RevokeError> {
+    let path = crl_path(dir);
+    let pem = match fs::read(&path) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(error) => return Err(PkiError::Io { path, error }.into()),
+    };
+    let bad = |detail: String| RevokeError::BadCrl {
+        path: path.clone(),
+        ca: dir.join("ca.pem"),
+        detail,
+    };
+    use rustls::pki_types::CertificateRevocationListDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = CertificateRevocationListDer::from_pem_slice(&pem)
+        .map_err(|e| bad(format!("not a PEM CRL ({e})")))?;
+    let (_, crl) =
+        x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| bad(format!("not a CRL ({e})")))?;
+    let (_, ca) = x509_parser::parse_x509_certificate(ca_der)
+        .map_err(|e| bad(format!("the CA does not parse ({e})")))?;
+    if crl.issuer().as_raw() != ca.subject().as_raw() {
+        return Err(bad(format!("issued by {}", crl.issuer())));
+    }
+    crl.verify_signature(ca.public_key())
+        .map_err(|e| bad(format!("not signed by this CA's key ({e})")))?;
+    let number = crl
+        .crl_number()
+        .and_then(|n| u64::try_from(n).ok())
+        .unwrap_or(0);
+    let entries = crl
+        .iter_revoked_certificates()
+        .map(|r| (r.raw_serial().to_vec(), r.revocation_date.to_datetime()))
+        .collect();
+    Ok((entries, number))
+}
+
+/// Normalised serial bytes of `hex` ("4F:1A:09", "0x4f1a09").
+fn parse_serial(hex: &str) -> Result<Vec<u8>, RevokeError> {
+    let digits: String = hex
+        .trim()
+        .trim_start_matches("0x")
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    if digits.is_empty() || digits.len() > 42 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(RevokeError::BadSerial(hex.to_string()));
+    }
+    let padded = if digits.len() % 2 == 1 {
+        format!("0{digits}")
+    } else {
+        digits
+    };
+    (0..padded.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&padded[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| RevokeError::BadSerial(hex.to_string()))
+}
+
+/// Revokes a certificate of the CA in DIR: adds it to DIR/crl.pem (written through a
+/// temporary file and a rename, mode 0644), keeping the entries already there, with the
+/// next CRL number. Revoking what is already revoked changes nothing.
+pub fn revoke(
+    dir: &Path,
+    target: &RevokeTarget,
+    force: bool,
+) -> Result<RevokeOutcome, RevokeError> {
+    let ca = Ca::load(dir)?;
+    let ca_der = listenscope_core::pem::load_certs(&ca.path)
+        .map_err(PkiError::CaUnusable)?
+        .remove(0);
+    let (_, ca_cert) =
+        x509_parser::parse_x509_certificate(ca_der.as_ref()).map_err(|e| RevokeError::NotOurs {
+            path: ca.path.clone(),
+            detail: e.to_string(),
+        })?;
+    let ca_subject = ca_cert.subject().as_raw().to_vec();
+    let issued = issued_in(dir, &ca_subject);
+    let (serial, host) = match target {
+        RevokeTarget::Host(name) => {
+            let host = crate::tls::canonical_host_name(name)
+                .ok_or_else(|| PkiError::BadName { name: name.clone() })?;
+            let path = dir.join(format!("{host}.pem"));
+            if !path.exists() {
+                return Err(RevokeError::NoHost { host, path });
+            }
+            let certs =
+                listenscope_core::pem::load_certs(&path).map_err(|e| RevokeError::NotOurs {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                })?;
+            let (_, c) = x509_parser::parse_x509_certificate(certs[0].as_ref()).map_err(|e| {
+                RevokeError::NotOurs {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                }
+            })?;
+            if c.issuer().as_raw() != ca_subject.as_slice() {
+                return Err(RevokeError::NotOurs {
+                    path,
+                    detail: format!("issued by {}", c.issuer()),
+                });
+            }
+            (c.raw_serial().to_vec(), Some(host))
+        }
+        RevokeTarget::Serial(hex) => {
+            let want = crate::revocation::serial_hex(&parse_serial(hex)?);
+            match issued
+                .iter()
+                .find(|(_, s)| crate::revocation::serial_hex(s) == want)
+            {
+                Some((h, s)) => (s.clone(), Some(h.clone())),
+                None if force => (parse_serial(hex)?, None),
+                None => {
+                    return Err(RevokeError::UnknownSerial {
+                        serial: want,
+                        dir: dir.to_path_buf(),
+                    });
+                }
+            }
+        }
+    };
+    let hex = crate::revocation::serial_hex(&serial);
+    let (mut entries, number) = read_crl(dir, ca_der.as_ref())?;
+    let crl = crl_path(dir);
+    if let Some((_, at)) = entries
+        .iter()
+        .find(|(s, _)| crate::revocation::serial_hex(s) == hex)
+    {
+        return Ok(RevokeOutcome {
+            entry: RevokedEntry {
+                serial: hex,
+                at: *at,
+                host,
+            },
+            already: true,
+            crl,
+            crl_number: number,
+            total: entries.len(),
+        });
+    }
+    let now = OffsetDateTime::now_utc();
+    entries.push((serial, now));
+    let number = number + 1;
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now,
+        // Not enforced by the collector (see `revocation`): the list is authoritative
+        // until the next `revoke` replaces it, so it claims to be for the CA's lifetime.
+        next_update: ca.not_after.max(now + Duration::days(1)),
+        crl_number: rcgen::SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: entries
+            .iter()
+            .map(|(s, at)| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(s),
+                revocation_time: *at,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let signed = params.signed_by(&ca.issuer)?;
+    write_file(&crl, &signed.pem()?, 0o644)?;
+    Ok(RevokeOutcome {
+        entry: RevokedEntry {
+            serial: hex,
+            at: now,
+            host,
+        },
+        already: false,
+        crl,
+        crl_number: number,
+        total: entries.len(),
+    })
+}
+
+/// The entries of DIR/crl.pem, oldest first, with the host whose certificate in DIR has
+/// each serial.
+pub fn revoked(dir: &Path) -> Result<Vec<RevokedEntry>, RevokeError> {
+    let ca_path = dir.join("ca.pem");
+    let ca_der = listenscope_core::pem::load_certs(&ca_path)
+        .map_err(PkiError::CaUnusable)?
+        .remove(0);
+    let (_, ca_cert) =
+        x509_parser::parse_x509_certificate(ca_der.as_ref()).map_err(|e| RevokeError::NotOurs {
+            path: ca_path.clone(),
+            detail: e.to_string(),
+        })?;
+    let issued = issued_in(dir, ca_cert.subject().as_raw());
+    let (entries, _) = read_crl(dir, ca_der.as_ref())?;
+    let mut out: Vec<RevokedEntry> = entries
+        .into_iter()
+        .map(|(s, at)| {
+            let serial = crate::revocation::serial_hex(&s);
+            let host = issued
+                .iter()
+                .find(|(_, i)| crate::revocation::serial_hex(i) == serial)
+                .map(|(h, _)| h.clone());
+            RevokedEntry { serial, at, host }
+        })
+        .collect();
+    out.sort_by_key(|e| e.at);
+    Ok(out)
+}
+
 /// This machine's name (this UTS namespace's), or "" when it cannot be read.
 pub fn this_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -341,6 +672,26 @@ pub fn default_server_names() -> Vec<String> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn serials() {
+        let check = |hex: &str, want: Option<&str>| {
+            let got = parse_serial(hex)
+                .ok()
+                .map(|b| crate::revocation::serial_hex(&b));
+            assert_eq!(got.as_deref(), want, "{hex:?}");
+        };
+        check("4F:1A:09", Some("4F1A09"));
+        check("4f1a09", Some("4F1A09"));
+        check("0x4f1a09", Some("4F1A09"));
+        check("f1a09", Some("0F1A09"));
+        check("00:80", Some("80"));
+        check("0", Some("00"));
+        check("", None);
+        check("xyz", None);
+        check("4F 1A", None);
+        check(&"a".repeat(43), None);
+    }
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("lst-pki-{tag}-{}", std::process::id()));

@@ -977,12 +977,14 @@ pub(crate) async fn headline_rows(
     ro.run(&sql, &params).await
 }
 
-/// Hosts, silent longest first (so stale hosts come first).
+/// Hosts, silent longest first (so stale hosts come first), with the connections refused
+/// because a second machine used the host's certificate (`duplicate_refusals`, the last
+/// one's time and address).
 pub async fn hosts(ro: &ReadOnly, limit: Option<usize>) -> Result<Report, QueryError> {
     limited(
         ro,
         "SELECT host, os_hostname, agent_version, first_seen, last_seen, stale, listeners,
-                collector
+                collector, duplicate_refusals, duplicate_last_at, duplicate_last_peer
          FROM hosts",
         "SELECT count(*) FROM host",
         ro.pick(

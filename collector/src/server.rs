@@ -7,13 +7,14 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use listenscope_proto::v1::inventory_server::{Inventory, InventoryServer};
 use listenscope_proto::{FILE_DESCRIPTOR_SET, v1};
-use rustls::ServerConfig;
+use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,8 +24,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::budget::{Budget, Gated, Ledger};
 use crate::ingest::{self, Limits};
+use crate::revocation::{CertKey, Revocation, Revoked};
 use crate::store::Store;
-use crate::tls::{self, RateLimited};
+use crate::tls::{self, RateLimited, ServerTls};
 
 /// HTTP/2 flow-control window of each agent stream: an agent may have this many bytes in
 /// flight before the collector has read them. Kept under the 8 KiB initial size of the
@@ -52,10 +54,8 @@ pub struct InventoryService {
     shutdown: CancellationToken,
     /// Bounds open sessions ([`Limits::max_sessions`]).
     slots: Arc<Semaphore>,
-    /// The live session of each host (one per host: a new connection replaces the old,
-    /// e.g. a half-open one the agent already gave up on).
-    by_host: Arc<Mutex<HashMap<String, (u64, CancellationToken)>>>,
-    next_id: Arc<AtomicU64>,
+    /// The live session of each host.
+    registry: Arc<Registry>,
     /// Sessions by host id with their epochs (checked against the database when
     /// collectors share it).
     held: ingest::Held,
@@ -67,6 +67,275 @@ pub struct InventoryService {
     in_flight: Arc<Semaphore>,
     /// Bytes of messages in flight ([`Limits::memory_budget`]).
     budget: Budget,
+}
+
+/// How a session of a revoked certificate ends (PERMISSION_DENIED: the agent must not
+/// retry with it).
+const REVOKED: &str = "certificate revoked: this agent's certificate is on the collector's \
+     revocation list; install a new certificate (`listenscope-collector certs issue --host \
+     NAME --force`)";
+
+/// The one live session of each host, and the rule that decides between two connections
+/// of one host (docs/protocol.md, "One host, one agent"):
+///
+/// - A connection claims the host at its Hello ([`Claim::claim`]), when its agent's
+///   instance id is known; before, it holds nothing.
+/// - Same instance id, or either id empty (an agent from before instance ids): the newer
+///   connection replaces the older. That is the agent reconnecting while its previous
+///   connection is half-open, which it already gave up on.
+/// - Different non-empty instance ids: two machines share one certificate. The newcomer
+///   is refused (ALREADY_EXISTS) while the holder lives, nothing of it is stored, and the
+///   refusal is counted, logged and recorded on the host. A holder that died without
+///   closing (half-open) is found by the HTTP/2 keepalive (30 s + 20 s) and then the
+///   other gets in. Rejected: "a holder silent for N seconds loses", which would let a
+///   copy of the certificate knock the real agent off during a quiet spell (agents only
+///   send heartbeats every scan interval), and keepalive already tells dead from quiet.
+#[derive(Debug)]
+pub struct Registry {
+    by_host: Mutex<HashMap<String, Holder>>,
+    next_id: AtomicU64,
+    revocation: Option<Revocation>,
+    /// One log line per interval for duplicate refusals (a pair of machines retries forever).
+    duplicates: RateLimited,
+    /// Per host: the duplicate refusals not written yet.
+    duplicate_writes: Mutex<HashMap<String, Unwritten>>,
+}
+
+/// The session that holds a host.
+#[derive(Debug)]
+struct Holder {
+    id: u64,
+    instance: Option<[u8; 16]>,
+    since: OffsetDateTime,
+    peer: Option<SocketAddr>,
+    /// Its client certificate as a CRL names it (to end it when revoked).
+    cert: Option<CertKey>,
+    end: CancellationToken,
+    why: Arc<OnceLock<Status>>,
+}
+
+/// A host's duplicate refusals since its last write.
+#[derive(Debug)]
+struct Unwritten {
+    /// When the last write was (`None`: never).
+    written: Option<Instant>,
+    count: u64,
+    last_at: OffsetDateTime,
+    last_peer: String,
+}
+
+/// Duplicate refusals of one host are written to the database at most this often (the
+/// count is kept in between and written with the next one).
+const DUPLICATE_WRITE_EVERY: Duration = Duration::from_secs(10);
+
+/// Hosts whose duplicate refusals are tracked between writes; past it the map starts
+/// over (the counts of the last interval are lost, never the refusals themselves).
+const MAX_DUPLICATE_HOSTS: usize = 100_000;
+
+impl Registry {
+    fn new(revocation: Option<Revocation>) -> Registry {
+        Registry {
+            by_host: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            revocation,
+            duplicates: RateLimited::default(),
+            duplicate_writes: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Holder>> {
+        self.by_host.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_revoked(&self, cert: Option<&CertKey>) -> bool {
+        match (&self.revocation, cert) {
+            (Some(r), Some(c)) => r.revoked().contains(c),
+            _ => false,
+        }
+    }
+
+    /// Ends the live sessions of the certificates in `revoked`; returns how many.
+    fn end_revoked(&self, revoked: &Revoked) -> usize {
+        let map = self.lock();
+        let mut ended = 0;
+        for (host, h) in map.iter() {
+            if h.cert.as_ref().is_some_and(|c| revoked.contains(c)) && !h.end.is_cancelled() {
+                let _ = h.why.set(Status::permission_denied(REVOKED));
+                h.end.cancel();
+                ended += 1;
+                metrics::counter!(crate::metrics::REVOKED_SESSIONS).increment(1);
+                tracing::warn!(
+                    host = %host,
+                    serial = %h.cert.as_ref().map(CertKey::serial_hex).unwrap_or_default(),
+                    peer = ?h.peer,
+                    "Session ended: its certificate was revoked."
+                );
+            }
+        }
+        ended
+    }
+
+    /// Removes session `id`'s hold on `host`; whether it still held it.
+    fn release(&self, host: &str, id: u64) -> bool {
+        let mut map = self.lock();
+        let held = map.get(host).is_some_and(|h| h.id == id);
+        if held {
+            map.remove(host);
+        }
+        held
+    }
+
+    /// Writes the duplicate refusals of `host` not written yet (its holder ended: the
+    /// other machine's next attempt may well succeed, and would never flush them).
+    async fn flush_duplicates(&self, store: &Store, host: &str) {
+        let pending = self
+            .duplicate_writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(host);
+        if let Some(p) = pending.filter(|p| p.count > 0)
+            && let Err(e) = store
+                .duplicate_refused(host, p.count, p.last_at, &p.last_peer)
+                .await
+        {
+            tracing::warn!(host = %host, error = %e, "Cannot record duplicate refusals.");
+        }
+    }
+
+    /// Counts, logs (rate-limited) and records (at most every
+    /// [`DUPLICATE_WRITE_EVERY`] per host) a duplicate refusal.
+    async fn duplicate_refused(
+        &self,
+        store: &Store,
+        host: &str,
+        peer: Option<SocketAddr>,
+        detail: &str,
+    ) {
+        metrics::counter!(crate::metrics::REJECTED_CONNECTIONS, "reason" => tls::Refusal::DuplicateIdentity.label())
+            .increment(1);
+        if let Some(more) = self.duplicates.hit() {
+            tracing::warn!(
+                host = %host,
+                peer = ?peer,
+                detail,
+                fix = tls::Refusal::DuplicateIdentity.fix(),
+                refused_since_last_line = more,
+                "Refused a second agent with the same certificate."
+            );
+        }
+        let due = {
+            let mut writes = self
+                .duplicate_writes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if writes.len() >= MAX_DUPLICATE_HOSTS && !writes.contains_key(host) {
+                writes.clear();
+            }
+            let e = writes.entry(host.to_string()).or_insert(Unwritten {
+                written: None,
+                count: 0,
+                last_at: OffsetDateTime::now_utc(),
+                last_peer: String::new(),
+            });
+            e.count += 1;
+            e.last_at = OffsetDateTime::now_utc();
+            e.last_peer = peer.map(|p| p.ip().to_string()).unwrap_or_default();
+            if e.written
+                .is_none_or(|w| w.elapsed() >= DUPLICATE_WRITE_EVERY)
+            {
+                e.written = Some(Instant::now());
+                Some((std::mem::take(&mut e.count), e.last_at, e.last_peer.clone()))
+            } else {
+                None
+            }
+        };
+        if let Some((n, at, peer)) = due
+            && let Err(e) = store.duplicate_refused(host, n, at, &peer).await
+        {
+            tracing::warn!(host = %host, error = %e, "Cannot record a duplicate refusal.");
+        }
+    }
+}
+
+/// A connection's right to claim its host once its Hello is read (in `ingest`).
+#[derive(Debug, Clone)]
+pub struct Claim {
+    registry: Arc<Registry>,
+    store: Store,
+    host: String,
+    id: u64,
+    peer: Option<SocketAddr>,
+    cert: Option<CertKey>,
+    end: CancellationToken,
+    why: Arc<OnceLock<Status>>,
+}
+
+impl Claim {
+    /// Takes the host for this connection, whose agent says it is installation
+    /// `instance` (see [`Registry`] for the rule), or refuses: ALREADY_EXISTS for a second
+    /// machine with the same certificate, PERMISSION_DENIED for a certificate revoked
+    /// since its handshake.
+    pub async fn claim(&self, instance: Option<[u8; 16]>) -> Result<(), Status> {
+        let refused = {
+            let mut map = self.registry.lock();
+            if self.registry.is_revoked(self.cert.as_ref()) {
+                return Err(Status::permission_denied(REVOKED));
+            }
+            match map.get(&self.host) {
+                Some(h)
+                    if !h.end.is_cancelled()
+                        && matches!((instance, h.instance), (Some(a), Some(b)) if a != b) =>
+                {
+                    Some(format!(
+                        "another agent (instance {}) holds this host's session with the same \
+                         certificate since {} UTC (from {}); this agent is instance {}: two \
+                         machines share one certificate. Issue each its own \
+                         (`listenscope-collector certs issue --host NAME`); a stolen copy: \
+                         `certs revoke`",
+                        hex(h.instance.as_ref()),
+                        crate::timefmt::format(h.since),
+                        h.peer
+                            .map_or_else(|| "unknown".into(), |p| p.ip().to_string()),
+                        hex(instance.as_ref()),
+                    ))
+                }
+                _ => {
+                    let older = map.insert(
+                        self.host.clone(),
+                        Holder {
+                            id: self.id,
+                            instance,
+                            since: OffsetDateTime::now_utc(),
+                            peer: self.peer,
+                            cert: self.cert.clone(),
+                            end: self.end.clone(),
+                            why: Arc::clone(&self.why),
+                        },
+                    );
+                    if let Some(older) = older {
+                        older.end.cancel();
+                    }
+                    None
+                }
+            }
+        };
+        match refused {
+            None => Ok(()),
+            Some(detail) => {
+                self.registry
+                    .duplicate_refused(&self.store, &self.host, self.peer, &detail)
+                    .await;
+                Err(Status::already_exists(detail))
+            }
+        }
+    }
+}
+
+fn hex(id: Option<&[u8; 16]>) -> String {
+    id.map_or_else(
+        || "none".into(),
+        |b| b.iter().map(|x| format!("{x:02x}")).collect(),
+    )
 }
 
 #[tonic::async_trait]
@@ -89,6 +358,23 @@ impl Inventory for InventoryService {
                 return Err(e.into());
             }
         };
+        let cert = request
+            .peer_certs()
+            .and_then(|c| c.first().and_then(|leaf| CertKey::of(leaf.as_ref())));
+        // Verified before the CRL that revokes it was loaded: the connection outlived the
+        // reload, so its new streams are refused here.
+        if self.registry.is_revoked(cert.as_ref()) {
+            self.tls_refusals.refused(
+                request.remote_addr(),
+                tls::Refusal::Revoked,
+                &format!(
+                    "host {host}: certificate serial {} is revoked",
+                    cert.as_ref().map(CertKey::serial_hex).unwrap_or_default()
+                ),
+                false,
+            );
+            return Err(Status::permission_denied(REVOKED));
+        }
         if self.shutdown.is_cancelled() {
             return Err(Status::unavailable(
                 "collector shutting down; reconnect later",
@@ -111,28 +397,33 @@ impl Inventory for InventoryService {
                 self.limits.max_sessions
             )));
         };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.registry.next_id.fetch_add(1, Ordering::Relaxed);
         let replaced = CancellationToken::new();
-        let older = self
-            .by_host
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(host.clone(), (id, replaced.clone()));
-        if let Some((_, older)) = older {
-            older.cancel();
-        }
         // Every session stream comes through the budget's gate (`serve`), which puts the
         // session's ledger into the request.
         let Some(ledger) = request.extensions().get::<Arc<Ledger>>().cloned() else {
             return Err(Status::internal("session without a memory budget ledger"));
         };
+        let why = Arc::new(OnceLock::new());
+        let claim = Claim {
+            registry: Arc::clone(&self.registry),
+            store: self.store.clone(),
+            host: host.clone(),
+            id,
+            peer: request.remote_addr(),
+            cert,
+            end: replaced.clone(),
+            why: Arc::clone(&why),
+        };
         let inbound = request.into_inner();
         // Replies are small and sent one at a time: a short queue is enough.
         let (tx, rx) = mpsc::channel(4);
-        let by_host = Arc::clone(&self.by_host);
+        let registry = Arc::clone(&self.registry);
         let stop = ingest::Stop {
             shutdown: self.shutdown.clone(),
             replaced,
+            why,
+            claim,
             held: Arc::clone(&self.held),
             in_flight: Arc::clone(&self.in_flight),
             budget: self.budget.clone(),
@@ -146,15 +437,31 @@ impl Inventory for InventoryService {
             tx,
             stop,
         );
+        let store = self.store.clone();
         self.sessions.spawn(async move {
             session.await;
-            let mut map = by_host.lock().unwrap_or_else(|p| p.into_inner());
-            if map.get(&host).is_some_and(|(i, _)| *i == id) {
-                map.remove(&host);
+            if registry.release(&host, id) {
+                registry.flush_duplicates(&store, &host).await;
             }
             drop(slot);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Ends live sessions whose certificate a reloaded CRL revokes, until `stop`.
+async fn end_revoked(
+    registry: Arc<Registry>,
+    mut revoked: tokio::sync::watch::Receiver<Arc<Revoked>>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = revoked.changed() => if changed.is_err() { return },
+        }
+        let now = Arc::clone(&revoked.borrow_and_update());
+        registry.end_revoked(&now);
     }
 }
 
@@ -214,13 +521,21 @@ pub enum ServeError {
 }
 
 /// Serves until `shutdown` resolves, then drains sessions and returns.
+///
+/// `tls` is a `ServerConfig` (no revocation) or a [`ServerTls`] from `tls::server_tls`:
+/// then its CRL files are watched (reloaded on change) and a reload that revokes the
+/// certificate of a live session ends it.
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<ServerConfig>,
+    tls: impl Into<ServerTls>,
     store: Store,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let ServerTls {
+        config: tls,
+        revocation,
+    } = tls.into();
     let local = listener.local_addr().ok();
     let sessions = TaskTracker::new();
     let stop_sessions = CancellationToken::new();
@@ -236,14 +551,23 @@ pub async fn serve(
         limits,
         sessions: sessions.clone(),
         shutdown: stop_sessions.clone(),
-        by_host: Arc::default(),
-        next_id: Arc::default(),
+        registry: Arc::new(Registry::new(revocation.clone())),
         held: Arc::default(),
         refusals: Arc::default(),
         tls_refusals: Arc::default(),
         in_flight: Arc::new(Semaphore::new(limits_in_flight)),
         budget: budget.clone(),
     };
+    if let Some(revocation) = revocation {
+        if !revocation.files().is_empty() {
+            tokio::spawn(revocation.clone().watch(stop_sessions.clone()));
+        }
+        tokio::spawn(end_revoked(
+            Arc::clone(&service.registry),
+            revocation.subscribe(),
+            stop_sessions.clone(),
+        ));
+    }
     if store.shared() {
         tokio::spawn(watch_epochs(
             store.clone(),

@@ -19,6 +19,7 @@ use tokio_rustls::server::TlsStream;
 use tonic::Status;
 
 use crate::metrics as m;
+use crate::revocation::{CrlFile, Revocation, RevocationError};
 
 /// A slow or silent client gets this long to finish its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,6 +39,9 @@ pub enum TlsSetupError {
     },
     #[error("TLS configuration: {0}")]
     Config(rustls::Error),
+    /// A CRL that cannot be used (the message names the file and the fix).
+    #[error("{0}")]
+    Revocation(RevocationError),
 }
 
 impl From<rustls::Error> for TlsSetupError {
@@ -53,7 +57,7 @@ impl From<TlsFileError> for TlsSetupError {
 }
 
 /// Server configuration: TLS 1.3 only, our certificate, client certificates required and
-/// verified against `ca`, ALPN h2 (gRPC).
+/// verified against `ca`, ALPN h2 (gRPC); no revocation list ([`server_tls`] reads them).
 ///
 /// TLS 1.3 only, as docs/protocol.md promises: every agent speaks it (rustls), and 1.2
 /// would send each agent's certificate, its host name, in the clear, and be a second
@@ -63,28 +67,64 @@ pub fn server_config(
     cert: &Path,
     key: &Path,
 ) -> Result<Arc<ServerConfig>, TlsSetupError> {
+    Ok(server_tls(ca, cert, key, Vec::new())?.config)
+}
+
+/// The server's TLS: the one `ServerConfig`, and the revocation lists its client verifier
+/// follows (reloaded in place: `revocation`).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub config: Arc<ServerConfig>,
+    /// `None`: a configuration built elsewhere, without revocation.
+    pub revocation: Option<Revocation>,
+}
+
+impl From<Arc<ServerConfig>> for ServerTls {
+    fn from(config: Arc<ServerConfig>) -> Self {
+        ServerTls {
+            config,
+            revocation: None,
+        }
+    }
+}
+
+/// [`server_config`] whose client verifier also checks the CRLs in `crls`
+/// ([`Revocation`]): a bad or unreadable CRL is an error naming the file.
+pub fn server_tls(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    crls: Vec<CrlFile>,
+) -> Result<ServerTls, TlsSetupError> {
     let mut roots = RootCertStore::empty();
-    for c in load_certs(ca)? {
-        roots.add(c).map_err(|e| TlsSetupError::Ca {
+    let cas = load_certs(ca)?;
+    for c in &cas {
+        roots.add(c.clone()).map_err(|e| TlsSetupError::Ca {
             path: ca.to_path_buf(),
             detail: e.to_string(),
         })?;
     }
     let provider = Arc::new(listenscope_core::pem::tls13_provider());
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .build()
-            .map_err(|e| TlsSetupError::Ca {
-                path: ca.to_path_buf(),
-                detail: e.to_string(),
-            })?;
+    // Built once without CRLs first: a CA that cannot verify anything is named as the CA's
+    // problem, not a CRL's.
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots.clone()), Arc::clone(&provider))
+        .build()
+        .map_err(|e| TlsSetupError::Ca {
+            path: ca.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    let revocation = Revocation::load(roots, cas, Arc::clone(&provider), crls)
+        .map_err(TlsSetupError::Revocation)?;
     let (certs, key) = load_identity(cert, key)?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(revocation.verifier())
         .with_single_cert(certs, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(cfg))
+    Ok(ServerTls {
+        config: Arc::new(cfg),
+        revocation: Some(revocation),
+    })
 }
 
 /// Why a TLS handshake was refused: its metric label (`reason`) and what to do about it.
@@ -105,10 +145,17 @@ pub enum Refusal {
     HostName,
     Handshake,
     Timeout,
+    /// The client certificate is on the collector's CRL: refused in the handshake (the
+    /// client gets a `certificate_revoked` alert), or its live session ended on a reload
+    /// (PERMISSION_DENIED).
+    Revoked,
+    /// A second agent with another instance id while one holds the host's session with
+    /// the same certificate: refused after its Hello (ALREADY_EXISTS), nothing stored.
+    DuplicateIdentity,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 10] = [
+    const ALL: [Refusal; 12] = [
         Refusal::NoCertificate,
         Refusal::UnknownCa,
         Refusal::Expired,
@@ -119,6 +166,8 @@ impl Refusal {
         Refusal::HostName,
         Refusal::Handshake,
         Refusal::Timeout,
+        Refusal::Revoked,
+        Refusal::DuplicateIdentity,
     ];
 
     /// Why `err` (from a TLS accept) happened.
@@ -143,6 +192,7 @@ impl Refusal {
                 CertificateError::UnknownIssuer | CertificateError::BadSignature => {
                     Refusal::UnknownCa
                 }
+                CertificateError::Revoked => Refusal::Revoked,
                 _ => Refusal::BadCertificate,
             },
             rustls::Error::AlertReceived(
@@ -179,6 +229,8 @@ impl Refusal {
             Refusal::HostName => "host_name",
             Refusal::Handshake => "handshake",
             Refusal::Timeout => "timeout",
+            Refusal::Revoked => "revoked",
+            Refusal::DuplicateIdentity => "duplicate_identity",
         }
     }
 
@@ -227,6 +279,16 @@ impl Refusal {
             Refusal::Timeout => {
                 "the client did not finish its TLS handshake in time: a slow or lossy network, \
                  or not a TLS client"
+            }
+            Refusal::Revoked => {
+                "the client certificate is revoked (the CRL lists it): nothing to do if that \
+                 host's certificate was stolen or retired; a legitimate agent needs a new \
+                 certificate (`certs issue --host NAME --force`)"
+            }
+            Refusal::DuplicateIdentity => {
+                "two machines use the same agent certificate: issue each its own \
+                 (`certs issue --host NAME`); if one is a stolen copy, revoke it \
+                 (`certs revoke`) and issue the real host a new one"
             }
         }
     }

@@ -687,7 +687,10 @@ async fn snapshots_versions_and_views(db: &DbUrl) {
             "last_snapshot_at",
             "stale",
             "listeners",
-            "collector"
+            "collector",
+            "duplicate_refusals",
+            "duplicate_last_at",
+            "duplicate_last_peer"
         ]
     );
     assert_eq!(

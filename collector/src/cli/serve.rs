@@ -9,8 +9,24 @@ use listenscope_core::exit::Exit;
 
 use crate::config::RawConfig;
 use crate::ingest::Limits;
+use crate::revocation::{CrlFile, Revocation};
 use crate::store::{Store, StoreOptions};
 use crate::{pki, server, tls};
+
+/// SIGHUP reloads the CRLs (an operator's `systemctl reload`, or a script after
+/// `certs revoke`). Installed before the server accepts anything: SIGHUP's default action
+/// would end the process.
+fn spawn_reload_on_sighup(revocation: Revocation) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| anyhow::anyhow!("installing the SIGHUP handler: {e}"))?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let _ = revocation.reload("SIGHUP");
+        }
+    });
+    Ok(())
+}
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -32,6 +48,10 @@ pub struct ServeArgs {
     /// The collector's private key.
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// Certificate revocation list (PEM, from `certs revoke`), reloaded on change and on
+    /// SIGHUP. Default: crl.pem next to --tls-ca, if it exists (or appears later).
+    #[arg(long, alias = "crl", value_name = "FILE")]
+    pub tls_crl: Option<PathBuf>,
     /// Serve Prometheus metrics here (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
@@ -94,6 +114,35 @@ pub enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Revoke a host's certificate: add it to DIR/crl.pem (signed by the CA). Collectors
+    /// reading that file refuse it and end its live session within seconds.
+    #[command(
+        after_help = "Collectors whose --tls-ca is DIR/ca.pem read DIR/crl.pem \
+        by default; others need the file copied next to their --tls-ca, or named by \
+        --tls-crl. They reload it when it changes (checked every 2 s) and on SIGHUP."
+    )]
+    Revoke {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The host whose certificate (DIR/NAME.pem) to revoke.
+        #[arg(
+            value_name = "NAME",
+            required_unless_present = "serial",
+            conflicts_with = "serial"
+        )]
+        host: Option<String>,
+        /// Revoke the certificate with this serial number instead (hex, e.g. 4F:1A:09).
+        #[arg(long, value_name = "HEX")]
+        serial: Option<String>,
+        /// With --serial: revoke it even if no certificate in DIR has that serial.
+        #[arg(long, requires = "serial")]
+        force: bool,
+    },
+    /// List the certificates revoked in DIR/crl.pem.
+    Revoked {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 pub(super) fn certs(c: CertsCommand) -> anyhow::Result<Exit> {
@@ -119,9 +168,81 @@ pub(super) fn certs(c: CertsCommand) -> anyhow::Result<Exit> {
             days,
             force,
         } => pki::issue_with(&dir, &host, days, force)?,
+        CertsCommand::Revoke {
+            dir,
+            host,
+            serial,
+            force,
+        } => return revoke(&dir, host, serial, force),
+        CertsCommand::Revoked { dir } => {
+            let entries = pki::revoked(&dir)?;
+            if entries.is_empty() {
+                println!(
+                    "No certificate is revoked in {}.",
+                    pki::crl_path(&dir).display()
+                );
+            }
+            for e in entries {
+                println!(
+                    "{}  {}  {}",
+                    crate::timefmt::format(e.at),
+                    e.serial,
+                    e.host.as_deref().unwrap_or("-")
+                );
+            }
+            return Ok(Exit::Success);
+        }
     };
     for f in written.files {
         println!("wrote {}", f.display());
+    }
+    Ok(Exit::Success)
+}
+
+fn revoke(
+    dir: &std::path::Path,
+    host: Option<String>,
+    serial: Option<String>,
+    force: bool,
+) -> anyhow::Result<Exit> {
+    let target = match (host, serial) {
+        (_, Some(s)) => pki::RevokeTarget::Serial(s),
+        (Some(h), None) => pki::RevokeTarget::Host(h),
+        (None, None) => anyhow::bail!("name a host (NAME) or --serial HEX"),
+    };
+    let o = pki::revoke(dir, &target, force)?;
+    let what = match &o.entry.host {
+        Some(h) => format!("{h}'s certificate (serial {})", o.entry.serial),
+        None => format!("serial {}", o.entry.serial),
+    };
+    if o.already {
+        println!(
+            "{what} was already revoked on {} UTC; {} is unchanged.",
+            crate::timefmt::format(o.entry.at),
+            o.crl.display()
+        );
+        return Ok(Exit::Success);
+    }
+    println!("Revoked {what}.");
+    println!(
+        "wrote {} (CRL number {}, {} revoked)",
+        o.crl.display(),
+        o.crl_number,
+        o.total
+    );
+    println!(
+        "A collector with --tls-ca {} reads it within {} s (or at once on SIGHUP), refuses \
+         the certificate and ends its live session. Other collectors: copy the file next to \
+         their --tls-ca, or to their --tls-crl file.",
+        dir.join("ca.pem").display(),
+        crate::revocation::POLL_EVERY.as_secs()
+    );
+    if let Some(h) = &o.entry.host {
+        println!(
+            "The real host needs a new certificate: listenscope-collector certs issue --dir {} \
+             --host {h} --force",
+            dir.display()
+        );
     }
     Ok(Exit::Success)
 }
@@ -140,6 +261,7 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
             tls_ca: a.tls_ca,
             tls_cert: a.tls_cert,
             tls_key: a.tls_key,
+            tls_crl: a.tls_crl,
             metrics_listen: a.metrics_listen,
             stale_after: a.stale_after,
             pool_size: a.pool_size,
@@ -151,7 +273,26 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
         })
         .validate()?;
     let max_sessions = crate::fdlimit::fit_sessions(cfg.max_sessions);
-    let tls = tls::server_config(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key)?;
+    // The CRL: the one named, which must exist; else crl.pem next to the CA, watched even
+    // while absent (`certs revoke --dir` on the CA's directory just works).
+    let crl = match &cfg.tls_crl {
+        Some(path) => CrlFile {
+            path: path.clone(),
+            required: true,
+        },
+        None => CrlFile {
+            path: cfg
+                .tls_ca
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join(crate::revocation::DEFAULT_CRL_FILE),
+            required: false,
+        },
+    };
+    let tls = tls::server_tls(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key, vec![crl])?;
+    if let Some(revocation) = &tls.revocation {
+        spawn_reload_on_sighup(revocation.clone())?;
+    }
     let store = Store::open(
         &cfg.db,
         &StoreOptions {
@@ -206,6 +347,16 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
         memory_budget: cfg.memory_budget,
         ..Limits::for_stale_after(std::time::Duration::from_secs(cfg.stale_after_secs))
     };
+    if let Some(revocation) = &tls.revocation {
+        for f in revocation.files() {
+            tracing::info!(
+                crl = %f.path.display(),
+                present = f.path.exists(),
+                revoked = revocation.revoked().len(),
+                "Certificate revocation list (reloaded when it changes and on SIGHUP)."
+            );
+        }
+    }
     tracing::info!(max_sessions, name = %cfg.name, "Accepting agent sessions.");
     server::serve(listener, tls, store, limits, shutdown).await?;
     Ok(Exit::Success)

@@ -455,6 +455,23 @@ impl Store {
         }
     }
 
+    /// Records on `host` that `refused` connections of a second agent with the same
+    /// certificate were refused, the last at `at` from `peer` (`hosts`: duplicate
+    /// refusals). Outside the group commit: rare, and rate-limited by the caller.
+    pub async fn duplicate_refused(
+        &self,
+        host: &str,
+        refused: u64,
+        at: OffsetDateTime,
+        peer: &str,
+    ) -> Result<(), StoreError> {
+        let refused = i64::try_from(refused).unwrap_or(i64::MAX);
+        match &self.db {
+            Db::Sqlite(s) => s.duplicate_refused(host, refused, at, peer).await,
+            Db::Postgres(s) => s.duplicate_refused(host, refused, at, peer).await,
+        }
+    }
+
     /// Whether several collector processes may share this database (PostgreSQL).
     pub fn shared(&self) -> bool {
         matches!(self.db, Db::Postgres(_))

@@ -186,6 +186,30 @@ impl PgStore {
         Ok(rows.into_iter().collect())
     }
 
+    pub async fn duplicate_refused(
+        &self,
+        host: &str,
+        refused: i64,
+        at: OffsetDateTime,
+        peer: &str,
+    ) -> Result<(), StoreError> {
+        flow::guarded(self, async |c| {
+            sqlx::query(
+                "UPDATE host SET duplicate_refusals = duplicate_refusals + $1,
+                     duplicate_last_at = $2, duplicate_last_peer = $3
+                 WHERE name = $4",
+            )
+            .bind(refused)
+            .bind(at)
+            .bind(peer)
+            .bind(host)
+            .execute(c)
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn prune_batch(&self, cutoff: OffsetDateTime, batch: i64) -> Result<u64, StoreError> {
         flow::guarded(self, async |c| {
             let done = sqlx::query(

@@ -113,6 +113,31 @@ impl SqliteStore {
         Ok(out)
     }
 
+    pub async fn duplicate_refused(
+        &self,
+        host: &str,
+        refused: i64,
+        at: OffsetDateTime,
+        peer: &str,
+    ) -> Result<(), StoreError> {
+        let at = timefmt::format(at);
+        flow::guarded(self, async |c| {
+            sqlx::query(
+                "UPDATE host SET duplicate_refusals = duplicate_refusals + ?,
+                     duplicate_last_at = ?, duplicate_last_peer = ?
+                 WHERE name = ?",
+            )
+            .bind(refused)
+            .bind(&at)
+            .bind(peer)
+            .bind(host)
+            .execute(c)
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn prune_batch(&self, cutoff: OffsetDateTime, batch: i64) -> Result<u64, StoreError> {
         let cutoff = timefmt::format(cutoff);
         flow::guarded(self, async |c| {

@@ -91,6 +91,20 @@ impl Pki {
         std::fs::write(&k, key.serialize_pem()).unwrap();
         (c, k)
     }
+    /// [`Pki::server_tls`] that also reads the CRL `certs revoke` writes here (crl.pem,
+    /// absent until the first revocation), as `serve` does by default.
+    pub fn server_tls_revocable(&self) -> tls::ServerTls {
+        tls::server_tls(
+            &self.path("ca.pem"),
+            &self.path("server.pem"),
+            &self.path("server.key"),
+            vec![listenscope_collector::revocation::CrlFile {
+                path: self.path("crl.pem"),
+                required: false,
+            }],
+        )
+        .unwrap()
+    }
     pub fn server_tls(&self) -> std::sync::Arc<rustls::ServerConfig> {
         tls::server_config(
             &self.path("ca.pem"),
@@ -114,13 +128,22 @@ impl InProcess {
     }
 
     pub async fn start_with(pki: &Pki, db: &DbUrl, limits: Limits) -> InProcess {
+        InProcess::start_tls(pki.server_tls(), db, limits).await
+    }
+
+    /// A collector with the given TLS (e.g. [`Pki::server_tls_revocable`]).
+    pub async fn start_tls(
+        tls: impl Into<tls::ServerTls>,
+        db: &DbUrl,
+        limits: Limits,
+    ) -> InProcess {
         let store = Store::open(db, &StoreOptions::default()).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let task = tokio::spawn(server::serve(
             listener,
-            pki.server_tls(),
+            tls.into(),
             store,
             limits,
             stop.clone().cancelled_owned(),
@@ -226,13 +249,24 @@ pub fn msg(b: v1::agent_message::Body) -> v1::AgentMessage {
 }
 
 pub fn hello(session: u8, acked: u64, os_hostname: &str) -> v1::AgentMessage {
+    hello_from(session, acked, os_hostname, None)
+}
+
+/// [`hello`] from agent installation `instance` (`None`: an agent from before instance
+/// ids, which sends none).
+pub fn hello_from(
+    session: u8,
+    acked: u64,
+    os_hostname: &str,
+    instance: Option<[u8; 16]>,
+) -> v1::AgentMessage {
     msg(v1::agent_message::Body::Hello(v1::Hello {
         protocol_version: 1,
         agent_version: "test".into(),
         os_hostname: os_hostname.into(),
         session_id: vec![session; 16],
         acked_sequence: acked,
-        instance_id: Vec::new(),
+        instance_id: instance.map(|i| i.to_vec()).unwrap_or_default(),
     }))
 }
 
