@@ -271,10 +271,11 @@ impl ListenerRecord {
         128 + strings + procs + firewall
     }
 
-    /// Applies [`limits::PROCESSES`] and [`limits::CMDLINE_BUDGET`] and the verdicts'
-    /// bounds ([`FirewallAnswer::bound`]), and makes every text safe to store and print
-    /// ([`clean`]): a process may name itself `\x1b]0;pwned\x07`, and the collector refuses
-    /// a record with control characters (and the snapshot with it). Idempotent.
+    /// Applies [`limits::PROCESSES`], [`limits::CMDLINE_BUDGET`], [`limits::SOCKETS`] and
+    /// the verdicts' bounds ([`FirewallAnswer::bound`]), and makes every text safe to store
+    /// and print ([`clean`]): a process may name itself `\x1b]0;pwned\x07`, and the
+    /// collector refuses a record with control characters (and the snapshot with it).
+    /// Idempotent.
     pub fn bound(&mut self) {
         self.effective_ipv4.bound();
         self.effective_ipv6.bound();
@@ -302,6 +303,7 @@ impl ListenerRecord {
             clean(c, limits::CGROUP);
         }
         self.processes.truncate(limits::PROCESSES);
+        self.sockets = self.sockets.min(limits::SOCKETS);
         let mut budget = limits::CMDLINE_BUDGET;
         for p in &mut self.processes {
             if p.cmdline.len() > budget {
