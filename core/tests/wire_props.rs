@@ -876,7 +876,8 @@ proptest! {
         prop_assert_eq!(got.is_ok(), expected, "{:?} for {:?}", got.as_ref().err(), h);
         if let Ok(hello) = got {
             prop_assert_eq!(&hello.session_id[..], &h.session_id[..]);
-            prop_assert_eq!(hello.instance_id.map(|i| i.to_vec()), (!h.instance_id.is_empty()).then_some(h.instance_id));
+            let instance = (!h.instance_id.is_empty()).then_some(h.instance_id);
+            prop_assert_eq!(hello.instance_id.map(|i| i.to_vec()), instance);
             prop_assert!(text_ok(&hello.agent_version, limits::AGENT_VERSION));
             prop_assert!(text_ok(&hello.os_hostname, limits::OS_HOSTNAME));
         }
@@ -886,7 +887,11 @@ proptest! {
     /// skew ahead.
     #[test]
     fn observation_times(
-        seconds in prop_oneof![any::<i64>(), -1_000_000_000..5_000_000_000i64, Just(253_402_300_799i64)],
+        seconds in prop_oneof![
+            any::<i64>(),
+            -1_000_000_000..5_000_000_000i64,
+            Just(253_402_300_799i64),
+        ],
         nanos in prop_oneof![any::<i32>(), 0..1_000_000_000i32, Just(999_999_999)],
     ) {
         let now = OffsetDateTime::now_utc();
