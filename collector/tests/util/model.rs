@@ -1,7 +1,9 @@
 //! The protocol as a plain model, for the property tests (`protocol_props.rs`): what a
 //! collector must store and answer for each message of a session, written from
-//! docs/protocol.md and the .proto (not from `ingest.rs`), plus a reader of what the store
-//! actually holds, through the read-only query path.
+//! docs/protocol.md and the .proto (where they leave an order open, such as a delta in the
+//! middle of a chunked snapshot being refused even while deltas are dropped after a
+//! Resync, the model says what `ingest.rs` does and the docs now say it too), plus a
+//! reader of what the store actually holds, through the read-only query path.
 //!
 //! The model covers the session and sequence rules (Hello and resume, chunk order and
 //! duplicate keys, snapshots replacing the state, deltas applying at exactly committed+1,
