@@ -23,6 +23,11 @@ pub const INTERFACE: usize = 64;
 pub const SHOWN_AS: usize = 64;
 /// Owners one record carries.
 pub const PROCESSES: usize = 4096;
+/// Sockets one listener (endpoint) counts: what both databases store in a 32-bit signed
+/// integer column (`listener.sockets`). A kernel holds far fewer sockets than this; the
+/// bound keeps a hostile count from wrapping negative on PostgreSQL or failing its insert
+/// forever (found by the protocol property tests, docs/protocol.md).
+pub const SOCKETS: u32 = i32::MAX as u32;
 /// Bytes of one owner's command name.
 pub const COMM: usize = 64;
 /// Bytes of one owner's command line.

@@ -76,7 +76,7 @@ impl FirewallAnswer {
     /// control characters become visible escapes (`\u{1b}`), which the collector would
     /// otherwise refuse along with the whole snapshot. Conditions are kept for
     /// `restricted` only, without empty entries, sorted by bytes and each once; past the
-    /// count limit the last entry says how many more there were. Idempotent.
+    /// count limit the last entry says how many more there were (it sorts last). Idempotent.
     pub fn bound(&mut self) {
         clean(&mut self.reason, limits::EFFECTIVE_REASON);
         if self.verdict != Effective::Restricted {
@@ -86,15 +86,31 @@ impl FirewallAnswer {
             clean(c, limits::EFFECTIVE_CONDITION);
         }
         self.conditions.retain(|c| !c.is_empty());
-        self.conditions.sort_unstable();
+        // The summary entry sorts after every condition, so that a second call leaves it
+        // last: by bytes alone `…` (U+2026) sorts before `‧` or any CJK text, and a
+        // summary appended after those would move on the next call (not idempotent).
+        self.conditions
+            .sort_unstable_by(|a, b| (is_summary(a), a).cmp(&(is_summary(b), b)));
         self.conditions.dedup();
         if self.conditions.len() > limits::EFFECTIVE_CONDITIONS {
             let keep = limits::EFFECTIVE_CONDITIONS - 1;
             let more = self.conditions.len() - keep;
             self.conditions.truncate(keep);
-            self.conditions.push(format!("… and {more} more ways in"));
+            self.conditions
+                .push(format!("{SUMMARY_START}{more}{SUMMARY_END}"));
         }
     }
+}
+
+/// The entry [`FirewallAnswer::bound`] puts last when it drops conditions:
+/// `… and N more ways in`.
+const SUMMARY_START: &str = "… and ";
+const SUMMARY_END: &str = " more ways in";
+
+fn is_summary(c: &str) -> bool {
+    c.strip_prefix(SUMMARY_START)
+        .and_then(|rest| rest.strip_suffix(SUMMARY_END))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Whether `c` must never reach a terminal as itself: control characters (C0, DEL, C1:
@@ -255,10 +271,11 @@ impl ListenerRecord {
         128 + strings + procs + firewall
     }
 
-    /// Applies [`limits::PROCESSES`] and [`limits::CMDLINE_BUDGET`] and the verdicts'
-    /// bounds ([`FirewallAnswer::bound`]), and makes every text safe to store and print
-    /// ([`clean`]): a process may name itself `\x1b]0;pwned\x07`, and the collector refuses
-    /// a record with control characters (and the snapshot with it). Idempotent.
+    /// Applies [`limits::PROCESSES`], [`limits::CMDLINE_BUDGET`], [`limits::SOCKETS`] and
+    /// the verdicts' bounds ([`FirewallAnswer::bound`]), and makes every text safe to store
+    /// and print ([`clean`]): a process may name itself `\x1b]0;pwned\x07`, and the
+    /// collector refuses a record with control characters (and the snapshot with it).
+    /// Idempotent.
     pub fn bound(&mut self) {
         self.effective_ipv4.bound();
         self.effective_ipv6.bound();
@@ -286,6 +303,7 @@ impl ListenerRecord {
             clean(c, limits::CGROUP);
         }
         self.processes.truncate(limits::PROCESSES);
+        self.sockets = self.sockets.min(limits::SOCKETS);
         let mut budget = limits::CMDLINE_BUDGET;
         for p in &mut self.processes {
             if p.cmdline.len() > budget {
@@ -501,6 +519,25 @@ mod tests {
         assert_eq!(a.conditions.len(), limits::EFFECTIVE_CONDITIONS);
         assert_eq!(a.conditions[30], "saddr 10.0.30.0/24");
         assert_eq!(a.conditions[31], "… and 9 more ways in");
+        let once = a.clone();
+        a.bound();
+        assert_eq!(a, once);
+    }
+
+    /// Found by `core/tests/wire_props.rs` (`bound_records_are_accepted`): past the count
+    /// limit the summary entry was appended after sorting, so conditions that sort after
+    /// `…` (U+2026: `‧`, CJK) put it out of order and a second `bound` moved it.
+    #[test]
+    fn bound_is_idempotent_past_the_condition_limit() {
+        let many: Vec<String> = (0..30)
+            .map(|i| format!("saddr 10.0.{i:02}.0/24"))
+            .chain(["‧", "日本", "日本 2"].map(String::from))
+            .collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        let mut a = testkit::restricted("r", &refs);
+        a.bound();
+        assert_eq!(a.conditions.len(), limits::EFFECTIVE_CONDITIONS);
+        assert_eq!(a.conditions[31], "… and 2 more ways in");
         let once = a.clone();
         a.bound();
         assert_eq!(a, once);

@@ -366,6 +366,12 @@ impl TryFrom<v1::Listener> for ListenerRecord {
         if l.sockets == 0 {
             return Err(bad("sockets", "0; a listener has at least one socket"));
         }
+        if l.sockets > limits::SOCKETS {
+            return Err(bad(
+                "sockets",
+                format!("{}, at most {}", l.sockets, limits::SOCKETS),
+            ));
+        }
         if l.processes.len() > limits::PROCESSES {
             return Err(bad(
                 "processes",
@@ -731,6 +737,8 @@ mod tests {
         rejects(|l| l.reach_ipv6 = 0, "reach_ipv6");
         rejects(|l| l.source = 7, "source");
         rejects(|l| l.sockets = 0, "sockets");
+        rejects(|l| l.sockets = limits::SOCKETS + 1, "sockets");
+        rejects(|l| l.sockets = u32::MAX, "sockets");
         rejects(|l| l.netstat_proto = "sctp".into(), "netstat_proto");
         rejects(|l| l.processes[0].pid = 0, "processes.pid");
         rejects(

@@ -11,7 +11,9 @@
     reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
 )]
 
+pub mod chunker;
 pub mod faults;
+pub mod model;
 pub mod pg;
 
 use std::net::SocketAddr;
