@@ -514,14 +514,21 @@ fn open_book(
     let mut outbox = match restored {
         Some(image) => {
             let mut o = Outbox::restore(image, cfg.max_pending_changes);
+            let pending = o.pending().count();
+            // The first scan, diffed against the last journaled one: what changed while
+            // the agent was down is stamped with this scan's time.
+            let since = match o.record_scan(state, at) {
+                Recorded::Unchanged => 0,
+                Recorded::Changed(n) => n,
+                Recorded::Collapsed => o.pending_entries(),
+            };
             tracing::info!(
                 session_id = %state::hex(&o.session_id),
                 acked = o.acked(),
-                pending = o.pending().count(),
+                pending,
+                changes_while_down = since,
                 "Resuming the session from the outbox journal."
             );
-            // The first scan, diffed against the last journaled one.
-            o.record_scan(state, at);
             o
         }
         None => Outbox::new(session_id()?, state, at, cfg.max_pending_changes),
