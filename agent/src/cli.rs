@@ -40,7 +40,7 @@ pub enum Command {
     #[command(after_help = SCAN_EXIT_CODES)]
     Scan(ScanArgs),
     /// Scan every interval and stream the inventory to a collector over mutual TLS.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -90,7 +90,7 @@ pub struct RunArgs {
     /// else none, and a restart loses unacknowledged changes.
     #[arg(long, env = "LISTENSCOPE_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Most bytes the outbox journal may take (default 67108864, 64 MiB).
+    /// Most bytes the outbox journal may take (default 33554432, 32 MiB).
     #[arg(long, value_name = "BYTES")]
     pub journal_max_bytes: Option<u64>,
 }
@@ -340,7 +340,7 @@ mod tests {
                 journal_max_bytes: max,
             })
         };
-        const MAX: u64 = 64 * 1024 * 1024;
+        const MAX: u64 = 32 * 1024 * 1024;
         assert_eq!(state(&[], None, None), Ok(StateConfig::default()));
         assert_eq!(state(&[], None, Some("/var/lib/s")), dir("/var/lib/s", MAX));
         assert_eq!(

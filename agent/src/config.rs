@@ -51,7 +51,7 @@ pub struct RawConfig {
     /// it. Default: systemd's `$STATE_DIRECTORY` (the unit's `StateDirectory=`), else none:
     /// unacknowledged changes are then lost when the agent restarts.
     pub state_dir: Option<PathBuf>,
-    /// Most bytes the outbox journal may take, e.g. 67108864. Default 64 MiB, at least
+    /// Most bytes the outbox journal may take, e.g. 33554432. Default 32 MiB, at least
     /// 64 KiB. Past it, pending changes collapse into one snapshot.
     pub journal_max_bytes: Option<u64>,
 }
@@ -222,7 +222,7 @@ impl RawConfig {
         if journal_max_bytes < JOURNAL_MIN_BYTES {
             errs.push(format!(
                 "journal_max_bytes {journal_max_bytes} is below {JOURNAL_MIN_BYTES} (64 KiB); \
-                 the default is 67108864 (64 MiB)"
+                 the default is 33554432 (32 MiB)"
             ));
         }
         match &self.state_dir {
@@ -530,7 +530,15 @@ mod tests {
     fn deploy_example_is_valid_in_both_forms() {
         let example = include_str!("../../deploy/agent.toml");
         let raw: RawConfig = toml::from_str(example).unwrap();
-        assert_eq!(raw.validate().unwrap().collectors.len(), 1);
+        let (run, state) = raw.validate_all().unwrap();
+        assert_eq!(run.collectors.len(), 1);
+        assert_eq!(
+            state,
+            StateConfig {
+                state_dir: Some("/var/lib/listenscope-agent".into()),
+                journal_max_bytes: crate::transport::journal::DEFAULT_MAX_BYTES,
+            }
+        );
         // The commented array form, in place of the string.
         let array = example
             .replacen("\ncollector = \"", "\n# collector = \"", 1)

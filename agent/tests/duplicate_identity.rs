@@ -46,11 +46,14 @@ enum Answer {
     WelcomeThenAbort,
 }
 
-/// Answers every session the same way; counts them with the instance id of their Hello.
+/// When a session came, and the instance id of its Hello.
+type Attempts = Arc<Mutex<Vec<(Instant, Vec<u8>)>>>;
+
+/// Answers every session the same way, and counts them.
 #[derive(Debug, Clone)]
 struct Doorman {
     answer: Answer,
-    attempts: Arc<Mutex<Vec<(Instant, Vec<u8>)>>>,
+    attempts: Attempts,
 }
 
 #[tonic::async_trait]
@@ -84,7 +87,9 @@ impl Inventory for Doorman {
                     max_listeners_per_message: 0,
                 };
                 let body = |b| Ok(v1::CollectorMessage { body: Some(b) });
-                tx.send(body(CollectorBody::Welcome(welcome))).await.unwrap();
+                tx.send(body(CollectorBody::Welcome(welcome)))
+                    .await
+                    .unwrap();
                 tx.send(Err(Status::aborted(
                     "a newer session of this host replaced this one",
                 )))
