@@ -207,13 +207,6 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
 
 fn run_agent(args: &RunArgs) -> anyhow::Result<Exit> {
     let (cfg, state) = args.config()?;
-    if state.state_dir.is_none() {
-        tracing::warn!(
-            "No state directory: changes not yet acknowledged by the collector are lost if the \
-             agent restarts, and the instance id changes with every process. Set --state-dir \
-             (or state_dir; the systemd unit sets StateDirectory=)."
-        );
-    }
     // One scan thread plus a small async side: a current-thread runtime is plenty.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

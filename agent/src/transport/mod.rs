@@ -143,6 +143,11 @@ impl Book {
             return;
         };
         let written = if self.broken {
+            // Retried once per scan, not on every ack: a full disk is not hammered.
+            if !sync {
+                self.outbox.take_effects();
+                return;
+            }
             j.compact(&mut self.outbox)
         } else {
             j.record(&mut self.outbox, sync)
@@ -304,16 +309,27 @@ pub async fn run(
     sys: Arc<dyn System + Send + Sync>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    run_with_state(cfg, StateConfig::default(), sys, shutdown).await
+    run_inner(cfg, StateConfig::default(), sys, shutdown, false).await
 }
 
 /// Runs until `shutdown` resolves. With `state.state_dir`, the outbox is journaled there
-/// and restored at start: a restart resumes the session and loses nothing it saw.
+/// and restored at start: a restart resumes the session and loses nothing it saw; without
+/// one, a warning says what that costs (the service's case: `run`, in process, does not).
 pub async fn run_with_state(
     cfg: RunConfig,
     state_cfg: StateConfig,
     sys: Arc<dyn System + Send + Sync>,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    run_inner(cfg, state_cfg, sys, shutdown, true).await
+}
+
+async fn run_inner(
+    cfg: RunConfig,
+    state_cfg: StateConfig,
+    sys: Arc<dyn System + Send + Sync>,
+    shutdown: impl Future<Output = ()>,
+    warn_stateless: bool,
 ) -> Result<(), RunError> {
     if cfg.collectors.is_empty() {
         return Err(RunError::NoCollector);
@@ -336,6 +352,13 @@ pub async fn run_with_state(
     let memo = Arc::new(std::sync::Mutex::new(scan::FirewallMemo::default()));
     let (state, at) = scan_state(Arc::clone(&sys), opts.clone(), Arc::clone(&memo)).await?;
     tracing::info!(listeners = state.len(), "First scan done.");
+    if dir.is_none() && warn_stateless {
+        tracing::warn!(
+            "No state directory: changes not yet acknowledged by the collector are lost if the \
+             agent restarts, and the instance id changes with every process. Set --state-dir \
+             (or state_dir; the systemd unit sets StateDirectory=)."
+        );
+    }
     let book = open_book(dir.as_ref(), &state_cfg, &cfg, state, at)?;
     let shared = Arc::new(Shared {
         outbox: Mutex::new(book),
@@ -728,15 +751,16 @@ mod tests {
         assert!(series.len() > 1);
     }
 
-    /// Runs attempts on a rotation of `len` collectors: each `(welcomed, expected)` is one
-    /// attempt that ended, the step taken and the collector tried next.
+    /// Runs attempts on a rotation of `len` collectors: each `(healthy, step, next)` is one
+    /// attempt that ended (healthy: up for HEALTHY_SESSION), the step taken and the
+    /// collector tried next.
     #[track_caller]
     fn check_rotation(len: usize, attempts: &[(bool, Step, usize)]) {
         let mut r = Rotation::new(len);
         assert_eq!(r.current(), 0, "starts with the first collector");
-        for (i, &(welcomed, step, next)) in attempts.iter().enumerate() {
+        for (i, &(healthy, step, next)) in attempts.iter().enumerate() {
             assert_eq!(
-                (r.ended(welcomed), r.current()),
+                (r.ended(healthy), r.current()),
                 (step, next),
                 "attempt {i} on {len} collectors"
             );
@@ -746,7 +770,7 @@ mod tests {
     #[test]
     fn rotation_fails_over_and_backs_off_after_a_round() {
         use Step::{Backoff, Failover};
-        // One collector: every end backs off, welcomed or not (the behaviour before
+        // One collector: every end backs off, healthy or not (the behaviour before
         // failover).
         check_rotation(
             1,
@@ -762,7 +786,7 @@ mod tests {
                 (false, Backoff, 0),
             ],
         );
-        // A welcomed session that breaks starts a new round: the other one at once, then
+        // A healthy session that breaks starts a new round: the other one at once, then
         // back off if that fails too.
         check_rotation(
             2,
