@@ -420,3 +420,65 @@ fn changes_survive_an_agent_killed_during_a_collector_outage() {
     assert_eq!(at(7002, What::Closed), at(7003, What::Opened));
     assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited");
 }
+
+/// The state directory at start-up, with the real binary: a second agent on it is refused
+/// (exit 2, the fix named), so is a directory other users may write; an unreadable
+/// journal is moved aside and the agent starts afresh.
+#[test]
+fn state_directory_problems_at_start_up() {
+    let dir = TempDir::new("durable-start");
+    let pki = pki(&dir);
+    let ns = Netns::new();
+    let state = dir.join("state");
+    let log = |n: &str| dir.join(n);
+    let _logs = LogsOnPanic(vec![log("first.log"), log("second.log")]);
+    // Nothing listens there: the agents keep retrying, which is all these need.
+    let url = format!("https://{}", util::free_port("127.0.0.1"));
+
+    // Not a journal: moved aside, and the agent goes on.
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("outbox.journal"), b"not a journal at all").unwrap();
+    let mut first = start_agent(&pki, &url, &ns, &state, &log("first.log"));
+    wait_for(WAIT, "the unreadable journal moved aside", || {
+        let text = std::fs::read_to_string(log("first.log")).unwrap_or_default();
+        match text.contains("moved aside") && state.join("outbox.journal.unreadable").exists() {
+            true => Ok(()),
+            false => Err(text),
+        }
+    });
+    assert_eq!(
+        std::fs::read(state.join("outbox.journal.unreadable")).unwrap(),
+        b"not a journal at all"
+    );
+    assert!(first.0.try_wait().unwrap().is_none(), "the agent exited");
+
+    // A second agent on the same directory stops at once and says why.
+    let out = |p: Proc| {
+        let mut p = p;
+        let status = wait_for(WAIT, "the second agent to exit", || {
+            p.0.try_wait().unwrap().ok_or_else(String::new)
+        });
+        (
+            status.code(),
+            std::fs::read_to_string(log("second.log")).unwrap(),
+        )
+    };
+    let (code, text) = out(start_agent(&pki, &url, &ns, &state, &log("second.log")));
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("is in use by another listenscope-agent: give each agent its own state_dir"),
+        "{text}"
+    );
+    first.kill();
+
+    // A directory everyone may write: refused, with the chmod that fixes it.
+    let open = dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let (code, text) = out(start_agent(&pki, &url, &ns, &open, &log("second.log")));
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains(&format!("run `chmod 700 {}`", open.display())),
+        "{text}"
+    );
+}
