@@ -190,6 +190,7 @@ fn already_exists_backs_off_for_minutes() {
 #[test]
 fn a_session_knocked_off_after_its_welcome_does_not_reset_the_backoff() {
     let (attempts, log) = attempts_in_window(Answer::WelcomeThenAbort, "30s");
+    eprintln!("{} attempts in {WINDOW:?}", attempts.len());
     assert!(
         (2..=10).contains(&attempts.len()),
         "{} attempts in {WINDOW:?}\n{log}",
