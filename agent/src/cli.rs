@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use listenscope_core::exit::Exit;
 use listenscope_core::logging::LogFormat;
 
-use crate::config::{ConfigErrors, RawConfig, RunConfig};
+use crate::config::{ConfigErrors, RawConfig, RunConfig, StateConfig};
 use crate::model::Protocol;
 use crate::os::LinuxSystem;
 use crate::output;
@@ -40,7 +40,7 @@ pub enum Command {
     #[command(after_help = SCAN_EXIT_CODES)]
     Scan(ScanArgs),
     /// Scan every interval and stream the inventory to a collector over mutual TLS.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -85,11 +85,30 @@ pub struct RunArgs {
     /// Most listener changes held while the collector is unreachable (default 100000).
     #[arg(long, value_name = "N")]
     pub max_pending_changes: Option<usize>,
+    /// Directory for the outbox journal (unacknowledged changes survive a restart) and the
+    /// instance id. Default: systemd's $STATE_DIRECTORY (StateDirectory= in the unit),
+    /// else none, and a restart loses unacknowledged changes.
+    #[arg(long, env = "LISTENSCOPE_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Most bytes the outbox journal may take (default 33554432, 32 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub journal_max_bytes: Option<u64>,
 }
 
 impl RunArgs {
-    /// The file (if any) overridden by the flags, validated.
-    pub fn config(&self) -> Result<RunConfig, ConfigErrors> {
+    /// The file (if any) overridden by the flags, validated; the state directory falls
+    /// back to systemd's `$STATE_DIRECTORY` (its first entry).
+    pub fn config(&self) -> Result<(RunConfig, StateConfig), ConfigErrors> {
+        let systemd = std::env::var_os("STATE_DIRECTORY")
+            .and_then(|v| std::env::split_paths(&v).next())
+            .filter(|p| !p.as_os_str().is_empty());
+        self.config_with(systemd)
+    }
+
+    fn config_with(
+        &self,
+        systemd_state_dir: Option<PathBuf>,
+    ) -> Result<(RunConfig, StateConfig), ConfigErrors> {
         let file = match &self.config {
             Some(path) => RawConfig::load(path)?,
             None => RawConfig::default(),
@@ -105,8 +124,14 @@ impl RunArgs {
             server_name: self.server_name.clone(),
             reconnect_max: self.reconnect_max.clone(),
             max_pending_changes: self.max_pending_changes,
+            state_dir: self.state_dir.clone(),
+            journal_max_bytes: self.journal_max_bytes,
         };
-        file.overridden_by(flags).validate()
+        let mut raw = file.overridden_by(flags);
+        if raw.state_dir.is_none() {
+            raw.state_dir = systemd_state_dir;
+        }
+        raw.validate_all()
     }
 }
 
@@ -181,15 +206,16 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
 }
 
 fn run_agent(args: &RunArgs) -> anyhow::Result<Exit> {
-    let cfg = args.config()?;
+    let (cfg, state) = args.config()?;
     // One scan thread plus a small async side: a current-thread runtime is plenty.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        crate::transport::run(
+        crate::transport::run_with_state(
             cfg,
+            state,
             std::sync::Arc::new(LinuxSystem::new()),
             listenscope_core::signal::shutdown_signal(),
         )
@@ -266,8 +292,64 @@ mod tests {
             panic!("not run: {cli:?}");
         };
         run.config()
-            .map(|c| c.collectors)
+            .map(|(c, _)| c.collectors)
             .map_err(|e| e.to_string())
+    }
+
+    /// The state directory: the flag, else the file, else systemd's, else none.
+    #[test]
+    fn state_dir_from_flag_file_or_systemd() {
+        let state = |args: &[&str], file: Option<&str>, systemd: Option<&str>| {
+            let dir = listenscope_testkit::TempDir::new("cli-state");
+            let mut argv = vec![
+                "listenscope-agent",
+                "run",
+                "--collector",
+                "https://a:1",
+                "--tls-ca",
+                "a",
+                "--tls-cert",
+                "b",
+                "--tls-key",
+                "c",
+            ];
+            let path = dir.join("agent.toml");
+            let path = path.to_str().unwrap();
+            if let Some(toml) = file {
+                std::fs::write(path, toml).unwrap();
+                argv.extend(["--config", path]);
+            }
+            argv.extend(args);
+            let Command::Run(run) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not run");
+            };
+            run.config_with(systemd.map(PathBuf::from))
+                .map(|(_, s)| s)
+                .map_err(|e| e.to_string())
+        };
+        let dir = |d: &str, max: u64| {
+            Ok(StateConfig {
+                state_dir: Some(PathBuf::from(d)),
+                journal_max_bytes: max,
+            })
+        };
+        const MAX: u64 = 32 * 1024 * 1024;
+        assert_eq!(state(&[], None, None), Ok(StateConfig::default()));
+        assert_eq!(state(&[], None, Some("/var/lib/s")), dir("/var/lib/s", MAX));
+        assert_eq!(
+            state(&[], Some("state_dir = \"/f\"\n"), Some("/var/lib/s")),
+            dir("/f", MAX)
+        );
+        assert_eq!(
+            state(
+                &["--state-dir", "/x", "--journal-max-bytes", "1000000"],
+                Some("state_dir = \"/f\"\n"),
+                Some("/s")
+            ),
+            dir("/x", 1_000_000)
+        );
+        let err = state(&["--journal-max-bytes", "1"], None, None).unwrap_err();
+        assert!(err.contains("journal_max_bytes 1 is below"), "{err}");
     }
 
     #[test]

@@ -46,6 +46,14 @@ pub struct RawConfig {
     /// Host name to expect in the collector's certificate, for every URL; default: each
     /// URL's own host.
     pub server_name: Option<String>,
+    /// Directory for the outbox journal and the instance id (docs/security.md), e.g.
+    /// "/var/lib/listenscope-agent"; the agent creates its last component (0700) and locks
+    /// it. Default: systemd's `$STATE_DIRECTORY` (the unit's `StateDirectory=`), else none:
+    /// unacknowledged changes are then lost when the agent restarts.
+    pub state_dir: Option<PathBuf>,
+    /// Most bytes the outbox journal may take, e.g. 33554432. Default 32 MiB, at least
+    /// 64 KiB. Past it, pending changes collapse into one snapshot.
+    pub journal_max_bytes: Option<u64>,
 }
 
 /// `collector = "URL"` or `collector = ["URL", …]`.
@@ -86,6 +94,26 @@ pub struct RunConfig {
     pub server_name: Option<String>,
 }
 
+/// Where the agent keeps its state (`transport::state`), validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateConfig {
+    /// None: no journal, and a new instance id per process.
+    pub state_dir: Option<PathBuf>,
+    pub journal_max_bytes: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            state_dir: None,
+            journal_max_bytes: crate::transport::journal::DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// The smallest `journal_max_bytes`.
+pub const JOURNAL_MIN_BYTES: u64 = 64 * 1024;
+
 /// Every problem found, one per line.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid agent configuration:\n  - {}", .0.join("\n  - "))]
@@ -111,10 +139,18 @@ impl RawConfig {
             max_pending_changes: other.max_pending_changes.or(self.max_pending_changes),
             reconnect_max: other.reconnect_max.or(self.reconnect_max),
             server_name: other.server_name.or(self.server_name),
+            state_dir: other.state_dir.or(self.state_dir),
+            journal_max_bytes: other.journal_max_bytes.or(self.journal_max_bytes),
         }
     }
 
+    /// [`RawConfig::validate_all`] without the state settings.
     pub fn validate(self) -> Result<RunConfig, ConfigErrors> {
+        self.validate_all().map(|(run, _)| run)
+    }
+
+    /// Checks everything, the state directory settings included.
+    pub fn validate_all(self) -> Result<(RunConfig, StateConfig), ConfigErrors> {
         let mut errs = Vec::new();
         let mut required = |v: Option<PathBuf>, name: &str| {
             v.unwrap_or_else(|| {
@@ -180,20 +216,46 @@ impl RawConfig {
         if max_pending_changes == 0 {
             errs.push("max_pending_changes must be at least 1".into());
         }
+        let journal_max_bytes = self
+            .journal_max_bytes
+            .unwrap_or(crate::transport::journal::DEFAULT_MAX_BYTES);
+        if journal_max_bytes < JOURNAL_MIN_BYTES {
+            errs.push(format!(
+                "journal_max_bytes {journal_max_bytes} is below {JOURNAL_MIN_BYTES} (64 KiB); \
+                 the default is 33554432 (32 MiB)"
+            ));
+        }
+        match &self.state_dir {
+            Some(d) if d.as_os_str().is_empty() => {
+                errs.push("state_dir is empty: give a directory, or leave it out".into());
+            }
+            Some(d) if d.is_relative() => errs.push(format!(
+                "state_dir {:?} is relative: give an absolute path (e.g. /var/lib/listenscope-agent)",
+                d.display().to_string()
+            )),
+            _ => {}
+        }
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
-        Ok(RunConfig {
-            collectors,
-            tls_ca,
-            tls_cert,
-            tls_key,
-            interval,
-            netns,
-            max_pending_changes,
-            reconnect_max,
-            server_name: self.server_name,
-        })
+        let state = StateConfig {
+            state_dir: self.state_dir,
+            journal_max_bytes,
+        };
+        Ok((
+            RunConfig {
+                collectors,
+                tls_ca,
+                tls_cert,
+                tls_key,
+                interval,
+                netns,
+                max_pending_changes,
+                reconnect_max,
+                server_name: self.server_name,
+            },
+            state,
+        ))
     }
 }
 
@@ -283,7 +345,8 @@ mod tests {
     #[test]
     fn reports_every_problem_at_once() {
         let raw: RawConfig = toml::from_str(
-            "collector = \"http://x:1\"\ninterval = \"0s\"\nnetns = \"net:[x]\"\nmax_pending_changes = 0\n",
+            "collector = \"http://x:1\"\ninterval = \"0s\"\nnetns = \"net:[x]\"\nmax_pending_changes = 0\n\
+             journal_max_bytes = 10\nstate_dir = \"var/lib/x\"\n",
         )
         .unwrap();
         let err = raw.validate().unwrap_err().to_string();
@@ -295,6 +358,8 @@ mod tests {
             "interval",
             "netns",
             "max_pending_changes",
+            "journal_max_bytes 10 is below 65536",
+            "state_dir \"var/lib/x\" is relative",
         ] {
             assert!(err.contains(needle), "{needle} missing from:\n{err}");
         }
@@ -465,7 +530,15 @@ mod tests {
     fn deploy_example_is_valid_in_both_forms() {
         let example = include_str!("../../deploy/agent.toml");
         let raw: RawConfig = toml::from_str(example).unwrap();
-        assert_eq!(raw.validate().unwrap().collectors.len(), 1);
+        let (run, state) = raw.validate_all().unwrap();
+        assert_eq!(run.collectors.len(), 1);
+        assert_eq!(
+            state,
+            StateConfig {
+                state_dir: Some("/var/lib/listenscope-agent".into()),
+                journal_max_bytes: crate::transport::journal::DEFAULT_MAX_BYTES,
+            }
+        );
         // The commented array form, in place of the string.
         let array = example
             .replacen("\ncollector = \"", "\n# collector = \"", 1)

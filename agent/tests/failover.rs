@@ -16,6 +16,7 @@
     reason = "a test fails by panicking, helpers included (clippy.toml covers #[test] fns only)"
 )]
 
+mod grpc_util;
 mod util;
 
 use std::net::SocketAddr;
@@ -27,12 +28,12 @@ use std::time::Duration;
 use listenscope_proto::v1;
 use listenscope_proto::v1::agent_message::Body as AgentBody;
 use listenscope_proto::v1::collector_message::Body as CollectorBody;
-use listenscope_proto::v1::inventory_server::{Inventory, InventoryServer};
+use listenscope_proto::v1::inventory_server::Inventory;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use grpc_util::{Collector, Pki, pki};
 use util::{LogsOnPanic, Proc, TempDir, agent_command, tcp_listener, wait_for};
 
 /// Generous: the machine is shared and slow; nothing here waits on a backoff.
@@ -195,127 +196,13 @@ impl FakeCollector {
     }
 }
 
-/// A CA, a server certificate for `localhost` and 127.0.0.1, and the agent's
-/// certificate for host `h1`, written to `dir`.
-#[derive(Debug)]
-struct Pki {
-    ca: PathBuf,
-    agent_cert: PathBuf,
-    agent_key: PathBuf,
-    ca_pem: String,
-    server_cert_pem: String,
-    server_key_pem: String,
-}
-
-fn pki(dir: &TempDir) -> Pki {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
+/// A fake collector named `name` on `addr` (port 0: any free port), storing into `db`.
+fn start(name: &'static str, pki: &Pki, db: &SharedDb, addr: &str) -> Collector {
+    let service = FakeCollector {
+        name,
+        db: Arc::clone(db),
     };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca.distinguished_name
-        .push(DnType::CommonName, "listenscope failover test CA");
-    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-    let issuer = Issuer::new(ca, &ca_key);
-    let leaf = |names: &[&str], usage| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-            .unwrap();
-        p.distinguished_name.push(DnType::CommonName, names[0]);
-        p.extended_key_usages = vec![usage];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        (
-            p.signed_by(&key, &issuer).unwrap().pem(),
-            key.serialize_pem(),
-        )
-    };
-    let (server_cert_pem, server_key_pem) = leaf(
-        &["localhost", "127.0.0.1"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let (agent_pem, agent_key_pem) = leaf(&["h1"], ExtendedKeyUsagePurpose::ClientAuth);
-    let write = |name: &str, pem: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, pem).unwrap();
-        path
-    };
-    // As `certs issue` writes it: the agent refuses a key other users can read.
-    let agent_key = write("h1.key", &agent_key_pem);
-    std::fs::set_permissions(
-        &agent_key,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    Pki {
-        ca: write("ca.pem", &ca_pem),
-        agent_cert: write("h1.pem", &agent_pem),
-        agent_key,
-        ca_pem,
-        server_cert_pem,
-        server_key_pem,
-    }
-}
-
-/// One running fake collector; `kill` (or drop) takes it away with every connection.
-#[derive(Debug)]
-struct Collector {
-    addr: SocketAddr,
-    rt: Option<tokio::runtime::Runtime>,
-}
-
-impl Collector {
-    /// Listens on `addr` (port 0: any free port).
-    fn start(name: &'static str, pki: &Pki, db: &SharedDb, addr: &str) -> Collector {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(addr))
-            .unwrap_or_else(|e| panic!("collector {name} on {addr}: {e}"));
-        let addr = listener.local_addr().unwrap();
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(
-                &pki.server_cert_pem,
-                &pki.server_key_pem,
-            ))
-            .client_ca_root(Certificate::from_pem(&pki.ca_pem));
-        let service = FakeCollector {
-            name,
-            db: Arc::clone(db),
-        };
-        let server = Server::builder()
-            .tls_config(tls)
-            .unwrap()
-            .add_service(InventoryServer::new(service))
-            .serve_with_incoming(TcpListenerStream::new(listener));
-        rt.spawn(server);
-        Collector { addr, rt: Some(rt) }
-    }
-
-    fn url(&self) -> String {
-        format!("https://{}", self.addr)
-    }
-
-    fn kill(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_timeout(Duration::from_secs(10));
-        }
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    Collector::serve(name, pki, service, addr)
 }
 
 /// The real agent with `collector_args` (`--collector …`), logging to `log`.
@@ -403,7 +290,7 @@ fn an_unreachable_collector_is_skipped_without_backoff() {
         closed.local_addr().unwrap().as_socket().unwrap()
     );
     let db = SharedDb::default();
-    let b = Collector::start("b", &pki, &db, "127.0.0.1:0");
+    let b = start("b", &pki, &db, "127.0.0.1:0");
 
     // One comma-separated value; no --server-name, so each URL's own host (127.0.0.1) is
     // the name checked in the collector's certificate.
@@ -458,8 +345,8 @@ fn a_lost_collector_fails_over_to_the_other_and_back() {
     let log = dir.join("agent.log");
     let _logs = LogsOnPanic(vec![log.clone()]);
     let db = SharedDb::default();
-    let mut a = Collector::start("a", &pki, &db, "127.0.0.1:0");
-    let mut b = Collector::start("b", &pki, &db, "127.0.0.1:0");
+    let mut a = start("a", &pki, &db, "127.0.0.1:0");
+    let mut b = start("b", &pki, &db, "127.0.0.1:0");
     let (a_url, b_url) = (a.url(), b.url());
 
     // The flag twice, and one name for both certificates.
@@ -520,7 +407,7 @@ fn a_lost_collector_fails_over_to_the_other_and_back() {
     });
 
     // a is back (same address), b goes away: round robin wraps around to a.
-    a = Collector::start("a", &pki, &db, &a.addr.to_string());
+    a = start("a", &pki, &db, &a.addr.to_string());
     b.kill();
     let ev = wait_for_hellos(&db, &mut agent, "a", 2);
     let ids = session_ids(&ev);

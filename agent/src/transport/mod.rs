@@ -11,31 +11,49 @@
 //! with the first URL; when a connection fails or a session breaks it moves on to the next
 //! URL (round robin) after only `FAILOVER_DELAY` (125–250 ms). Once every URL has failed
 //! in a row (a round), it waits a capped exponential backoff with jitter before the next
-//! round. A Welcome resets both. The session id and the sequence numbers go on across
+//! round. Only a session that stayed up for [`HEALTHY_SESSION`] (60 s) resets the backoff
+//! and starts a new round: two machines sharing one certificate knock each other off right
+//! after their Welcome, and resetting on every Welcome (as before) made them flap at once,
+//! forever. Rejected: resetting on the first Ack, which such a pair also gets (each one's
+//! snapshot is committed before the other knocks it off). A collector that refuses the
+//! session with `ALREADY_EXISTS` (another live agent with another instance id holds this
+//! certificate) gets a long backoff of its own (1–2 min, doubling to 5–10 min) and an
+//! ERROR at most every 10 minutes naming the fix. The session id and the sequence numbers go on across
 //! collectors: a collector on the same database resumes from the committed sequence, one
 //! on another database asks for a snapshot. Rejected alternative: backing off before every
 //! attempt, which would keep a host away from a healthy collector for up to
 //! `reconnect_max` only because another one died.
 //!
 //! While the collector is unreachable scanning goes on; changes wait in the outbox with
-//! their observation times (bounded, see `outbox.rs`).
+//! their observation times (bounded, see `outbox.rs`). With a state directory
+//! (`state.rs`) the outbox is journaled (`journal.rs`): a restarted agent resumes its
+//! session with every unacknowledged change and its observation time. The first scan
+//! after a restart is diffed against the last state the journal holds, so a listener that
+//! closed (or opened) while the agent was down is reported at the time of that first
+//! scan: the first time the agent saw it, as for any change (it happened between the last
+//! scan before and that one).
 
 mod cause;
+pub mod journal;
 pub mod outbox;
 mod session;
+pub mod state;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 
-use crate::config::RunConfig;
+use crate::config::{RunConfig, StateConfig};
 use crate::os::System;
 use crate::record::{State, state_of};
 use crate::scan::{self, ScanOptions};
+use journal::{Journal, JournalError, Loaded};
 use outbox::{Outbox, Recorded};
+use state::StateDir;
 
 pub use cause::ConnectError;
 pub use session::SessionError;
@@ -44,15 +62,132 @@ use listenscope_core::pem::{self, TlsFileError};
 
 /// Shared between the scanner and the connection.
 pub(crate) struct Shared {
-    pub outbox: Mutex<Outbox>,
+    pub outbox: Mutex<Book>,
     /// A scan found nothing new: send a heartbeat with this time.
     pub heartbeat: Mutex<Option<OffsetDateTime>>,
     pub wake: Notify,
+    /// This installation's id (`state.rs`), sent in every Hello.
+    pub instance_id: [u8; 16],
 }
 
 impl Shared {
-    pub(crate) fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+    pub(crate) fn outbox(&self) -> std::sync::MutexGuard<'_, Book> {
         self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The outbox and its journal: every change to the outbox goes through here and is
+/// journaled in the same locked operation, so the sender never sees a message that is
+/// not on disk yet (`journal.rs`). Reading goes through `Deref`; there is deliberately no
+/// `DerefMut`, so nothing changes the outbox behind the journal's back.
+pub(crate) struct Book {
+    outbox: Outbox,
+    journal: Option<Journal>,
+    dir: Option<PathBuf>,
+    /// Writing the journal failed: its file was removed (a restart then starts afresh
+    /// instead of from a stale journal) and it is rewritten whole at the next operation.
+    broken: bool,
+}
+
+impl std::ops::Deref for Book {
+    type Target = Outbox;
+
+    fn deref(&self) -> &Outbox {
+        &self.outbox
+    }
+}
+
+impl Book {
+    fn without_journal(outbox: Outbox) -> Book {
+        Book {
+            outbox,
+            journal: None,
+            dir: None,
+            broken: false,
+        }
+    }
+
+    pub fn record_scan(&mut self, state: State, at: OffsetDateTime) -> Recorded {
+        let recorded = self.outbox.record_scan(state, at);
+        // Once per scan: the batch of this scan's records (and the acks before) is synced.
+        self.persist(true);
+        recorded
+    }
+
+    pub fn on_welcome(&mut self, resume_after: Option<u64>) -> bool {
+        let restarted = self.outbox.on_welcome(resume_after);
+        self.persist(false);
+        restarted
+    }
+
+    pub fn on_ack(&mut self, seq: u64) {
+        self.outbox.on_ack(seq);
+        // Written, synced with the next push: a lost ack is repeated by `resume_after`.
+        self.persist(false);
+    }
+
+    pub fn restart_from_snapshot(&mut self) {
+        self.outbox.restart_from_snapshot();
+        self.persist(false);
+    }
+
+    /// Syncs what is written (at shutdown).
+    pub fn sync(&mut self) {
+        self.persist(true);
+    }
+
+    fn persist(&mut self, sync: bool) {
+        let overflows = self.outbox.overflows;
+        let Some(j) = &mut self.journal else {
+            self.outbox.take_effects();
+            return;
+        };
+        let written = if self.broken {
+            // Retried once per scan, not on every ack: a full disk is not hammered.
+            if !sync {
+                self.outbox.take_effects();
+                return;
+            }
+            j.compact(&mut self.outbox)
+        } else {
+            j.record(&mut self.outbox, sync)
+        };
+        match written {
+            Ok(()) if self.broken => {
+                self.broken = false;
+                tracing::info!("The outbox journal is written again.");
+            }
+            Ok(()) => {}
+            Err(e @ JournalError::TooBig { .. }) => {
+                tracing::error!(
+                    error = %e,
+                    "The inventory does not fit the outbox journal: going on without it; an                      agent restart now loses unacknowledged changes."
+                );
+                self.journal = None;
+                self.remove_journal();
+            }
+            Err(e) => {
+                if !self.broken {
+                    tracing::error!(
+                        error = %e,
+                        "Writing the outbox journal failed: its file is removed and rewritten                          at the next scan; until then an agent restart loses unacknowledged                          changes."
+                    );
+                }
+                self.broken = true;
+                self.remove_journal();
+            }
+        }
+        if self.outbox.overflows > overflows {
+            tracing::warn!(
+                "The outbox journal reached journal_max_bytes: pending changes are replaced by                  one snapshot, so the history loses their exact times."
+            );
+        }
+    }
+
+    fn remove_journal(&self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_file(dir.join(journal::FILE));
+        }
     }
 }
 
@@ -69,6 +204,10 @@ pub enum RunError {
     ScanThread(String),
     #[error("the operating system gave no random bytes for a session id: {0}")]
     Random(String),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("the outbox journal cannot be written: {0}")]
+    Journal(#[from] JournalError),
     /// `RunConfig::collectors` is empty (validation refuses that; a hand-built config can
     /// still hold it).
     #[error("no collector URL to connect to")]
@@ -163,17 +302,48 @@ fn session_id() -> Result<[u8; 16], RunError> {
     Ok(id)
 }
 
-/// Runs until `shutdown` resolves. Unacknowledged changes are lost on shutdown (the
-/// collector asks for a snapshot from the next agent session).
+/// Runs until `shutdown` resolves, without a state directory: unacknowledged changes are
+/// lost when the process ends (the collector asks the next agent session for a snapshot).
 pub async fn run(
     cfg: RunConfig,
     sys: Arc<dyn System + Send + Sync>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    run_inner(cfg, StateConfig::default(), sys, shutdown, false).await
+}
+
+/// Runs until `shutdown` resolves. With `state.state_dir`, the outbox is journaled there
+/// and restored at start: a restart resumes the session and loses nothing it saw; without
+/// one, a warning says what that costs (the service's case: `run`, in process, does not).
+pub async fn run_with_state(
+    cfg: RunConfig,
+    state_cfg: StateConfig,
+    sys: Arc<dyn System + Send + Sync>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    run_inner(cfg, state_cfg, sys, shutdown, true).await
+}
+
+async fn run_inner(
+    cfg: RunConfig,
+    state_cfg: StateConfig,
+    sys: Arc<dyn System + Send + Sync>,
+    shutdown: impl Future<Output = ()>,
+    warn_stateless: bool,
+) -> Result<(), RunError> {
     if cfg.collectors.is_empty() {
         return Err(RunError::NoCollector);
     }
     check_files(&cfg)?;
+    // The directory is locked before the first scan: a second agent on it stops at once.
+    let dir = match &state_cfg.state_dir {
+        Some(path) => Some(StateDir::open(path)?),
+        None => None,
+    };
+    let instance_id = match &dir {
+        Some(d) => d.instance_id()?,
+        None => session_id()?,
+    };
     let opts = ScanOptions {
         netns: cfg.netns.clone(),
         ..ScanOptions::default()
@@ -182,15 +352,19 @@ pub async fn run(
     let memo = Arc::new(std::sync::Mutex::new(scan::FirewallMemo::default()));
     let (state, at) = scan_state(Arc::clone(&sys), opts.clone(), Arc::clone(&memo)).await?;
     tracing::info!(listeners = state.len(), "First scan done.");
+    if dir.is_none() && warn_stateless {
+        tracing::warn!(
+            "No state directory: changes not yet acknowledged by the collector are lost if the \
+             agent restarts, and the instance id changes with every process. Set --state-dir \
+             (or state_dir; the systemd unit sets StateDirectory=)."
+        );
+    }
+    let book = open_book(dir.as_ref(), &state_cfg, &cfg, state, at)?;
     let shared = Arc::new(Shared {
-        outbox: Mutex::new(Outbox::new(
-            session_id()?,
-            state,
-            at,
-            cfg.max_pending_changes,
-        )),
+        outbox: Mutex::new(book),
         heartbeat: Mutex::new(None),
         wake: Notify::new(),
+        instance_id,
     });
 
     let scanner = {
@@ -204,7 +378,18 @@ pub async fn run(
                 tick.tick().await;
                 match scan_state(Arc::clone(&sys), opts.clone(), Arc::clone(&memo)).await {
                     Ok((state, at)) => {
-                        let recorded = shared.outbox().record_scan(state, at);
+                        // Off the async thread: recording fsyncs the journal.
+                        let recorded = {
+                            let shared = Arc::clone(&shared);
+                            tokio::task::spawn_blocking(move || {
+                                shared.outbox().record_scan(state, at)
+                            })
+                            .await
+                        };
+                        let Ok(recorded) = recorded else {
+                            tracing::error!("Recording a scan failed; retrying next interval.");
+                            continue;
+                        };
                         match recorded {
                             Recorded::Unchanged => {
                                 *shared.heartbeat.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -227,18 +412,40 @@ pub async fn run(
     let connection = {
         let shared = Arc::clone(&shared);
         async move {
-            let base = Duration::from_millis(500);
-            let mut waits = backoff(base, cfg.reconnect_max);
+            let mut waits = Waits::new(cfg.reconnect_max);
             let mut failover_waits = failover_delays();
             let mut rotation = Rotation::new(cfg.collectors.len());
+            let mut duplicate_log = RateLimit::new(DUPLICATE_LOG_EVERY);
             loop {
                 let url = &cfg.collectors[rotation.current()];
-                let (welcomed, _ended) = session::run(&cfg, url, &shared).await;
-                if welcomed {
-                    waits = backoff(base, cfg.reconnect_max);
-                }
-                let step = rotation.ended(welcomed);
+                let outcome = session::run(&cfg, url, &shared).await;
+                let healthy = waits.ended(outcome.up);
+                let step = rotation.ended(healthy);
                 let next = &cfg.collectors[rotation.current()];
+                if outcome.duplicate() {
+                    let wait = waits.next_duplicate();
+                    if duplicate_log.due(Instant::now()) {
+                        tracing::error!(
+                            collector = %url,
+                            cert = %cfg.tls_cert.display(),
+                            instance_id = %state::hex(&shared.instance_id),
+                            retry_in_s = wait.as_secs(),
+                            "Another machine uses this host's certificate: the collector refused \
+                             this agent (ALREADY_EXISTS) because an agent with another instance \
+                             id holds the session. Issue this machine its own certificate \
+                             (`listenscope-collector certs issue --host NAME`); until then this \
+                             agent retries rarely."
+                        );
+                    } else {
+                        tracing::info!(
+                            collector = %url,
+                            retry_in_s = wait.as_secs(),
+                            "Another agent holds this certificate's session; retrying later."
+                        );
+                    }
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
                 // Neither series is ever exhausted (no maximum of attempts).
                 match step {
                     Step::Failover => {
@@ -252,7 +459,7 @@ pub async fn run(
                         tokio::time::sleep(wait).await;
                     }
                     Step::Backoff => {
-                        let wait = waits.next().unwrap_or(cfg.reconnect_max);
+                        let wait = waits.next_backoff();
                         tracing::info!(
                             collector = %next,
                             collectors = cfg.collectors.len(),
@@ -271,7 +478,174 @@ pub async fn run(
         () = scanner => {}
         () = connection => {}
     }
+    shared.outbox().sync();
     Ok(())
+}
+
+/// The outbox at start: restored from the journal when there is one that can be read,
+/// else a new session whose first message is the snapshot of the first scan.
+fn open_book(
+    dir: Option<&StateDir>,
+    state_cfg: &StateConfig,
+    cfg: &RunConfig,
+    state: State,
+    at: OffsetDateTime,
+) -> Result<Book, RunError> {
+    let Some(dir) = dir else {
+        return Ok(Book::without_journal(Outbox::new(
+            session_id()?,
+            state,
+            at,
+            cfg.max_pending_changes,
+        )));
+    };
+    let path = dir.path().join(journal::FILE);
+    let restored = match journal::load(&path)? {
+        Loaded::Missing => None,
+        Loaded::Restored(image) => Some(image),
+        Loaded::TornTail {
+            valid_bytes,
+            dropped,
+            why,
+        } => {
+            tracing::warn!(
+                journal = %path.display(),
+                valid_bytes,
+                dropped_bytes = dropped,
+                reason = %why,
+                "The outbox journal ends in a damaged record (a torn write or corruption): \
+                 starting a new session with a fresh snapshot."
+            );
+            None
+        }
+        Loaded::Unreadable { why } => {
+            let aside = dir.path().join(journal::UNREADABLE);
+            std::fs::rename(&path, &aside).map_err(|source| JournalError::Io {
+                path: aside.clone(),
+                source,
+            })?;
+            tracing::warn!(
+                journal = %path.display(),
+                moved_to = %aside.display(),
+                reason = %why,
+                "The outbox journal cannot be read; it was moved aside and the agent starts \
+                 afresh (a new session with a snapshot)."
+            );
+            None
+        }
+    };
+    let mut outbox = match restored {
+        Some(image) => {
+            let mut o = Outbox::restore(image, cfg.max_pending_changes);
+            let pending = o.pending().count();
+            // The first scan, diffed against the last journaled one: what changed while
+            // the agent was down is stamped with this scan's time.
+            let since = match o.record_scan(state, at) {
+                Recorded::Unchanged => 0,
+                Recorded::Changed(n) => n,
+                Recorded::Collapsed => o.pending_entries(),
+            };
+            tracing::info!(
+                session_id = %state::hex(&o.session_id),
+                acked = o.acked(),
+                pending,
+                changes_while_down = since,
+                "Resuming the session from the outbox journal."
+            );
+            o
+        }
+        None => Outbox::new(session_id()?, state, at, cfg.max_pending_changes),
+    };
+    let journal = match Journal::create(dir.path(), state_cfg.journal_max_bytes, &mut outbox) {
+        Ok(j) => Some(j),
+        Err(e @ JournalError::TooBig { .. }) => {
+            tracing::error!(
+                error = %e,
+                "The inventory does not fit the outbox journal: going on without it; an agent \
+                 restart loses unacknowledged changes."
+            );
+            let _ = std::fs::remove_file(&path);
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Book {
+        outbox,
+        journal,
+        dir: Some(dir.path().to_path_buf()),
+        broken: false,
+    })
+}
+
+/// A session that lasted this long was healthy: it resets the backoff and starts a new
+/// round of failover.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+/// The first reconnect waits after an `ALREADY_EXISTS` are 1–2 minutes, doubling up to
+/// 5–10 minutes (jittered like the normal backoff).
+const DUPLICATE_BASE: Duration = Duration::from_secs(120);
+const DUPLICATE_MAX: Duration = Duration::from_secs(600);
+/// The duplicate-certificate ERROR is logged at most this often.
+const DUPLICATE_LOG_EVERY: Duration = Duration::from_secs(600);
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+
+/// The reconnect waits: the normal series between rounds, and the long one for a duplicate
+/// certificate. Only a healthy session resets them.
+#[derive(Debug)]
+struct Waits {
+    max: Duration,
+    normal: backon::ExponentialBackoff,
+    duplicate: backon::ExponentialBackoff,
+}
+
+impl Waits {
+    fn new(max: Duration) -> Waits {
+        Waits {
+            max,
+            normal: backoff(BACKOFF_BASE, max),
+            duplicate: backoff(DUPLICATE_BASE, DUPLICATE_MAX),
+        }
+    }
+
+    /// A session ended after being up (since its Welcome) for `up`, or never welcomed
+    /// (None). Returns whether it was healthy (and so reset the waits).
+    fn ended(&mut self, up: Option<Duration>) -> bool {
+        let healthy = up.is_some_and(|d| d >= HEALTHY_SESSION);
+        if healthy {
+            *self = Waits::new(self.max);
+        }
+        healthy
+    }
+
+    fn next_backoff(&mut self) -> Duration {
+        self.normal.next().unwrap_or(self.max)
+    }
+
+    fn next_duplicate(&mut self) -> Duration {
+        self.duplicate.next().unwrap_or(DUPLICATE_MAX)
+    }
+}
+
+/// True at most once per `every`.
+#[derive(Debug)]
+struct RateLimit {
+    every: Duration,
+    last: Option<Instant>,
+}
+
+impl RateLimit {
+    fn new(every: Duration) -> RateLimit {
+        RateLimit { every, last: None }
+    }
+
+    fn due(&mut self, now: Instant) -> bool {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.every => false,
+            _ => {
+                self.last = Some(now);
+                true
+            }
+        }
+    }
 }
 
 /// Which collector the connection loop uses, and whether a whole round has failed.
@@ -279,7 +653,7 @@ pub async fn run(
 struct Rotation {
     len: usize,
     current: usize,
-    /// Attempts that ended since the last Welcome or the last backoff.
+    /// Attempts that ended since the last healthy session or the last backoff.
     ended_in_round: usize,
 }
 
@@ -306,11 +680,12 @@ impl Rotation {
         self.current
     }
 
-    /// The attempt on the current collector ended, `welcomed` or not: move on to the next
-    /// one. A welcomed session starts a new round, which it opens itself: with one
-    /// collector every end is a whole round, as before failover existed.
-    fn ended(&mut self, welcomed: bool) -> Step {
-        if welcomed {
+    /// The attempt on the current collector ended, `healthy` (up for [`HEALTHY_SESSION`])
+    /// or not: move on to the next one. A healthy session starts a new round, which it
+    /// opens itself: with one collector every end is a whole round, as before failover
+    /// existed.
+    fn ended(&mut self, healthy: bool) -> Step {
+        if healthy {
             self.ended_in_round = 0;
         }
         self.ended_in_round += 1;
@@ -376,15 +751,16 @@ mod tests {
         assert!(series.len() > 1);
     }
 
-    /// Runs attempts on a rotation of `len` collectors: each `(welcomed, expected)` is one
-    /// attempt that ended, the step taken and the collector tried next.
+    /// Runs attempts on a rotation of `len` collectors: each `(healthy, step, next)` is one
+    /// attempt that ended (healthy: up for HEALTHY_SESSION), the step taken and the
+    /// collector tried next.
     #[track_caller]
     fn check_rotation(len: usize, attempts: &[(bool, Step, usize)]) {
         let mut r = Rotation::new(len);
         assert_eq!(r.current(), 0, "starts with the first collector");
-        for (i, &(welcomed, step, next)) in attempts.iter().enumerate() {
+        for (i, &(healthy, step, next)) in attempts.iter().enumerate() {
             assert_eq!(
-                (r.ended(welcomed), r.current()),
+                (r.ended(healthy), r.current()),
                 (step, next),
                 "attempt {i} on {len} collectors"
             );
@@ -394,7 +770,7 @@ mod tests {
     #[test]
     fn rotation_fails_over_and_backs_off_after_a_round() {
         use Step::{Backoff, Failover};
-        // One collector: every end backs off, welcomed or not (the behaviour before
+        // One collector: every end backs off, healthy or not (the behaviour before
         // failover).
         check_rotation(
             1,
@@ -410,7 +786,7 @@ mod tests {
                 (false, Backoff, 0),
             ],
         );
-        // A welcomed session that breaks starts a new round: the other one at once, then
+        // A healthy session that breaks starts a new round: the other one at once, then
         // back off if that fails too.
         check_rotation(
             2,
@@ -435,6 +811,66 @@ mod tests {
                 (false, Backoff, 1),
             ],
         );
+    }
+
+    /// Only a session that stayed up for HEALTHY_SESSION resets the backoff: a Welcome (a
+    /// short session) no longer does, so two agents knocking each other off slow down.
+    /// Before, every welcomed session started the series again at 250–500 ms.
+    #[test]
+    fn only_a_healthy_session_resets_the_backoff() {
+        let max = Duration::from_secs(30);
+        let mut w = Waits::new(max);
+        let first = w.next_backoff();
+        assert!(first <= BACKOFF_BASE, "{first:?}");
+        // Welcomed, then knocked off after 2 s, eight times: the waits keep growing to
+        // the cap instead of starting over.
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            assert!(!w.ended(Some(Duration::from_secs(2))));
+            waits.push(w.next_backoff());
+        }
+        assert!(
+            waits.last().unwrap() >= &(max / 2),
+            "the backoff did not grow: {waits:?}"
+        );
+        // Never welcomed: no reset either.
+        assert!(!w.ended(None));
+        assert!(w.next_backoff() >= max / 2);
+        // A session that stayed up a minute: back to the start.
+        assert!(w.ended(Some(HEALTHY_SESSION)));
+        assert!(w.next_backoff() <= BACKOFF_BASE);
+    }
+
+    #[test]
+    fn duplicate_certificate_backs_off_long() {
+        let mut w = Waits::new(Duration::from_secs(1));
+        let waits: Vec<Duration> = (0..8).map(|_| w.next_duplicate()).collect();
+        assert!(
+            waits[0] >= Duration::from_secs(60) && waits[0] <= Duration::from_secs(120),
+            "{waits:?}"
+        );
+        assert!(waits.is_sorted() || waits.windows(2).all(|p| p[1] >= p[0] / 2));
+        for w in &waits {
+            assert!(
+                *w >= Duration::from_secs(60) && *w <= DUPLICATE_MAX,
+                "{waits:?}"
+            );
+        }
+        assert!(waits[7] >= DUPLICATE_MAX / 2, "{waits:?}");
+        // The normal --reconnect-max (1 s here) does not cut it short.
+        assert!(waits.iter().all(|d| *d > Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn the_duplicate_error_is_rate_limited() {
+        let mut limit = RateLimit::new(DUPLICATE_LOG_EVERY);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let logged: Vec<u64> = [0, 60, 300, 599, 600, 700, 1199, 1200]
+            .into_iter()
+            .filter(|s| limit.due(at(*s)))
+            .collect();
+        assert_eq!(logged, [0, 600, 1200]);
     }
 
     #[test]

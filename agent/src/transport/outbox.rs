@@ -11,6 +11,9 @@
 //!   that snapshot's time). Each collapse is counted in `overflows`.
 //! - Whenever continuity is lost (collector does not know the session, a sequence gap,
 //!   Resync), the outbox restarts from a snapshot of the current state.
+//! - Every message pushed and every acknowledgement is also noted as an [`Effect`], which
+//!   the journal (`journal.rs`) drains after each operation and writes to disk, so an
+//!   agent restart can [`Outbox::restore`] the same outbox.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -57,6 +60,28 @@ impl Pending {
     }
 }
 
+/// What an operation did, for the journal: a message pushed (its sequence; the message is
+/// in the queue), or everything up to a sequence acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    Pushed(u64),
+    Acked(u64),
+}
+
+/// An outbox as the journal restores it: what [`Outbox`] holds, in plain values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub session_id: [u8; 16],
+    /// The sequence the next pushed message gets.
+    pub next_seq: u64,
+    pub acked: u64,
+    /// The last scanned state (the base of the next diff) and its time.
+    pub current: Arc<State>,
+    pub current_at: OffsetDateTime,
+    /// Unacknowledged messages, consecutive sequences ending at `next_seq - 1`.
+    pub queue: Vec<Pending>,
+}
+
 /// What a scan did to the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
@@ -80,6 +105,8 @@ pub struct Outbox {
     max_entries: usize,
     /// Times the outbox overflowed and collapsed into a snapshot.
     pub overflows: u64,
+    /// What happened since the journal last drained it ([`Outbox::take_effects`]).
+    effects: Vec<Effect>,
 }
 
 impl Outbox {
@@ -95,9 +122,61 @@ impl Outbox {
             entries: 0,
             max_entries: max_entries.max(1),
             overflows: 0,
+            effects: Vec::new(),
         };
         o.restart_from_snapshot();
         o
+    }
+
+    /// The outbox a journal held. If it holds more than `max_entries` (the bound was
+    /// lowered since), it collapses into a snapshot of its current state.
+    pub fn restore(image: Image, max_entries: usize) -> Self {
+        let entries = image.queue.iter().map(Pending::entries).sum();
+        let mut o = Outbox {
+            session_id: image.session_id,
+            next_seq: image.next_seq,
+            acked: image.acked,
+            current: image.current,
+            current_at: image.current_at,
+            queue: image.queue.into(),
+            entries,
+            max_entries: max_entries.max(1),
+            overflows: 0,
+            effects: Vec::new(),
+        };
+        if o.entries > o.max_entries {
+            o.collapse();
+        }
+        o
+    }
+
+    /// What happened since the last call (pushes and acknowledgements, in order).
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// The next sequence to be assigned.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The last scanned state and its time.
+    pub fn current(&self) -> (&Arc<State>, OffsetDateTime) {
+        (&self.current, self.current_at)
+    }
+
+    /// The unacknowledged message with sequence `seq`.
+    pub fn get(&self, seq: u64) -> Option<&Pending> {
+        let first = self.queue.front()?.seq();
+        let i = usize::try_from(seq.checked_sub(first)?).ok()?;
+        self.queue.get(i).filter(|p| p.seq() == seq)
+    }
+
+    /// Replaces everything unacknowledged by one snapshot of the current state, counted
+    /// as an overflow (the queue, or its journal, outgrew its bound).
+    pub fn collapse(&mut self) {
+        self.overflows += 1;
+        self.restart_from_snapshot();
     }
 
     /// Highest sequence the collector acknowledged.
@@ -140,8 +219,7 @@ impl Outbox {
         }
         let n = changes.len();
         if self.entries + n > self.max_entries {
-            self.overflows += 1;
-            self.restart_from_snapshot();
+            self.collapse();
             return Recorded::Collapsed;
         }
         for part in split(changes, MAX_PER_DELTA, MAX_DELTA_BYTES) {
@@ -192,6 +270,9 @@ impl Outbox {
             self.entries -= p.entries();
             self.queue.pop_front();
         }
+        if seq > self.acked {
+            self.effects.push(Effect::Acked(seq));
+        }
         self.acked = self.acked.max(seq);
     }
 
@@ -215,6 +296,7 @@ impl Outbox {
         }
         self.entries += p.entries();
         self.queue.push_back(p);
+        self.effects.push(Effect::Pushed(seq));
     }
 }
 

@@ -131,12 +131,36 @@ fn refused(status: tonic::Status, cx: &cause::Context) -> SessionError {
     }
 }
 
-/// Runs one session with the collector at `url`. Returns whether the collector welcomed it
-/// (then the backoff resets) and how it ended.
-pub async fn run(cfg: &RunConfig, url: &str, shared: &Shared) -> (bool, Result<(), SessionError>) {
-    let mut welcomed = false;
+/// How one session ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// How long it was up after the collector's Welcome; None if it was never welcomed.
+    pub up: Option<Duration>,
+    pub result: Result<(), SessionError>,
+}
+
+impl Outcome {
+    /// The collector refused the session because another live agent, with another
+    /// instance id, holds this certificate's session (`ALREADY_EXISTS`).
+    pub fn duplicate(&self) -> bool {
+        matches!(&self.result, Err(SessionError::Refused(s) | SessionError::Broken(s))
+            if s.code() == tonic::Code::AlreadyExists)
+    }
+}
+
+/// Runs one session with the collector at `url`.
+pub async fn run(cfg: &RunConfig, url: &str, shared: &Shared) -> Outcome {
+    let mut welcomed = None;
     let result = session(cfg, url, shared, &mut welcomed).await;
-    match &result {
+    let outcome = Outcome {
+        up: welcomed.map(|at: std::time::Instant| at.elapsed()),
+        result,
+    };
+    if outcome.duplicate() {
+        // The connection loop says it (rate-limited, with the fix).
+        return outcome;
+    }
+    match &outcome.result {
         Ok(()) => tracing::info!(collector = %url, "Session ended."),
         Err(SessionError::Broken(status) | SessionError::Refused(status))
             if status.code() == tonic::Code::InvalidArgument =>
@@ -152,14 +176,14 @@ pub async fn run(cfg: &RunConfig, url: &str, shared: &Shared) -> (bool, Result<(
         }
         Err(e) => tracing::warn!(collector = %url, error = %e, "Session failed."),
     }
-    (welcomed, result)
+    outcome
 }
 
 async fn session(
     cfg: &RunConfig,
     url: &str,
     shared: &Shared,
-    welcomed: &mut bool,
+    welcomed: &mut Option<std::time::Instant>,
 ) -> Result<(), SessionError> {
     let cx = context(cfg, url);
     let channel = connect(cfg, url, &cx).await?;
@@ -175,7 +199,7 @@ async fn session(
             os_hostname: crate::os::procfs::hostname(),
             session_id: o.session_id.to_vec(),
             acked_sequence: o.acked(),
-            instance_id: Vec::new(),
+            instance_id: shared.instance_id.to_vec(),
         }
     };
     let _ = tx.send(body(v1::agent_message::Body::Hello(hello))).await;
@@ -196,7 +220,7 @@ async fn session(
         }
         None => return Err(SessionError::Closed),
     };
-    *welcomed = true;
+    *welcomed = Some(std::time::Instant::now());
     let per_message = match welcome.max_listeners_per_message {
         0 => DEFAULT_PER_MESSAGE,
         n => (n as usize).min(DEFAULT_PER_MESSAGE),
