@@ -66,8 +66,12 @@ pub(crate) struct Shared {
     /// A scan found nothing new: send a heartbeat with this time.
     pub heartbeat: Mutex<Option<OffsetDateTime>>,
     pub wake: Notify,
-    /// This installation's id (`state.rs`), sent in every Hello.
-    pub instance_id: [u8; 16],
+    /// This installation's id (`state.rs`), sent in every Hello. None without a state
+    /// directory: the agent then sends none, and the collector treats it as an agent from
+    /// before instance ids (a newer connection replaces the older). A per-process id would
+    /// make an agent restarted after an unclean disconnect look like a second machine
+    /// until the collector notices the dead connection.
+    pub instance_id: Option<[u8; 16]>,
 }
 
 impl Shared {
@@ -341,8 +345,8 @@ async fn run_inner(
         None => None,
     };
     let instance_id = match &dir {
-        Some(d) => d.instance_id()?,
-        None => session_id()?,
+        Some(d) => Some(d.instance_id()?),
+        None => None,
     };
     let opts = ScanOptions {
         netns: cfg.netns.clone(),
@@ -355,8 +359,9 @@ async fn run_inner(
     if dir.is_none() && warn_stateless {
         tracing::warn!(
             "No state directory: changes not yet acknowledged by the collector are lost if the \
-             agent restarts, and the instance id changes with every process. Set --state-dir \
-             (or state_dir; the systemd unit sets StateDirectory=)."
+             agent restarts, and without an instance id a second machine using this \
+             certificate cannot be told apart. Set --state-dir (or state_dir; the systemd \
+             unit sets StateDirectory=)."
         );
     }
     let book = open_book(dir.as_ref(), &state_cfg, &cfg, state, at)?;
@@ -428,7 +433,7 @@ async fn run_inner(
                         tracing::error!(
                             collector = %url,
                             cert = %cfg.tls_cert.display(),
-                            instance_id = %state::hex(&shared.instance_id),
+                            instance_id = %shared.instance_id.map_or_else(|| "none".into(), |id| state::hex(&id)),
                             retry_in_s = wait.as_secs(),
                             "Another machine uses this host's certificate: the collector refused \
                              this agent (ALREADY_EXISTS) because an agent with another instance \

@@ -199,7 +199,7 @@ async fn session(
             os_hostname: crate::os::procfs::hostname(),
             session_id: o.session_id.to_vec(),
             acked_sequence: o.acked(),
-            instance_id: shared.instance_id.to_vec(),
+            instance_id: shared.instance_id.map_or_else(Vec::new, |id| id.to_vec()),
         }
     };
     let _ = tx.send(body(v1::agent_message::Body::Hello(hello))).await;

@@ -7,7 +7,11 @@
 //!   would share one instance id.
 //! - `instance-id`: 16 random bytes as 32 hex digits, created once (temp file, fsync,
 //!   rename) and sent in every Hello. The collector tells two machines sharing one
-//!   certificate apart by it (docs/protocol.md); a restarted agent keeps it.
+//!   certificate apart by it (docs/protocol.md); a restarted agent keeps it. Its second
+//!   line names the machine it was made on (`/etc/machine-id` and the host name): a
+//!   state directory copied to another machine (a VM cloned after the agent ran, a
+//!   restored backup) gets a new id there, and the journal it brought (the other
+//!   machine's session) is moved aside, so two clones are two instances, not one.
 //! - `outbox.journal` (and `outbox.journal.unreadable`, a journal that could not be read).
 //!
 //! The directory is created (0700) if only its last component is missing; one that other
@@ -108,41 +112,88 @@ impl StateDir {
     }
 
     /// This installation's instance id: read from `instance-id`, or created there once.
-    /// A file that does not hold one is replaced (with a warning).
+    /// A file that does not hold one is replaced (with a warning); so is one made on
+    /// another machine, whose journal is then moved aside.
     pub fn instance_id(&self) -> Result<[u8; 16], StateError> {
+        self.instance_id_on(&machine())
+    }
+
+    fn instance_id_on(&self, machine: &str) -> Result<[u8; 16], StateError> {
         let file = self.path.join(INSTANCE_ID);
         let unusable = |source| StateError::Unusable {
             path: self.path.clone(),
             source,
         };
         match fs::read_to_string(&file) {
-            Ok(text) => match parse_hex(text.trim()) {
-                Some(id) => return Ok(id),
-                None => tracing::warn!(
-                    file = %file.display(),
-                    "The instance id file does not hold 32 hex digits; writing a new one."
-                ),
-            },
+            Ok(text) => {
+                let mut lines = text.lines();
+                let id = lines.next().and_then(|l| parse_hex(l.trim()));
+                let made_on = lines.next().and_then(|l| l.strip_prefix("machine "));
+                match (id, made_on) {
+                    (Some(id), Some(m)) if m == machine => return Ok(id),
+                    (Some(id), None) => {
+                        // From an agent before the machine line: this machine's.
+                        self.write_instance_id(&id, machine).map_err(unusable)?;
+                        return Ok(id);
+                    }
+                    (Some(_), Some(m)) => {
+                        let journal = self.path.join(super::journal::FILE);
+                        let aside = self.path.join(OTHER_MACHINE_JOURNAL);
+                        let moved = fs::rename(&journal, &aside).is_ok();
+                        tracing::warn!(
+                            state_dir = %self.path.display(),
+                            made_on = m,
+                            this_machine = machine,
+                            journal_moved_to = moved.then(|| aside.display().to_string()),
+                            "The state directory was made on another machine (copied or \
+                             cloned): this machine gets its own instance id and starts a new \
+                             session."
+                        );
+                    }
+                    (None, _) => tracing::warn!(
+                        file = %file.display(),
+                        "The instance id file does not hold 32 hex digits; writing a new one."
+                    ),
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(unusable(e)),
         }
         let id = random_id().map_err(unusable)?;
+        self.write_instance_id(&id, machine).map_err(unusable)?;
+        Ok(id)
+    }
+
+    fn write_instance_id(&self, id: &[u8; 16], machine: &str) -> io::Result<()> {
         let tmp = self.path.join("instance-id.tmp");
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&tmp)
-            .map_err(unusable)?;
-        writeln!(f, "{}", hex(&id)).map_err(unusable)?;
-        f.sync_all().map_err(unusable)?;
-        fs::rename(&tmp, &file).map_err(unusable)?;
-        File::open(&self.path)
-            .and_then(|d| d.sync_all())
-            .map_err(unusable)?;
-        Ok(id)
+            .open(&tmp)?;
+        writeln!(f, "{}\nmachine {machine}", hex(id))?;
+        f.sync_all()?;
+        fs::rename(&tmp, self.path.join(INSTANCE_ID))?;
+        File::open(&self.path).and_then(|d| d.sync_all())
     }
+}
+
+/// Where a journal brought by a state directory copied from another machine goes.
+pub const OTHER_MACHINE_JOURNAL: &str = "outbox.journal.other-machine";
+
+/// This machine, as the instance id file names it: `/etc/machine-id` (`-` when absent)
+/// and the host name, printable and without spaces.
+fn machine() -> String {
+    let id = fs::read_to_string("/etc/machine-id")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "-".into());
+    let tag = format!("{id} {}", crate::os::procfs::hostname());
+    tag.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// 16 random bytes from the OS.
@@ -184,7 +235,7 @@ mod tests {
         let id = s.instance_id().unwrap();
         assert_eq!(s.instance_id().unwrap(), id);
         let text = fs::read_to_string(path.join(INSTANCE_ID)).unwrap();
-        assert_eq!(text, format!("{}\n", hex(&id)));
+        assert_eq!(text, format!("{}\nmachine {}\n", hex(&id), machine()));
         assert_eq!(
             fs::metadata(path.join(INSTANCE_ID))
                 .unwrap()
@@ -204,6 +255,34 @@ mod tests {
         let new = s.instance_id().unwrap();
         assert_ne!(new, id);
         assert_eq!(s.instance_id().unwrap(), new);
+    }
+
+    /// A state directory copied to another machine: a new instance id there, and the
+    /// journal it brought moved aside; back on its own machine the id is kept. A file from
+    /// before the machine line is adopted.
+    #[test]
+    fn a_copied_state_directory_gets_its_own_instance_id() {
+        let dir = listenscope_testkit::TempDir::new("state-clone");
+        let path = dir.join("state");
+        let s = StateDir::open(&path).unwrap();
+        let original = s.instance_id_on("m1 web-01").unwrap();
+        assert_eq!(s.instance_id_on("m1 web-01").unwrap(), original);
+        fs::write(
+            path.join(super::super::journal::FILE),
+            b"the other machine's",
+        )
+        .unwrap();
+        let clone = s.instance_id_on("m2 web-02").unwrap();
+        assert_ne!(clone, original);
+        assert!(!path.join(super::super::journal::FILE).exists());
+        assert_eq!(
+            fs::read(path.join(OTHER_MACHINE_JOURNAL)).unwrap(),
+            b"the other machine's"
+        );
+        assert_eq!(s.instance_id_on("m2 web-02").unwrap(), clone);
+        fs::write(path.join(INSTANCE_ID), format!("{}\n", hex(&original))).unwrap();
+        assert_eq!(s.instance_id_on("m3 web-03").unwrap(), original);
+        assert_eq!(s.instance_id_on("m3 web-03").unwrap(), original);
     }
 
     #[test]
