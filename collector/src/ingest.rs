@@ -289,7 +289,12 @@ async fn session(
     };
     // Before anything is stored: a second machine with this certificate is refused here.
     stop.claim.claim(hello.instance_id).await?;
-    let mut s = Session::open(host, store, limits, tx, hello).await?;
+    let mut s = match Session::open(host, store, limits, tx, hello).await {
+        Ok(s) => s,
+        // Held through another collector sharing the database: the same refusal.
+        Err(Opened::HeldElsewhere(detail)) => return Err(stop.claim.refused(detail).await),
+        Err(Opened::Failed(status)) => return Err(status),
+    };
     drop(hello_bytes);
     let registered = s.stored.clone();
     stop.held.lock().unwrap_or_else(|p| p.into_inner()).insert(
@@ -407,6 +412,26 @@ struct Session<'a> {
     seen_written: Instant,
 }
 
+/// Why a session did not open.
+enum Opened {
+    /// Another agent installation holds the host through another collector (the detail
+    /// for the agent).
+    HeldElsewhere(String),
+    Failed(Status),
+}
+
+impl From<Status> for Opened {
+    fn from(s: Status) -> Opened {
+        Opened::Failed(s)
+    }
+}
+
+impl From<StoreError> for Opened {
+    fn from(e: StoreError) -> Opened {
+        Opened::Failed(e.into())
+    }
+}
+
 impl<'a> Session<'a> {
     /// Records the host and answers Hello with Welcome (and where to resume).
     async fn open(
@@ -415,7 +440,7 @@ impl<'a> Session<'a> {
         limits: &'a Limits,
         tx: &'a mpsc::Sender<Result<v1::CollectorMessage, Status>>,
         hello: wire::Hello,
-    ) -> Result<Session<'a>, Status> {
+    ) -> Result<Session<'a>, Opened> {
         let now = OffsetDateTime::now_utc();
         let instance = (!limits.instance.is_empty()).then_some(limits.instance.as_str());
         // Boxed: a session spends its life idle between messages, and an idle session's
@@ -426,8 +451,26 @@ impl<'a> Session<'a> {
             &hello.agent_version,
             now,
             instance,
+            hello.instance_id,
         ))
         .await?;
+        if let Some(h) = &stored.held_elsewhere {
+            let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+            return Err(Opened::HeldElsewhere(format!(
+                "another agent (instance {}) holds this host's session with the same \
+                 certificate through collector {} (last heard from at {} UTC); this agent is \
+                 instance {}: two machines share one certificate. Issue each its own \
+                 (`listenscope-collector certs issue --host NAME`); a stolen copy: `certs \
+                 revoke`",
+                h.instance_id.as_deref().map_or_else(|| "none".into(), hex),
+                h.collector.as_deref().unwrap_or("unnamed"),
+                h.last_seen,
+                hello
+                    .instance_id
+                    .as_ref()
+                    .map_or_else(|| "none".into(), |i| hex(i)),
+            )));
+        }
         let resume = (stored.session_id.as_deref() == Some(hello.session_id.as_slice())
             && stored.committed_seq >= hello.acked_sequence)
             .then_some(stored.committed_seq);

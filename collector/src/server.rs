@@ -331,6 +331,18 @@ impl Claim {
     }
 }
 
+impl Claim {
+    /// Refuses this connection as a duplicate decided elsewhere (another collector
+    /// sharing the database holds the host for another installation): counted, logged and
+    /// recorded like [`Claim::claim`]'s refusals.
+    pub async fn refused(&self, detail: String) -> Status {
+        self.registry
+            .duplicate_refused(&self.store, &self.host, self.peer, &detail)
+            .await;
+        Status::already_exists(detail)
+    }
+}
+
 fn hex(id: Option<&[u8; 16]>) -> String {
     id.map_or_else(
         || "none".into(),

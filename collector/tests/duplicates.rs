@@ -225,6 +225,68 @@ async fn a_second_machine_is_refused_while_the_first_holds_the_host(db: &DbUrl) 
     c.shutdown().await;
 }
 
+/// Two collectors sharing one PostgreSQL database: machine B, connecting to the other
+/// collector than machine A holds the host through, is refused the same way (each
+/// collector's registry knows only its own sessions; the host row's instance id decides),
+/// and writes nothing. Machine A itself may move to the other collector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_machine_on_another_collector_is_refused() {
+    let (db, _guard) = postgres().await;
+    let pki = Pki::new(&["h1"]);
+    let limits = |name: &str| listenscope_collector::ingest::Limits {
+        instance: name.into(),
+        ..Default::default()
+    };
+    let ca = InProcess::start_with(&pki, &db, limits("collector-a")).await;
+    let cb = InProcess::start_with(&pki, &db, limits("collector-b")).await;
+
+    let (a, first) = open(&pki, ca.addr, 1, 0, "machine-a", Some(A)).await;
+    let mut a = a.unwrap();
+    assert!(matches!(first, Ok(Some(Body::Welcome(_)))), "{first:?}");
+    a.send(snapshot(1, vec![listener_of("machine-a", 22)]))
+        .await;
+    assert!(matches!(a.recv().await, Ok(Some(Body::Ack(_)))));
+
+    let mut b = session_as(&pki, cb.addr, "h1", hello_from(2, 0, "machine-b", Some(B))).await;
+    let _ =
+        b.tx.send(snapshot(1, vec![listener_of("machine-b", 443)]))
+            .await;
+    let st = b
+        .recv()
+        .await
+        .expect_err("refused through the other collector");
+    assert_eq!(st.code(), tonic::Code::AlreadyExists, "{st}");
+    for part in [
+        format!("instance {}", "a1".repeat(16)),
+        "through collector collector-a".into(),
+        "two machines share one certificate".into(),
+    ] {
+        assert!(st.message().contains(&part), "{part}: {st}");
+    }
+    // Machine A keeps writing through collector A; nothing of B was stored.
+    a.send(delta(2, vec![listener_of("machine-a", 80)], vec![]))
+        .await;
+    match a.recv().await {
+        Ok(Some(Body::Ack(ack))) => assert_eq!(ack.sequence, 2),
+        other => panic!("the holder was disturbed: {other:?}"),
+    }
+    assert_eq!(live_ports(&db, "h1").await, [22, 80]);
+    assert_eq!(
+        one(
+            &db,
+            "SELECT os_hostname, collector, duplicate_refusals >= 1 FROM hosts WHERE host = 'h1'"
+        )
+        .await,
+        [json!("machine-a"), json!("collector-a"), json!(true)]
+    );
+    // The same installation may move to collector B (its old session there ends).
+    let (moved, first) = open(&pki, cb.addr, 1, 2, "machine-a", Some(A)).await;
+    assert!(matches!(first, Ok(Some(Body::Welcome(_)))), "{first:?}");
+    drop(moved);
+    ca.shutdown().await;
+    cb.shutdown().await;
+}
+
 async fn the_same_installation_and_old_agents_replace_the_older_session(db: &DbUrl) {
     let pki = Pki::new(&["h1"]);
     let c = InProcess::start(&pki, db).await;

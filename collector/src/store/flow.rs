@@ -78,6 +78,8 @@ pub(crate) struct HelloWork {
     pub now: OffsetDateTime,
     /// The collector instance accepting the session (shown in the `hosts` view).
     pub collector: Option<String>,
+    /// The agent installation (Hello.instance_id).
+    pub instance_id: Option<[u8; 16]>,
 }
 
 /// One message ready for a transaction: keys and fingerprints computed beforehand.
@@ -201,7 +203,9 @@ pub(crate) trait Backend: Sync {
 
     fn pool(&self) -> &Pool<Self::Db>;
 
-    /// Creates or updates the host row and bumps its epoch.
+    /// Creates or updates the host row and bumps its epoch; or, when another agent
+    /// installation holds the host through another collector and was heard from within
+    /// `stale_after`, changes nothing and says who holds it.
     fn hello(
         c: &mut Conn<Self>,
         hello: &HelloWork,

@@ -258,6 +258,19 @@ pub struct HostSession {
     pub committed_seq: u64,
     /// This connection's epoch: only it may write for the host until the next Hello.
     pub epoch: i64,
+    /// Set when the Hello was refused, nothing written: another agent installation holds
+    /// the host through another collector sharing the database, and was heard from within
+    /// `stale_after` (docs/protocol.md, "One host, one agent").
+    pub held_elsewhere: Option<HeldElsewhere>,
+}
+
+/// Who holds a host whose Hello was refused ([`HostSession::held_elsewhere`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldElsewhere {
+    pub instance_id: Option<Vec<u8>>,
+    pub collector: Option<String>,
+    /// When the holder was last heard from, as stored.
+    pub last_seen: String,
 }
 
 /// The outcome of storing one message.
@@ -341,7 +354,7 @@ impl Store {
         agent_version: &str,
         now: OffsetDateTime,
     ) -> Result<HostSession, StoreError> {
-        self.hello_at(host, os_hostname, agent_version, now, None)
+        self.hello_at(host, os_hostname, agent_version, now, None, None)
             .await
     }
 
@@ -353,9 +366,11 @@ impl Store {
         agent_version: &str,
         now: OffsetDateTime,
         collector: Option<&str>,
+        instance_id: Option<[u8; 16]>,
     ) -> Result<HostSession, StoreError> {
         self.writer
             .hello(flow::HelloWork {
+                instance_id,
                 host: host.to_string(),
                 os_hostname: os_hostname.to_string(),
                 agent_version: agent_version.to_string(),

@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 use super::flow::{self, Backend, HelloWork, HostRow, HostUpdate, LiveWanted, Rebuild, Write};
 use super::plan::LiveRow;
 use super::row::{self, COLUMNS, Kind, Val};
-use super::{ConnectCause, HostSession, StoreError, StoreOptions, redact};
+use super::{ConnectCause, HeldElsewhere, HostSession, StoreError, StoreOptions, redact};
 
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -414,15 +414,23 @@ impl Backend for PgStore {
     }
 
     async fn hello(c: &mut PgConnection, h: &HelloWork) -> Result<HostSession, StoreError> {
+        // The WHERE is the rule of docs/protocol.md, "One host, one agent", across
+        // collectors: this collector's own sessions were decided by its registry.
         let row = sqlx::query(
             "INSERT INTO host (name, os_hostname, agent_version, first_seen, last_seen,
-                               session_epoch, collector)
-                 VALUES ($1, $2, $3, $4, $4, 1, $5)
+                               session_epoch, collector, instance_id)
+                 VALUES ($1, $2, $3, $4, $4, 1, $5, $6)
                  ON CONFLICT (name) DO UPDATE SET os_hostname = excluded.os_hostname,
                      agent_version = excluded.agent_version,
                      last_seen = excluded.last_seen,
                      session_epoch = host.session_epoch + 1,
-                     collector = excluded.collector
+                     collector = excluded.collector,
+                     instance_id = excluded.instance_id
+                 WHERE host.instance_id IS NULL OR excluded.instance_id IS NULL
+                     OR host.instance_id = excluded.instance_id
+                     OR host.collector IS NOT DISTINCT FROM excluded.collector
+                     OR excluded.last_seen - host.last_seen > make_interval(secs =>
+                        (SELECT value::float8 FROM setting WHERE key = 'stale_after_seconds'))
                  RETURNING id, session_id, committed_seq, session_epoch",
         )
         .bind(&h.host)
@@ -430,13 +438,36 @@ impl Backend for PgStore {
         .bind(&h.agent_version)
         .bind(h.now)
         .bind(h.collector.as_deref())
-        .fetch_one(c)
+        .bind(h.instance_id.map(|i| i.to_vec()))
+        .fetch_optional(&mut *c)
         .await?;
+        let Some(row) = row else {
+            let held = sqlx::query(
+                "SELECT id, session_id, committed_seq, session_epoch, instance_id, collector,
+                        to_char(last_seen AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') AS seen
+                 FROM host WHERE name = $1",
+            )
+            .bind(&h.host)
+            .fetch_one(c)
+            .await?;
+            return Ok(HostSession {
+                host_id: held.try_get("id")?,
+                session_id: held.try_get("session_id")?,
+                committed_seq: held.try_get::<i64, _>("committed_seq")? as u64,
+                epoch: held.try_get("session_epoch")?,
+                held_elsewhere: Some(HeldElsewhere {
+                    instance_id: held.try_get("instance_id")?,
+                    collector: held.try_get("collector")?,
+                    last_seen: held.try_get("seen")?,
+                }),
+            });
+        };
         Ok(HostSession {
             host_id: row.try_get("id")?,
             session_id: row.try_get("session_id")?,
             committed_seq: row.try_get::<i64, _>("committed_seq")? as u64,
             epoch: row.try_get("session_epoch")?,
+            held_elsewhere: None,
         })
     }
 
