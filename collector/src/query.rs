@@ -106,6 +106,12 @@ pub enum QueryError {
     WriteRefused(String),
     #[error("SQL error: {0}")]
     Sql(String),
+    /// Writing the streamed result failed.
+    #[error("cannot write the result: {0}")]
+    Output(String),
+    /// The reader of the streamed result went away (a closed pipe, `| head`).
+    #[error("the reader of the result went away")]
+    OutputClosed,
     #[error("the result has more than {MAX_ROWS} rows; add a LIMIT or a WHERE")]
     TooManyRows,
     #[error(
@@ -433,6 +439,35 @@ impl ReadOnly {
         params: &[Param],
         bounds: Bounds,
     ) -> Result<ResultSet, QueryError> {
+        let mut out = ResultSet::default();
+        self.run_each(sql, params, bounds, &mut out).await?;
+        Ok(out)
+    }
+
+    /// [`ReadOnly::run_bounded`] writing the rows to `sink` as they are read (CSV or
+    /// JSON: memory stays one row whatever `bounds` allows). On an error past the first
+    /// row the output is incomplete: the JSON is left unclosed, so no parser takes it
+    /// for a whole answer, and the caller exits non-zero.
+    pub async fn run_streaming(
+        &self,
+        sql: &str,
+        bounds: Bounds,
+        sink: &mut (dyn RowSink + Send),
+    ) -> Result<(), QueryError> {
+        self.run_each(sql, &[], bounds, &mut Streamed(&mut *sink))
+            .await?;
+        sink.finish().map_err(output_error)
+    }
+
+    /// The engine under both: `head` gets the column names once (also for no rows),
+    /// then `each` every row, in order, within `bounds`.
+    async fn run_each(
+        &self,
+        sql: &str,
+        params: &[Param],
+        bounds: Bounds,
+        rows: &mut (dyn Consumer + Send),
+    ) -> Result<(), QueryError> {
         let timeout = bounds.timeout;
         let timed_out = |e: QueryError| match e {
             QueryError::Timeout(_) => QueryError::Timeout(timeout),
@@ -467,14 +502,45 @@ impl ReadOnly {
                     rows: bounds.max_rows,
                     bytes: bounds.max_bytes,
                 };
-                let mut rows = sqlite_step::run(&mut handle, sql, &binds, caps, deadline)
-                    .map_err(step_error)
-                    .map_err(timed_out)?;
-                typed(&mut rows);
-                Ok(ResultSet {
-                    columns: rows.columns,
-                    rows: rows.rows,
-                })
+                // Both callbacks reach the consumer; what it said when it stopped the
+                // stepping is kept for the caller.
+                let state = std::cell::RefCell::new((rows, None::<Typer>, None::<QueryError>));
+                let stepped = sqlite_step::run_each(
+                    &mut handle,
+                    sql,
+                    &binds,
+                    caps,
+                    deadline,
+                    &mut |columns, origins| {
+                        let (rows, typer, failed) = &mut *state.borrow_mut();
+                        *typer = Some(Typer::new(columns, origins));
+                        if let Err(e) = rows.head(columns) {
+                            *failed = Some(e);
+                        }
+                    },
+                    &mut |mut row| {
+                        let (rows, typer, failed) = &mut *state.borrow_mut();
+                        if failed.is_some() {
+                            return false;
+                        }
+                        if let Some(t) = typer {
+                            t.apply(&mut row);
+                        }
+                        match rows.row(row) {
+                            Ok(()) => true,
+                            Err(e) => {
+                                *failed = Some(e);
+                                false
+                            }
+                        }
+                    },
+                );
+                let failed = state.into_inner().2;
+                match (stepped, failed) {
+                    (_, Some(e)) => Err(e),
+                    (Err(e), None) => Err(timed_out(step_error(e))),
+                    (Ok(()), None) => Ok(()),
+                }
             }
             ReadOnly::Postgres(pool) => {
                 // The connection defaults to read-only transactions; say it again here so a
@@ -515,21 +581,24 @@ impl ReadOnly {
                         Param::Time(t) => q.bind(*t),
                     };
                 }
-                let mut out = ResultSet::default();
+                let mut read: usize = 0;
                 let mut held: u64 = 0;
+                let mut headed = false;
                 {
-                    let mut rows = q.fetch(&mut *tx);
-                    while let Some(row) = rows
+                    let mut fetched = q.fetch(&mut *tx);
+                    while let Some(row) = fetched
                         .try_next()
                         .await
                         .map_err(sql_error)
                         .map_err(timed_out)?
                     {
-                        if out.columns.is_empty() {
-                            out.columns =
+                        if !headed {
+                            let names: Vec<String> =
                                 row.columns().iter().map(|c| c.name().to_string()).collect();
+                            rows.head(&names)?;
+                            headed = true;
                         }
-                        if out.rows.len() == bounds.max_rows {
+                        if read == bounds.max_rows {
                             return Err(QueryError::RowsOver(bounds.max_rows));
                         }
                         // Counted from the row as received, before any value is copied
@@ -539,21 +608,141 @@ impl ReadOnly {
                         if held > bounds.max_bytes {
                             return Err(QueryError::BytesOver(bounds.max_bytes));
                         }
-                        out.rows.push(pg_row(&row)?);
+                        read += 1;
+                        rows.row(pg_row(&row)?)?;
                     }
                 }
-                if out.columns.is_empty() {
+                if !headed {
                     // No row to read the names from: the statement's description has them
                     // (a CSV header and a table header for zero rows, as on SQLite).
-                    out.columns = match described {
+                    let names = match described {
                         Some(columns) => columns,
                         None => pg_columns(&mut tx, sql).await?,
                     };
+                    rows.head(&names)?;
                 }
                 tx.rollback().await.map_err(sql_error)?;
-                Ok(out)
+                Ok(())
             }
         }
+    }
+}
+
+/// What [`ReadOnly::run_each`] hands the rows to.
+trait Consumer {
+    fn head(&mut self, columns: &[String]) -> Result<(), QueryError>;
+    fn row(&mut self, row: Vec<Value>) -> Result<(), QueryError>;
+}
+
+/// Kept whole ([`ReadOnly::run_bounded`]).
+impl Consumer for ResultSet {
+    fn head(&mut self, columns: &[String]) -> Result<(), QueryError> {
+        self.columns = columns.to_vec();
+        Ok(())
+    }
+
+    fn row(&mut self, row: Vec<Value>) -> Result<(), QueryError> {
+        self.rows.push(row);
+        Ok(())
+    }
+}
+
+/// Written as read ([`ReadOnly::run_streaming`]).
+struct Streamed<'a>(&'a mut (dyn RowSink + Send));
+
+impl Consumer for Streamed<'_> {
+    fn head(&mut self, columns: &[String]) -> Result<(), QueryError> {
+        self.0.head(columns).map_err(output_error)
+    }
+
+    fn row(&mut self, row: Vec<Value>) -> Result<(), QueryError> {
+        self.0.row(&row).map_err(output_error)
+    }
+}
+
+fn output_error(e: io::Error) -> QueryError {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe => QueryError::OutputClosed,
+        _ => QueryError::Output(e.to_string()),
+    }
+}
+
+/// Where [`ReadOnly::run_streaming`] writes: the column names once, then each row.
+pub trait RowSink {
+    fn head(&mut self, columns: &[String]) -> io::Result<()>;
+    fn row(&mut self, row: &[Value]) -> io::Result<()>;
+    /// After the last row (not called when the query fails).
+    fn finish(&mut self) -> io::Result<()>;
+}
+
+/// CSV as [`write_csv`] writes it, a line at a time.
+#[allow(
+    missing_debug_implementations,
+    reason = "a writer, no state worth printing"
+)]
+pub struct CsvSink<W> {
+    pub out: W,
+    pub header: bool,
+}
+
+impl<W: Write> RowSink for CsvSink<W> {
+    fn head(&mut self, columns: &[String]) -> io::Result<()> {
+        if self.header {
+            let names: Vec<Cow<'_, str>> =
+                columns.iter().map(|c| Cow::Borrowed(c.as_str())).collect();
+            writeln!(self.out, "{}", csv_line(&names))?;
+        }
+        Ok(())
+    }
+
+    fn row(&mut self, row: &[Value]) -> io::Result<()> {
+        let cells: Vec<Cow<'_, str>> = row.iter().map(|v| printable_cell(v, &BREAKS)).collect();
+        writeln!(self.out, "{}", csv_line(&cells))
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// JSON as [`write_json`] writes it, an object at a time.
+#[allow(
+    missing_debug_implementations,
+    reason = "a writer, no state worth printing"
+)]
+pub struct JsonSink<W> {
+    out: W,
+    columns: Vec<String>,
+    rows: usize,
+}
+
+impl<W: Write> JsonSink<W> {
+    pub fn new(out: W) -> JsonSink<W> {
+        JsonSink {
+            out,
+            columns: Vec::new(),
+            rows: 0,
+        }
+    }
+}
+
+impl<W: Write> RowSink for JsonSink<W> {
+    fn head(&mut self, columns: &[String]) -> io::Result<()> {
+        self.columns = columns.to_vec();
+        self.out.write_all(b"[")
+    }
+
+    fn row(&mut self, row: &[Value]) -> io::Result<()> {
+        if self.rows > 0 {
+            self.out.write_all(b",")?;
+        }
+        self.rows += 1;
+        json_object(&self.columns, row, &mut self.out)
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.out.write_all(b"]\n")?;
+        self.out.flush()
     }
 }
 
@@ -577,30 +766,39 @@ async fn pg_columns(
 /// SQLite's values as PostgreSQL's types give them: 0/1 in a boolean column of the schema
 /// (found through the column's origin, views included) as a boolean, JSON text in a JSON
 /// column as the nested value. Anything else is left as it is, so a count or an
-/// expression stays a number.
-fn typed(rows: &mut sqlite_step::Rows) {
-    #[derive(Clone, Copy, PartialEq)]
-    enum Kind {
-        Plain,
-        Bool,
-        Json,
+/// expression stays a number. What each column becomes is found once, from the
+/// statement; each row is then converted as it is read.
+struct Typer {
+    kinds: Option<Vec<Kind>>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Plain,
+    Bool,
+    Json,
+}
+
+impl Typer {
+    fn new(columns: &[String], origins: &[sqlite_step::Origin]) -> Typer {
+        let kinds: Vec<Kind> = columns
+            .iter()
+            .zip(origins)
+            .map(|(name, origin)| match origin {
+                Some((t, c)) if BOOLEAN_COLUMNS.contains(&(t.as_str(), c.as_str())) => Kind::Bool,
+                Some((t, c)) if JSON_COLUMNS.contains(&(t.as_str(), c.as_str())) => Kind::Json,
+                None if BOOLEAN_EXPRESSIONS.contains(&name.as_str()) => Kind::Bool,
+                _ => Kind::Plain,
+            })
+            .collect();
+        Typer {
+            kinds: (!kinds.iter().all(|k| *k == Kind::Plain)).then_some(kinds),
+        }
     }
-    let kinds: Vec<Kind> = rows
-        .columns
-        .iter()
-        .zip(&rows.origins)
-        .map(|(name, origin)| match origin {
-            Some((t, c)) if BOOLEAN_COLUMNS.contains(&(t.as_str(), c.as_str())) => Kind::Bool,
-            Some((t, c)) if JSON_COLUMNS.contains(&(t.as_str(), c.as_str())) => Kind::Json,
-            None if BOOLEAN_EXPRESSIONS.contains(&name.as_str()) => Kind::Bool,
-            _ => Kind::Plain,
-        })
-        .collect();
-    if kinds.iter().all(|k| *k == Kind::Plain) {
-        return;
-    }
-    for row in &mut rows.rows {
-        for (v, kind) in row.iter_mut().zip(&kinds) {
+
+    fn apply(&self, row: &mut [Value]) {
+        let Some(kinds) = &self.kinds else { return };
+        for (v, kind) in row.iter_mut().zip(kinds) {
             match (kind, &*v) {
                 (Kind::Bool, Value::Number(n)) if n.as_i64() == Some(0) => *v = Value::Bool(false),
                 (Kind::Bool, Value::Number(n)) if n.as_i64() == Some(1) => *v = Value::Bool(true),
@@ -823,6 +1021,8 @@ fn step_error(e: StepError) -> QueryError {
             QueryError::WriteRefused("the statement would change the database".into())
         }
         StepError::TimedOut => QueryError::Timeout(Duration::ZERO),
+        // The sink keeps its own error and returns it instead.
+        StepError::Stopped => QueryError::Output("stopped".into()),
     }
 }
 
@@ -1126,15 +1326,31 @@ pub fn write_json(rs: &ResultSet, out: &mut dyn Write) -> io::Result<()> {
         if i > 0 {
             out.write_all(b",")?;
         }
-        let mut m = Map::new();
-        for (c, v) in rs.columns.iter().zip(r) {
-            m.insert(c.clone(), v.clone());
-        }
-        listenscope_core::json::to_writer(&mut *out, &Value::Object(m))
-            .map_err(io::Error::other)?;
+        json_object(&rs.columns, r, &mut *out)?;
     }
     out.write_all(b"]")?;
     writeln!(out)
+}
+
+/// One row as an object keyed by column name.
+fn json_object(columns: &[String], row: &[Value], out: &mut dyn Write) -> io::Result<()> {
+    let mut m = Map::new();
+    for (c, v) in columns.iter().zip(row) {
+        m.insert(c.clone(), v.clone());
+    }
+    listenscope_core::json::to_writer(out, &Value::Object(m)).map_err(io::Error::other)
+}
+
+/// RFC 4180 fields (quoted when they hold a comma, quote or line break), joined.
+fn csv_line(cells: &[Cow<'_, str>]) -> String {
+    fn field(s: &str) -> String {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    }
+    cells.iter().map(|c| field(c)).collect::<Vec<_>>().join(",")
 }
 
 pub fn write_csv(rs: &ResultSet, out: &mut dyn Write) -> io::Result<()> {
@@ -1146,33 +1362,10 @@ pub fn write_csv(rs: &ResultSet, out: &mut dyn Write) -> io::Result<()> {
 /// header line even for zero rows, unless `header` is false. Nested JSON values (e.g.
 /// `process_details`) are written as JSON text.
 fn write_csv_with(rs: &ResultSet, header: bool, out: &mut dyn Write) -> io::Result<()> {
-    fn field(s: &str) -> String {
-        if s.contains([',', '"', '\n', '\r']) {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        } else {
-            s.to_string()
-        }
-    }
-    let line =
-        |cells: Vec<Cow<'_, str>>| cells.iter().map(|c| field(c)).collect::<Vec<_>>().join(",");
-    if header {
-        writeln!(
-            out,
-            "{}",
-            line(
-                rs.columns
-                    .iter()
-                    .map(|c| Cow::Borrowed(c.as_str()))
-                    .collect()
-            )
-        )?;
-    }
+    let mut sink = CsvSink { out, header };
+    sink.head(&rs.columns)?;
     for r in &rs.rows {
-        writeln!(
-            out,
-            "{}",
-            line(r.iter().map(|v| printable_cell(v, &BREAKS)).collect())
-        )?;
+        sink.row(r)?;
     }
     Ok(())
 }

@@ -25,10 +25,17 @@ use util::*;
 /// peak resident memory.
 struct Run {
     code: i32,
+    /// The first [`KEPT`] bytes of stdout.
     stdout: String,
+    /// All of stdout's bytes, counted.
+    stdout_bytes: u64,
     stderr: String,
     max_rss_bytes: u64,
 }
+
+/// Stdout kept for assertions; the rest is only counted (a streamed result of hundreds
+/// of MiB is not held by the test either).
+const KEPT: usize = 1 << 20;
 
 /// Runs the collector with `args` and waits for it with `wait4`, which reports that one
 /// child's peak RSS (other tests' children running at the same time do not count).
@@ -42,13 +49,21 @@ fn collector(args: &[&str]) -> Run {
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        out.read_to_end(&mut s).unwrap();
-        s
+        let (mut kept, mut total) = (Vec::new(), 0u64);
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            let n = out.read(&mut buf).unwrap();
+            if n == 0 {
+                break (kept, total);
+            }
+            total += n as u64;
+            let room = KEPT.saturating_sub(kept.len()).min(n);
+            kept.extend_from_slice(&buf[..room]);
+        }
     });
     let mut stderr = Vec::new();
     err.read_to_end(&mut stderr).unwrap();
-    let stdout = reader.join().unwrap();
+    let (stdout, stdout_bytes) = reader.join().unwrap();
     let mut status = 0;
     // SAFETY: zeroed rusage is a valid value to be filled in.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -60,6 +75,7 @@ fn collector(args: &[&str]) -> Run {
     Run {
         code: libc::WEXITSTATUS(status),
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stdout_bytes,
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
         max_rss_bytes: u64::try_from(usage.ru_maxrss).unwrap() * 1024,
     }
@@ -168,11 +184,14 @@ async fn sqlite_caps_rows_and_bytes() {
 }
 
 /// What both databases must show: `big` (a million rows of 1 KiB) stops at the default
-/// byte cap within bounded memory; `hundred` (100 rows) stops at `--max-rows 10` and at
-/// `--max-bytes 64KiB`, and prints whole within the defaults; `one_value` (a single
-/// 500 MB value) is refused at the default cap.
+/// byte cap: a table (built whole for its widths) within bounded memory and printing
+/// nothing; CSV and JSON streamed, 256 MiB written while the process stays at a few
+/// rows' memory, then the same error (JSON left unclosed, so no parser takes it for a
+/// whole answer). `hundred` (100 rows) stops at `--max-rows 10` and at `--max-bytes
+/// 64KiB`, and prints whole within the defaults; `one_value` (a single 500 MB value) is
+/// refused at the default cap.
 fn check_caps(url: &str, big: &str, hundred: &str, one_value: &str) {
-    let r = collector(&["query", "--db", url, "--csv", big]);
+    let r = collector(&["query", "--db", url, big]);
     assert_eq!(r.code, 2, "{url}: {}", r.stderr);
     assert!(
         r.stderr.contains("more than 256MiB") && r.stderr.matches("--max-bytes").count() == 1,
@@ -186,6 +205,26 @@ fn check_caps(url: &str, big: &str, hundred: &str, one_value: &str) {
         "{url}: the capped query peaked at {} MiB",
         r.max_rss_bytes >> 20
     );
+    for format in ["--csv", "--json"] {
+        let r = collector(&["query", "--db", url, format, big]);
+        assert_eq!(r.code, 2, "{url} {format}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("more than 256MiB") && r.stderr.matches("--max-bytes").count() == 1,
+            "{url} {format}: {}",
+            r.stderr
+        );
+        assert!(
+            r.stdout_bytes > 200 << 20,
+            "{url} {format}: only {} bytes streamed before the cap",
+            r.stdout_bytes
+        );
+        // Streamed: the process holds a row at a time, not the 256 MiB it wrote.
+        assert!(
+            r.max_rss_bytes < 120 << 20,
+            "{url} {format}: streaming peaked at {} MiB",
+            r.max_rss_bytes >> 20
+        );
+    }
 
     let r = collector(&["query", "--db", url, "--max-rows", "10", hundred]);
     assert_eq!(r.code, 2, "{url}: {}", r.stderr);

@@ -108,7 +108,8 @@ pub struct QueryArgs {
         value_parser = listenscope_core::config::parse_duration
     )]
     pub timeout: Duration,
-    /// Fail (printing nothing) when the result has more rows than this.
+    /// Stop and fail (exit 2) past this many rows: a table prints nothing; CSV and JSON,
+    /// written as the rows are read, stop there (JSON left unclosed).
     #[arg(
         long,
         value_name = "N",
@@ -116,8 +117,9 @@ pub struct QueryArgs {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
     )]
     pub max_rows: usize,
-    /// Fail (printing nothing) when the result takes more memory than this: each value's
-    /// text plus 32 bytes per value (e.g. 64MiB, 1GiB). A single larger value is refused
+    /// Stop and fail (exit 2) past this many bytes of values: each value's text plus 32
+    /// bytes per value (e.g. 64MiB, 1GiB). It bounds a table's memory (built whole); CSV
+    /// and JSON are streamed, so it bounds their output. A single larger value is refused
     /// before it is made on SQLite.
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = query::parse_bytes)]
     pub max_bytes: u64,
@@ -217,10 +219,34 @@ pub(super) async fn query_cmd(a: QueryArgs) -> anyhow::Result<Exit> {
         max_rows: a.max_rows,
         max_bytes: a.max_bytes,
     };
-    let rs = ro.run_bounded(&a.sql, &[], bounds).await;
+    // CSV and JSON are written as the rows are read (memory stays one row whatever
+    // --max-bytes allows); a table needs every row for its column widths, so it is built
+    // whole, within the bounds.
+    let streamed = match a.output.format() {
+        Format::Table => None,
+        Format::Csv => Some(Box::new(query::CsvSink {
+            out: io::BufWriter::new(io::stdout()),
+            header: !a.output.no_header,
+        }) as Box<dyn query::RowSink + Send>),
+        Format::Json => Some(
+            Box::new(query::JsonSink::new(io::BufWriter::new(io::stdout())))
+                as Box<dyn query::RowSink + Send>,
+        ),
+    };
+    let Some(mut sink) = streamed else {
+        let rs = ro.run_bounded(&a.sql, &[], bounds).await;
+        ro.close().await;
+        print(&rs.map_err(once)?, &a.output)?;
+        return Ok(Exit::Success);
+    };
+    let done = ro.run_streaming(&a.sql, bounds, &mut *sink).await;
     ro.close().await;
-    print(&rs.map_err(once)?, &a.output)?;
-    Ok(Exit::Success)
+    match done {
+        // A reader that went away (`| head`) ends the output quietly.
+        Err(query::QueryError::OutputClosed) => Ok(Exit::Success),
+        Err(e) => Err(once(e)),
+        Ok(()) => Ok(Exit::Success),
+    }
 }
 
 /// Refuses a PostgreSQL role that could do more than read, unless `allow` (then warns).

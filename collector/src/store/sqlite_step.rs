@@ -65,6 +65,9 @@ pub enum StepError {
     /// The deadline passed; the statement was interrupted.
     #[error("the statement ran past its deadline")]
     TimedOut,
+    /// The caller's row consumer asked to stop (it keeps its own reason).
+    #[error("stopped by the reader of the rows")]
+    Stopped,
 }
 
 impl StepError {
@@ -77,7 +80,12 @@ impl StepError {
     }
 }
 
+/// Where a result column comes from: (table, column) for a plain column of a table
+/// (through views too), `None` for an expression.
+pub(crate) type Origin = Option<(String, String)>;
+
 /// Column names and rows (integers, reals, text, null; blobs as hex text).
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub(crate) struct Rows {
     pub columns: Vec<String>,
@@ -277,6 +285,7 @@ pub(crate) fn cell_bytes(payload: u64) -> u64 {
 /// Runs the one statement in `sql` with `binds` on the locked connection and returns at
 /// most `caps` of rows. What the authorizer or SQLite does not judge read-only is refused
 /// before its first step; one still running at `deadline` is interrupted.
+#[cfg(test)]
 pub(crate) fn run(
     handle: &mut LockedSqliteHandle<'_>,
     sql: &str,
@@ -284,6 +293,39 @@ pub(crate) fn run(
     caps: Caps,
     deadline: Option<Instant>,
 ) -> Result<Rows, StepError> {
+    let mut head = (Vec::new(), Vec::new());
+    let mut rows = Vec::new();
+    run_each(
+        handle,
+        sql,
+        binds,
+        caps,
+        deadline,
+        &mut |columns, origins| head = (columns.to_vec(), origins.to_vec()),
+        &mut |row| {
+            rows.push(row);
+            true
+        },
+    )?;
+    Ok(Rows {
+        columns: head.0,
+        origins: head.1,
+        rows,
+    })
+}
+
+/// [`run`], handing each row to `each` as it is read instead of keeping it (`head` gets
+/// the column names and origins first, even for no rows). The caps count every row
+/// handed on. `each` returns false to stop: [`StepError::Stopped`].
+pub(crate) fn run_each(
+    handle: &mut LockedSqliteHandle<'_>,
+    sql: &str,
+    binds: &[Bind<'_>],
+    caps: Caps,
+    deadline: Option<Instant>,
+    head: &mut dyn FnMut(&[String], &[Origin]),
+    each: &mut dyn FnMut(Vec<Value>) -> bool,
+) -> Result<(), StepError> {
     let db = handle.as_raw_handle();
     // Declared before the statement: removed (and the length limit restored) only after
     // it is finalized, so SQLite never calls into a guard that is gone.
@@ -302,11 +344,10 @@ pub(crate) fn run(
     bind_all(db, &stmt, binds)?;
     // SAFETY: `s` is a live statement.
     let count = unsafe { ffi::sqlite3_column_count(s) };
-    let mut out = Rows {
-        columns: (0..count).map(|i| column_name(s, i)).collect(),
-        origins: (0..count).map(|i| column_origin(s, i)).collect(),
-        rows: Vec::new(),
-    };
+    let columns: Vec<String> = (0..count).map(|i| column_name(s, i)).collect();
+    let origins: Vec<Origin> = (0..count).map(|i| column_origin(s, i)).collect();
+    head(&columns, &origins);
+    let mut read: usize = 0;
     // Declared after `stmt`: dropped (the handler removed) before the statement is
     // finalized, and before `deadline`'s storage goes.
     let _progress = deadline.as_ref().map(|d| Progress::install(db, d));
@@ -315,7 +356,7 @@ pub(crate) fn run(
         // SAFETY: `s` is live and stepped on this thread only.
         match unsafe { ffi::sqlite3_step(s) } & 0xff {
             ffi::SQLITE_ROW => {
-                if out.rows.len() == caps.rows {
+                if read == caps.rows {
                     return Err(StepError::TooManyRows);
                 }
                 // Sizes first, from SQLite's own lengths: a row past the cap is never
@@ -326,9 +367,12 @@ pub(crate) fn run(
                 if held > caps.bytes {
                     return Err(StepError::TooManyBytes);
                 }
-                out.rows.push((0..count).map(|i| column(s, i)).collect());
+                read += 1;
+                if !each((0..count).map(|i| column(s, i)).collect()) {
+                    return Err(StepError::Stopped);
+                }
             }
-            ffi::SQLITE_DONE => return Ok(out),
+            ffi::SQLITE_DONE => return Ok(()),
             ffi::SQLITE_INTERRUPT if deadline.is_some_and(|d| Instant::now() >= d) => {
                 return Err(StepError::TimedOut);
             }
