@@ -60,6 +60,8 @@ pub struct Limits {
     /// A snapshot whose next chunk does not arrive within this long ends the session
     /// (its holder would keep an in-flight place forever).
     pub chunk_wait: std::time::Duration,
+    /// Bounds on connections before they authenticate and speak HTTP/2 (the accept loop).
+    pub admission: crate::admission::AdmissionLimits,
 }
 
 impl Default for Limits {
@@ -73,6 +75,7 @@ impl Default for Limits {
             instance: String::new(),
             in_flight: 2048,
             chunk_wait: std::time::Duration::from_secs(60),
+            admission: crate::admission::AdmissionLimits::default(),
         }
     }
 }

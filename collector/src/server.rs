@@ -245,6 +245,7 @@ pub async fn serve(
         listener,
         tls,
         Arc::clone(&service.tls_refusals),
+        service.limits.admission.clone(),
     ));
     let inventory = InventoryServer::new(service)
         .max_decoding_message_size(ingest::DECODE_LIMIT_BYTES)
