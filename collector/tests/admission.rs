@@ -369,12 +369,11 @@ async fn distributed_flood_leaves_known_agents_their_reserve() {
             .unwrap_or_else(|e| panic!("{host} before the flood: {e}"));
     }
     let flood = Flood::start(c.addr, &sources(2, 40), 40, true);
-    wait_until_async(
-        Duration::from_secs(60),
-        "the flood fills the shared handshake places",
-        || async { c.rejected("handshake_limit").await > 0 },
-    )
+    wait_until_async(Duration::from_secs(60), "the flood is under way", || async {
+        flood.open() + flood.closed() >= 1600
+    })
     .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     for (host, from) in &agents {
         let took = agent_welcome(&pki, c.addr, host, *from)
             .await
@@ -386,6 +385,10 @@ async fn distributed_flood_leaves_known_agents_their_reserve() {
             });
         eprintln!("{host}: Welcome after {took:?}");
     }
+    assert!(
+        c.rejected("handshake_limit").await > 0,
+        "the flood filled the shared places"
+    );
     flood.end().await;
     c.stop();
 }
