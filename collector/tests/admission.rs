@@ -165,18 +165,26 @@ impl Flood {
                             () = stop.cancelled() => return,
                             c = tokio::time::timeout(Duration::from_secs(5), sock.connect(target)) => c,
                         };
-                        if let Ok(Ok(mut tcp)) = connected {
-                            open.fetch_add(1, Ordering::Relaxed);
-                            let mut buf = [0u8; 64];
-                            tokio::select! {
-                                () = stop.cancelled() => {
-                                    open.fetch_sub(1, Ordering::Relaxed);
-                                    return;
+                        match connected {
+                            Ok(Ok(mut tcp)) => {
+                                open.fetch_add(1, Ordering::Relaxed);
+                                let mut buf = [0u8; 64];
+                                tokio::select! {
+                                    () = stop.cancelled() => {
+                                        open.fetch_sub(1, Ordering::Relaxed);
+                                        return;
+                                    }
+                                    _ = tcp.read(&mut buf) => {}
                                 }
-                                _ = tcp.read(&mut buf) => {}
+                                open.fetch_sub(1, Ordering::Relaxed);
+                                closed.fetch_add(1, Ordering::Relaxed);
                             }
-                            open.fetch_sub(1, Ordering::Relaxed);
-                            closed.fetch_add(1, Ordering::Relaxed);
+                            // Reset by the collector before this task saw it connected.
+                            Ok(Err(_)) => {
+                                closed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            // No answer to the SYN (a full backlog): try again.
+                            Err(_) => {}
                         }
                         if !reopen {
                             return;
