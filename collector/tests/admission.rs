@@ -489,3 +489,63 @@ async fn authenticated_connections_that_never_speak_are_closed() {
     assert_eq!(refusal_lines(&c.log, "no_preface"), 1, "rate-limited");
     c.stop();
 }
+
+/// Started with systemd's default soft limit (here 256, hard 4096), `serve` raises its
+/// soft open-file limit to the hard one and says how many sessions that allows (the
+/// default 20,000 less the files kept for admission and the rest); the shipped unit
+/// sets `LimitNOFILE` above the default session cap and those files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_file_limit_is_raised_and_the_unit_sets_one() {
+    let unit = include_str!("../../deploy/systemd/listenscope-collector.service");
+    let nofile: usize = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("LimitNOFILE="))
+        .expect("the collector's unit sets LimitNOFILE")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        nofile >= listenscope_collector::ingest::DEFAULT_MAX_SESSIONS + 1024,
+        "LimitNOFILE={nofile} holds the default max_sessions and 1024 more"
+    );
+
+    let pki = Pki::new(&[]);
+    let dir = TempDir::new("adm-nofile");
+    let addr = free_port("127.0.0.1");
+    let log = dir.path().join("collector.log");
+    let mut child = Proc(
+        std::process::Command::new("prlimit")
+            .arg("--nofile=256:4096")
+            .arg("--")
+            .arg(collector_bin())
+            .args(["serve", "--listen", &addr.to_string(), "--db"])
+            .arg(format!("sqlite://{}", dir.path().join("ls.db").display()))
+            .arg("--tls-ca")
+            .arg(pki.path("ca.pem"))
+            .arg("--tls-cert")
+            .arg(pki.path("server.pem"))
+            .arg("--tls-key")
+            .arg(pki.path("server.key"))
+            .env("LISTENSCOPE_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(addr).await;
+    // prlimit execs the collector: same pid.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.pid())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>();
+    assert_eq!(&open_files[3..5], ["4096", "4096"], "{limits}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("allows only this many agent sessions") && text.contains("max_sessions=3072"),
+        "4096 less 256 and 768 in admission: {text}"
+    );
+    assert_eq!(child.terminate().code(), Some(0));
+}
