@@ -107,9 +107,7 @@ impl Collector {
         self.metrics()
             .await
             .lines()
-            .find(|l| {
-                l.starts_with("listenscope_rejected_connections_total") && l.contains(&label)
-            })
+            .find(|l| l.starts_with("listenscope_rejected_connections_total") && l.contains(&label))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse::<f64>().ok())
             .map_or(0, |v| v as u64)
@@ -155,8 +153,7 @@ impl Flood {
         let mut tasks = tokio::task::JoinSet::new();
         for src in sources {
             for _ in 0..per_source {
-                let (stop, open, closed, src) =
-                    (stop.clone(), open.clone(), closed.clone(), *src);
+                let (stop, open, closed, src) = (stop.clone(), open.clone(), closed.clone(), *src);
                 tasks.spawn(async move {
                     loop {
                         let sock = TcpSocket::new_v4().unwrap();
@@ -333,9 +330,11 @@ async fn silent_flood_from_one_address_does_not_keep_agents_out() {
     let pki = Pki::new(&["h1", "h2"]);
     let c = Collector::start(&pki, "adm-one").await;
     let flood = Flood::start(c.addr, &[ip("127.0.0.2")], 1000, true);
-    wait_until_async(Duration::from_secs(30), "the flood is under way", || async {
-        flood.open() + flood.closed() >= 1000
-    })
+    wait_until_async(
+        Duration::from_secs(30),
+        "the flood is under way",
+        || async { flood.open() + flood.closed() >= 1000 },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     for (host, from) in [("h1", "127.0.0.1"), ("h2", "127.0.3.1")] {
@@ -377,9 +376,11 @@ async fn distributed_flood_leaves_known_agents_their_reserve() {
             .unwrap_or_else(|e| panic!("{host} before the flood: {e}"));
     }
     let flood = Flood::start(c.addr, &sources(2, 40), 40, true);
-    wait_until_async(Duration::from_secs(60), "the flood is under way", || async {
-        flood.open() + flood.closed() >= 1600
-    })
+    wait_until_async(
+        Duration::from_secs(60),
+        "the flood is under way",
+        || async { flood.open() + flood.closed() >= 1600 },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     for (host, from) in &agents {
