@@ -487,7 +487,9 @@ async fn authenticated_connections_that_never_speak_are_closed() {
     agent_welcome(&pki, c.addr, "h1", ip("127.0.0.1"))
         .await
         .unwrap();
-    assert_eq!(refusal_lines(&c.log, "no_preface"), 1, "rate-limited");
+    // Logged with the fix; the second within 10 s is only counted (a slow machine may
+    // put them further apart).
+    assert!((1..=2).contains(&refusal_lines(&c.log, "no_preface")));
     c.stop();
 }
 
