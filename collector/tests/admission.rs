@@ -552,3 +552,43 @@ async fn the_open_file_limit_is_raised_and_the_unit_sets_one() {
     );
     assert_eq!(child.terminate().code(), Some(0));
 }
+
+/// The limits are the operator's: `--max-unauthenticated-per-source 4` and
+/// `--handshake-timeout 1s` reach the accept loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limits_come_from_the_flags() {
+    let _serial = SERIAL.lock().await;
+    let pki = Pki::new(&[]);
+    let dir = TempDir::new("adm-flags");
+    let db = DbUrl::Sqlite(dir.path().join("ls.db"));
+    let addr = free_port("127.0.0.1");
+    let log = dir.path().join("collector.log");
+    let mut proc = spawn_collector_with(
+        &pki,
+        &db,
+        addr,
+        None,
+        &log,
+        &[
+            "--max-unauthenticated-per-source",
+            "4",
+            "--handshake-timeout",
+            "1s",
+        ],
+    );
+    wait_listening(addr).await;
+    let flood = Flood::start(addr, &[ip("127.0.5.1")], 10, false);
+    wait_until_async(Duration::from_secs(20), "6 closed", || async {
+        flood.closed() >= 6
+    })
+    .await;
+    wait_until_async(Duration::from_secs(20), "all closed", || async {
+        flood.closed() == 10
+    })
+    .await;
+    flood.end().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("max_unauthenticated_per_source=4"), "{text}");
+    assert!(text.contains("no TLS handshake within 1 s"), "{text}");
+    assert_eq!(proc.terminate().code(), Some(0));
+}
