@@ -41,13 +41,15 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4): the first bytes of every gRPC
 /// connection.
@@ -231,6 +233,18 @@ pub struct Admission {
     shared: Arc<Semaphore>,
     reserved: Arc<Semaphore>,
     known: Mutex<KnownSources>,
+    /// Connections holding a shared place, oldest first, that may still be silent
+    /// (stale entries are skipped, and compacted past twice the places).
+    silent: Mutex<VecDeque<Weak<Slot>>>,
+}
+
+/// One connection's place: whether the client has sent a byte, and the signal that a
+/// newer connection took the place.
+#[derive(Debug)]
+struct Slot {
+    place: Mutex<Option<OwnedSemaphorePermit>>,
+    spoke: AtomicBool,
+    displaced: CancellationToken,
 }
 
 /// A connection's place in admission, released on drop.
@@ -238,7 +252,19 @@ pub struct Admission {
 pub struct Ticket {
     admission: Arc<Admission>,
     source: SourceKey,
-    _place: OwnedSemaphorePermit,
+    slot: Arc<Slot>,
+}
+
+impl Ticket {
+    /// The client sent its first bytes: it can no longer be displaced.
+    pub fn spoke(&self) {
+        self.slot.spoke.store(true, Ordering::Relaxed);
+    }
+
+    /// Resolves when a newer connection took this one's place (it must close).
+    pub async fn displaced(&self) {
+        self.slot.displaced.cancelled().await;
+    }
 }
 
 impl Drop for Ticket {
@@ -254,11 +280,19 @@ impl Admission {
             reserved: Arc::new(Semaphore::new(limits.reserved_handshakes)),
             known: Mutex::new(KnownSources::new(limits.known_sources)),
             pending: Mutex::new(HashMap::new()),
+            silent: Mutex::new(VecDeque::new()),
             limits,
         })
     }
 
     /// A place for a connection from `ip`, or why not. Never waits.
+    ///
+    /// Order: a free shared place; for a known source, a reserved place; else the shared
+    /// place of the oldest connection that has not sent a byte yet, which is displaced.
+    /// A TLS client sends its ClientHello right after the TCP handshake, so only a
+    /// silent connection loses its place: a flood of silent connections yields its places
+    /// to whoever arrives, new agents included; a connection that spoke keeps its place
+    /// until its deadline.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
         let source = SourceKey::of(ip);
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -266,21 +300,61 @@ impl Admission {
         if n >= self.limits.per_source {
             return Err(Refused::SourceLimit);
         }
-        // Known sources take a shared place while there is one, and only then the
-        // reserve, which is theirs alone.
-        let place = match Arc::clone(&self.shared).try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) if self.is_known(source) => Arc::clone(&self.reserved)
-                .try_acquire_owned()
-                .map_err(|_| Refused::HandshakeLimit)?,
-            Err(_) => return Err(Refused::HandshakeLimit),
+        let (place, shared) = match Arc::clone(&self.shared).try_acquire_owned() {
+            Ok(p) => (p, true),
+            Err(_) => match self.reserved_place(source) {
+                Some(p) => (p, false),
+                None => (self.displace_silent().ok_or(Refused::HandshakeLimit)?, true),
+            },
         };
         pending.insert(source, n + 1);
+        let slot = Arc::new(Slot {
+            place: Mutex::new(Some(place)),
+            spoke: AtomicBool::new(false),
+            displaced: CancellationToken::new(),
+        });
+        if shared {
+            let mut silent = self.silent.lock().unwrap_or_else(|p| p.into_inner());
+            silent.push_back(Arc::downgrade(&slot));
+            if silent.len() > 2 * self.limits.handshakes + 64 {
+                silent.retain(|w| {
+                    w.upgrade()
+                        .is_some_and(|s| !s.spoke.load(Ordering::Relaxed))
+                });
+            }
+        }
         Ok(Ticket {
             admission: Arc::clone(self),
             source,
-            _place: place,
+            slot,
         })
+    }
+
+    fn reserved_place(&self, source: SourceKey) -> Option<OwnedSemaphorePermit> {
+        if !self.is_known(source) {
+            return None;
+        }
+        Arc::clone(&self.reserved).try_acquire_owned().ok()
+    }
+
+    /// Takes the shared place of the oldest connection that has not spoken, and tells
+    /// it to close.
+    fn displace_silent(&self) -> Option<OwnedSemaphorePermit> {
+        let mut silent = self.silent.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(weak) = silent.pop_front() {
+            let Some(slot) = weak.upgrade() else {
+                continue;
+            };
+            if slot.spoke.load(Ordering::Relaxed) {
+                continue;
+            }
+            let place = slot.place.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(place) = place {
+                slot.displaced.cancel();
+                return Some(place);
+            }
+        }
+        None
     }
 
     /// `ip` completed a mutual-TLS handshake: remember its source as known.
@@ -468,20 +542,56 @@ mod tests {
         assert_eq!(a.admit(ip("10.0.0.1")).unwrap_err(), Refused::SourceLimit);
         drop(one);
         let _three = a.admit(ip("10.0.0.1")).unwrap();
-        // The shared places are taken (3): unknown sources are refused...
-        let _four = a.admit(ip("10.0.0.2")).unwrap();
+        // The shared places are taken (3), by connections that all spoke: unknown
+        // sources are refused...
+        let four = a.admit(ip("10.0.0.2")).unwrap();
+        for t in [&_two, &_three, &four] {
+            t.spoke();
+        }
         assert_eq!(
             a.admit(ip("10.0.0.3")).unwrap_err(),
             Refused::HandshakeLimit
         );
         // ...a known one takes the reserve, and only one.
         a.authenticated(ip("10.0.0.9"));
-        let _five = a.admit(ip("10.0.0.9")).unwrap();
+        let five = a.admit(ip("10.0.0.9")).unwrap();
         assert_eq!(
             a.admit(ip("10.0.0.9")).unwrap_err(),
             Refused::HandshakeLimit
         );
         assert_eq!(a.pending.lock().unwrap().len(), 3);
+        drop((five, four));
+    }
+
+    #[test]
+    fn silent_connections_yield_their_place() {
+        let a = Admission::new(AdmissionLimits {
+            handshakes: 2,
+            reserved_handshakes: 0,
+            ..AdmissionLimits::default()
+        });
+        let silent = a.admit(ip("10.0.0.1")).unwrap();
+        let spoke = a.admit(ip("10.0.0.2")).unwrap();
+        spoke.spoke();
+        // Full: the silent one is displaced (the oldest that has not spoken)...
+        let newer = a.admit(ip("10.0.0.3")).unwrap();
+        assert!(silent.slot.displaced.is_cancelled());
+        assert!(!spoke.slot.displaced.is_cancelled());
+        newer.spoke();
+        // ...and once every place holder spoke, nobody is.
+        assert_eq!(
+            a.admit(ip("10.0.0.4")).unwrap_err(),
+            Refused::HandshakeLimit
+        );
+        // The displaced one's place went to the newer connection: dropping it frees
+        // nothing.
+        drop(silent);
+        assert_eq!(
+            a.admit(ip("10.0.0.4")).unwrap_err(),
+            Refused::HandshakeLimit
+        );
+        drop(spoke);
+        let _last = a.admit(ip("10.0.0.4")).unwrap();
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub const REJECT_REASONS: &[&str] = &[
     "timeout",
     "source_limit",
     "handshake_limit",
+    "displaced",
     "no_preface",
     "not_http2",
     "session_limit",

@@ -107,6 +107,9 @@ pub enum Refusal {
     SourceLimit,
     /// Every admission place it may use is taken: closed at once, before any TLS.
     HandshakeLimit,
+    /// It had sent nothing yet when every place was taken: its place went to a newer
+    /// connection.
+    Displaced,
     /// Authenticated, but no HTTP/2 preface in time (or closed before it).
     NoPreface,
     /// Authenticated, but its first bytes are not HTTP/2.
@@ -114,7 +117,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    const ALL: [Refusal; 14] = [
+    const ALL: [Refusal; 15] = [
         Refusal::NoCertificate,
         Refusal::UnknownCa,
         Refusal::Expired,
@@ -127,6 +130,7 @@ impl Refusal {
         Refusal::Timeout,
         Refusal::SourceLimit,
         Refusal::HandshakeLimit,
+        Refusal::Displaced,
         Refusal::NoPreface,
         Refusal::NotHttp2,
     ];
@@ -191,6 +195,7 @@ impl Refusal {
             Refusal::Timeout => "timeout",
             Refusal::SourceLimit => "source_limit",
             Refusal::HandshakeLimit => "handshake_limit",
+            Refusal::Displaced => "displaced",
             Refusal::NoPreface => "no_preface",
             Refusal::NotHttp2 => "not_http2",
         }
@@ -252,6 +257,11 @@ impl Refusal {
                  addresses (agents that connected before still get in through \
                  --reserved-handshakes), or a fleet reconnecting at once (raise \
                  --max-handshakes)"
+            }
+            Refusal::Displaced => {
+                "the client had sent nothing while every handshake place was taken, and a \
+                 newer connection took its place: a flood of silent connections (raise \
+                 --max-handshakes if agents are among them)"
             }
             Refusal::NoPreface => {
                 "the client finished TLS with a valid certificate but did not start HTTP/2 \
@@ -378,7 +388,15 @@ pub fn accept_loop(
     let admission = Admission::new(limits);
     let accept_failed = RateLimited::default();
     tokio::spawn(async move {
+        let mut accepted = 0u32;
         loop {
+            // A flood keeps `accept` ready: let the handshake tasks this loop spawned run
+            // (a task marks its connection as having spoken; until then a newer
+            // connection may displace it).
+            accepted = accepted.wrapping_add(1);
+            if accepted % 16 == 0 {
+                tokio::task::yield_now().await;
+            }
             let (tcp, peer) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -424,12 +442,53 @@ pub fn accept_loop(
             let admission = Arc::clone(&admission);
             tokio::spawn(async move {
                 let limits = &admission.limits;
-                let mut tls = match tokio::time::timeout(
-                    limits.handshake_timeout,
-                    acceptor.accept(tcp),
-                )
-                .await
-                {
+                let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+                let timed_out = || {
+                    refusals.refused(
+                        Some(peer),
+                        Refusal::Timeout,
+                        &format!(
+                            "no TLS handshake within {} s",
+                            limits.handshake_timeout.as_secs_f32()
+                        ),
+                        false,
+                    );
+                };
+                // Silent until the first bytes arrive: its place may go to a newer
+                // connection meanwhile (`Admission::admit`).
+                // `peek`, not `readable`: readiness may be a false positive; a byte is not.
+                let mut byte = [0u8; 1];
+                let first = tokio::time::timeout_at(deadline, async {
+                    tokio::select! {
+                        r = tcp.peek(&mut byte) => Some(r),
+                        () = ticket.displaced() => None,
+                    }
+                })
+                .await;
+                match first {
+                    // A byte, or the end (then the handshake fails and says so).
+                    Ok(Some(Ok(_))) => ticket.spoke(),
+                    Ok(Some(Err(e))) => {
+                        refusals.refused(Some(peer), Refusal::Handshake, &e.to_string(), true);
+                        return;
+                    }
+                    Ok(None) => {
+                        let _ = tcp.set_zero_linger();
+                        drop(tcp);
+                        refusals.refused(
+                            Some(peer),
+                            Refusal::Displaced,
+                            "silent while every place was taken",
+                            false,
+                        );
+                        return;
+                    }
+                    Err(_) => {
+                        timed_out();
+                        return;
+                    }
+                }
+                let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
                         refusals.refused(
@@ -441,15 +500,7 @@ pub fn accept_loop(
                         return;
                     }
                     Err(_) => {
-                        refusals.refused(
-                            Some(peer),
-                            Refusal::Timeout,
-                            &format!(
-                                "no TLS handshake within {} s",
-                                limits.handshake_timeout.as_secs_f32()
-                            ),
-                            false,
-                        );
+                        timed_out();
                         return;
                     }
                 };

@@ -134,8 +134,9 @@ fn refusal_lines(log: &Path, reason: &str) -> usize {
         .count()
 }
 
-/// Silent raw TCP connections (not a byte of TLS), `per_source` from each source,
-/// reopened a moment after the collector closes them (when `reopen`), until dropped.
+/// Raw TCP connections, `per_source` from each source, reopened a moment after the
+/// collector closes them (when `reopen`), until dropped. Silent (not a byte), or, with
+/// `speak`, the first 3 bytes of a TLS record and then nothing.
 struct Flood {
     stop: CancellationToken,
     /// Connected and not closed by the collector yet.
@@ -147,6 +148,16 @@ struct Flood {
 
 impl Flood {
     fn start(target: SocketAddr, sources: &[IpAddr], per_source: usize, reopen: bool) -> Flood {
+        Flood::start_with(target, sources, per_source, reopen, false)
+    }
+
+    fn start_with(
+        target: SocketAddr,
+        sources: &[IpAddr],
+        per_source: usize,
+        reopen: bool,
+        speak: bool,
+    ) -> Flood {
         let stop = CancellationToken::new();
         let open = Arc::new(AtomicUsize::new(0));
         let closed = Arc::new(AtomicUsize::new(0));
@@ -164,6 +175,9 @@ impl Flood {
                         };
                         match connected {
                             Ok(Ok(mut tcp)) => {
+                                if speak {
+                                    let _ = tcp.write_all(&[0x16, 0x03, 0x01]).await;
+                                }
                                 open.fetch_add(1, Ordering::Relaxed);
                                 let mut buf = [0u8; 64];
                                 tokio::select! {
@@ -361,13 +375,14 @@ async fn silent_flood_from_one_address_does_not_keep_agents_out() {
 /// A flood spread over 40 addresses (40 × 40 silent connections, reopened) passes every
 /// per-source limit and takes every shared handshake place: agents that completed a
 /// handshake from their address before still get in, through the places reserved for
-/// known sources. Before, the flood held the 256 places and the accept loop.
+/// known sources; a new agent gets in too, in the place of a silent connection. Before,
+/// the flood held the 256 places and the accept loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_flood_leaves_known_agents_their_reserve() {
     let _serial = SERIAL.lock().await;
     raise_fd_limit();
     let hosts = ["k1", "k2", "k3", "k4", "k5"];
-    let pki = Pki::new(&hosts);
+    let pki = Pki::new(&["k1", "k2", "k3", "k4", "k5", "new1"]);
     let c = Collector::start(&pki, "adm-many").await;
     let agents: Vec<(&str, IpAddr)> = hosts.iter().copied().zip(sources(1, 5)).collect();
     for (host, from) in &agents {
@@ -394,10 +409,57 @@ async fn distributed_flood_leaves_known_agents_their_reserve() {
             });
         eprintln!("{host}: Welcome after {took:?}");
     }
+    let took = agent_welcome(&pki, c.addr, "new1", ip("127.0.1.9"))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "a new agent under a flood from 40 addresses ({} open): {e}",
+                flood.open()
+            )
+        });
+    eprintln!("new1: Welcome after {took:?}");
     assert!(
-        c.rejected("handshake_limit").await > 0,
-        "the flood filled the shared places"
+        c.rejected("displaced").await > 0,
+        "the flood filled the shared places and yielded them"
     );
+    flood.end().await;
+    c.stop();
+}
+
+/// A flood from 40 addresses whose connections each send the first bytes of a TLS
+/// record and stall: they cannot be displaced as silent ones are, and fill the shared
+/// places until their deadline. Agents that connected before get in through the places
+/// reserved for known sources; the rest are refused at once (`handshake_limit`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_that_speaks_leaves_known_agents_their_reserve() {
+    let _serial = SERIAL.lock().await;
+    raise_fd_limit();
+    let hosts = ["s1", "s2", "s3"];
+    let pki = Pki::new(&hosts);
+    let c = Collector::start(&pki, "adm-speaks").await;
+    let agents: Vec<(&str, IpAddr)> = hosts.iter().copied().zip(sources(6, 3)).collect();
+    for (host, from) in &agents {
+        agent_welcome(&pki, c.addr, host, *from)
+            .await
+            .unwrap_or_else(|e| panic!("{host} before the flood: {e}"));
+    }
+    let flood = Flood::start_with(c.addr, &sources(7, 40), 40, true, true);
+    wait_until_async(
+        Duration::from_secs(60),
+        "the flood fills the shared places",
+        || async { c.rejected("handshake_limit").await > 0 },
+    )
+    .await;
+    for (host, from) in &agents {
+        agent_welcome(&pki, c.addr, host, *from)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{host} (known) under a flood that speaks ({} open): {e}",
+                    flood.open()
+                )
+            });
+    }
     flood.end().await;
     c.stop();
 }
