@@ -14,8 +14,14 @@
 //! - **Handshake pools**: at most [`AdmissionLimits::handshakes`] such connections in
 //!   all, plus [`AdmissionLimits::reserved_handshakes`] that only *known* sources may use:
 //!   addresses (same key) that completed a mutual-TLS handshake before, remembered in a
-//!   bounded set ([`KnownSources`], least recently authenticated forgotten first). Over
-//!   them, closed at once (`handshake_limit`).
+//!   bounded set ([`KnownSources`], least recently authenticated forgotten first).
+//! - **Silent connections yield**: when every place a connection may use is taken, it
+//!   takes the shared place of the oldest connection that has not sent a byte yet, which
+//!   is reset (`displaced`). A TLS client sends its ClientHello with its first packet
+//!   after the TCP handshake, so a silent connection is either hostile or about to
+//!   speak; a raw silent flood (issue 11's attack) then holds no place for long, and new
+//!   agents get in too. With no silent connection to displace, closed at once
+//!   (`handshake_limit`).
 //!
 //!   Why a reserve for known sources: a flood spread over many addresses (a botnet, or
 //!   one host with a /48 of IPv6) passes every per-source limit and fills any shared
@@ -24,10 +30,12 @@
 //!   needs the SYN-ACK to reach the address; no spoofing), so the fleet that was
 //!   connected before the flood (agents reconnecting after a collector restart or a
 //!   network cut: the case that matters) still has places the flood cannot take.
-//!   Rejected alternatives: waiting for a place (what the old loop did: the accept loop
-//!   stops, the backlog fills, every agent times out); dropping the oldest handshake
-//!   for a new one (lets unknown agents in too, but an attacker reconnecting faster than
-//!   a handshake completes still wins, and it is harder to reason about).
+//!   Displacing silent connections alone is not enough: a flood that sends a few bytes
+//!   and stalls cannot be told from a slow agent until its deadline, and keeps its
+//!   places. Rejected alternatives: waiting for a place (what the old loop did: the
+//!   accept loop stops, the backlog fills, every agent times out); displacing any
+//!   handshake, not only silent ones (an attacker reconnecting faster than a handshake
+//!   completes would then displace agents mid-handshake).
 //! - **Deadlines**: the TLS handshake ([`AdmissionLimits::handshake_timeout`]) and then
 //!   the 24-byte HTTP/2 client preface ([`AdmissionLimits::preface_timeout`]), each for
 //!   the whole exchange (a client sending a byte a second does not extend it). A
