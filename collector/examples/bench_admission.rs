@@ -1,5 +1,5 @@
 //! Admission-control load generator, run by `scripts/bench-admission`: hostile raw TCP
-//! connections held open against a real collector (silent: not a byte of TLS; reopened
+//! connections held open against a real collector (silent, or with `--speak` 3 bytes of a TLS record and then nothing; reopened
 //! as the collector closes them), and meanwhile legitimate agents (each its own client
 //! certificate, its own source address, the real Hello → Welcome) connecting at once
 //! with the agent's 10 s timeout. A benchmark, not a test: it measures and reports one
@@ -56,6 +56,10 @@ struct Args {
     /// Source addresses they come from (127.1.x.y).
     #[arg(long, default_value_t = 1)]
     hostile_sources: usize,
+    /// Each hostile connection sends the first 3 bytes of a TLS record, then nothing (it
+    /// cannot be displaced as a silent one is).
+    #[arg(long)]
+    speak: bool,
     /// Pause before reopening a connection the collector closed (ms).
     #[arg(long, default_value_t = 100)]
     reopen_ms: u64,
@@ -198,7 +202,7 @@ async fn main() {
     for i in 0..a.hostile {
         let src = source(1, i % a.hostile_sources.max(1));
         let (stop, attempts, open) = (stop.clone(), attempts.clone(), open.clone());
-        let (target, pause) = (a.target, Duration::from_millis(a.reopen_ms));
+        let (target, pause, speak) = (a.target, Duration::from_millis(a.reopen_ms), a.speak);
         flood.spawn(async move {
             loop {
                 let sock = TcpSocket::new_v4().unwrap();
@@ -212,6 +216,9 @@ async fn main() {
                     c = tokio::time::timeout(Duration::from_secs(10), sock.connect(target)) => c,
                 };
                 if let Ok(Ok(mut tcp)) = c {
+                    if speak {
+                        let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, &[0x16, 3, 1]).await;
+                    }
                     open.fetch_add(1, Ordering::Relaxed);
                     let mut buf = [0u8; 64];
                     tokio::select! {
@@ -271,6 +278,7 @@ async fn main() {
         "hostile": a.hostile,
         "hostile_sources": a.hostile_sources,
         "warm": a.warm,
+        "speak": a.speak,
         "agents": a.agents,
         "welcomed": times.len(),
         "p50_ms": quantile(&times, 0.5),
