@@ -1,8 +1,8 @@
 //! Admission-control load generator, run by `scripts/bench-admission`: hostile raw TCP
-//! connections held open against a real collector (silent, or with `--speak` 3 bytes of a TLS record and then nothing; reopened
-//! as the collector closes them), and meanwhile legitimate agents (each its own client
-//! certificate, its own source address, the real Hello → Welcome) connecting at once
-//! with the agent's 10 s timeout. A benchmark, not a test: it measures and reports one
+//! connections held open against a real collector (silent, or with `--speak` 3 bytes of
+//! a TLS record and then nothing; reopened as the collector closes them), and meanwhile
+//! legitimate agents (each its own client certificate, its own source address, the real
+//! Hello → Welcome) connecting at once with the agent's 10 s timeout. A benchmark, not a test: it measures and reports one
 //! JSON line.
 //!
 //! Measured: agents that got their Welcome within 10 s, connect-to-Welcome p50/p99/max,
