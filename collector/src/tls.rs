@@ -394,7 +394,7 @@ pub fn accept_loop(
             // (a task marks its connection as having spoken; until then a newer
             // connection may displace it).
             accepted = accepted.wrapping_add(1);
-            if accepted % 16 == 0 {
+            if accepted.is_multiple_of(16) {
                 tokio::task::yield_now().await;
             }
             let (tcp, peer) = match listener.accept().await {
