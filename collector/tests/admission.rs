@@ -444,9 +444,11 @@ async fn a_flood_that_speaks_leaves_known_agents_their_reserve() {
             .unwrap_or_else(|e| panic!("{host} before the flood: {e}"));
     }
     let flood = Flood::start_with(c.addr, &sources(7, 40), 40, true, true);
-    wait_until_async(Duration::from_secs(60), "the flood is under way", || async {
-        flood.open() + flood.closed() >= 1600
-    })
+    wait_until_async(
+        Duration::from_secs(60),
+        "the flood is under way",
+        || async { flood.open() + flood.closed() >= 1600 },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     for (host, from) in &agents {
