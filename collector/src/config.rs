@@ -3,10 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use listenscope_core::config::{parse_duration, parse_size};
 use serde::Deserialize;
 
+use crate::admission::AdmissionLimits;
 use crate::store::DbUrl;
 
 /// The collector's TOML file. Required keys may come from flags instead.
@@ -46,6 +48,22 @@ pub struct RawConfig {
     /// at most (docs/security.md). Also caps the largest snapshot (three quarters of it
     /// minus 4 MiB, at most 256 MiB). At least 16MiB.
     pub memory_budget: Option<String>,
+    /// Connections that have not finished TLS and started HTTP/2, per IPv4 address or
+    /// IPv6 /64; more are closed at once. Default 32, 1 to 100000.
+    pub max_unauthenticated_per_source: Option<usize>,
+    /// Connections in TLS handshake (or awaiting the HTTP/2 preface) at once, any source;
+    /// more are closed at once. Default 512, 1 to 100000.
+    pub max_handshakes: Option<usize>,
+    /// More such places, only for source addresses that completed a mutual-TLS handshake
+    /// before: agents still get in during a flood. Default 256, 0 to 100000.
+    pub reserved_handshakes: Option<usize>,
+    /// A TLS handshake must finish within this, e.g. "5s". Default 5s, 1s to 60s.
+    pub handshake_timeout: Option<String>,
+    /// After TLS, the HTTP/2 preface must arrive within this. Default 5s, 1s to 60s.
+    pub preface_timeout: Option<String>,
+    /// Listen backlog (connections the kernel queues before accept; it caps this at
+    /// net.core.somaxconn). Default: max_sessions, 1024 to 65535.
+    pub listen_backlog: Option<u32>,
     /// The file the values came from (not a key): errors about its keys name it.
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -73,6 +91,10 @@ pub struct ServeConfig {
     pub name: String,
     /// Bytes ([`crate::budget::Budget`]).
     pub memory_budget: usize,
+    /// `known_sources` is the default; `serve` fits it to the session cap.
+    pub admission: AdmissionLimits,
+    /// `None`: [`crate::admission::backlog_for`] the session cap.
+    pub listen_backlog: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +143,15 @@ impl RawConfig {
             ("max_sessions", self.max_sessions.is_some()),
             ("name", self.name.is_some()),
             ("memory_budget", self.memory_budget.is_some()),
+            (
+                "max_unauthenticated_per_source",
+                self.max_unauthenticated_per_source.is_some(),
+            ),
+            ("max_handshakes", self.max_handshakes.is_some()),
+            ("reserved_handshakes", self.reserved_handshakes.is_some()),
+            ("handshake_timeout", self.handshake_timeout.is_some()),
+            ("preface_timeout", self.preface_timeout.is_some()),
+            ("listen_backlog", self.listen_backlog.is_some()),
         ]
         .into_iter()
         .filter_map(|(k, set)| set.then_some(k))
@@ -150,6 +181,14 @@ impl RawConfig {
             max_sessions: other.max_sessions.or(self.max_sessions),
             name: other.name.or(self.name),
             memory_budget: other.memory_budget.or(self.memory_budget),
+            max_unauthenticated_per_source: other
+                .max_unauthenticated_per_source
+                .or(self.max_unauthenticated_per_source),
+            max_handshakes: other.max_handshakes.or(self.max_handshakes),
+            reserved_handshakes: other.reserved_handshakes.or(self.reserved_handshakes),
+            handshake_timeout: other.handshake_timeout.or(self.handshake_timeout),
+            preface_timeout: other.preface_timeout.or(self.preface_timeout),
+            listen_backlog: other.listen_backlog.or(self.listen_backlog),
             file: self.file,
             file_keys,
         }
@@ -180,6 +219,7 @@ impl RawConfig {
 
     fn validate_values(self) -> Result<ServeConfig, ConfigErrors> {
         let mut errs = Vec::new();
+        let admission = admission_limits(&self, &mut errs);
         let mut addr = |v: Option<String>, name: &str, required: bool| -> Option<SocketAddr> {
             match v {
                 None if required => {
@@ -283,6 +323,11 @@ impl RawConfig {
                 0
             }
         };
+        if let Some(n) = self.listen_backlog
+            && !(1..=65_535).contains(&n)
+        {
+            errs.push(format!("listen_backlog {n} must be between 1 and 65535"));
+        }
         let (Some(listen), Some(db), true) = (listen, db, errs.is_empty()) else {
             return Err(ConfigErrors(errs));
         };
@@ -302,7 +347,67 @@ impl RawConfig {
             name: self
                 .name
                 .unwrap_or_else(|| format!("{}:{}", crate::pki::this_hostname(), listen.port())),
+            admission,
+            listen_backlog: self.listen_backlog,
         })
+    }
+}
+
+/// The admission keys, checked (problems go to `errs`; defaults stand in for bad values).
+fn admission_limits(raw: &RawConfig, errs: &mut Vec<String>) -> AdmissionLimits {
+    let d = AdmissionLimits::default();
+    let mut count = |v: Option<usize>, name: &str, min: usize, default: usize| match v {
+        None => default,
+        Some(n) if (min..=100_000).contains(&n) => n,
+        Some(n) => {
+            errs.push(format!("{name} {n} must be between {min} and 100000"));
+            default
+        }
+    };
+    let per_source = count(
+        raw.max_unauthenticated_per_source,
+        "max_unauthenticated_per_source",
+        1,
+        d.per_source,
+    );
+    let handshakes = count(raw.max_handshakes, "max_handshakes", 1, d.handshakes);
+    let reserved_handshakes = count(
+        raw.reserved_handshakes,
+        "reserved_handshakes",
+        0,
+        d.reserved_handshakes,
+    );
+    let mut secs = |v: Option<&str>, name: &str, default: Duration| match v.map(parse_duration) {
+        None => default,
+        Some(Ok(t)) if (Duration::from_secs(1)..=Duration::from_secs(60)).contains(&t) => t,
+        Some(Ok(_)) => {
+            errs.push(format!(
+                "{name} must be between 1s and 60s (an agent gives up connecting after 10s)"
+            ));
+            default
+        }
+        Some(Err(e)) => {
+            errs.push(format!("{name}: {e}"));
+            default
+        }
+    };
+    let handshake_timeout = secs(
+        raw.handshake_timeout.as_deref(),
+        "handshake_timeout",
+        d.handshake_timeout,
+    );
+    let preface_timeout = secs(
+        raw.preface_timeout.as_deref(),
+        "preface_timeout",
+        d.preface_timeout,
+    );
+    AdmissionLimits {
+        per_source,
+        handshakes,
+        reserved_handshakes,
+        handshake_timeout,
+        preface_timeout,
+        ..d
     }
 }
 
@@ -313,7 +418,9 @@ mod tests {
     #[test]
     fn all_problems_at_once() {
         let raw: RawConfig = toml::from_str(
-            "listen = \"nope\"\ndb = \"mysql://x\"\nstale_after = \"5 parsecs\"\npool_size = 0\nretain = \"10m\"\nmax_sessions = 0\nname = \"\"\n",
+            "listen = \"nope\"\ndb = \"mysql://x\"\nstale_after = \"5 parsecs\"\npool_size = 0\nretain = \"10m\"\nmax_sessions = 0\nname = \"\"\n\
+             max_unauthenticated_per_source = 0\nmax_handshakes = 0\nreserved_handshakes = 100001\n\
+             handshake_timeout = \"90s\"\npreface_timeout = \"soon\"\nlisten_backlog = 0\n",
         )
         .unwrap();
         let err = raw.validate().unwrap_err().to_string();
@@ -327,6 +434,12 @@ mod tests {
             "pool_size",
             "max_sessions 0",
             "name \"\"",
+            "max_unauthenticated_per_source 0 must be between 1 and 100000",
+            "max_handshakes 0",
+            "reserved_handshakes 100001",
+            "handshake_timeout must be between 1s and 60s",
+            "preface_timeout: ",
+            "listen_backlog 0",
         ] {
             assert!(err.contains(needle), "{needle} missing:\n{err}");
         }
@@ -391,5 +504,27 @@ mod tests {
         let c = raw.validate().unwrap();
         assert_eq!(c.stale_after_secs, 120);
         assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.admission, AdmissionLimits::default());
+        assert_eq!(c.listen_backlog, None);
+        let raw: RawConfig = toml::from_str(
+            "max_unauthenticated_per_source = 4\nmax_handshakes = 100\nreserved_handshakes = 0\n\
+             handshake_timeout = \"2s\"\npreface_timeout = \"3s\"\nlisten_backlog = 4096\n",
+        )
+        .unwrap();
+        let c = RawConfig {
+            listen: Some("127.0.0.1:7443".into()),
+            db: Some("sqlite://x.db".into()),
+            tls_ca: Some("ca.pem".into()),
+            tls_cert: Some("s.pem".into()),
+            tls_key: Some("s.key".into()),
+            ..raw
+        }
+        .validate()
+        .unwrap();
+        assert_eq!((c.admission.per_source, c.admission.handshakes), (4, 100));
+        assert_eq!(c.admission.reserved_handshakes, 0);
+        assert_eq!(c.admission.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(c.admission.preface_timeout, Duration::from_secs(3));
+        assert_eq!(c.listen_backlog, Some(4096));
     }
 }

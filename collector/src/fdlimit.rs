@@ -7,9 +7,9 @@ use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 use crate::ingest::DEFAULT_MAX_SESSIONS;
 
-/// Open files kept for everything but sessions: database files and connections, the
-/// listening sockets, TLS handshakes in progress (at most 256), logs.
-pub const RESERVE: u64 = 1024;
+/// Open files kept for everything but sessions and connections in admission: database
+/// files and connections, the listening sockets, logs.
+pub const RESERVE: u64 = 256;
 
 /// Raises the soft open-file limit to the hard limit; returns the limit now in force
 /// (`None`: unlimited or unknown).
@@ -27,19 +27,21 @@ pub fn raise() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
-/// Sessions that fit an open-file limit.
-pub fn budget(limit: Option<u64>) -> usize {
+/// Sessions that fit an open-file limit, with `pending` connections in admission (TLS
+/// handshakes, HTTP/2 prefaces: `AdmissionLimits::most_pending`).
+pub fn budget(limit: Option<u64>, pending: usize) -> usize {
     match limit {
         None => usize::MAX,
-        Some(l) => l.saturating_sub(RESERVE) as usize,
+        Some(l) => l.saturating_sub(RESERVE + pending as u64) as usize,
     }
 }
 
 /// The session cap to use: `wanted` (explicit) or the default, against the open-file
-/// limit, with a warning that names the fix when they do not fit.
-pub fn fit_sessions(wanted: Option<usize>) -> usize {
+/// limit (less `pending` connections in admission), with a warning that names the fix
+/// when they do not fit.
+pub fn fit_sessions(wanted: Option<usize>, pending: usize) -> usize {
     let limit = raise();
-    let fits = budget(limit);
+    let fits = budget(limit, pending);
     let shown = limit.map_or("unlimited".to_string(), |l| l.to_string());
     match wanted {
         Some(n) if n > fits => {
@@ -76,8 +78,9 @@ mod tests {
 
     #[test]
     fn budgets() {
-        assert_eq!(budget(Some(20_000)), 18_976);
-        assert_eq!(budget(Some(100)), 0);
-        assert_eq!(budget(None), usize::MAX);
+        // The defaults: 512 + 256 connections in admission.
+        assert_eq!(budget(Some(20_000), 768), 18_976);
+        assert_eq!(budget(Some(100), 768), 0);
+        assert_eq!(budget(None, 768), usize::MAX);
     }
 }

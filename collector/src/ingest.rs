@@ -65,6 +65,8 @@ pub struct Limits {
     /// largest snapshot accepted is the smaller of `per_snapshot_bytes` and what the
     /// budget allows ([`Budget::snapshot_bytes`]).
     pub memory_budget: usize,
+    /// Bounds on connections before they authenticate and speak HTTP/2 (the accept loop).
+    pub admission: crate::admission::AdmissionLimits,
 }
 
 impl Default for Limits {
@@ -79,6 +81,7 @@ impl Default for Limits {
             in_flight: 2048,
             chunk_wait: std::time::Duration::from_secs(60),
             memory_budget: crate::budget::DEFAULT_BUDGET_BYTES,
+            admission: crate::admission::AdmissionLimits::default(),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! computed once in `store::plan`), `query` answers SREs, `pki` makes certificates,
 //! `cli` and `quickstart` are the faces.
 
+pub mod admission;
 pub mod budget;
 pub mod cli;
 mod config;

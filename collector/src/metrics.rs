@@ -20,8 +20,9 @@ pub const CONNECTED_AGENTS: &str = "listenscope_connected_agents";
 pub const MESSAGES: &str = "listenscope_messages_total";
 /// Counter: listener rows written (inserted, closed or refreshed).
 pub const ROWS: &str = "listenscope_listener_rows_total";
-/// Counter by `reason` ([`REJECT_REASONS`]): connections refused during TLS, for a
-/// certificate that names no host, or at the `max_sessions` cap.
+/// Counter by `reason` ([`REJECT_REASONS`]): connections refused by admission control
+/// (before TLS, or without an HTTP/2 preface after it), during TLS, for a certificate
+/// that names no host, or at the `max_sessions` cap.
 pub const REJECTED_CONNECTIONS: &str = "listenscope_rejected_connections_total";
 /// Counter by `reason` (invalid_argument): sessions ended for a bad message.
 pub const REJECTED_MESSAGES: &str = "listenscope_rejected_messages_total";
@@ -67,6 +68,11 @@ pub const REJECT_REASONS: &[&str] = &[
     "handshake",
     "timeout",
     "revoked",
+    "source_limit",
+    "handshake_limit",
+    "displaced",
+    "no_preface",
+    "not_http2",
     "session_limit",
     "duplicate_identity",
 ];

@@ -599,6 +599,7 @@ pub async fn serve(
         listener,
         tls,
         Arc::clone(&service.tls_refusals),
+        service.limits.admission.clone(),
     ));
     let inventory = Gated::new(
         InventoryServer::new(service)

@@ -1,7 +1,8 @@
 //! The collector's side of mutual TLS: a rustls server configuration that requires a
-//! client certificate from our CA and TLS 1.3, a TLS accept loop that counts refused
-//! connections by reason (tonic's built-in TLS cannot), and the host identity of an
-//! accepted session (canonical: lower case, no trailing dot).
+//! client certificate from our CA and TLS 1.3, a TLS accept loop that admits connections
+//! within bounds (`admission`) and counts refused ones by reason (tonic's built-in TLS
+//! cannot), and the host identity of an accepted session (canonical: lower case, no
+//! trailing dot).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,18 +14,14 @@ use listenscope_core::pem::{TlsFileError, identity_of, load_certs, load_identity
 use rustls::server::WebPkiClientVerifier;
 use rustls::{AlertDescription, CertificateError, PeerIncompatible, RootCertStore, ServerConfig};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::Status;
 
+use crate::admission::{self, Admission, AdmissionLimits, PrefaceError, Prefaced};
 use crate::metrics as m;
 use crate::revocation::{CrlFile, Revocation, RevocationError};
-
-/// A slow or silent client gets this long to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; more wait (bounded, not unbounded tasks).
-const MAX_HANDSHAKES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -152,10 +149,22 @@ pub enum Refusal {
     /// A second agent with another instance id while one holds the host's session with
     /// the same certificate: refused after its Hello (ALREADY_EXISTS), nothing stored.
     DuplicateIdentity,
+    /// Its source (IPv4 address, IPv6 /64) already has its limit of connections in
+    /// admission (`admission`): closed at once, before any TLS.
+    SourceLimit,
+    /// Every admission place it may use is taken: closed at once, before any TLS.
+    HandshakeLimit,
+    /// It had sent nothing yet when every place was taken: its place went to a newer
+    /// connection.
+    Displaced,
+    /// Authenticated, but no HTTP/2 preface in time (or closed before it).
+    NoPreface,
+    /// Authenticated, but its first bytes are not HTTP/2.
+    NotHttp2,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 12] = [
+    const ALL: [Refusal; 17] = [
         Refusal::NoCertificate,
         Refusal::UnknownCa,
         Refusal::Expired,
@@ -168,6 +177,11 @@ impl Refusal {
         Refusal::Timeout,
         Refusal::Revoked,
         Refusal::DuplicateIdentity,
+        Refusal::SourceLimit,
+        Refusal::HandshakeLimit,
+        Refusal::Displaced,
+        Refusal::NoPreface,
+        Refusal::NotHttp2,
     ];
 
     /// Why `err` (from a TLS accept) happened.
@@ -231,6 +245,11 @@ impl Refusal {
             Refusal::Timeout => "timeout",
             Refusal::Revoked => "revoked",
             Refusal::DuplicateIdentity => "duplicate_identity",
+            Refusal::SourceLimit => "source_limit",
+            Refusal::HandshakeLimit => "handshake_limit",
+            Refusal::Displaced => "displaced",
+            Refusal::NoPreface => "no_preface",
+            Refusal::NotHttp2 => "not_http2",
         }
     }
 
@@ -289,6 +308,30 @@ impl Refusal {
                 "two machines use the same agent certificate: issue each its own \
                  (`certs issue --host NAME`); if one is a stolen copy, revoke it \
                  (`certs revoke`) and issue the real host a new one"
+            }
+            Refusal::SourceLimit => {
+                "this address (IPv6: its /64) holds too many connections that have not \
+                 finished TLS: a flood from it, or many agents behind one NAT address \
+                 reconnecting at once (raise --max-unauthenticated-per-source)"
+            }
+            Refusal::HandshakeLimit => {
+                "too many connections are in their TLS handshake: a flood from many \
+                 addresses (agents that connected before still get in through \
+                 --reserved-handshakes), or a fleet reconnecting at once (raise \
+                 --max-handshakes)"
+            }
+            Refusal::Displaced => {
+                "the client had sent nothing while every handshake place was taken, and a \
+                 newer connection took its place: a flood of silent connections (raise \
+                 --max-handshakes if agents are among them)"
+            }
+            Refusal::NoPreface => {
+                "the client finished TLS with a valid certificate but did not start HTTP/2 \
+                 (gRPC) in time: a stuck or hostile client holding that certificate"
+            }
+            Refusal::NotHttp2 => {
+                "the client finished TLS with a valid certificate but does not speak HTTP/2: \
+                 point only agents (gRPC) at this port"
             }
         }
     }
@@ -355,10 +398,13 @@ impl Refusals {
         closed: bool,
     ) {
         metrics::counter!(m::REJECTED_CONNECTIONS, "reason" => refusal.label()).increment(1);
-        let peer = peer.map_or_else(|| "unknown".to_string(), |p| p.to_string());
-        if refusal == Refusal::Handshake && closed {
-            // Closed before a handshake: a TCP probe or a port scan, not an agent.
-            tracing::debug!(%peer, detail, "Connection closed during the TLS handshake.");
+        // The peer is formatted only for a line that is written: a flood refuses
+        // thousands a second.
+        let peer = DisplayPeer(peer);
+        if closed && matches!(refusal, Refusal::Handshake | Refusal::NoPreface) {
+            // Closed by the client: a TCP probe or a port scan, not an agent (or an agent
+            // that gave up: it says why in its own log).
+            tracing::debug!(%peer, reason = refusal.label(), detail, "Connection closed by the client.");
             return;
         }
         if let Some(more) = self.lines[refusal.index()].hit() {
@@ -374,54 +420,171 @@ impl Refusals {
     }
 }
 
-/// Accepts TCP connections, runs TLS handshakes concurrently (bounded), and yields the
-/// established streams. Refused handshakes are counted and logged, never yielded.
+struct DisplayPeer(Option<SocketAddr>);
+
+impl std::fmt::Display for DisplayPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(p) => p.fmt(f),
+            None => f.write_str("unknown"),
+        }
+    }
+}
+
+/// A connection as the gRPC server gets it: TLS done, HTTP/2 preface read (and replayed).
+pub type Admitted = Prefaced<TlsStream<TcpStream>>;
+
+/// Accepts TCP connections and admits them (`admission`: per-source limit, handshake
+/// places with a reserve for known sources, handshake and HTTP/2 preface deadlines), and
+/// yields the connections that authenticated and started HTTP/2. The loop itself never
+/// waits for anything but `accept`: a connection over a limit is closed at once, a
+/// handshake runs in its own task. Every refusal is counted; logs are rate-limited.
 pub fn accept_loop(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     refusals: Arc<Refusals>,
-) -> mpsc::Receiver<Result<TlsStream<TcpStream>, std::io::Error>> {
+    limits: AdmissionLimits,
+) -> mpsc::Receiver<Result<Admitted, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
-    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let admission = Admission::new(limits);
+    let accept_failed = RateLimited::default();
     tokio::spawn(async move {
+        let mut accepted = 0u32;
         loop {
+            // A flood keeps `accept` ready: let the handshake tasks this loop spawned run
+            // (a task marks its connection as having spoken; until then a newer
+            // connection may displace it).
+            accepted = accepted.wrapping_add(1);
+            if accepted.is_multiple_of(16) {
+                tokio::task::yield_now().await;
+            }
             let (tcp, peer) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::error!(error = %e, "Accepting a connection failed.");
+                    if let Some(more) = accept_failed.hit() {
+                        tracing::error!(
+                            error = %e,
+                            failed_since_last_line = more,
+                            "Accepting a connection failed."
+                        );
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
-            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-                return;
-            };
             if tx.is_closed() {
                 return; // the server stopped
             }
+            let ticket = match admission.admit(peer.ip()) {
+                Ok(t) => t,
+                Err(refused) => {
+                    // A reset, not a FIN: no TIME_WAIT left behind for each of a flood.
+                    let _ = tcp.set_zero_linger();
+                    drop(tcp);
+                    let (refusal, detail) = match refused {
+                        admission::Refused::SourceLimit => (
+                            Refusal::SourceLimit,
+                            "its source is at --max-unauthenticated-per-source",
+                        ),
+                        admission::Refused::HandshakeLimit => (
+                            Refusal::HandshakeLimit,
+                            "no admission place free (--max-handshakes, and \
+                             --reserved-handshakes for known sources)",
+                        ),
+                    };
+                    refusals.refused(Some(peer), refusal, detail, false);
+                    continue;
+                }
+            };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let refusals = Arc::clone(&refusals);
+            let admission = Arc::clone(&admission);
             tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => refusals.refused(
-                        Some(peer),
-                        Refusal::of(&e),
-                        &e.to_string(),
-                        e.kind() == std::io::ErrorKind::UnexpectedEof,
-                    ),
-                    Err(_) => refusals.refused(
+                let limits = &admission.limits;
+                let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+                let timed_out = || {
+                    refusals.refused(
                         Some(peer),
                         Refusal::Timeout,
-                        &format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs()),
+                        &format!(
+                            "no TLS handshake within {} s",
+                            limits.handshake_timeout.as_secs_f32()
+                        ),
                         false,
-                    ),
+                    );
+                };
+                // Silent until the first bytes arrive: its place may go to a newer
+                // connection meanwhile (`Admission::admit`).
+                // `peek`, not `readable`: readiness may be a false positive; a byte is not.
+                let mut byte = [0u8; 1];
+                let first = tokio::time::timeout_at(deadline, async {
+                    tokio::select! {
+                        r = tcp.peek(&mut byte) => Some(r),
+                        () = ticket.displaced() => None,
+                    }
+                })
+                .await;
+                match first {
+                    // A byte, or the end (then the handshake fails and says so).
+                    Ok(Some(Ok(_))) => ticket.spoke(),
+                    Ok(Some(Err(e))) => {
+                        refusals.refused(Some(peer), Refusal::Handshake, &e.to_string(), true);
+                        return;
+                    }
+                    Ok(None) => {
+                        let _ = tcp.set_zero_linger();
+                        drop(tcp);
+                        refusals.refused(
+                            Some(peer),
+                            Refusal::Displaced,
+                            "silent while every place was taken",
+                            false,
+                        );
+                        return;
+                    }
+                    Err(_) => {
+                        timed_out();
+                        return;
+                    }
+                }
+                let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        refusals.refused(
+                            Some(peer),
+                            Refusal::of(&e),
+                            &e.to_string(),
+                            e.kind() == std::io::ErrorKind::UnexpectedEof,
+                        );
+                        return;
+                    }
+                    Err(_) => {
+                        timed_out();
+                        return;
+                    }
+                };
+                // The handshake verified a client certificate of our CA.
+                admission.authenticated(peer.ip());
+                match admission::read_preface(&mut tls, limits.preface_timeout).await {
+                    Ok(preface) => {
+                        // Handed on: the connection leaves admission.
+                        drop(ticket);
+                        let _ = tx.send(Ok(Prefaced::new(tls, preface))).await;
+                    }
+                    Err(e) => {
+                        let closed = matches!(e, PrefaceError::Closed { .. });
+                        let refusal = match e {
+                            PrefaceError::NotHttp2 => Refusal::NotHttp2,
+                            _ => Refusal::NoPreface,
+                        };
+                        if !closed {
+                            let _ = tls.get_ref().0.set_zero_linger();
+                        }
+                        refusals.refused(Some(peer), refusal, &e.to_string(), closed);
+                    }
                 }
             });
         }

@@ -36,7 +36,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC server that agents stream to.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create the fleet CA, the server certificate and agent certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -63,7 +63,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<Exit> {
     match cli.command {
         Command::Certs(c) => serve::certs(c),
-        Command::Serve(a) => runtime()?.block_on(serve::serve(a)),
+        Command::Serve(a) => runtime()?.block_on(serve::serve(*a)),
         Command::Query(a) => runtime()?.block_on(report::query_cmd(a)),
         Command::Exposure(a) => runtime()?.block_on(report::exposure_cmd(a)),
         Command::Hosts(a) => runtime()?.block_on(report::hosts_cmd(a)),

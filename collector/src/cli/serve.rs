@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use listenscope_core::exit::Exit;
 
+use crate::admission::{self, AdmissionLimits};
 use crate::config::RawConfig;
 use crate::ingest::Limits;
 use crate::revocation::{CrlFile, Revocation};
@@ -79,6 +80,32 @@ pub struct ServeArgs {
     /// 4MiB, at most 256MiB).
     #[arg(long, value_name = "SIZE", env = "LISTENSCOPE_MEMORY_BUDGET")]
     pub memory_budget: Option<String>,
+    /// Connections that have not finished TLS and started HTTP/2, per IPv4 address or
+    /// IPv6 /64; more are closed at once (default 32).
+    #[arg(
+        long,
+        env = "LISTENSCOPE_MAX_UNAUTHENTICATED_PER_SOURCE",
+        value_name = "N"
+    )]
+    pub max_unauthenticated_per_source: Option<usize>,
+    /// Connections in TLS handshake or awaiting the HTTP/2 preface at once; more are
+    /// closed at once (default 512).
+    #[arg(long, env = "LISTENSCOPE_MAX_HANDSHAKES", value_name = "N")]
+    pub max_handshakes: Option<usize>,
+    /// More such places only for addresses that completed a mutual-TLS handshake before,
+    /// so agents get in during a flood (default 256).
+    #[arg(long, env = "LISTENSCOPE_RESERVED_HANDSHAKES", value_name = "N")]
+    pub reserved_handshakes: Option<usize>,
+    /// A TLS handshake must finish within this (default 5s).
+    #[arg(long, env = "LISTENSCOPE_HANDSHAKE_TIMEOUT", value_name = "DURATION")]
+    pub handshake_timeout: Option<String>,
+    /// After TLS, the HTTP/2 preface must arrive within this (default 5s).
+    #[arg(long, env = "LISTENSCOPE_PREFACE_TIMEOUT", value_name = "DURATION")]
+    pub preface_timeout: Option<String>,
+    /// Listen backlog (default max_sessions, 1024 to 65535; the kernel caps it at
+    /// net.core.somaxconn).
+    #[arg(long, env = "LISTENSCOPE_LISTEN_BACKLOG", value_name = "N")]
+    pub listen_backlog: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -269,10 +296,24 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
             max_sessions: a.max_sessions,
             name: a.name,
             memory_budget: a.memory_budget,
+            max_unauthenticated_per_source: a.max_unauthenticated_per_source,
+            max_handshakes: a.max_handshakes,
+            reserved_handshakes: a.reserved_handshakes,
+            handshake_timeout: a.handshake_timeout,
+            preface_timeout: a.preface_timeout,
+            listen_backlog: a.listen_backlog,
             ..RawConfig::default()
         })
         .validate()?;
-    let max_sessions = crate::fdlimit::fit_sessions(cfg.max_sessions);
+    let max_sessions = crate::fdlimit::fit_sessions(cfg.max_sessions, cfg.admission.most_pending());
+    let admission = AdmissionLimits {
+        // Every agent of a full collector, twice over: the whole fleet stays known.
+        known_sources: (2 * max_sessions).clamp(admission::MIN_KNOWN_SOURCES, 1 << 21),
+        ..cfg.admission.clone()
+    };
+    let backlog = cfg
+        .listen_backlog
+        .unwrap_or_else(|| admission::backlog_for(max_sessions));
     // The CRL: the one named, which must exist; else crl.pem next to the CA, watched even
     // while absent (`certs revoke --dir` on the CA's directory just works).
     let crl = match &cfg.tls_crl {
@@ -305,25 +346,23 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
         crate::metrics::install(addr).map_err(anyhow::Error::msg)?;
         tracing::info!(%addr, "Serving metrics.");
     }
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| {
-            let fix = match e.kind() {
-                std::io::ErrorKind::AddrInUse => format!(
-                    "; another process listens there (`ss -ltnp 'sport = :{}'`): stop it or \
+    let listener = admission::listen(cfg.listen, backlog).map_err(|e| {
+        let fix = match e.kind() {
+            std::io::ErrorKind::AddrInUse => format!(
+                "; another process listens there (`ss -ltnp 'sport = :{}'`): stop it or \
                      choose another --listen",
-                    cfg.listen.port()
-                ),
-                std::io::ErrorKind::PermissionDenied => {
-                    "; ports below 1024 need CAP_NET_BIND_SERVICE".to_string()
-                }
-                std::io::ErrorKind::AddrNotAvailable => {
-                    "; no interface of this host has that address".to_string()
-                }
-                _ => String::new(),
-            };
-            anyhow::anyhow!("cannot listen on {}: {e}{fix}", cfg.listen)
-        })?;
+                cfg.listen.port()
+            ),
+            std::io::ErrorKind::PermissionDenied => {
+                "; ports below 1024 need CAP_NET_BIND_SERVICE".to_string()
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                "; no interface of this host has that address".to_string()
+            }
+            _ => String::new(),
+        };
+        anyhow::anyhow!("cannot listen on {}: {e}{fix}", cfg.listen)
+    })?;
     tracing::info!(db = %cfg.db, "Store open.");
     let stop_pruning = tokio_util::sync::CancellationToken::new();
     if let Some(retain) = cfg.retain {
@@ -345,6 +384,7 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
         max_sessions,
         instance: cfg.name.clone(),
         memory_budget: cfg.memory_budget,
+        admission,
         ..Limits::for_stale_after(std::time::Duration::from_secs(cfg.stale_after_secs))
     };
     if let Some(revocation) = &tls.revocation {
@@ -357,7 +397,15 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
             );
         }
     }
-    tracing::info!(max_sessions, name = %cfg.name, "Accepting agent sessions.");
+    tracing::info!(
+        max_sessions,
+        name = %cfg.name,
+        backlog,
+        max_unauthenticated_per_source = limits.admission.per_source,
+        max_handshakes = limits.admission.handshakes,
+        reserved_handshakes = limits.admission.reserved_handshakes,
+        "Accepting agent sessions."
+    );
     server::serve(listener, tls, store, limits, shutdown).await?;
     Ok(Exit::Success)
 }
