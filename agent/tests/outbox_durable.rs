@@ -348,11 +348,19 @@ fn changes_survive_an_agent_killed_during_a_collector_outage() {
     });
     let resumed = SystemTime::now();
     let _collector = serve(&addr.to_string());
-    let log = std::fs::read_to_string(&log2).unwrap_or_default();
-    assert!(
-        log.contains("Resuming the session from the outbox journal.")
-            && log.contains("changes_while_down=2"),
-        "{log}"
+    // Logged just after the first scan (read too early, the file may not have it yet).
+    wait_for(
+        WAIT,
+        "the journal resumed with the two changes made while down",
+        || {
+            let log = std::fs::read_to_string(&log2).unwrap_or_default();
+            match log.contains("Resuming the session from the outbox journal.")
+                && log.contains("changes_while_down=2")
+            {
+                true => Ok(()),
+                false => Err(log),
+            }
+        },
     );
 
     let want: BTreeMap<(u32, What), usize> = [
