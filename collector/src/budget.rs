@@ -564,6 +564,50 @@ mod tests {
         assert_eq!(budget.peak(), big + HEADER);
     }
 
+    /// Once a frame's bytes are handed on, the gate keeps no view of it: an idle session
+    /// must not pin the connection's read buffer (`split_to` of the whole rest leaves an
+    /// empty `Bytes` that does not).
+    #[tokio::test]
+    async fn keeps_no_view_of_a_frame_handed_on() {
+        struct Owner(Vec<u8>, Arc<AtomicBool>);
+        impl AsRef<[u8]> for Owner {
+            fn as_ref(&self) -> &[u8] {
+                &self.0
+            }
+        }
+        impl Drop for Owner {
+            fn drop(&mut self) {
+                self.1.store(true, Ordering::Relaxed);
+            }
+        }
+        let dropped = Arc::new(AtomicBool::new(false));
+        let frame = Bytes::from_owner(Owner(framed(&[100]), Arc::clone(&dropped)));
+        // One frame, then a stream that stays open (an idle session).
+        use futures_util::StreamExt as _;
+        let frames = futures_util::stream::iter([Ok::<_, Status>(Frame::data(frame))])
+            .chain(futures_util::stream::pending());
+        let budget = Budget::new(MIN_BUDGET_BYTES).unwrap();
+        let mut body = GatedBody::new(
+            tonic::body::Body::new(http_body_util::StreamBody::new(frames)),
+            budget.ledger(),
+        );
+        let mut got = 0;
+        while got < HEADER + 100 {
+            got += body
+                .frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap()
+                .len();
+        }
+        assert!(
+            dropped.load(Ordering::Relaxed),
+            "the gate still holds the frame"
+        );
+    }
+
     /// A length over the protocol's message limit ends the stream at its header, with the
     /// limit and the fix.
     #[tokio::test]

@@ -291,11 +291,16 @@ async fn session(
         }
     };
     // Before anything is stored: a second machine with this certificate is refused here.
-    stop.claim.claim(hello.instance_id).await?;
+    // Boxed, like the store calls below: a refusal's write is a large future, and an
+    // idle session (one per agent) must not carry its space (measured: +28 KiB per
+    // session unboxed).
+    Box::pin(stop.claim.claim(hello.instance_id)).await?;
     let mut s = match Session::open(host, store, limits, tx, hello).await {
         Ok(s) => s,
         // Held through another collector sharing the database: the same refusal.
-        Err(Opened::HeldElsewhere(detail)) => return Err(stop.claim.refused(detail).await),
+        Err(Opened::HeldElsewhere(detail)) => {
+            return Err(Box::pin(stop.claim.refused(detail)).await);
+        }
         Err(Opened::Failed(status)) => return Err(status),
     };
     drop(hello_bytes);

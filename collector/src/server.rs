@@ -453,7 +453,9 @@ impl Inventory for InventoryService {
         self.sessions.spawn(async move {
             session.await;
             if registry.release(&host, id) {
-                registry.flush_duplicates(&store, &host).await;
+                // Boxed: this task lives as long as the session; the write's future
+                // must not add to every session's size.
+                Box::pin(registry.flush_duplicates(&store, &host)).await;
             }
             drop(slot);
         });
