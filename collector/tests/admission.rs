@@ -92,13 +92,7 @@ impl Collector {
     }
 
     async fn metrics(&self) -> String {
-        let mut tcp = TcpStream::connect(self.maddr).await.unwrap();
-        tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        tcp.read_to_string(&mut body).await.unwrap();
-        body
+        util::metrics(self.maddr).await
     }
 
     /// `listenscope_rejected_connections_total{reason}` (0 when not exported).

@@ -21,7 +21,6 @@ use listenscope_collector::query::ReadOnly;
 use listenscope_collector::store::DbUrl;
 use listenscope_proto::v1;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use util::pg::PgServer;
 use util::*;
 
@@ -330,16 +329,6 @@ async fn the_same_installation_and_old_agents_replace_the_older_session(db: &DbU
         "no duplicate was refused"
     );
     c.shutdown().await;
-}
-
-async fn metrics(addr: SocketAddr) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    tcp.read_to_string(&mut body).await.unwrap();
-    body
 }
 
 /// The real binary counts each refusal as `duplicate_identity` and logs one line per

@@ -20,7 +20,6 @@ use listenscope_collector::store::DbUrl;
 use listenscope_proto::v1;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use util::*;
 
 type Body = v1::collector_message::Body;
@@ -42,16 +41,6 @@ async fn open_as(
         .await
         .map_err(|e| tonic::Status::unavailable(format!("connect: {e}")))?;
     RawSession::open(ch, first).await
-}
-
-async fn metrics(addr: SocketAddr) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    tcp.read_to_string(&mut body).await.unwrap();
-    body
 }
 
 /// `listenscope_rejected_connections_total{reason="REASON"}`; `None` when the series is

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use listenscope_collector::store::DbUrl;
 use listenscope_proto::v1;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use util::*;
 
 const MIB: usize = 1024 * 1024;
@@ -25,16 +24,6 @@ const HOSTS: usize = 8;
 /// Chunks of each snapshot, and listeners per chunk.
 const CHUNKS: u32 = 3;
 const PER_CHUNK: u32 = 2500;
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    tcp.read_to_string(&mut body).await.unwrap();
-    body
-}
 
 fn value(text: &str, name: &str) -> f64 {
     text.lines()
@@ -174,7 +163,7 @@ async fn several_maximum_size_snapshots_at_once_stay_within_the_budget() {
             "{host}"
         );
     }
-    let metrics = scrape(maddr).await;
+    let metrics = metrics(maddr).await;
     let peak = value(&metrics, "listenscope_ingest_budget_peak_bytes") as usize;
     let waits = value(&metrics, "listenscope_ingest_budget_waits_total");
     let refusals = value(&metrics, "listenscope_ingest_budget_refusals_total");

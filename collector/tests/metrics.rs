@@ -13,18 +13,7 @@ mod util;
 use std::time::Duration;
 
 use listenscope_collector::store::DbUrl;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use util::*;
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    tcp.read_to_string(&mut body).await.unwrap();
-    body
-}
 
 /// The value of the sample line that starts with `series` (name and labels, exactly).
 fn value(text: &str, series: &str) -> Option<f64> {
@@ -67,7 +56,7 @@ async fn every_family_from_start_up_and_histograms_that_fill() {
     wait_listening(maddr).await;
 
     // Before any agent: every family, typed, at zero.
-    let text = scrape(maddr).await;
+    let text = metrics(maddr).await;
     for (name, kind) in FAMILIES {
         assert!(
             text.contains(&format!("# TYPE {name} {kind}")),
@@ -113,7 +102,7 @@ async fn every_family_from_start_up_and_histograms_that_fill() {
         Some(listenscope_proto::v1::collector_message::Body::Ack(_))
     ));
     wait_for_async(Duration::from_secs(10), "the ack counted", || async {
-        let text = scrape(maddr).await;
+        let text = metrics(maddr).await;
         match (
             value(&text, "listenscope_ack_seconds_count"),
             value(&text, "listenscope_commit_seconds_bucket{le=\"+Inf\"}"),

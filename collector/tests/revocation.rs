@@ -24,20 +24,9 @@ use listenscope_collector::ingest::Limits;
 use listenscope_collector::pki::{self, RevokeTarget};
 use listenscope_collector::store::DbUrl;
 use listenscope_proto::v1;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use util::*;
 
 type Body = v1::collector_message::Body;
-
-async fn metrics(addr: SocketAddr) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    tcp.read_to_string(&mut body).await.unwrap();
-    body
-}
 
 /// The value of the series `name{label}` (or `name` alone when `label` is empty).
 fn series(text: &str, name: &str, label: &str) -> Option<u64> {

@@ -16,7 +16,6 @@ use std::time::Duration;
 use listenscope_collector::store::DbUrl;
 use listenscope_proto::v1;
 use time::OffsetDateTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use util::*;
 
 type Body = v1::collector_message::Body;
@@ -49,16 +48,6 @@ async fn expect_refused(
         Err(_) => {}
         Ok(m) => panic!("a refused client got an answer: {m:?}"),
     }
-}
-
-async fn metrics(addr: std::net::SocketAddr) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    tcp.read_to_string(&mut body).await.unwrap();
-    body
 }
 
 fn counter(text: &str, name: &str, label: &str) -> u64 {

@@ -390,6 +390,18 @@ pub async fn live_ports(db: &DbUrl, host: &str) -> Vec<i64> {
     .collect()
 }
 
+/// The text of a real `/metrics` endpoint (the collector's Prometheus exporter).
+pub async fn metrics(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: metrics\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    tcp.read_to_string(&mut body).await.unwrap();
+    body
+}
+
 /// Read-only query helper. `?N` placeholders become `$N` on PostgreSQL.
 pub async fn query(db: &DbUrl, sql: &str, params: &[Param]) -> ResultSet {
     let ro = ReadOnly::open(db).await.unwrap();
