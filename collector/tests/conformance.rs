@@ -21,52 +21,8 @@ use listenscope_core::domain::{Effective, Family, ProcessInfo, Protocol, Reach, 
 use listenscope_core::record::{FirewallAnswer, ListenerKey, ListenerRecord};
 use serde_json::{Value, json};
 use time::{Duration, OffsetDateTime};
-use util::TempDir;
-use util::pg::PgServer;
 
-/// Keeps a backend alive for one test (held only for its Drop).
-#[allow(dead_code)]
-enum Guard {
-    _Dir(TempDir),
-    _Pg(PgServer),
-}
-
-async fn sqlite() -> (DbUrl, Guard) {
-    let dir = TempDir::new("conf");
-    (DbUrl::Sqlite(dir.path().join("ls.db")), Guard::_Dir(dir))
-}
-
-async fn postgres() -> (DbUrl, Guard) {
-    // On this thread: the server is tied to its starting thread (PR_SET_PDEATHSIG).
-    let server = tokio::task::block_in_place(PgServer::start);
-    let url = server.database("listenscope").await;
-    (DbUrl::Postgres(url), Guard::_Pg(server))
-}
-
-macro_rules! suite {
-    ($($test:ident),* $(,)?) => {
-        mod on_sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let (db, _guard) = super::sqlite().await;
-                    super::$test(&db).await;
-                }
-            )*
-        }
-        mod on_postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let (db, _guard) = super::postgres().await;
-                    super::$test(&db).await;
-                }
-            )*
-        }
-    };
-}
-
-suite!(
+both_databases!(
     group_commit_burst_and_fencing,
     awkward_text_round_trips,
     snapshots_versions_and_views,

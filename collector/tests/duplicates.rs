@@ -21,55 +21,12 @@ use listenscope_collector::query::ReadOnly;
 use listenscope_collector::store::DbUrl;
 use listenscope_proto::v1;
 use serde_json::{Value, json};
-use util::pg::PgServer;
 use util::*;
 
 type Body = v1::collector_message::Body;
 
 const A: [u8; 16] = [0xa1; 16];
 const B: [u8; 16] = [0xb2; 16];
-
-/// Keeps a backend alive for one test (held only for its Drop).
-#[allow(dead_code)]
-enum Guard {
-    _Dir(TempDir),
-    _Pg(PgServer),
-}
-
-async fn sqlite() -> (DbUrl, Guard) {
-    let dir = TempDir::new("dup");
-    (DbUrl::Sqlite(dir.path().join("ls.db")), Guard::_Dir(dir))
-}
-
-async fn postgres() -> (DbUrl, Guard) {
-    // On this thread: the server is tied to its starting thread (PR_SET_PDEATHSIG).
-    let server = tokio::task::block_in_place(PgServer::start);
-    let url = server.database("listenscope").await;
-    (DbUrl::Postgres(url), Guard::_Pg(server))
-}
-
-macro_rules! both_databases {
-    ($($test:ident),* $(,)?) => {
-        mod on_sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let (db, _guard) = super::sqlite().await;
-                    super::$test(&db).await;
-                }
-            )*
-        }
-        mod on_postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let (db, _guard) = super::postgres().await;
-                    super::$test(&db).await;
-                }
-            )*
-        }
-    };
-}
 
 both_databases!(
     a_second_machine_is_refused_while_the_first_holds_the_host,
@@ -230,7 +187,7 @@ async fn a_second_machine_is_refused_while_the_first_holds_the_host(db: &DbUrl) 
 /// and writes nothing. Machine A itself may move to the other collector.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_machine_on_another_collector_is_refused() {
-    let (db, _guard) = postgres().await;
+    let (db, _guard) = postgres_db().await;
     let pki = Pki::new(&["h1"]);
     let limits = |name: &str| listenscope_collector::ingest::Limits {
         instance: name.into(),

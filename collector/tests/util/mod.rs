@@ -390,6 +390,52 @@ pub async fn live_ports(db: &DbUrl, host: &str) -> Vec<i64> {
     .collect()
 }
 
+/// Keeps a test's database alive until the test ends (held only for its Drop).
+pub enum DbGuard {
+    Dir(TempDir),
+    Pg(pg::PgServer),
+}
+
+/// A fresh SQLite database file.
+pub async fn sqlite_db() -> (DbUrl, DbGuard) {
+    let dir = TempDir::new("db");
+    (DbUrl::Sqlite(dir.path().join("ls.db")), DbGuard::Dir(dir))
+}
+
+/// A fresh database on a throwaway PostgreSQL server.
+pub async fn postgres_db() -> (DbUrl, DbGuard) {
+    // On this thread: the server is tied to its starting thread (PR_SET_PDEATHSIG).
+    let server = tokio::task::block_in_place(pg::PgServer::start);
+    let url = server.database("listenscope").await;
+    (DbUrl::Postgres(url), DbGuard::Pg(server))
+}
+
+/// Runs each `async fn name(db: &DbUrl)` of the calling file as two tests, `on_sqlite::name`
+/// and `on_postgres::name`, each on a fresh database.
+#[macro_export]
+macro_rules! both_databases {
+    ($($test:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let (db, _guard) = $crate::util::sqlite_db().await;
+                    super::$test(&db).await;
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let (db, _guard) = $crate::util::postgres_db().await;
+                    super::$test(&db).await;
+                }
+            )*
+        }
+    };
+}
+
 /// The text of a real `/metrics` endpoint (the collector's Prometheus exporter).
 pub async fn metrics(addr: SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
