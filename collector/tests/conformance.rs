@@ -1,6 +1,6 @@
 //! One storage conformance suite, run unchanged against SQLite and against a real
 //! PostgreSQL server that the test starts itself (`util::pg`). Every test is written once
-//! (a function of the database URL) and instantiated per backend by `suite!`, so both
+//! (a function of the database URL) and instantiated per backend by `both_databases!`, so both
 //! databases answer every question the same way.
 
 #![allow(
