@@ -8,7 +8,9 @@
 //!   rule is enforced (`TryFrom`);
 //! - `pem`: loading and checking the PEM files of mutual TLS; `config`: durations and TOML;
 //!   `signal`: the shutdown signal; `exit`: the exit codes; `logging`: `--log-format` and
-//!   `LISTENSCOPE_LOG`.
+//!   `LISTENSCOPE_LOG`;
+//! - `watch`: how the agent learns of listens and closes (`doorbell`, `polling(3s)`,
+//!   `interval(10s)`), reported in Hello and Heartbeat and shown in `hosts`.
 //!
 //! Nothing here touches the OS beyond reading named files; the agent's Linux layer stays
 //! in the agent, the store in the collector (see ARCHITECTURE.md).
@@ -24,4 +26,5 @@ pub mod logging;
 pub mod pem;
 pub mod record;
 pub mod signal;
+pub mod watch;
 pub mod wire;

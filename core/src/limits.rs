@@ -61,5 +61,23 @@ pub const EFFECTIVE_CONDITION: usize = 256;
 pub const AGENT_VERSION: usize = 64;
 /// Bytes of `Hello.os_hostname`.
 pub const OS_HOSTNAME: usize = 255;
+/// Bytes of `Watch.reason` (why the agent does not use the doorbell: an error text such
+/// as "perf_event_open refused: needs CAP_PERFMON"). A few sentences fit.
+pub const WATCH_REASON: usize = 512;
+/// The longest period of a watch mode (`Watch.interval_ms`): a century, the longest
+/// duration any configuration accepts (`config::MAX_DURATION`), so every interval an agent
+/// may be configured with is reported as it is. Longer is garbage and refused.
+pub const WATCH_INTERVAL_MAX_MS: u64 = 100 * 365 * 86_400 * 1000;
 /// How far ahead of the collector's clock an observation may claim to be, in seconds.
 pub const CLOCK_SKEW_SECS: i64 = 600;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_watch_period_bound_is_the_longest_duration() {
+        assert_eq!(
+            u128::from(super::WATCH_INTERVAL_MAX_MS),
+            crate::config::MAX_DURATION.as_millis()
+        );
+    }
+}

@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 use crate::domain::{Container, Effective, Family, ProcessInfo, Protocol, Reach, Source};
 use crate::limits;
 use crate::record::{FirewallAnswer, ListenerKey, ListenerRecord};
+use crate::watch::{Watch, WatchMode};
 
 /// A message field that breaks a protocol rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -444,6 +445,8 @@ pub struct Hello {
     pub os_hostname: String,
     /// The agent installation (`None`: an agent older than the field).
     pub instance_id: Option<[u8; 16]>,
+    /// How the agent learns of listens and closes (`None`: an agent older than the field).
+    pub watch: Option<Watch>,
 }
 
 impl TryFrom<v1::Hello> for Hello {
@@ -477,8 +480,90 @@ impl TryFrom<v1::Hello> for Hello {
             acked_sequence: h.acked_sequence,
             agent_version: text("agent_version", h.agent_version, limits::AGENT_VERSION)?,
             os_hostname: text("os_hostname", h.os_hostname, limits::OS_HOSTNAME)?,
+            watch: h.watch.map(Watch::try_from).transpose()?,
         })
     }
+}
+
+impl From<&Watch> for v1::Watch {
+    /// The period in whole milliseconds within the wire's range, the reason as it is
+    /// (bounded by [`Watch::bound`], which the agent runs before sending).
+    fn from(w: &Watch) -> Self {
+        let kind = match w.mode {
+            WatchMode::Doorbell => v1::WatchKind::Doorbell,
+            WatchMode::Polling(_) => v1::WatchKind::Polling,
+            WatchMode::Interval(_) => v1::WatchKind::Interval,
+        };
+        v1::Watch {
+            kind: kind as i32,
+            interval_ms: w.mode.period_ms(),
+            reason: w.reason.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl TryFrom<v1::Watch> for Watch {
+    type Error = WireError;
+
+    /// A known kind; a period of 1 ms to [`limits::WATCH_INTERVAL_MAX_MS`] for polling and
+    /// interval, none for doorbell; a bounded printable reason (empty: none).
+    fn try_from(w: v1::Watch) -> Result<Self, WireError> {
+        let period = || match w.interval_ms {
+            0 => Err(bad(
+                "watch.interval_ms",
+                "0; polling and interval need a period of at least 1 ms",
+            )),
+            ms if ms > limits::WATCH_INTERVAL_MAX_MS => Err(bad(
+                "watch.interval_ms",
+                format!(
+                    "{ms} ms, at most {} (a century)",
+                    limits::WATCH_INTERVAL_MAX_MS
+                ),
+            )),
+            ms => Ok(std::time::Duration::from_millis(ms)),
+        };
+        let mode = match v1::WatchKind::try_from(w.kind) {
+            Ok(v1::WatchKind::Doorbell) if w.interval_ms != 0 => {
+                return Err(bad(
+                    "watch.interval_ms",
+                    format!("{} for doorbell, which has no period; send 0", w.interval_ms),
+                ));
+            }
+            Ok(v1::WatchKind::Doorbell) => WatchMode::Doorbell,
+            Ok(v1::WatchKind::Polling) => WatchMode::Polling(period()?),
+            Ok(v1::WatchKind::Interval) => WatchMode::Interval(period()?),
+            _ => {
+                return Err(bad(
+                    "watch.kind",
+                    format!(
+                        "{} is not DOORBELL (1), POLLING (2) or INTERVAL (3)",
+                        w.kind
+                    ),
+                ));
+            }
+        };
+        Ok(Watch {
+            mode,
+            reason: nonempty(text("watch.reason", w.reason, limits::WATCH_REASON)?),
+        })
+    }
+}
+
+/// A heartbeat, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub observed_at: OffsetDateTime,
+    /// The agent's watch mode (`None`: an agent older than the field).
+    pub watch: Option<Watch>,
+}
+
+/// A heartbeat: a required observation time ([`observed_at`]) and, when present, a valid
+/// watch mode.
+pub fn heartbeat(h: v1::Heartbeat, now: OffsetDateTime) -> Result<Heartbeat, WireError> {
+    Ok(Heartbeat {
+        observed_at: observed_at("observed_at", h.observed_at, now)?,
+        watch: h.watch.map(Watch::try_from).transpose()?,
+    })
 }
 
 pub fn timestamp(t: OffsetDateTime) -> prost_types::Timestamp {
@@ -763,15 +848,29 @@ mod tests {
             session_id: vec![7; 16],
             acked_sequence: 3,
             instance_id: vec![9; 16],
+            watch: Some(v1::Watch {
+                kind: v1::WatchKind::Polling as i32,
+                interval_ms: 3000,
+                reason: "perf_event_open refused: needs CAP_PERFMON".into(),
+            }),
         };
         let h = Hello::try_from(ok.clone()).unwrap();
         assert_eq!((h.session_id, h.acked_sequence), ([7; 16], 3));
         assert_eq!(h.instance_id, Some([9; 16]));
+        assert_eq!(
+            h.watch,
+            Some(Watch::because(
+                WatchMode::Polling(std::time::Duration::from_secs(3)),
+                "perf_event_open refused: needs CAP_PERFMON"
+            ))
+        );
         let older = v1::Hello {
             instance_id: Vec::new(),
+            watch: None,
             ..ok.clone()
         };
-        assert_eq!(Hello::try_from(older).unwrap().instance_id, None);
+        let older = Hello::try_from(older).unwrap();
+        assert_eq!((older.instance_id, older.watch), (None, None));
         let field = |edit: fn(&mut v1::Hello)| {
             let mut m = ok.clone();
             edit(&mut m);
@@ -790,6 +889,123 @@ mod tests {
             field(|m| m.agent_version = "0.1\u{202e}0".into()),
             "agent_version"
         );
+        // The watch mode is checked in the Hello too.
+        assert_eq!(
+            field(|m| m.watch.as_mut().unwrap().kind = 0),
+            "watch.kind"
+        );
+    }
+
+    #[track_caller]
+    fn watch_refused(kind: i32, interval_ms: u64, reason: &str, field: &str, problem: &str) {
+        let w = v1::Watch {
+            kind,
+            interval_ms,
+            reason: reason.into(),
+        };
+        let err = Watch::try_from(w).unwrap_err();
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.problem.contains(problem), "{err}");
+    }
+
+    #[test]
+    fn watch_modes() {
+        use std::time::Duration;
+        let (doorbell, polling, interval) = (
+            v1::WatchKind::Doorbell as i32,
+            v1::WatchKind::Polling as i32,
+            v1::WatchKind::Interval as i32,
+        );
+        // Round trips, at the limits too.
+        for w in [
+            Watch::new(WatchMode::Doorbell),
+            Watch::because(WatchMode::Polling(Duration::from_millis(1)), "no tracefs"),
+            Watch::new(WatchMode::Interval(Duration::from_secs(10))),
+            Watch::because(
+                WatchMode::Interval(Duration::from_millis(limits::WATCH_INTERVAL_MAX_MS)),
+                "r".repeat(limits::WATCH_REASON),
+            ),
+            Watch::because(WatchMode::Doorbell, "é ✓ non-ASCII"),
+        ] {
+            assert_eq!(Watch::try_from(v1::Watch::from(&w)), Ok(w));
+        }
+        // An empty reason is none.
+        let w = v1::Watch {
+            kind: polling,
+            interval_ms: 3000,
+            reason: String::new(),
+        };
+        assert_eq!(Watch::try_from(w).unwrap().reason, None);
+        // Refusals, each naming the field.
+        watch_refused(0, 0, "", "watch.kind", "0 is not DOORBELL (1), POLLING (2)");
+        watch_refused(4, 10, "", "watch.kind", "4 is not");
+        watch_refused(-1, 10, "", "watch.kind", "-1 is not");
+        watch_refused(polling, 0, "", "watch.interval_ms", "at least 1 ms");
+        watch_refused(interval, 0, "", "watch.interval_ms", "at least 1 ms");
+        watch_refused(
+            interval,
+            limits::WATCH_INTERVAL_MAX_MS + 1,
+            "",
+            "watch.interval_ms",
+            "a century",
+        );
+        watch_refused(polling, u64::MAX, "", "watch.interval_ms", "at most");
+        watch_refused(doorbell, 5, "", "watch.interval_ms", "no period");
+        watch_refused(
+            polling,
+            3000,
+            &"r".repeat(limits::WATCH_REASON + 1),
+            "watch.reason",
+            "513 bytes, at most 512",
+        );
+        watch_refused(
+            polling,
+            3000,
+            "perf: \u{1b}]0;pwned\u{7}",
+            "watch.reason",
+            "control characters",
+        );
+        watch_refused(
+            polling,
+            3000,
+            "needs\u{202e}CAP",
+            "watch.reason",
+            "invisible formatting",
+        );
+        // What the agent sends after `bound` is accepted, whatever it started from.
+        let mut w = Watch::because(
+            WatchMode::Polling(Duration::ZERO),
+            format!("line\nbreak {}", "x".repeat(1000)),
+        );
+        w.bound();
+        assert_eq!(Watch::try_from(v1::Watch::from(&w)), Ok(w));
+    }
+
+    #[test]
+    fn heartbeats() {
+        let now = OffsetDateTime::now_utc();
+        let w = Watch::new(WatchMode::Doorbell);
+        let hb = v1::Heartbeat {
+            observed_at: Some(timestamp(now)),
+            watch: Some((&w).into()),
+        };
+        let got = heartbeat(hb.clone(), now).unwrap();
+        assert_eq!(got.watch, Some(w));
+        let older = v1::Heartbeat {
+            watch: None,
+            ..hb.clone()
+        };
+        assert_eq!(heartbeat(older, now).unwrap().watch, None);
+        let bad_watch = v1::Heartbeat {
+            watch: Some(v1::Watch::default()),
+            ..hb.clone()
+        };
+        assert_eq!(heartbeat(bad_watch, now).unwrap_err().field, "watch.kind");
+        let no_time = v1::Heartbeat {
+            observed_at: None,
+            ..hb
+        };
+        assert_eq!(heartbeat(no_time, now).unwrap_err().field, "observed_at");
     }
 
     /// Every text field of a listener refuses terminal control and invisible formatting

@@ -6,13 +6,15 @@
 //!
 //! - validation never panics, and it accepts exactly what the rules of
 //!   `proto/listenscope/v1/inventory.proto` allow (an independent statement of those rules,
-//!   [`spec_listener`] / [`spec_key`] / [`spec_hello`], must agree with `TryFrom`);
+//!   [`spec_listener`] / [`spec_key`] / [`spec_hello`] / [`spec_watch`], must agree with
+//!   `TryFrom`);
 //! - whatever it accepts satisfies the invariants the store relies on
 //!   ([`assert_record_invariants`]);
 //! - a valid record survives domain → proto → bytes → proto → domain unchanged, with the
 //!   same fingerprints;
 //! - any record the agent builds, after `ListenerRecord::bound`, is accepted unchanged (an
-//!   agent never gets a snapshot refused for a strange process name).
+//!   agent never gets a snapshot refused for a strange process name); the same for a
+//!   watch mode after `Watch::bound` (a session never refused for a strange reason).
 //!
 //! Runs `PROPTEST_CASES` cases per property (default 256 here), from a fixed seed unless
 //! `PROPTEST_RNG_SEED` is set; failures are not persisted to files (see docs/protocol.md,
@@ -32,6 +34,7 @@ use listenscope_core::domain::{
 use listenscope_core::fingerprint::fingerprints;
 use listenscope_core::limits;
 use listenscope_core::record::{FirewallAnswer, ListenerKey, ListenerRecord, is_unsafe_char};
+use listenscope_core::watch::{Watch, WatchMode};
 use listenscope_core::wire::{self, Hello};
 use listenscope_proto::v1;
 use proptest::collection::vec;
@@ -368,6 +371,55 @@ fn any_listener() -> impl Strategy<Value = v1::Listener> {
         )
 }
 
+/// Any watch mode: kinds around the defined ones, periods straddling both limits, any
+/// reason.
+fn any_watch() -> impl Strategy<Value = v1::Watch> {
+    (
+        any_enum(),
+        prop_oneof![
+            2 => Just(0u64),
+            4 => 1..100_000u64,
+            1 => select(vec![
+                1,
+                limits::WATCH_INTERVAL_MAX_MS - 1,
+                limits::WATCH_INTERVAL_MAX_MS,
+                limits::WATCH_INTERVAL_MAX_MS + 1,
+                u64::MAX,
+            ]),
+            1 => any::<u64>(),
+        ],
+        any_text(limits::WATCH_REASON),
+    )
+        .prop_map(|(kind, interval_ms, reason)| v1::Watch {
+            kind,
+            interval_ms,
+            reason,
+        })
+}
+
+/// A watch mode as the agent might build it before `bound`: any period (zero, sub-ms,
+/// huge), any reason (control characters, far too long).
+fn raw_agent_watch() -> impl Strategy<Value = Watch> {
+    let period = prop_oneof![
+        any::<u64>().prop_map(std::time::Duration::from_nanos),
+        any::<(u64, u32)>().prop_map(|(s, n)| std::time::Duration::new(s, n % 1_000_000_000)),
+        Just(std::time::Duration::ZERO),
+    ];
+    (
+        0..3u8,
+        period,
+        proptest::option::of(vec(any_char(), 0..700).prop_map(|v| v.into_iter().collect())),
+    )
+        .prop_map(|(kind, d, reason)| Watch {
+            mode: match kind {
+                0 => WatchMode::Doorbell,
+                1 => WatchMode::Polling(d),
+                _ => WatchMode::Interval(d),
+            },
+            reason,
+        })
+}
+
 fn any_hello() -> impl Strategy<Value = v1::Hello> {
     let id = || {
         prop_oneof![
@@ -383,6 +435,7 @@ fn any_hello() -> impl Strategy<Value = v1::Hello> {
         id(),
         any::<u64>(),
         id(),
+        proptest::option::of(any_watch()),
     )
         .prop_map(
             |(
@@ -392,6 +445,7 @@ fn any_hello() -> impl Strategy<Value = v1::Hello> {
                 session_id,
                 acked_sequence,
                 instance_id,
+                watch,
             )| {
                 v1::Hello {
                     protocol_version,
@@ -400,6 +454,7 @@ fn any_hello() -> impl Strategy<Value = v1::Hello> {
                     session_id,
                     acked_sequence,
                     instance_id,
+                    watch,
                 }
             },
         )
@@ -478,6 +533,18 @@ fn spec_hello(h: &v1::Hello) -> bool {
         && matches!(h.instance_id.len(), 0 | 16)
         && text_ok(&h.agent_version, limits::AGENT_VERSION)
         && text_ok(&h.os_hostname, limits::OS_HOSTNAME)
+        && h.watch.as_ref().is_none_or(spec_watch)
+}
+
+/// Kind 1 (doorbell) with no period, kinds 2 and 3 (polling, interval) with a period of
+/// 1 ms to a century; a printable reason of at most its limit, any kind.
+fn spec_watch(w: &v1::Watch) -> bool {
+    let period_ok = match w.kind {
+        1 => w.interval_ms == 0,
+        2 | 3 => (1..=limits::WATCH_INTERVAL_MAX_MS).contains(&w.interval_ms),
+        _ => false,
+    };
+    period_ok && text_ok(&w.reason, limits::WATCH_REASON)
 }
 
 /// What the store relies on in an accepted key.
@@ -564,9 +631,7 @@ fn validate_message(m: v1::AgentMessage) -> bool {
     match m.body {
         None => false,
         Some(v1::agent_message::Body::Hello(h)) => Hello::try_from(h).is_ok(),
-        Some(v1::agent_message::Body::Heartbeat(h)) => {
-            wire::observed_at("observed_at", h.observed_at, now).is_ok()
-        }
+        Some(v1::agent_message::Body::Heartbeat(h)) => wire::heartbeat(h, now).is_ok(),
         Some(v1::agent_message::Body::Snapshot(c)) => {
             let at = wire::observed_at("observed_at", c.observed_at, now).is_ok();
             records(c.listeners) && at
@@ -880,6 +945,47 @@ proptest! {
             prop_assert_eq!(hello.instance_id.map(|i| i.to_vec()), instance);
             prop_assert!(text_ok(&hello.agent_version, limits::AGENT_VERSION));
             prop_assert!(text_ok(&hello.os_hostname, limits::OS_HOSTNAME));
+            prop_assert_eq!(hello.watch.is_some(), h.watch.is_some());
+        }
+    }
+
+    /// Watch validation accepts exactly what the rules allow; what it accepts has a
+    /// period of whole milliseconds within the limits (none for doorbell), a printable
+    /// bounded reason (never `Some("")`), survives the wire unchanged, and its text form
+    /// reads back as the same mode.
+    #[test]
+    fn watch_validation_is_the_spec(w in any_watch()) {
+        let expected = spec_watch(&w);
+        let got = Watch::try_from(w.clone());
+        prop_assert_eq!(got.is_ok(), expected, "{:?} for {:?}", got.as_ref().err(), w);
+        if let Ok(watch) = got {
+            match watch.mode.period() {
+                None => prop_assert_eq!(watch.mode, WatchMode::Doorbell),
+                Some(d) => {
+                    prop_assert_eq!(d.as_millis(), u128::from(w.interval_ms));
+                }
+            }
+            if let Some(r) = &watch.reason {
+                prop_assert!(!r.is_empty() && text_ok(r, limits::WATCH_REASON));
+            }
+            let back = v1::Watch::from(&watch);
+            prop_assert_eq!(&back, &w);
+            let text = watch.mode.to_string();
+            prop_assert_eq!(text.parse::<WatchMode>(), Ok(watch.mode), "{}", text);
+        }
+    }
+
+    /// Whatever mode and reason the agent builds, `bound` makes a watch the collector
+    /// accepts as is (and `bound` is idempotent).
+    #[test]
+    fn bound_watches_are_accepted(mut w in raw_agent_watch()) {
+        w.bound();
+        let once = w.clone();
+        w.bound();
+        prop_assert_eq!(&w, &once, "bound is idempotent");
+        match Watch::try_from(v1::Watch::from(&w)) {
+            Ok(back) => prop_assert_eq!(back, w),
+            Err(e) => prop_assert!(false, "refused after bound: {}", e),
         }
     }
 
