@@ -59,6 +59,7 @@ pub use cause::ConnectError;
 pub use session::SessionError;
 
 use listenscope_core::pem::{self, TlsFileError};
+use listenscope_core::watch::{Watch, WatchMode};
 
 /// Shared between the scanner and the connection.
 pub(crate) struct Shared {
@@ -72,11 +73,55 @@ pub(crate) struct Shared {
     /// make an agent restarted after an unclean disconnect look like a second machine
     /// until the collector notices the dead connection.
     pub instance_id: Option<[u8; 16]>,
+    /// How the scanner learns of listens and closes now, sent in every Hello and
+    /// Heartbeat (`set_watch`).
+    pub watch: Mutex<Watch>,
 }
 
 impl Shared {
     pub(crate) fn outbox(&self) -> std::sync::MutexGuard<'_, Book> {
         self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The scanner's watch mode is `w` now. Kept bounded (`Watch::bound`: what the
+    /// collector accepts); when it differs from the last one, the session sends a
+    /// heartbeat at once (stamped now unless a scan's heartbeat is already waiting), so the
+    /// collector shows a worse mode without waiting for the next scan that finds nothing.
+    /// Returns whether it changed.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "the scanner calls it once it learns its mode (doorbell or polling); until \
+                      then the mode is the interval set at start"
+        )
+    )]
+    pub(crate) fn set_watch(&self, mut w: Watch) -> bool {
+        w.bound();
+        {
+            let mut current = self.watch.lock().unwrap_or_else(|p| p.into_inner());
+            if *current == w {
+                return false;
+            }
+            tracing::info!(
+                from = %current.mode,
+                to = %w.mode,
+                reason = w.reason.as_deref().unwrap_or(""),
+                "Watch mode changed."
+            );
+            *current = w;
+        }
+        self.heartbeat
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(OffsetDateTime::now_utc);
+        self.wake.notify_one();
+        true
+    }
+
+    /// The current watch mode (for a Hello or a Heartbeat).
+    pub(crate) fn watch(&self) -> Watch {
+        self.watch.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -370,6 +415,8 @@ async fn run_inner(
         heartbeat: Mutex::new(None),
         wake: Notify::new(),
         instance_id,
+        // What the scanner below does: a scan every interval.
+        watch: Mutex::new(Watch::new(WatchMode::Interval(cfg.interval))),
     });
 
     let scanner = {
@@ -910,6 +957,77 @@ mod tests {
         let sys = Arc::new(crate::os::LinuxSystem::new());
         let ran = run(cfg, sys, std::future::pending()).await;
         assert!(matches!(ran, Err(RunError::NoCollector)), "{ran:?}");
+    }
+
+    fn shared(watch: Watch) -> Shared {
+        let outbox = Outbox::new([1; 16], State::new(), OffsetDateTime::now_utc(), 10);
+        Shared {
+            outbox: Mutex::new(Book::without_journal(outbox)),
+            heartbeat: Mutex::new(None),
+            wake: Notify::new(),
+            instance_id: None,
+            watch: Mutex::new(watch),
+        }
+    }
+
+    /// Whether the session was woken (a permit is waiting), taking the permit.
+    fn woken(s: &Shared) -> bool {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+        let notified = std::pin::pin!(s.wake.notified());
+        matches!(
+            notified.poll(&mut Context::from_waker(Waker::noop())),
+            Poll::Ready(())
+        )
+    }
+
+    fn pending_heartbeat(s: &Shared) -> Option<OffsetDateTime> {
+        *s.heartbeat.lock().unwrap()
+    }
+
+    #[test]
+    fn a_new_watch_mode_sends_a_heartbeat_at_once() {
+        let ten = WatchMode::Interval(Duration::from_secs(10));
+        let s = shared(Watch::new(ten));
+        // The same mode: nothing to tell.
+        assert!(!s.set_watch(Watch::new(ten)));
+        assert!(!woken(&s) && pending_heartbeat(&s).is_none());
+        // Another one: stored, a heartbeat stamped now, the session woken.
+        let before = OffsetDateTime::now_utc();
+        let polling = Watch::because(
+            WatchMode::Polling(Duration::from_secs(3)),
+            "perf_event_open refused: needs CAP_PERFMON",
+        );
+        assert!(s.set_watch(polling.clone()));
+        assert_eq!(s.watch(), polling);
+        assert!(woken(&s));
+        assert!(pending_heartbeat(&s).is_some_and(|t| t >= before));
+        // A scan's heartbeat already waiting keeps its time.
+        let scanned = before - time::Duration::seconds(5);
+        *s.heartbeat.lock().unwrap() = Some(scanned);
+        assert!(s.set_watch(Watch::new(WatchMode::Doorbell)));
+        assert_eq!(pending_heartbeat(&s), Some(scanned));
+        // A different reason alone is a change too.
+        assert!(s.set_watch(Watch::because(WatchMode::Doorbell, "UDP by polling")));
+        assert!(!s.set_watch(Watch::because(WatchMode::Doorbell, "UDP by polling")));
+    }
+
+    /// What is stored is what the collector accepts: a hostile reason escaped and cut, a
+    /// sub-millisecond period rounded; bounding is part of the comparison, so the same
+    /// mode given unbounded again is no change.
+    #[test]
+    fn the_watch_mode_is_kept_bounded() {
+        let s = shared(Watch::new(WatchMode::Doorbell));
+        let raw = Watch::because(
+            WatchMode::Polling(Duration::from_micros(2_999_800)),
+            format!("perf: \u{1b}[2J{}", "x".repeat(2000)),
+        );
+        assert!(s.set_watch(raw.clone()));
+        let stored = s.watch();
+        assert_eq!(stored.mode, WatchMode::Polling(Duration::from_secs(3)));
+        let reason = stored.reason.unwrap();
+        assert!(reason.starts_with("perf: \\u{1b}[2J") && reason.len() <= 512);
+        assert!(!s.set_watch(raw));
     }
 
     #[test]

@@ -200,6 +200,7 @@ async fn session(
             session_id: o.session_id.to_vec(),
             acked_sequence: o.acked(),
             instance_id: shared.instance_id.map_or_else(Vec::new, |id| id.to_vec()),
+            watch: Some((&shared.watch()).into()),
         }
     };
     let _ = tx.send(body(v1::agent_message::Body::Hello(hello))).await;
@@ -257,8 +258,10 @@ async fn session(
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(at) = beat {
+            // The mode as it is when sent: a change since the beat was queued is told now.
             let hb = v1::Heartbeat {
                 observed_at: Some(wire::timestamp(at)),
+                watch: Some((&shared.watch()).into()),
             };
             tx.send(body(v1::agent_message::Body::Heartbeat(hb)))
                 .await
