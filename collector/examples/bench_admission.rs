@@ -140,6 +140,7 @@ async fn agent(a: &Args, ca: &[u8], host: &str, from: IpAddr) -> Result<Duration
                 session_id: vec![7; 16],
                 acked_sequence: 0,
                 instance_id: Vec::new(),
+                watch: None,
             })),
         })
         .await

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use listenscope_core::diff::Changes;
 use listenscope_core::record::{ListenerKey, ListenerRecord};
+use listenscope_core::watch::Watch;
 use listenscope_core::wire::{self, WireError};
 use listenscope_proto::v1;
 use prost::Message as _;
@@ -21,7 +22,7 @@ use tonic::{Status, Streaming};
 
 use crate::budget::{Assembled, Budget, Ledger};
 use crate::metrics as m;
-use crate::store::{Applied, HostSession, Message, Store, StoreError};
+use crate::store::{AgentHello, Applied, HostSession, Message, Store, StoreError};
 
 pub use listenscope_core::limits::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 /// What tonic may decode at all (bounds memory per stream).
@@ -418,6 +419,9 @@ struct Session<'a> {
     assembling: Option<Assembling>,
     /// When this session last wrote last_seen (hello, commits and heartbeats all do).
     seen_written: Instant,
+    /// The watch mode this session last reported (Hello, then heartbeats): a heartbeat
+    /// writes its mode only when it differs.
+    watch: Option<Watch>,
 }
 
 /// Why a session did not open.
@@ -453,15 +457,13 @@ impl<'a> Session<'a> {
         let instance = (!limits.instance.is_empty()).then_some(limits.instance.as_str());
         // Boxed: a session spends its life idle between messages, and an idle session's
         // state (one per connected agent) should not carry the space of this call.
-        let stored = Box::pin(store.hello_at(
-            host,
-            &hello.os_hostname,
-            &hello.agent_version,
-            now,
-            instance,
-            hello.instance_id,
-        ))
-        .await?;
+        let agent = AgentHello {
+            os_hostname: &hello.os_hostname,
+            agent_version: &hello.agent_version,
+            instance_id: hello.instance_id,
+            watch: hello.watch.as_ref(),
+        };
+        let stored = Box::pin(store.hello_at(host, agent, now, instance)).await?;
         if let Some(h) = &stored.held_elsewhere {
             let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
             return Err(Opened::HeldElsewhere(format!(
@@ -491,7 +493,11 @@ impl<'a> Session<'a> {
             }),
         )
         .await?;
-        tracing::info!(host = %host, os_hostname = %hello.os_hostname, agent_version = %hello.agent_version, resume_after = ?resume, "Agent connected.");
+        let watch = hello
+            .watch
+            .as_ref()
+            .map_or_else(|| "unknown".to_string(), |w| w.mode.to_string());
+        tracing::info!(host = %host, os_hostname = %hello.os_hostname, agent_version = %hello.agent_version, %watch, resume_after = ?resume, "Agent connected.");
         Ok(Session {
             host,
             store,
@@ -505,12 +511,22 @@ impl<'a> Session<'a> {
             },
             assembling: None,
             seen_written: Instant::now(),
+            watch: hello.watch,
         })
     }
 
     async fn heartbeat(&mut self, h: v1::Heartbeat, now: OffsetDateTime) -> Result<(), Status> {
         metrics::counter!(m::MESSAGES, "kind" => "heartbeat").increment(1);
-        wire::observed_at("observed_at", h.observed_at, now).map_err(invalid)?;
+        let h = wire::heartbeat(h, now).map_err(invalid)?;
+        // Only a change is written: a heartbeat that repeats the mode (nearly all of them)
+        // costs nothing more than before. Absent (an older agent): nothing to say.
+        if let Some(w) = h.watch
+            && self.watch.as_ref() != Some(&w)
+        {
+            tracing::info!(host = %self.host, watch = %w.mode, reason = w.reason.as_deref().unwrap_or(""), "Watch mode changed.");
+            self.store.watch_changed(&self.stored, &w, now);
+            self.watch = Some(w);
+        }
         if self.seen_written.elapsed() >= self.limits.heartbeat_every {
             self.store.heartbeat(self.stored.host_id, now);
             self.seen_written = Instant::now();

@@ -1177,14 +1177,55 @@ pub(crate) async fn headline_rows(
     ro.run(&sql, &params).await
 }
 
-/// Hosts, silent longest first (so stale hosts come first), with the connections refused
+/// The columns of `hosts`: the view's, but `last_snapshot_at`, with the watch mode as
+/// `watch` (`unknown` for an agent that does not report one) after `listeners`, and its
+/// reason and since when at the end (for programs: `hosts` prints [`HOSTS_TABLE_COLUMNS`]
+/// as a table).
+pub const HOSTS_COLUMNS: [&str; 14] = [
+    "host",
+    "os_hostname",
+    "agent_version",
+    "first_seen",
+    "last_seen",
+    "stale",
+    "listeners",
+    "watch",
+    "collector",
+    "duplicate_refusals",
+    "duplicate_last_at",
+    "duplicate_last_peer",
+    "watch_reason",
+    "watch_since",
+];
+
+/// What the `hosts` table shows: [`HOSTS_COLUMNS`] but the watch mode's reason and time,
+/// which are long (CSV and JSON carry them; the `hosts` view too).
+pub const HOSTS_TABLE_COLUMNS: [&str; 12] = [
+    "host",
+    "os_hostname",
+    "agent_version",
+    "first_seen",
+    "last_seen",
+    "stale",
+    "listeners",
+    "watch",
+    "collector",
+    "duplicate_refusals",
+    "duplicate_last_at",
+    "duplicate_last_peer",
+];
+
+/// Hosts, silent longest first (so stale hosts come first), with how each agent learns of
+/// listens and closes (`watch`: `doorbell`, `polling(3s)`, `interval(10s)`, or `unknown`
+/// from agents that do not say, and why it is not `doorbell`) and the connections refused
 /// because a second machine used the host's certificate (`duplicate_refusals`, the last
-/// one's time and address).
+/// one's time and address). Columns: [`HOSTS_COLUMNS`].
 pub async fn hosts(ro: &ReadOnly, limit: Option<usize>) -> Result<Report, QueryError> {
     limited(
         ro,
         "SELECT host, os_hostname, agent_version, first_seen, last_seen, stale, listeners,
-                collector, duplicate_refusals, duplicate_last_at, duplicate_last_peer
+                coalesce(watch_mode, 'unknown') AS watch, collector, duplicate_refusals,
+                duplicate_last_at, duplicate_last_peer, watch_reason, watch_since
          FROM hosts",
         "SELECT count(*) FROM host",
         ro.pick(

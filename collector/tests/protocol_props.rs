@@ -6,18 +6,21 @@
 //!
 //! Operations: valid snapshots cut into random chunks (some left half-sent, finished
 //! later or abandoned), valid deltas of random opens, changes and closes, with the next,
-//! an old (duplicate) or a skipped (gap) sequence, heartbeats, reconnects (same or new
-//! session, acked_sequence zero, committed, ahead of the store or anything; a first
-//! message that is not a Hello or a bad Hello; a second Hello), and invalid messages of
-//! many kinds (every field rule, bad times, sequence 0, keys twice, chunks out of order,
-//! messages over 4 MiB, too many listeners, an empty message). Messages go out in random
+//! an old (duplicate) or a skipped (gap) sequence, heartbeats (with a watch mode, the
+//! same or another, or none), reconnects (same or new session, acked_sequence zero,
+//! committed, ahead of the store or anything; with a watch mode or none; a first message
+//! that is not a Hello or a bad Hello; a second Hello), and invalid messages of many
+//! kinds (every field rule, bad times, bad watch modes, sequence 0, keys twice, chunks
+//! out of order, messages over 4 MiB, too many listeners, an empty message). Messages go out in random
 //! windows (up to 3 answers outstanding), through a relay that cuts the client's bytes
 //! into random TCP pieces (`util/chunker.rs`).
 //!
 //! Invariants, checked against the database itself (read-only): the host's current
 //! listeners equal the model's (the last valid snapshot plus the deltas applied since),
 //! field for field, with fingerprints equal to `core::fingerprint`'s; the committed
-//! session and sequence equal the model's; no stored version is one the edge refuses;
+//! session and sequence equal the model's; the stored watch mode is the last valid
+//! Hello's, or one a heartbeat of that connection reported since (written within a
+//! second; the last one once the case ends); no stored version is one the edge refuses;
 //! every Ack names exactly the model's sequence and never more than the store has
 //! committed; an invalid message gets INVALID_ARGUMENT (with the field named), a stale
 //! snapshot of another session ABORTED, and neither changes the store; the Welcome after
@@ -47,6 +50,7 @@ use listenscope_core::domain::{
 };
 use listenscope_core::limits;
 use listenscope_core::record::{FirewallAnswer, ListenerKey, ListenerRecord, is_unsafe_char};
+use listenscope_core::watch::{Watch, WatchMode};
 use listenscope_core::wire;
 use listenscope_proto::v1;
 use proptest::collection::vec;
@@ -353,6 +357,10 @@ enum Bad {
         how: u8,
         on: u8,
     },
+    /// A heartbeat with a watch mode that breaks a rule (`how`).
+    Watch {
+        how: u8,
+    },
     SeqZero {
         delta: bool,
     },
@@ -394,12 +402,15 @@ enum Op {
         /// the agent sends a snapshot of these records instead, as a real agent does.
         stubborn: bool,
     },
-    Heartbeat,
+    /// A heartbeat with this watch mode (None: an agent from before watch modes).
+    Heartbeat(Option<Watch>),
     Reconnect {
         new_session: Option<[u8; 16]>,
         acked: Acked,
         os_hostname: String,
         agent_version: String,
+        /// The Hello's watch mode (None: an agent from before watch modes).
+        watch: Option<Watch>,
         opening: Opening,
     },
     Bad(Bad),
@@ -411,6 +422,25 @@ fn seq() -> impl Strategy<Value = Seq> {
         1 => (0..3u8).prop_map(Seq::Again),
         1 => (0..3u8).prop_map(Seq::Skip),
     ]
+}
+
+/// A valid watch mode, or none; from a small set, so that heartbeats often repeat the
+/// connection's mode (which the collector must not write) and sometimes change it.
+fn watch() -> impl Strategy<Value = Option<Watch>> {
+    let ms = |n| std::time::Duration::from_millis(n);
+    proptest::option::weighted(
+        0.85,
+        select(vec![
+            Watch::new(WatchMode::Doorbell),
+            Watch::because(WatchMode::Doorbell, "UDP by polling"),
+            Watch::because(
+                WatchMode::Polling(ms(3000)),
+                "perf_event_open refused: needs CAP_PERFMON",
+            ),
+            Watch::because(WatchMode::Polling(ms(1500)), "no tracefs"),
+            Watch::new(WatchMode::Interval(ms(10_000))),
+        ]),
+    )
 }
 
 /// Milliseconds after the case's base time (two hours before it started).
@@ -465,19 +495,21 @@ fn op() -> impl Strategy<Value = Op> {
         ],
         text(limits::OS_HOSTNAME),
         text(limits::AGENT_VERSION),
+        watch(),
         prop_oneof![
             6 => Just(Opening::Hello),
             1 => (0..4u8).prop_map(Opening::NotHello),
-            1 => (0..5u8).prop_map(Opening::BadHello),
+            1 => (0..8u8).prop_map(Opening::BadHello),
             1 => Just(Opening::HelloTwice),
         ],
     )
         .prop_map(
-            |(new_session, acked, os_hostname, agent_version, opening)| Op::Reconnect {
+            |(new_session, acked, os_hostname, agent_version, watch, opening)| Op::Reconnect {
                 new_session,
                 acked,
                 os_hostname,
                 agent_version,
+                watch,
                 opening,
             },
         );
@@ -497,6 +529,7 @@ fn op() -> impl Strategy<Value = Op> {
                 place,
             }),
         2 => (0..4u8, 0..3u8).prop_map(|(how, on)| Bad::Time { how, on }),
+        1 => (0..5u8).prop_map(|how| Bad::Watch { how }),
         1 => any::<bool>().prop_map(|delta| Bad::SeqZero { delta }),
         2 => (0..4u8).prop_map(|how| Bad::ChunkOrder { how }),
         1 => Just(Bad::Oversized),
@@ -508,7 +541,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => snapshot,
         1 => Just(Op::Rest),
         5 => delta,
-        1 => Just(Op::Heartbeat),
+        2 => watch().prop_map(Op::Heartbeat),
         2 => reconnect,
         3 => bad.prop_map(Op::Bad),
     ]
@@ -783,12 +816,42 @@ struct Stats {
     live_max: usize,
 }
 
+/// A watch mode that breaks a rule (`how`), and the text its refusal must contain.
+fn bad_watch(how: u8) -> (v1::Watch, &'static str) {
+    let w = |kind: v1::WatchKind, interval_ms, reason: &str| v1::Watch {
+        kind: kind as i32,
+        interval_ms,
+        reason: reason.into(),
+    };
+    match how {
+        0 => (
+            v1::Watch {
+                kind: 7,
+                ..w(v1::WatchKind::Polling, 3000, "")
+            },
+            "watch.kind: 7 is not",
+        ),
+        1 => (w(v1::WatchKind::Unspecified, 0, ""), "watch.kind: 0 is not"),
+        2 => (w(v1::WatchKind::Polling, 0, ""), "watch.interval_ms: 0"),
+        3 => (
+            w(v1::WatchKind::Doorbell, 1000, ""),
+            "watch.interval_ms: 1000 for doorbell",
+        ),
+        _ => (
+            w(v1::WatchKind::Polling, 3000, "perf \u{1b}[2J"),
+            "watch.reason: contains control characters",
+        ),
+    }
+}
+
 struct Agent {
     session: [u8; 16],
     /// The highest sequence this session used.
     last: u64,
     /// The highest Ack this session received.
     acked: u64,
+    /// The watch mode it reports in its Hellos (the last one it reported).
+    watch: Option<Watch>,
 }
 
 /// A snapshot left half-sent.
@@ -826,6 +889,7 @@ fn hello_msg(
     acked: u64,
     os_hostname: &str,
     agent_version: &str,
+    watch: Option<&Watch>,
 ) -> v1::AgentMessage {
     msg(v1::agent_message::Body::Hello(v1::Hello {
         protocol_version: limits::PROTOCOL_VERSION,
@@ -834,6 +898,7 @@ fn hello_msg(
         session_id: session.to_vec(),
         acked_sequence: acked,
         instance_id: Vec::new(),
+        watch: watch.map(v1::Watch::from),
     }))
 }
 
@@ -968,10 +1033,21 @@ impl Driver<'_> {
 
     /// A valid Hello of the agent's session, as the agent sends it after any break.
     async fn connect(&mut self) {
-        let resume = self
-            .model
-            .hello(self.agent.session, self.agent.acked, "props", "test");
-        let first = hello_msg(&self.agent.session, self.agent.acked, "props", "test");
+        let watch = self.agent.watch.clone();
+        let resume = self.model.hello(
+            self.agent.session,
+            self.agent.acked,
+            "props",
+            "test",
+            watch.as_ref(),
+        );
+        let first = hello_msg(
+            &self.agent.session,
+            self.agent.acked,
+            "props",
+            "test",
+            watch.as_ref(),
+        );
         let what = format!("hello acked {}", self.agent.acked);
         self.open(first, Ok(resume), what).await;
         if let Some(c) = resume {
@@ -1132,8 +1208,10 @@ impl Driver<'_> {
                 acked,
                 os_hostname,
                 agent_version,
+                watch,
                 opening,
             } => {
+                self.agent.watch = watch;
                 self.reconnect(new_session, acked, &os_hostname, &agent_version, opening)
                     .await
             }
@@ -1197,7 +1275,7 @@ impl Driver<'_> {
                 if self.pending.is_some() && self.stream.is_some() {
                     self.send_chunks().await;
                 } else {
-                    self.heartbeat().await;
+                    self.heartbeat(self.agent.watch.clone()).await;
                 }
             }
             Op::Delta {
@@ -1250,7 +1328,7 @@ impl Driver<'_> {
                 );
                 self.send(m, answer, what).await;
             }
-            Op::Heartbeat => self.heartbeat().await,
+            Op::Heartbeat(watch) => self.heartbeat(watch).await,
             Op::Bad(bad) => {
                 self.ensure_connected().await;
                 let (m, what) = self.bad(bad);
@@ -1260,13 +1338,22 @@ impl Driver<'_> {
         }
     }
 
-    async fn heartbeat(&mut self) {
+    /// A heartbeat reporting `watch`; the agent's mode from then on (its next Hellos).
+    async fn heartbeat(&mut self, watch: Option<Watch>) {
         self.ensure_connected().await;
-        let answer = self.model.heartbeat();
+        let answer = self.model.heartbeat(watch.as_ref());
+        let what = match &watch {
+            Some(w) => format!("heartbeat {}", w.mode),
+            None => "heartbeat without a watch mode".into(),
+        };
+        if watch.is_some() {
+            self.agent.watch.clone_from(&watch);
+        }
         let m = msg(v1::agent_message::Body::Heartbeat(v1::Heartbeat {
             observed_at: Some(wire::timestamp(OffsetDateTime::now_utc())),
+            watch: watch.as_ref().map(v1::Watch::from),
         }));
-        self.send(m, answer, "heartbeat".into()).await;
+        self.send(m, answer, what).await;
     }
 
     async fn reconnect(
@@ -1286,6 +1373,7 @@ impl Driver<'_> {
                         session: s,
                         last: 0,
                         acked: 0,
+                        watch: self.agent.watch.take(),
                     };
                 }
                 let acked = match acked {
@@ -1294,10 +1382,21 @@ impl Driver<'_> {
                     Acked::Ahead(k) => self.model.committed + 1 + u64::from(k),
                     Acked::Any(n) => n,
                 };
-                let resume =
-                    self.model
-                        .hello(self.agent.session, acked, os_hostname, agent_version);
-                let first = hello_msg(&self.agent.session, acked, os_hostname, agent_version);
+                let watch = self.agent.watch.clone();
+                let resume = self.model.hello(
+                    self.agent.session,
+                    acked,
+                    os_hostname,
+                    agent_version,
+                    watch.as_ref(),
+                );
+                let first = hello_msg(
+                    &self.agent.session,
+                    acked,
+                    os_hostname,
+                    agent_version,
+                    watch.as_ref(),
+                );
                 self.open(
                     first,
                     Ok(resume),
@@ -1309,7 +1408,7 @@ impl Driver<'_> {
                 }
                 if matches!(opening, Opening::HelloTwice) {
                     let answer = self.model.invalid();
-                    let again = hello_msg(&self.agent.session, acked, "again", "test");
+                    let again = hello_msg(&self.agent.session, acked, "again", "test", None);
                     self.send(
                         again,
                         answer,
@@ -1324,6 +1423,7 @@ impl Driver<'_> {
                     1 => delta_msg(1, now, vec![], vec![], vec![]),
                     2 => msg(v1::agent_message::Body::Heartbeat(v1::Heartbeat {
                         observed_at: now,
+                        watch: None,
                     })),
                     _ => v1::AgentMessage { body: None },
                 };
@@ -1343,13 +1443,15 @@ impl Driver<'_> {
                     session_id: self.agent.session.to_vec(),
                     acked_sequence: 0,
                     instance_id: Vec::new(),
+                    watch: self.agent.watch.as_ref().map(v1::Watch::from),
                 };
                 match kind {
                     0 => h.protocol_version = 2,
                     1 => h.session_id.truncate(15),
                     2 => h.os_hostname.push('\u{1b}'),
                     3 => h.agent_version = "v".repeat(limits::AGENT_VERSION + 1),
-                    _ => h.instance_id = vec![1, 2, 3],
+                    4 => h.instance_id = vec![1, 2, 3],
+                    k => h.watch = Some(bad_watch(k - 5).0),
                 }
                 self.model.invalid();
                 let first = msg(v1::agent_message::Body::Hello(h));
@@ -1428,9 +1530,18 @@ impl Driver<'_> {
                     })),
                     _ => msg(v1::agent_message::Body::Heartbeat(v1::Heartbeat {
                         observed_at: t,
+                        watch: None,
                     })),
                 };
                 (m, format!("bad time {how} on {on}, needle {needle}"))
+            }
+            Bad::Watch { how } => {
+                let (w, needle) = bad_watch(how);
+                let m = msg(v1::agent_message::Body::Heartbeat(v1::Heartbeat {
+                    observed_at: Some(wire::timestamp(now)),
+                    watch: Some(w),
+                }));
+                (m, format!("bad watch mode {how}, needle {needle}"))
             }
             Bad::SeqZero { delta } => {
                 let m = if delta {
@@ -1487,7 +1598,7 @@ impl Driver<'_> {
                 "empty message, needle empty AgentMessage".into(),
             ),
             Bad::SecondHello => (
-                hello_msg(&self.agent.session, 0, "again", "test"),
+                hello_msg(&self.agent.session, 0, "again", "test", None),
                 "second Hello, needle Hello may only be the first".into(),
             ),
         }
@@ -1522,6 +1633,9 @@ async fn run_case(
             session: case.session,
             last: 0,
             acked: 0,
+            watch: Some(Watch::new(WatchMode::Interval(std::time::Duration::from_secs(
+                10,
+            )))),
         },
         stream: None,
         pending: None,
@@ -1533,6 +1647,15 @@ async fn run_case(
     }
     d.close().await;
     d.check_store("at the end of the case").await;
+    // The watch mode a heartbeat changed is written with the next group commit (within a
+    // second, or later when PostgreSQL's row was held by another writer): it settles on
+    // the last one reported.
+    let settled = d.model.watch_settled();
+    let what = format!("the last watch mode reported, {settled:?}");
+    util::eventually(10, &what, || async {
+        read_store(ro, host).await.watch == settled
+    })
+    .await;
 }
 
 /// Runs the property against a collector on `db`: one host (and certificate) per case.

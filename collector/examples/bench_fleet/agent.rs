@@ -409,6 +409,7 @@ impl Agent {
             session_id: self.rng.bytes16().to_vec(),
             acked_sequence: 0,
             instance_id: Vec::new(),
+            watch: Some(watch()),
         };
         let _ = tx.try_send(msg(v1::agent_message::Body::Hello(hello)));
         self.stage = "session call";
@@ -597,6 +598,7 @@ impl Agent {
                 () = at(next_beat), if steady => {
                     let hb = v1::Heartbeat {
                         observed_at: Some(wire::timestamp(time::OffsetDateTime::now_utc())),
+                        watch: Some(watch()),
                     };
                     self.send(&tx, &mut inbound, msg(v1::agent_message::Body::Heartbeat(hb)))
                         .await?;
@@ -640,5 +642,15 @@ impl Agent {
             ),
         }
         Ok(())
+    }
+}
+
+/// The watch mode a simulated agent reports, as a real one on a 10 s interval does: the
+/// same in the Hello and every heartbeat (the collector writes it only at the Hello).
+fn watch() -> v1::Watch {
+    v1::Watch {
+        kind: v1::WatchKind::Interval as i32,
+        interval_ms: 10_000,
+        reason: String::new(),
     }
 }

@@ -46,7 +46,8 @@ pub enum Command {
     /// what their firewall lets through over IPv4 (open and restricted first; filtered
     /// ones marked as not exposed).
     Exposure(ExposureArgs),
-    /// Hosts with their last contact; silent (stale) ones first.
+    /// Hosts with their last contact and how each agent learns of listens and closes
+    /// (watch: doorbell, polling(3s), interval(10s)); silent (stale) ones first.
     Hosts(HostsArgs),
     /// What changed between two times: listeners opened, changed and closed (firewall
     /// verdicts before → after), and ports whose exposure changed (e.g. became reachable

@@ -379,7 +379,11 @@ pub(super) async fn hosts_cmd(a: HostsArgs) -> anyhow::Result<Exit> {
     let ro = open_ro(&a.db).await?;
     let report = query::hosts(&ro, a.limit.get()).await;
     ro.close().await;
-    let rs = report_rows(report.map_err(once)?);
+    let mut rs = report_rows(report.map_err(once)?);
+    if a.output.format() == Format::Table {
+        // The watch mode's reason and time are for programs (CSV, JSON) and the view.
+        rs = project(rs, &query::HOSTS_TABLE_COLUMNS);
+    }
     print(&rs, &a.output)?;
     Ok(Exit::Success)
 }

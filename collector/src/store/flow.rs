@@ -4,8 +4,8 @@
 //!
 //! begin → Hellos (host rows, epochs) → per round: read (PostgreSQL: lock) the host rows
 //! → epoch and sequence rules → the hosts' live rows → [`plan`](super::plan::plan) →
-//! execute → rebuild the headline rows of touched ports → host bookkeeping → heartbeats →
-//! commit. A [`Backend`] supplies only its SQL and its batching; the decisions live in
+//! execute → rebuild the headline rows of touched ports → host bookkeeping → heartbeats
+//! (and the watch modes they changed) → commit. A [`Backend`] supplies only its SQL and its batching; the decisions live in
 //! `plan` and here.
 //!
 //! **A connection that saw an error is never used again.** After a failed statement or
@@ -24,6 +24,7 @@ use std::ops::{Deref, DerefMut};
 use listenscope_core::diff::Changes;
 use listenscope_core::fingerprint::{self, Fingerprints};
 use listenscope_core::record::ListenerRecord;
+use listenscope_core::watch::Watch;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection, Database, Pool};
 use time::OffsetDateTime;
@@ -80,6 +81,50 @@ pub(crate) struct HelloWork {
     pub collector: Option<String>,
     /// The agent installation (Hello.instance_id).
     pub instance_id: Option<[u8; 16]>,
+    /// The agent's watch mode (None: an agent older than Hello.watch, stored as NULL).
+    pub watch: Option<WatchText>,
+}
+
+/// A watch mode as stored: its text form (`polling(3s)`) and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WatchText {
+    pub mode: String,
+    pub reason: Option<String>,
+}
+
+impl From<&Watch> for WatchText {
+    fn from(w: &Watch) -> WatchText {
+        WatchText {
+            mode: w.mode.to_string(),
+            reason: w.reason.clone(),
+        }
+    }
+}
+
+/// A watch mode a heartbeat changed: written only while the host's epoch is still the
+/// reporting connection's (a replaced connection's report is dropped; the newer Hello
+/// wrote its own), and only if it differs from the stored one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WatchChange {
+    pub host_id: i64,
+    pub epoch: i64,
+    pub watch: WatchText,
+    /// When the collector learned it (`watch_since`).
+    pub at: OffsetDateTime,
+}
+
+/// What heartbeats leave for a batch: when each host was heard from (`last_seen`), and
+/// the watch modes they changed (each host once).
+#[derive(Debug, Default)]
+pub(crate) struct Heard {
+    pub seen: Vec<(i64, OffsetDateTime)>,
+    pub watches: Vec<WatchChange>,
+}
+
+impl Heard {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.seen.is_empty() && self.watches.is_empty()
+    }
 }
 
 /// One message ready for a transaction: keys and fingerprints computed beforehand.
@@ -252,6 +297,15 @@ pub(crate) trait Backend: Sync {
         seen: &[(i64, OffsetDateTime)],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// The watch modes heartbeats changed (each host once), each written where the host's
+    /// epoch is still `epoch` and the stored mode or reason differs. Returns the hosts it
+    /// left alone because another writer holds their row (PostgreSQL skips such rows, as
+    /// `touch` does, rather than wait): the caller keeps those changes for a later batch.
+    fn set_watch(
+        c: &mut Conn<Self>,
+        changes: &[WatchChange],
+    ) -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
+
     fn setting(
         c: &mut Conn<Self>,
         key: &str,
@@ -334,22 +388,25 @@ pub(crate) async fn guarded<B: Backend, T>(
 }
 
 /// What one group commit did: the Hellos' host sessions and each message's outcome, in
-/// the order given.
+/// the order given, and the hosts whose watch change waits for a later batch.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     pub hellos: Vec<HostSession>,
     pub applied: Vec<Applied>,
+    /// Hosts of `Heard::watches` not written (their row held by another writer).
+    pub watch_skipped: Vec<i64>,
 }
 
 /// Stores Hellos, messages and heartbeats of many sessions in ONE transaction (a group
 /// commit). Each message gets the outcome it would have had alone: messages of one host
 /// are applied in the order given, each seeing the ones before it. Either all of it is
-/// committed or none of it.
+/// committed or none of it. Watch changes come after the Hellos: a change reported by a
+/// connection that a Hello of this batch replaced is dropped by its epoch.
 pub(crate) async fn apply_batch<B: Backend>(
     b: &B,
     hellos: &[HelloWork],
     works: &[Work],
-    seen: &[(i64, OffsetDateTime)],
+    heard: &Heard,
 ) -> Result<Batch, StoreError> {
     guarded(b, async |conn: &mut Conn<B>| {
         let mut tx = conn.begin().await?;
@@ -358,8 +415,11 @@ pub(crate) async fn apply_batch<B: Backend>(
             out.hellos.push(B::hello(&mut *tx, h).await?);
         }
         out.applied = apply_works::<B>(&mut *tx, works).await?;
-        if !seen.is_empty() {
-            B::touch(&mut *tx, seen).await?;
+        if !heard.seen.is_empty() {
+            B::touch(&mut *tx, &heard.seen).await?;
+        }
+        if !heard.watches.is_empty() {
+            out.watch_skipped = B::set_watch(&mut *tx, &heard.watches).await?;
         }
         tx.commit().await?;
         Ok(out)

@@ -24,6 +24,7 @@ use std::str::FromStr;
 
 use listenscope_core::diff::Changes;
 use listenscope_core::record::ListenerRecord;
+use listenscope_core::watch::Watch;
 use time::OffsetDateTime;
 
 /// A write statement slower than this is logged by the driver, at DEBUG
@@ -249,6 +250,19 @@ impl StoreError {
     }
 }
 
+/// What a Hello says about the agent, stored on its host row.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentHello<'a> {
+    /// The host's own idea of its name (information only).
+    pub os_hostname: &'a str,
+    pub agent_version: &'a str,
+    /// The agent installation (None: an agent without one).
+    pub instance_id: Option<[u8; 16]>,
+    /// How the agent learns of listens and closes (None: an agent older than the field,
+    /// stored as NULL).
+    pub watch: Option<&'a Watch>,
+}
+
 /// A host as the collector knows it when a session starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostSession {
@@ -354,28 +368,33 @@ impl Store {
         agent_version: &str,
         now: OffsetDateTime,
     ) -> Result<HostSession, StoreError> {
-        self.hello_at(host, os_hostname, agent_version, now, None, None)
-            .await
+        let agent = AgentHello {
+            os_hostname,
+            agent_version,
+            instance_id: None,
+            watch: None,
+        };
+        self.hello_at(host, agent, now, None).await
     }
 
-    /// [`Store::hello`], naming the collector instance that accepts the session.
+    /// [`Store::hello`] with everything the Hello says about the agent, naming the
+    /// collector instance that accepts the session.
     pub async fn hello_at(
         &self,
         host: &str,
-        os_hostname: &str,
-        agent_version: &str,
+        agent: AgentHello<'_>,
         now: OffsetDateTime,
         collector: Option<&str>,
-        instance_id: Option<[u8; 16]>,
     ) -> Result<HostSession, StoreError> {
         self.writer
             .hello(flow::HelloWork {
-                instance_id,
+                instance_id: agent.instance_id,
                 host: host.to_string(),
-                os_hostname: os_hostname.to_string(),
-                agent_version: agent_version.to_string(),
+                os_hostname: agent.os_hostname.to_string(),
+                agent_version: agent.agent_version.to_string(),
                 now,
                 collector: collector.map(str::to_string),
+                watch: agent.watch.map(flow::WatchText::from),
             })
             .await
     }
@@ -459,6 +478,19 @@ impl Store {
     /// group commit, at most a second later.
     pub fn heartbeat(&self, host_id: i64, now: OffsetDateTime) {
         self.writer.seen(host_id, now);
+    }
+
+    /// A heartbeat of the connection that holds `host` reported another watch mode:
+    /// written with the next group commit (at most a second later), unless a newer
+    /// connection of the host was accepted since. Call it only for a change: heartbeats
+    /// that repeat the mode must cost nothing.
+    pub fn watch_changed(&self, host: &HostSession, watch: &Watch, now: OffsetDateTime) {
+        self.writer.watch(flow::WatchChange {
+            host_id: host.host_id,
+            epoch: host.epoch,
+            watch: watch.into(),
+            at: now,
+        });
     }
 
     /// The epochs of the given hosts now (a collector sharing the database may have

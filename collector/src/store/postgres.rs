@@ -18,7 +18,9 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions as _, Connection as _, Postgres, Row};
 use time::OffsetDateTime;
 
-use super::flow::{self, Backend, HelloWork, HostRow, HostUpdate, LiveWanted, Rebuild, Write};
+use super::flow::{
+    self, Backend, HelloWork, HostRow, HostUpdate, LiveWanted, Rebuild, WatchChange, Write,
+};
 use super::plan::LiveRow;
 use super::row::{self, COLUMNS, Kind, Val};
 use super::{ConnectCause, HeldElsewhere, HostSession, StoreError, StoreOptions, redact};
@@ -416,16 +418,27 @@ impl Backend for PgStore {
     async fn hello(c: &mut PgConnection, h: &HelloWork) -> Result<HostSession, StoreError> {
         // The WHERE is the rule of docs/protocol.md, "One host, one agent", across
         // collectors: this collector's own sessions were decided by its registry.
+        // `watch_since` moves only when the mode or its reason changed (a reconnect in the
+        // same mode keeps it), and is NULL with the mode (an agent that reports none).
         let row = sqlx::query(
             "INSERT INTO host (name, os_hostname, agent_version, first_seen, last_seen,
-                               session_epoch, collector, instance_id)
-                 VALUES ($1, $2, $3, $4, $4, 1, $5, $6)
+                               session_epoch, collector, instance_id, watch_mode,
+                               watch_reason, watch_since)
+                 VALUES ($1, $2, $3, $4, $4, 1, $5, $6, $7, $8, $9)
                  ON CONFLICT (name) DO UPDATE SET os_hostname = excluded.os_hostname,
                      agent_version = excluded.agent_version,
                      last_seen = excluded.last_seen,
                      session_epoch = host.session_epoch + 1,
                      collector = excluded.collector,
-                     instance_id = excluded.instance_id
+                     instance_id = excluded.instance_id,
+                     watch_mode = excluded.watch_mode,
+                     watch_reason = excluded.watch_reason,
+                     watch_since = CASE
+                         WHEN excluded.watch_mode IS NULL THEN NULL
+                         WHEN host.watch_mode IS NOT DISTINCT FROM excluded.watch_mode
+                              AND host.watch_reason IS NOT DISTINCT FROM excluded.watch_reason
+                              AND host.watch_since IS NOT NULL THEN host.watch_since
+                         ELSE excluded.watch_since END
                  WHERE host.instance_id IS NULL OR excluded.instance_id IS NULL
                      OR host.instance_id = excluded.instance_id
                      OR host.collector IS NOT DISTINCT FROM excluded.collector
@@ -439,6 +452,9 @@ impl Backend for PgStore {
         .bind(h.now)
         .bind(h.collector.as_deref())
         .bind(h.instance_id.map(|i| i.to_vec()))
+        .bind(h.watch.as_ref().map(|w| w.mode.as_str()))
+        .bind(h.watch.as_ref().and_then(|w| w.reason.as_deref()))
+        .bind(h.watch.as_ref().map(|_| h.now))
         .fetch_optional(&mut *c)
         .await?;
         let Some(row) = row else {
@@ -745,6 +761,55 @@ impl Backend for PgStore {
         .execute(c)
         .await?;
         Ok(())
+    }
+
+    async fn set_watch(
+        c: &mut PgConnection,
+        changes: &[WatchChange],
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut ids: Vec<i64> = changes.iter().map(|w| w.host_id).collect();
+        ids.sort_unstable();
+        // As in `touch`: rows another writer holds are skipped, not waited for (no lock
+        // waits, so no deadlock), but a mode change must not be lost as a last_seen may:
+        // the skipped hosts go back to the caller for a later batch. Rows this
+        // transaction locked itself (its own messages) are not skipped.
+        let locked: std::collections::HashSet<i64> = sqlx::query_scalar(
+            "SELECT id FROM host WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *c)
+        .await?
+        .into_iter()
+        .collect();
+        let (mut id, mut epoch, mut mode, mut reason, mut at) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for w in changes.iter().filter(|w| locked.contains(&w.host_id)) {
+            id.push(w.host_id);
+            epoch.push(w.epoch);
+            mode.push(w.watch.mode.as_str());
+            reason.push(w.watch.reason.as_deref());
+            at.push(w.at);
+        }
+        if !id.is_empty() {
+            sqlx::query(
+                "UPDATE host AS h SET watch_mode = u.mode, watch_reason = u.reason,
+                     watch_since = u.at
+                 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[],
+                             $5::timestamptz[]) AS u (id, epoch, mode, reason, at)
+                 WHERE h.id = u.id AND h.session_epoch = u.epoch
+                     AND (h.watch_mode IS DISTINCT FROM u.mode
+                          OR h.watch_reason IS DISTINCT FROM u.reason)",
+            )
+            .bind(id)
+            .bind(epoch)
+            .bind(mode)
+            .bind(reason)
+            .bind(at)
+            .execute(&mut *c)
+            .await?;
+        }
+        ids.retain(|i| !locked.contains(i));
+        Ok(ids)
     }
 
     async fn setting(c: &mut PgConnection, key: &str) -> Result<Option<String>, StoreError> {

@@ -25,7 +25,9 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, ConnectOptions as _, QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
-use super::flow::{self, Backend, HelloWork, HostRow, HostUpdate, LiveWanted, Rebuild, Write};
+use super::flow::{
+    self, Backend, HelloWork, HostRow, HostUpdate, LiveWanted, Rebuild, WatchChange, Write,
+};
 use super::plan::LiveRow;
 use super::row::{self, RECORD_COLUMNS, Val};
 use super::sqlite_step::{Bind, Each};
@@ -185,16 +187,27 @@ impl Backend for SqliteStore {
     async fn hello(c: &mut SqliteConnection, h: &HelloWork) -> Result<HostSession, StoreError> {
         // The WHERE is the rule of docs/protocol.md, "One host, one agent", across
         // collectors: this collector's own sessions were decided by its registry.
+        // `watch_since` moves only when the mode or its reason changed (a reconnect in the
+        // same mode keeps it), and is NULL with the mode (an agent that reports none).
         let row = sqlx::query(
             "INSERT INTO host (name, os_hostname, agent_version, first_seen, last_seen,
-                               session_epoch, collector, instance_id)
-                 VALUES (?1, ?2, ?3, ?4, ?4, 1, ?5, ?6)
+                               session_epoch, collector, instance_id, watch_mode,
+                               watch_reason, watch_since)
+                 VALUES (?1, ?2, ?3, ?4, ?4, 1, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT (name) DO UPDATE SET os_hostname = excluded.os_hostname,
                      agent_version = excluded.agent_version,
                      last_seen = excluded.last_seen,
                      session_epoch = host.session_epoch + 1,
                      collector = excluded.collector,
-                     instance_id = excluded.instance_id
+                     instance_id = excluded.instance_id,
+                     watch_mode = excluded.watch_mode,
+                     watch_reason = excluded.watch_reason,
+                     watch_since = CASE
+                         WHEN excluded.watch_mode IS NULL THEN NULL
+                         WHEN host.watch_mode IS excluded.watch_mode
+                              AND host.watch_reason IS excluded.watch_reason
+                              AND host.watch_since IS NOT NULL THEN host.watch_since
+                         ELSE excluded.watch_since END
                  WHERE host.instance_id IS NULL OR excluded.instance_id IS NULL
                      OR host.instance_id = excluded.instance_id
                      OR host.collector IS excluded.collector
@@ -209,6 +222,9 @@ impl Backend for SqliteStore {
         .bind(timefmt::format(h.now))
         .bind(h.collector.as_deref())
         .bind(h.instance_id.map(|i| i.to_vec()))
+        .bind(h.watch.as_ref().map(|w| w.mode.as_str()))
+        .bind(h.watch.as_ref().and_then(|w| w.reason.as_deref()))
+        .bind(h.watch.as_ref().map(|_| timefmt::format(h.now)))
         .fetch_optional(&mut *c)
         .await?;
         let Some(row) = row else {
@@ -521,6 +537,37 @@ impl Backend for SqliteStore {
             q.build().execute(&mut *c).await?;
         }
         Ok(())
+    }
+
+    async fn set_watch(
+        c: &mut SqliteConnection,
+        changes: &[WatchChange],
+    ) -> Result<Vec<i64>, StoreError> {
+        // One writer connection: no row is ever held by another, nothing is skipped.
+        debug_assert!(
+            distinct(changes.iter().map(|w| w.host_id)),
+            "a host's watch twice in a batch"
+        );
+        for chunk in changes.chunks(INSERT_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "UPDATE host SET watch_mode = v.column3, watch_reason = v.column4,
+                     watch_since = v.column5
+                 FROM (",
+            );
+            q.push_values(chunk, |mut b, w| {
+                b.push_bind(w.host_id)
+                    .push_bind(w.epoch)
+                    .push_bind(w.watch.mode.as_str())
+                    .push_bind(w.watch.reason.as_deref())
+                    .push_bind(timefmt::format(w.at));
+            });
+            q.push(
+                ") AS v WHERE host.id = v.column1 AND host.session_epoch = v.column2
+                     AND (host.watch_mode IS NOT v.column3 OR host.watch_reason IS NOT v.column4)",
+            );
+            q.build().execute(&mut *c).await?;
+        }
+        Ok(Vec::new())
     }
 
     async fn setting(c: &mut SqliteConnection, key: &str) -> Result<Option<String>, StoreError> {

@@ -14,7 +14,8 @@
 //!
 //! **Heartbeats cost no commit of their own.** [`Writer::seen`] records the time in a map;
 //! the next batch (or a flush at least every [`FLUSH_EVERY`]) writes all of them with one
-//! statement.
+//! statement. A watch mode a heartbeat changed ([`Writer::watch`]) rides the same way, in
+//! a map of its own (rare: only a change is queued).
 //!
 //! **A failed batch never blames the innocent.** A deadlock or serialization failure
 //! (PostgreSQL, two writers) is retried as a whole; any other failure of a batch of
@@ -32,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::flow::{self, Backend, HelloWork, Work};
+use super::flow::{self, Backend, Heard, HelloWork, WatchChange, Work};
 use super::{Applied, HostSession, StoreError};
 use crate::metrics as m;
 
@@ -149,7 +150,33 @@ impl Analyze {
     }
 }
 
-type Seen = Arc<Mutex<HashMap<i64, OffsetDateTime>>>;
+/// What heartbeats left for the next batch (see [`Heard`]), one entry per host.
+#[derive(Debug, Default)]
+struct Waiting {
+    seen: HashMap<i64, OffsetDateTime>,
+    watch: HashMap<i64, WatchChange>,
+}
+
+impl Waiting {
+    fn seen(&mut self, id: i64, at: OffsetDateTime) {
+        let t = self.seen.entry(id).or_insert(at);
+        *t = (*t).max(at);
+    }
+
+    /// Keeps one change per host: the one of the newest connection (epoch) and, within a
+    /// connection, the latest reported unless `newer` is false (a change put back after a
+    /// failed or skipped batch is older than any queued since).
+    fn watch(&mut self, c: WatchChange, newer: bool) {
+        match self.watch.get(&c.host_id) {
+            Some(old) if old.epoch > c.epoch || (old.epoch == c.epoch && !newer) => {}
+            _ => {
+                self.watch.insert(c.host_id, c);
+            }
+        }
+    }
+}
+
+type Seen = Arc<Mutex<Waiting>>;
 
 /// Handle to the writer tasks (cheap to clone).
 #[derive(Debug, Clone)]
@@ -280,9 +307,15 @@ impl Writer {
 
     /// The host was heard from at `at`: written with the next batch (coalesced).
     pub(crate) fn seen(&self, host_id: i64, at: OffsetDateTime) {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let t = seen.entry(host_id).or_insert(at);
-        *t = (*t).max(at);
+        let mut waiting = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.seen(host_id, at);
+    }
+
+    /// A heartbeat reported another watch mode: written with the next batch (the latest
+    /// per host).
+    pub(crate) fn watch(&self, change: WatchChange) {
+        let mut waiting = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        waiting.watch(change, true);
     }
 
     /// Stores what is queued, writes pending heartbeats, and stops the writer tasks.
@@ -292,16 +325,22 @@ impl Writer {
     }
 }
 
-fn take_seen(seen: &Seen) -> Vec<(i64, OffsetDateTime)> {
-    let mut map = seen.lock().unwrap_or_else(|p| p.into_inner());
-    map.drain().collect()
+fn take_seen(seen: &Seen) -> Heard {
+    let mut waiting = seen.lock().unwrap_or_else(|p| p.into_inner());
+    Heard {
+        seen: waiting.seen.drain().collect(),
+        watches: waiting.watch.drain().map(|(_, c)| c).collect(),
+    }
 }
 
-fn put_back(seen: &Seen, list: Vec<(i64, OffsetDateTime)>) {
-    let mut map = seen.lock().unwrap_or_else(|p| p.into_inner());
-    for (id, at) in list {
-        let t = map.entry(id).or_insert(at);
-        *t = (*t).max(at);
+/// Heartbeat writes that did not happen, kept for the next batch (behind anything newer).
+fn put_back(seen: &Seen, heard: Heard) {
+    let mut waiting = seen.lock().unwrap_or_else(|p| p.into_inner());
+    for (id, at) in heard.seen {
+        waiting.seen(id, at);
+    }
+    for c in heard.watches {
+        waiting.watch(c, false);
     }
 }
 
@@ -393,12 +432,7 @@ fn retryable(e: &StoreError) -> bool {
 }
 
 /// Stores one batch and answers every job in it.
-async fn commit<B: Backend>(
-    b: &B,
-    batch: Vec<Job>,
-    heard: Vec<(i64, OffsetDateTime)>,
-    seen: &Seen,
-) {
+async fn commit<B: Backend>(b: &B, batch: Vec<Job>, heard: Heard, seen: &Seen) {
     let mut hellos = Vec::new();
     let mut hello_tx = Vec::new();
     let mut works = Vec::new();
@@ -422,6 +456,20 @@ async fn commit<B: Backend>(
         match flow::apply_batch(b, &hellos, &works, &heard).await {
             Ok(out) => {
                 metrics::histogram!(m::COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+                if !out.watch_skipped.is_empty() {
+                    let skipped = heard
+                        .watches
+                        .into_iter()
+                        .filter(|c| out.watch_skipped.contains(&c.host_id))
+                        .collect();
+                    put_back(
+                        seen,
+                        Heard {
+                            seen: Vec::new(),
+                            watches: skipped,
+                        },
+                    );
+                }
                 for (tx, s) in hello_tx.into_iter().zip(out.hellos) {
                     let _ = tx.send(Ok(s));
                 }
@@ -474,7 +522,7 @@ async fn alone<B: Backend>(
 ) -> Result<flow::Batch, StoreError> {
     let mut attempt = 0;
     loop {
-        match flow::apply_batch(b, hellos, works, &[]).await {
+        match flow::apply_batch(b, hellos, works, &Heard::default()).await {
             Err(e) if retryable(&e) && attempt < RETRIES => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;

@@ -262,6 +262,18 @@ pub fn hello_from(
     os_hostname: &str,
     instance: Option<[u8; 16]>,
 ) -> v1::AgentMessage {
+    hello_watching(session, acked, os_hostname, instance, None)
+}
+
+/// [`hello_from`] reporting the watch mode `watch` (`None`: an agent from before watch
+/// modes, which sends none).
+pub fn hello_watching(
+    session: u8,
+    acked: u64,
+    os_hostname: &str,
+    instance: Option<[u8; 16]>,
+    watch: Option<v1::Watch>,
+) -> v1::AgentMessage {
     msg(v1::agent_message::Body::Hello(v1::Hello {
         protocol_version: 1,
         agent_version: "test".into(),
@@ -269,6 +281,24 @@ pub fn hello_from(
         session_id: vec![session; 16],
         acked_sequence: acked,
         instance_id: instance.map(|i| i.to_vec()).unwrap_or_default(),
+        watch,
+    }))
+}
+
+/// A watch mode on the wire.
+pub fn watch(kind: v1::WatchKind, interval_ms: u64, reason: &str) -> v1::Watch {
+    v1::Watch {
+        kind: kind as i32,
+        interval_ms,
+        reason: reason.into(),
+    }
+}
+
+/// A heartbeat observed now, reporting `watch` (`None`: an agent from before watch modes).
+pub fn heartbeat(watch: Option<v1::Watch>) -> v1::AgentMessage {
+    msg(v1::agent_message::Body::Heartbeat(v1::Heartbeat {
+        observed_at: Some(now_ts()),
+        watch,
     }))
 }
 

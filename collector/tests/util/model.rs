@@ -8,7 +8,9 @@
 //! The model covers the session and sequence rules (Hello and resume, chunk order and
 //! duplicate keys, snapshots replacing the state, deltas applying at exactly committed+1,
 //! duplicates acknowledged again, gaps answered with Resync, deltas ignored until the
-//! snapshot a Resync asked for, stale snapshots of another session refused). Whether a
+//! snapshot a Resync asked for, stale snapshots of another session refused) and the watch
+//! mode (the Hello's, written with it; a heartbeat's change written within a second, so
+//! any mode reported since the Hello may be the stored one until then). Whether a
 //! field value is valid is the generator's to say (an invalid message is built as such);
 //! `core/tests/wire_props.rs` holds the field rules to their specification.
 
@@ -19,6 +21,7 @@ use listenscope_collector::query::ReadOnly;
 use listenscope_core::domain::{Container, ProcessInfo};
 use listenscope_core::fingerprint::fingerprints;
 use listenscope_core::record::{FirewallAnswer, ListenerKey, ListenerRecord, State};
+use listenscope_core::watch::Watch;
 use listenscope_proto::v1;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -72,7 +75,20 @@ pub struct Model {
     pub snapshot_at: Option<OffsetDateTime>,
     /// The last valid snapshot with the deltas applied since.
     pub state: State,
+    /// The watch mode the last valid Hello stored (text form and reason; None: NULL).
+    pub watch: StoredWatch,
+    /// The watch modes heartbeats reported since that Hello, in order: written by the
+    /// next group commit, so each may be the stored one for a moment, and the last one
+    /// is once they settle.
+    pub watch_reported: Vec<StoredWatch>,
     conn: Option<Conn>,
+}
+
+/// A watch mode as the `host` row holds it: (`watch_mode`, `watch_reason`), None for NULL.
+pub type StoredWatch = Option<(String, Option<String>)>;
+
+fn stored_watch(w: &Watch) -> StoredWatch {
+    Some((w.mode.to_string(), w.reason.clone()))
 }
 
 impl Model {
@@ -104,10 +120,13 @@ impl Model {
         acked: u64,
         os_hostname: &str,
         agent_version: &str,
+        watch: Option<&Watch>,
     ) -> Option<u64> {
         self.host_exists = true;
         self.os_hostname = os_hostname.to_string();
         self.agent_version = agent_version.to_string();
+        self.watch = watch.and_then(stored_watch);
+        self.watch_reported.clear();
         let resume =
             (self.session == Some(session) && self.committed >= acked).then_some(self.committed);
         self.conn = Some(Conn {
@@ -125,9 +144,21 @@ impl Model {
         Answer::End(tonic::Code::InvalidArgument)
     }
 
-    /// A heartbeat with a valid time.
-    pub fn heartbeat(&mut self) -> Answer {
+    /// A heartbeat with a valid time and, if any, a valid watch mode (which the
+    /// connection's host then reports; written asynchronously).
+    pub fn heartbeat(&mut self, watch: Option<&Watch>) -> Answer {
+        if let Some(w) = watch {
+            self.watch_reported.push(stored_watch(w));
+        }
         Answer::Nothing
+    }
+
+    /// The watch mode the store holds once the heartbeats' writes are done.
+    pub fn watch_settled(&self) -> StoredWatch {
+        self.watch_reported
+            .last()
+            .cloned()
+            .unwrap_or_else(|| self.watch.clone())
     }
 
     /// A snapshot chunk whose fields are valid.
@@ -236,6 +267,7 @@ pub struct Stored {
     pub exists: bool,
     pub os_hostname: String,
     pub agent_version: String,
+    pub watch: StoredWatch,
     /// Hex, lower case.
     pub session: Option<String>,
     pub committed: u64,
@@ -266,8 +298,8 @@ pub async fn read_store(ro: &ReadOnly, host: &str) -> Stored {
     let h = ro
         .run(
             &sql(
-                "SELECT session_id, committed_seq, os_hostname, agent_version \
-                  FROM host WHERE name = ?1",
+                "SELECT session_id, committed_seq, os_hostname, agent_version, watch_mode, \
+                  watch_reason FROM host WHERE name = ?1",
             ),
             &param(),
         )
@@ -280,6 +312,12 @@ pub async fn read_store(ro: &ReadOnly, host: &str) -> Stored {
         out.committed = u64::try_from(row[1].as_i64().unwrap()).unwrap();
         out.os_hostname = row[2].as_str().unwrap().to_string();
         out.agent_version = row[3].as_str().unwrap().to_string();
+        out.watch = row[4].as_str().map(|mode| {
+            (
+                mode.to_string(),
+                row[5].as_str().map(str::to_string),
+            )
+        });
     }
     let rows = ro
         .run(
@@ -412,6 +450,14 @@ pub fn assert_store_is_model(stored: &Stored, model: &Model, when: &str) {
         (&stored.os_hostname, &stored.agent_version),
         (&model.os_hostname, &model.agent_version),
         "{when}: the host row has the last valid Hello's texts"
+    );
+    assert!(
+        stored.watch == model.watch || model.watch_reported.contains(&stored.watch),
+        "{when}: the stored watch mode {:?} is neither the last valid Hello's {:?} nor one \
+         a heartbeat reported since {:?}",
+        stored.watch,
+        model.watch,
+        model.watch_reported
     );
     assert_eq!(
         (stored.session.clone(), stored.committed),
