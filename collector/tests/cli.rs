@@ -443,6 +443,12 @@ async fn quickstart_on_postgres() {
     let o = collector(&["hosts", "--db", &url, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v[0]["stale"], false, "native booleans on PostgreSQL");
+    // The in-process agent reports how it watches (its Hello), shown as the text form.
+    let watch = v[0]["watch"].as_str().unwrap_or_default();
+    assert!(
+        watch.parse::<listenscope_core::watch::WatchMode>().is_ok(),
+        "watch {watch:?}: {v}"
+    );
 }
 
 /// `exposure --port P` with firewall verdicts: each host's effective IPv4 verdict of the

@@ -646,7 +646,10 @@ async fn snapshots_versions_and_views(db: &DbUrl) {
             "collector",
             "duplicate_refusals",
             "duplicate_last_at",
-            "duplicate_last_peer"
+            "duplicate_last_peer",
+            "watch_mode",
+            "watch_reason",
+            "watch_since"
         ]
     );
     assert_eq!(

@@ -1633,9 +1633,9 @@ async fn run_case(
             session: case.session,
             last: 0,
             acked: 0,
-            watch: Some(Watch::new(WatchMode::Interval(std::time::Duration::from_secs(
-                10,
-            )))),
+            watch: Some(Watch::new(WatchMode::Interval(
+                std::time::Duration::from_secs(10),
+            ))),
         },
         stream: None,
         pending: None,

@@ -403,8 +403,9 @@ async fn csv_and_headers() {
         assert_eq!(code(&o), 0, "{db}: {}", stderr(&o));
         assert_eq!(
             stdout(&o),
-            "host,os_hostname,agent_version,first_seen,last_seen,stale,listeners,collector,\
-             duplicate_refusals,duplicate_last_at,duplicate_last_peer\n",
+            "host,os_hostname,agent_version,first_seen,last_seen,stale,listeners,watch,\
+             collector,duplicate_refusals,duplicate_last_at,duplicate_last_peer,watch_reason,\
+             watch_since\n",
             "{db}"
         );
     }

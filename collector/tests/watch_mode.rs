@@ -90,7 +90,8 @@ async fn hellos_and_heartbeats_set_the_mode(db: &DbUrl) {
     );
 
     // Another mode: written with the next group commit (a second at most).
-    s.send(heartbeat(Some(watch(WatchKind::Doorbell, 0, "")))).await;
+    s.send(heartbeat(Some(watch(WatchKind::Doorbell, 0, ""))))
+        .await;
     eventually(10, "the heartbeat's doorbell stored", || async {
         watch_of(db, "h1").await.0 == json!("doorbell")
     })
@@ -102,8 +103,12 @@ async fn hellos_and_heartbeats_set_the_mode(db: &DbUrl) {
         "{doorbell_since:?} before {since:?}"
     );
     // A reason alone is a change too; then back to the plain doorbell.
-    s.send(heartbeat(Some(watch(WatchKind::Doorbell, 0, "UDP by polling"))))
-        .await;
+    s.send(heartbeat(Some(watch(
+        WatchKind::Doorbell,
+        0,
+        "UDP by polling",
+    ))))
+    .await;
     eventually(10, "the doorbell's reason stored", || async {
         watch_of(db, "h1").await.1 == json!("UDP by polling")
     })
@@ -122,7 +127,13 @@ async fn hellos_and_heartbeats_set_the_mode(db: &DbUrl) {
     assert_eq!(watch_of(db, "h1").await, settled);
     barrier(&mut s, 2).await;
     drop(s);
-    let _s = open(&pki, c.addr, "h1", Some(watch(WatchKind::Interval, 1500, ""))).await;
+    let _s = open(
+        &pki,
+        c.addr,
+        "h1",
+        Some(watch(WatchKind::Interval, 1500, "")),
+    )
+    .await;
     let (mode, reason, since) = watch_of(db, "h1").await;
     assert_eq!((mode, reason), (json!("interval(1.5s)"), Value::Null));
     assert!(since.as_str() >= settled.2.as_str(), "{since:?}");

@@ -111,6 +111,12 @@ impl Watch {
         }
     }
 
+    /// [`Watch::bound`], by value.
+    pub fn bounded(mut self) -> Watch {
+        self.bound();
+        self
+    }
+
     /// What the collector accepts: the period in whole milliseconds from 1 ms to
     /// [`limits::WATCH_INTERVAL_MAX_MS`], the reason with control and invisible
     /// formatting characters escaped and cut to [`limits::WATCH_REASON`] bytes (an
@@ -126,14 +132,11 @@ impl Watch {
     }
 }
 
-/// A period as the text form writes it (see the module documentation).
-fn write_period(f: &mut fmt::Formatter<'_>, ms: u128) -> fmt::Result {
-    if ms == 0 {
-        return f.write_str("0ms");
-    }
+/// A period of at least 1 ms as the text form writes it (see the module documentation).
+fn write_period(f: &mut fmt::Formatter<'_>, ms: u64) -> fmt::Result {
     for (unit, size) in UNITS {
-        if ms.is_multiple_of(u128::from(size)) {
-            return write!(f, "{}{unit}", ms / u128::from(size));
+        if ms.is_multiple_of(size) {
+            return write!(f, "{}{unit}", ms / size);
         }
     }
     if ms < 1000 {
@@ -144,13 +147,14 @@ fn write_period(f: &mut fmt::Formatter<'_>, ms: u128) -> fmt::Result {
 }
 
 impl fmt::Display for WatchMode {
-    /// `doorbell`, `polling(3s)`, `interval(10s)`; the period to the millisecond
-    /// (truncated: [`Watch::bound`] makes it exact).
+    /// `doorbell`, `polling(3s)`, `interval(10s)`: the period as the wire carries it
+    /// ([`WatchMode::period_ms`]), so the text is the same before and after
+    /// [`Watch::bound`].
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())?;
-        if let Some(d) = self.period() {
+        if self.period().is_some() {
             f.write_str("(")?;
-            write_period(f, d.as_millis())?;
+            write_period(f, self.period_ms())?;
             f.write_str(")")?;
         }
         Ok(())
@@ -226,7 +230,9 @@ impl FromStr for WatchMode {
         if s == "doorbell" {
             return Ok(WatchMode::Doorbell);
         }
-        let (name, rest) = s.split_once('(').ok_or_else(|| refused(s, "unknown mode"))?;
+        let (name, rest) = s
+            .split_once('(')
+            .ok_or_else(|| refused(s, "unknown mode"))?;
         let period = rest
             .strip_suffix(')')
             .ok_or_else(|| refused(s, "no closing parenthesis"))?;
@@ -276,6 +282,16 @@ mod tests {
         );
     }
 
+    /// A period the wire cannot carry is shown as the wire would carry it.
+    #[test]
+    fn text_forms_of_unbounded_periods() {
+        let p = |d| WatchMode::Polling(d).to_string();
+        assert_eq!(p(Duration::ZERO), "polling(1ms)");
+        assert_eq!(p(Duration::from_micros(1499)), "polling(1ms)");
+        assert_eq!(p(Duration::from_micros(2_999_600)), "polling(3s)");
+        assert_eq!(p(Duration::MAX), "polling(36500d)");
+    }
+
     #[test]
     fn other_spellings_of_a_period_are_read() {
         for (text, mode) in [
@@ -319,7 +335,10 @@ mod tests {
         ] {
             let e = text.parse::<WatchMode>().unwrap_err();
             assert!(e.why.contains(why), "{text:?}: {e}");
-            assert!(e.to_string().contains("use doorbell, polling(PERIOD)"), "{e}");
+            assert!(
+                e.to_string().contains("use doorbell, polling(PERIOD)"),
+                "{e}"
+            );
         }
         // A hostile text is cut and escaped in the error.
         let e = format!("polling(\u{1b}[2J{})", "x".repeat(500))
@@ -363,7 +382,10 @@ mod tests {
         ));
         let reason = hostile.reason.unwrap();
         assert!(reason.len() <= limits::WATCH_REASON, "{}", reason.len());
-        assert!(reason.starts_with("perf_event_open: \\u{1b}[31m"), "{reason}");
+        assert!(
+            reason.starts_with("perf_event_open: \\u{1b}[31m"),
+            "{reason}"
+        );
         assert!(reason.ends_with('…'));
         let kept = Watch::because(
             WatchMode::Polling(MS(3000)),

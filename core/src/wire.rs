@@ -526,7 +526,10 @@ impl TryFrom<v1::Watch> for Watch {
             Ok(v1::WatchKind::Doorbell) if w.interval_ms != 0 => {
                 return Err(bad(
                     "watch.interval_ms",
-                    format!("{} for doorbell, which has no period; send 0", w.interval_ms),
+                    format!(
+                        "{} for doorbell, which has no period; send 0",
+                        w.interval_ms
+                    ),
                 ));
             }
             Ok(v1::WatchKind::Doorbell) => WatchMode::Doorbell,
@@ -890,10 +893,7 @@ mod tests {
             "agent_version"
         );
         // The watch mode is checked in the Hello too.
-        assert_eq!(
-            field(|m| m.watch.as_mut().unwrap().kind = 0),
-            "watch.kind"
-        );
+        assert_eq!(field(|m| m.watch.as_mut().unwrap().kind = 0), "watch.kind");
     }
 
     #[track_caller]

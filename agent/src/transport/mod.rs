@@ -96,8 +96,8 @@ impl Shared {
                       then the mode is the interval set at start"
         )
     )]
-    pub(crate) fn set_watch(&self, mut w: Watch) -> bool {
-        w.bound();
+    pub(crate) fn set_watch(&self, w: Watch) -> bool {
+        let w = w.bounded();
         {
             let mut current = self.watch.lock().unwrap_or_else(|p| p.into_inner());
             if *current == w {
@@ -416,7 +416,7 @@ async fn run_inner(
         wake: Notify::new(),
         instance_id,
         // What the scanner below does: a scan every interval.
-        watch: Mutex::new(Watch::new(WatchMode::Interval(cfg.interval))),
+        watch: Mutex::new(Watch::new(WatchMode::Interval(cfg.interval)).bounded()),
     });
 
     let scanner = {

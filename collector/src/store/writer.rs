@@ -531,3 +531,85 @@ async fn alone<B: Backend>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::flow::WatchText;
+
+    fn change(host_id: i64, epoch: i64, mode: &str) -> WatchChange {
+        WatchChange {
+            host_id,
+            epoch,
+            watch: WatchText {
+                mode: mode.into(),
+                reason: None,
+            },
+            at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    /// Which change of host 1 is kept, after queueing `(epoch, mode, newer)` in order.
+    #[track_caller]
+    fn check(queued: &[(i64, &str, bool)], kept: Option<(i64, &str)>) {
+        let mut w = Waiting::default();
+        for &(epoch, mode, newer) in queued {
+            w.watch(change(1, epoch, mode), newer);
+        }
+        let got = w.watch.get(&1).map(|c| (c.epoch, c.watch.mode.as_str()));
+        assert_eq!(got, kept, "{queued:?}");
+    }
+
+    #[test]
+    fn one_watch_change_per_host_the_newest() {
+        check(&[], None);
+        check(&[(1, "doorbell", true)], Some((1, "doorbell")));
+        // Within a connection, the latest reported.
+        check(
+            &[(1, "doorbell", true), (1, "polling(3s)", true)],
+            Some((1, "polling(3s)")),
+        );
+        // A newer connection's wins whatever the order; an older one never replaces it.
+        check(
+            &[(2, "doorbell", true), (1, "polling(3s)", true)],
+            Some((2, "doorbell")),
+        );
+        check(
+            &[(1, "polling(3s)", true), (2, "doorbell", true)],
+            Some((2, "doorbell")),
+        );
+        // Put back after a failed or skipped batch: behind anything queued since.
+        check(
+            &[(1, "doorbell", true), (1, "polling(3s)", false)],
+            Some((1, "doorbell")),
+        );
+        check(&[(1, "polling(3s)", false)], Some((1, "polling(3s)")));
+        check(
+            &[(1, "doorbell", true), (2, "polling(3s)", false)],
+            Some((2, "polling(3s)")),
+        );
+        // Other hosts are kept apart.
+        let mut w = Waiting::default();
+        w.watch(change(1, 1, "doorbell"), true);
+        w.watch(change(2, 1, "polling(3s)"), true);
+        assert_eq!(w.watch.len(), 2);
+    }
+
+    #[test]
+    fn put_back_keeps_what_failed() {
+        let seen: Seen = Arc::default();
+        seen.lock().unwrap().seen(1, OffsetDateTime::UNIX_EPOCH);
+        seen.lock().unwrap().watch(change(1, 1, "doorbell"), true);
+        let heard = take_seen(&seen);
+        assert_eq!((heard.seen.len(), heard.watches.len()), (1, 1));
+        assert!(take_seen(&seen).is_empty());
+        // Meanwhile the connection reported another mode: the failed one stays behind it.
+        seen.lock()
+            .unwrap()
+            .watch(change(1, 1, "polling(3s)"), true);
+        put_back(&seen, heard);
+        let again = take_seen(&seen);
+        assert_eq!(again.seen.len(), 1);
+        assert_eq!(again.watches, [change(1, 1, "polling(3s)")]);
+    }
+}

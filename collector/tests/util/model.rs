@@ -312,12 +312,9 @@ pub async fn read_store(ro: &ReadOnly, host: &str) -> Stored {
         out.committed = u64::try_from(row[1].as_i64().unwrap()).unwrap();
         out.os_hostname = row[2].as_str().unwrap().to_string();
         out.agent_version = row[3].as_str().unwrap().to_string();
-        out.watch = row[4].as_str().map(|mode| {
-            (
-                mode.to_string(),
-                row[5].as_str().map(str::to_string),
-            )
-        });
+        out.watch = row[4]
+            .as_str()
+            .map(|mode| (mode.to_string(), row[5].as_str().map(str::to_string)));
     }
     let rows = ro
         .run(
