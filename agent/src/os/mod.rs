@@ -3,6 +3,7 @@
 //! the [`System`] trait and takes plain values, so the scan logic is tested with a fake
 //! system and without root (`scan.rs` tests), while `tests/` drive the real one.
 
+pub mod doorbell;
 pub mod firewall;
 pub mod netlink;
 pub mod netns;
