@@ -15,9 +15,9 @@ use time::OffsetDateTime;
 
 use crate::attribution;
 use crate::classify::{classify, hidden_ipv4_groups};
-use crate::fasthash::FastSet;
+use crate::fasthash::{FastMap, FastSet};
 use crate::firewall::Firewall;
-use crate::model::{Listener, NetnsId, ProcessInfo, Protocol, Source};
+use crate::model::{Listener, NetnsId, NetnsView, ProcessInfo, Protocol, Source};
 use crate::os::procfs::{CAP_DAC_READ_SEARCH, CAP_SYS_ADMIN, CAP_SYS_PTRACE};
 use crate::os::{NetnsEntry, ReadError, System};
 
@@ -245,8 +245,45 @@ pub fn scan_with(
     opts: &ScanOptions,
     memo: &mut FirewallMemo,
 ) -> Result<Inventory, ScanError> {
+    scan_full(sys, opts, memo, None)
+}
+
+/// What a whole scan read, kept by `run` (`live.rs`) so that the next inventory re-reads
+/// only the namespaces an event names.
+#[derive(Debug, Clone)]
+pub(crate) struct Reading {
+    pub discovered: Discovered,
+    /// One view per `discovered.selected` entry, firewall included. Only kept when every
+    /// namespace could be read.
+    pub views: Vec<NetnsView>,
+    /// The owner walk as found, before it was attached: socket inode → pids, and the
+    /// processes. Every wanted inode has an entry (empty: no owner seen).
+    pub owners: FastMap<u64, Vec<u32>>,
+    pub processes: FastMap<u32, ProcessInfo>,
+    /// Processes whose fd table could not be read during that walk.
+    pub denied: usize,
+}
+
+/// Discovery's outcome: the selected namespaces and what it could not see.
+#[derive(Debug, Clone)]
+pub(crate) struct Discovered {
+    pub selected: Vec<NetnsEntry>,
+    pub warnings: Vec<String>,
+    /// Some process's namespace could not be seen (makes every inventory partial).
+    pub incomplete: bool,
+}
+
+/// A whole scan: discovery, every namespace, the whole /proc walk. With `keep`, what was
+/// read is stored there for targeted inventories (or `None` when a namespace failed).
+pub(crate) fn scan_full(
+    sys: &dyn System,
+    opts: &ScanOptions,
+    memo: &mut FirewallMemo,
+    keep: Option<&mut Option<Reading>>,
+) -> Result<Inventory, ScanError> {
     let scanned_at = OffsetDateTime::now_utc();
     let started = Instant::now();
+    let keeping = keep.is_some();
     // The /proc walk is the longest step and needs only the socket inodes: it starts first,
     // runs while namespaces are found and read (see `walk_socket_owners`), and keeps running
     // while this thread classifies, attributes cgroups and sorts.
@@ -255,21 +292,90 @@ pub fn scan_with(
         let walk = s.spawn(|| sys.owners(&wanted));
         // On an error or a panic the walker must not wait forever for the wanted set.
         let publish_on_exit = PublishEmpty(&wanted);
-        let collected = collect(sys, memo, opts, &wanted, started);
+        let collected = read_phase(sys, opts, &wanted, started).map(|(discovered, views)| {
+            let kept = (keeping && views.iter().all(|v| v.is_ok())).then(|| {
+                views
+                    .iter()
+                    .filter_map(|v| v.as_ref().ok().cloned())
+                    .collect::<Vec<_>>()
+            });
+            let collected = assemble_phase(sys, memo, &discovered, views, opts, started);
+            (collected, kept.map(|views| (discovered, views)))
+        });
         drop(publish_on_exit);
         (collected, walk.join())
     });
+    let (collected, kept) = collected?;
+    let walk = walk.ok();
+    if let Some(keep) = keep {
+        *keep = match (kept, &walk) {
+            (Some((discovered, views)), Some(walk)) => {
+                let mut owners = walk.by_inode.clone();
+                for inode in wanted.get().into_iter().flatten() {
+                    owners.entry(*inode).or_default();
+                }
+                Some(Reading {
+                    discovered,
+                    views,
+                    owners,
+                    processes: walk.processes.clone(),
+                    denied: walk.denied,
+                })
+            }
+            _ => None,
+        };
+    }
+    Ok(finish(sys, collected, walk, scanned_at, started))
+}
+
+/// An inventory from namespaces already read (`reading.views`, some of them just read
+/// again) and owners already known (`walk`): no discovery, no dumps, no /proc walk.
+pub(crate) fn scan_reading(
+    sys: &dyn System,
+    opts: &ScanOptions,
+    memo: &mut FirewallMemo,
+    reading: &Reading,
+    walk: crate::os::OwnerWalk,
+) -> Inventory {
+    let scanned_at = OffsetDateTime::now_utc();
+    let started = Instant::now();
+    let views = reading.views.iter().cloned().map(Ok).collect();
+    let collected = assemble_phase(sys, memo, &reading.discovered, views, opts, started);
+    finish(sys, collected, Some(walk), scanned_at, started)
+}
+
+/// The socket inodes whose owners a scan looks for.
+pub(crate) fn wanted_inodes<'a>(
+    views: impl IntoIterator<Item = &'a NetnsView>,
+    opts: &ScanOptions,
+) -> FastSet<u64> {
+    views
+        .into_iter()
+        .flat_map(|v| &v.sockets)
+        .filter(|s| opts.port.is_none_or(|p| s.port == p) && opts.protocols.contains(&s.protocol))
+        .map(|s| s.inode)
+        .collect()
+}
+
+/// Owners attached, namespaces sorted: the inventory.
+fn finish(
+    sys: &dyn System,
+    collected: Collected,
+    walk: Option<crate::os::OwnerWalk>,
+    scanned_at: OffsetDateTime,
+    started: Instant,
+) -> Inventory {
     let Collected {
         mut listeners,
         mut namespaces,
         mut warnings,
         caps,
         partial,
-    } = collected?;
+    } = collected;
     let t_collected = started.elapsed();
     let processes = match walk {
-        Ok(walk) => attach_owners(sys, walk, &mut listeners, &mut warnings, caps),
-        Err(_) => {
+        Some(walk) => attach_owners(sys, walk, &mut listeners, &mut warnings, caps),
+        None => {
             warnings.push("the owner walk failed (thread panicked): owners are missing".into());
             BTreeMap::new()
         }
@@ -285,7 +391,7 @@ pub fn scan_with(
         owners_attached_us = (t_owners - t_collected).as_micros() as u64,
         "Scan finished."
     );
-    Ok(Inventory {
+    Inventory {
         host: sys.hostname(),
         scanned_at,
         listeners,
@@ -293,7 +399,7 @@ pub fn scan_with(
         namespaces,
         warnings,
         partial,
-    })
+    }
 }
 
 /// What [`collect`] found, before owners are attached.
@@ -306,20 +412,21 @@ struct Collected {
     partial: bool,
 }
 
-/// Finds and reads the namespaces, publishes the socket inodes the owner walk should look
-/// for, then classifies and orders the listeners.
-fn collect(
+/// Finds and reads the namespaces (sockets, then firewalls) and publishes the socket
+/// inodes the owner walk should look for.
+#[allow(clippy::type_complexity)]
+fn read_phase(
     sys: &dyn System,
-    memo: &mut FirewallMemo,
     opts: &ScanOptions,
     wanted: &OnceLock<FastSet<u64>>,
     started: Instant,
-) -> Result<Collected, ScanError> {
+) -> Result<(Discovered, Vec<Result<NetnsView, ReadError>>), ScanError> {
     let caps = sys.caps();
     let discovery = sys.discover();
     let selected = select(&discovery.namespaces, &opts.netns)?;
     let mut warnings = Vec::new();
-    if discovery.unreadable_pids > 0 && matches!(opts.netns, NetnsSelector::All) {
+    let incomplete = discovery.unreadable_pids > 0 && matches!(opts.netns, NetnsSelector::All);
+    if incomplete {
         let n = discovery.unreadable_pids;
         warnings.push(format!(
             "could not see which network namespace {} {} in: namespaces only {} are missing ({})",
@@ -339,39 +446,55 @@ fn collect(
     // Both protocols are always read: `namespaces[].listeners` counts every listener of a
     // namespace whatever the output filters (`--proto` included) show.
     let views = read_all(sys, &selected, &[Protocol::Tcp, Protocol::Udp]);
-    let _ = wanted.set(
-        views
-            .iter()
-            .flatten()
-            .flat_map(|v| &v.sockets)
-            .filter(|s| {
-                opts.port.is_none_or(|p| s.port == p) && opts.protocols.contains(&s.protocol)
-            })
-            .map(|s| s.inode)
-            .collect(),
-    );
+    let _ = wanted.set(wanted_inodes(views.iter().flatten(), opts));
     let t_read = started.elapsed();
     // The rulesets are read now, while the owner walk (already given its inodes) runs.
     let views = read_firewalls(sys, &selected, views);
-    let (listeners, namespaces) = assemble(sys, memo, &selected, views, opts, caps, &mut warnings);
-    memo.retain(&selected);
-    let partial = (discovery.unreadable_pids > 0 && matches!(opts.netns, NetnsSelector::All))
+    tracing::debug!(
+        discover_us = t_discover.as_micros() as u64,
+        read_us = (t_read - t_discover).as_micros() as u64,
+        "Namespaces read."
+    );
+    Ok((
+        Discovered {
+            selected,
+            warnings,
+            incomplete,
+        },
+        views,
+    ))
+}
+
+/// Classifies and orders the listeners of the namespaces read.
+fn assemble_phase(
+    sys: &dyn System,
+    memo: &mut FirewallMemo,
+    discovered: &Discovered,
+    views: Vec<Result<NetnsView, ReadError>>,
+    opts: &ScanOptions,
+    started: Instant,
+) -> Collected {
+    let caps = sys.caps();
+    let t0 = started.elapsed();
+    let mut warnings = discovered.warnings.clone();
+    let selected = &discovered.selected;
+    let (listeners, namespaces) = assemble(sys, memo, selected, views, opts, caps, &mut warnings);
+    memo.retain(selected);
+    let partial = discovered.incomplete
         || namespaces
             .iter()
             .any(|n| n.source != Some(Source::SockDiag));
     tracing::debug!(
-        discover_us = t_discover.as_micros() as u64,
-        read_us = (t_read - t_discover).as_micros() as u64,
-        assemble_us = (started.elapsed() - t_read).as_micros() as u64,
-        "Namespaces read."
+        assemble_us = (started.elapsed() - t0).as_micros() as u64,
+        "Namespaces assembled."
     );
-    Ok(Collected {
+    Collected {
         listeners,
         namespaces,
         warnings,
         caps,
         partial,
-    })
+    }
 }
 
 /// Publishes an empty wanted set when dropped before the real one was published.

@@ -152,54 +152,6 @@ fn unprivileged_scan_says_what_it_could_not_see() {
     );
 }
 
-/// The capabilities a deployment file grants: the systemd unit's `AmbientCapabilities=`
-/// and the DaemonSet's `capabilities.add`, as `setpriv` names them.
-fn deployed_caps() -> String {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let unit = std::fs::read_to_string(format!("{root}/deploy/systemd/listenscope-agent.service"))
-        .unwrap();
-    let line = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("AmbientCapabilities="))
-        .expect("the unit grants ambient capabilities");
-    let mut unit_caps: Vec<String> = line
-        .split_whitespace()
-        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
-        .collect();
-    unit_caps.sort();
-    let bounding = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
-        .expect("the unit bounds its capabilities");
-    let mut bounding: Vec<String> = bounding
-        .split_whitespace()
-        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
-        .collect();
-    bounding.sort();
-    assert_eq!(unit_caps, bounding, "ambient and bounding sets differ");
-    let ds =
-        std::fs::read_to_string(format!("{root}/deploy/kubernetes/agent-daemonset.yaml")).unwrap();
-    let add = ds
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("add: ["))
-        .expect("the DaemonSet adds capabilities");
-    let mut ds_caps: Vec<String> = add
-        .trim_end_matches(']')
-        .split(',')
-        .map(|c| c.trim().to_lowercase())
-        .collect();
-    ds_caps.sort();
-    assert_eq!(
-        unit_caps, ds_caps,
-        "the systemd unit and the DaemonSet grant different sets"
-    );
-    unit_caps
-        .iter()
-        .map(|c| format!("+{c}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 /// Runs `scan --json --netns NS` as `nobody` with exactly `caps` (setpriv syntax).
 fn scan_with_caps(caps: &str, ns: &Netns) -> serde_json::Value {
     let out = Command::new("setpriv")

@@ -104,6 +104,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         tls_cert: certs.join(format!("{host}.pem")),
         tls_key: certs.join(format!("{host}.key")),
         interval: Duration::from_secs(10),
+        watch: listenscope_agent::config::WatchSetting::Interval,
+        bind_events: true,
         netns: NetnsSelector::All,
         max_pending_changes: 100_000,
         reconnect_max: Duration::from_secs(2),

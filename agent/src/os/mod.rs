@@ -8,6 +8,7 @@ pub mod firewall;
 pub mod netlink;
 pub mod netns;
 pub mod procfs;
+pub mod udp_gone;
 
 use std::collections::HashMap;
 
@@ -15,7 +16,9 @@ use crate::fasthash::FastSet;
 use std::io;
 use std::sync::OnceLock;
 
-use crate::model::{Family, Ipv6Facts, Ipv6State, LocalAddrs, NetnsView, Protocol, Source};
+use crate::model::{
+    Family, Ipv6Facts, Ipv6State, LocalAddrs, NetnsView, Protocol, RawSocket, Source,
+};
 pub use netns::{Discovery, NetnsEntry};
 pub use procfs::{Caps, OwnerWalk};
 
@@ -52,6 +55,43 @@ pub trait System: Sync {
     /// `wanted` may be published after the call starts (the walk overlaps the dumps); the
     /// caller must publish it eventually, even on failure (an empty set ends the walk).
     fn owners(&self, wanted: &OnceLock<FastSet<u64>>) -> OwnerWalk;
+    /// Which of `pids` hold which of the `wanted` socket inodes (the targeted lookup of
+    /// `run`: the processes an event named, before a whole walk).
+    fn owners_of(&self, pids: &[u32], wanted: &FastSet<u64>) -> OwnerWalk {
+        let _ = (pids, wanted);
+        OwnerWalk::default()
+    }
+    /// The socket dumps and local addresses of a namespace read again through netlink
+    /// sockets kept from an earlier [`System::read_netns`] of it: no thread, no `setns`.
+    /// `None` when none are kept (read it with `read_netns`).
+    fn reread(&self, ns: &NetnsEntry, protocols: &[Protocol]) -> Option<Result<Reread, ReadError>> {
+        let _ = (ns, protocols);
+        None
+    }
+    /// Waits up to `timeout` (`None`: forever) for notices of UDP sockets destroyed in the
+    /// namespaces read so far and appends them to `out`. `Ok(false)` when this system
+    /// watches none (one-shot scans, or the subscription could not be made).
+    fn udp_gone(
+        &self,
+        timeout: Option<std::time::Duration>,
+        out: &mut Vec<udp_gone::Gone>,
+    ) -> io::Result<bool> {
+        let _ = (timeout, out);
+        Ok(false)
+    }
+    /// From now on, every namespace read subscribes to its destroyed-UDP notices (only
+    /// worth it when something waits on [`System::udp_gone`]: the doorbell's thread).
+    fn want_udp_gone(&self) {}
+    /// The network namespace inode of a process or thread; `None` when it is gone.
+    fn netns_of(&self, pid: u32) -> Option<u64> {
+        let _ = pid;
+        None
+    }
+    /// A process's start time (with the pid, it names one process for good).
+    fn start_time(&self, pid: u32) -> Option<u64> {
+        let _ = pid;
+        None
+    }
     /// cgroup id → cgroup v2 path, for the ids it can find.
     fn cgroup_paths(&self, ids: &FastSet<u64>) -> HashMap<u64, String>;
     /// A process's own cgroup path (fallback when the socket's cgroup id is not found).
@@ -60,10 +100,38 @@ pub trait System: Sync {
     fn caps(&self) -> Caps;
 }
 
+/// What [`System::reread`] returns: the part of a [`NetnsView`] that changes with sockets.
+#[derive(Debug)]
+pub struct Reread {
+    pub sockets: Vec<RawSocket>,
+    pub local: Option<LocalAddrs>,
+}
+
+/// Most namespaces whose netlink sockets are kept open (two descriptors each). Past it,
+/// a namespace is read on a thread of its own each time, as `scan` does.
+const PARKED_MAX: usize = 2048;
+
+/// A namespace's sock_diag and rtnetlink sockets, opened on a thread inside it and kept.
+#[derive(Debug)]
+struct NsSockets {
+    diag: netlink::Parked,
+    route: netlink::Parked,
+}
+
 /// The real thing.
 #[derive(Debug, Default)]
 pub struct LinuxSystem {
     passwd: OnceLock<procfs::Passwd>,
+    /// Netlink sockets per namespace inode, kept across reads when `keep_sockets` is set
+    /// (`run`): a socket opened inside a namespace keeps answering for it from any
+    /// thread, so a re-read needs no thread and no `setns`. Each holds its namespace
+    /// alive: `discover` drops those no longer found.
+    parked: std::sync::Mutex<HashMap<u64, NsSockets>>,
+    keep_sockets: bool,
+    /// Destroyed-UDP subscriptions of the namespaces read (with `keep_sockets`), made
+    /// once `want_udp_gone` was called.
+    gone: Option<udp_gone::UdpGone>,
+    gone_wanted: std::sync::atomic::AtomicBool,
     /// Firewall readings kept across scans: a namespace's rulesets are read again only
     /// when its nftables generation or legacy tables changed (see `firewall.rs`).
     firewall: std::sync::Mutex<firewall::FirewallCache>,
@@ -74,6 +142,55 @@ impl LinuxSystem {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// For the long-running agent: every namespace read keeps its netlink sockets open for
+    /// [`System::reread`].
+    pub fn keeping_sockets() -> Self {
+        let gone = udp_gone::UdpGone::new()
+            .map_err(|e| tracing::warn!(error = %e, "No epoll set for UDP close notices: UDP closes are seen at the next whole scan."))
+            .ok();
+        LinuxSystem {
+            keep_sockets: true,
+            gone,
+            ..Self::default()
+        }
+    }
+
+    /// Subscribes to the calling thread's namespace's destroyed-UDP notices, unless
+    /// already done or not wanted.
+    fn subscribe_here(&self, inode: u64) -> Option<netlink_sys::Socket> {
+        let gone = self.gone.as_ref()?;
+        if !self.gone_wanted.load(std::sync::atomic::Ordering::Relaxed) || gone.watches(inode) {
+            return None;
+        }
+        udp_gone::UdpGone::subscribe_here()
+            .map_err(|e| tracing::debug!(error = %e, "No UDP close notices for a namespace."))
+            .ok()
+    }
+
+    fn watch_gone(&self, inode: u64, socket: Option<netlink_sys::Socket>) {
+        if let (Some(gone), Some(socket)) = (&self.gone, socket)
+            && let Err(e) = gone.add(inode, socket)
+        {
+            tracing::debug!(error = %e, "Cannot watch a namespace's UDP close notices.");
+        }
+    }
+
+    fn park(&self, inode: u64, sockets: Option<NsSockets>) {
+        let Some(sockets) = sockets else { return };
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        if parked.len() < PARKED_MAX || parked.contains_key(&inode) {
+            parked.insert(inode, sockets);
+        }
+    }
+}
+
+/// Opens the sockets a later [`System::reread`] uses, in the calling thread's namespace.
+fn open_ns_sockets() -> Option<NsSockets> {
+    Some(NsSockets {
+        diag: netlink::Netlink::sock_diag().ok()?.park(),
+        route: netlink::Netlink::route().ok()?.park(),
+    })
 }
 
 fn walk_threads() -> usize {
@@ -89,24 +206,45 @@ impl System for LinuxSystem {
         if let Ok(mut cache) = self.firewall.lock() {
             cache.retain(|inode| found.namespaces.iter().any(|n| n.id.inode == inode));
         }
+        // Dropping the sockets of a namespace no longer found lets the kernel free it.
+        self.parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|inode, _| found.namespaces.iter().any(|n| n.id.inode == *inode));
+        if let Some(gone) = &self.gone {
+            gone.retain(|inode| found.namespaces.iter().any(|n| n.id.inode == inode));
+        }
         found
     }
 
     fn read_netns(&self, ns: &NetnsEntry, protocols: &[Protocol]) -> Result<NetnsView, ReadError> {
+        let keep = self.keep_sockets;
         // This process's own namespace: no thread of ours ever leaves it except the
         // dedicated ones below, so the calling thread is in it.
         if ns.current {
-            return read_current_netns(protocols);
+            let view = read_current_netns(protocols)?;
+            self.park(ns.id.inode, keep.then(open_ns_sockets).flatten());
+            self.watch_gone(ns.id.inode, self.subscribe_here(ns.id.inode));
+            return Ok(view);
         }
         // A dedicated thread: setns changes only the calling thread, and that thread is
-        // thrown away afterwards, so no other work ever runs in a borrowed namespace.
+        // thrown away afterwards, so no other work ever runs in a borrowed namespace. The
+        // sockets it opens for later re-reads are the only thing that outlives it: a
+        // socket belongs to the namespace it was opened in, whichever thread uses it.
         let entered = std::thread::scope(|s| {
             s.spawn(|| {
                 netns::enter(&ns.handles, ns.id.inode).map_err(ReadError::Enter)?;
-                read_current_netns(protocols)
+                let view = read_current_netns(protocols)?;
+                let kept = keep.then(open_ns_sockets).flatten();
+                Ok((view, kept, self.subscribe_here(ns.id.inode)))
             })
             .join()
             .unwrap_or(Err(ReadError::Panicked))
+        });
+        let entered = entered.map(|(view, sockets, gone)| {
+            self.park(ns.id.inode, sockets);
+            self.watch_gone(ns.id.inode, gone);
+            view
         });
         match entered {
             Err(ReadError::Enter(e)) if e.kind() == io::ErrorKind::PermissionDenied => {
@@ -134,6 +272,60 @@ impl System for LinuxSystem {
     fn owners(&self, wanted: &OnceLock<FastSet<u64>>) -> OwnerWalk {
         let passwd = self.passwd.get_or_init(procfs::Passwd::load);
         procfs::walk_socket_owners(&procfs::pids(), wanted, walk_threads(), passwd)
+    }
+
+    fn owners_of(&self, pids: &[u32], wanted: &FastSet<u64>) -> OwnerWalk {
+        let passwd = self.passwd.get_or_init(procfs::Passwd::load);
+        let set = OnceLock::new();
+        let _ = set.set(wanted.clone());
+        procfs::walk_socket_owners(pids, &set, 1, passwd)
+    }
+
+    fn reread(&self, ns: &NetnsEntry, protocols: &[Protocol]) -> Option<Result<Reread, ReadError>> {
+        // Taken out while in use: another thread re-reading the same namespace meanwhile
+        // finds none and reads it the slow way.
+        let sockets = self
+            .parked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ns.id.inode)?;
+        let mut diag = sockets.diag.unpark();
+        let mut route = sockets.route.unpark();
+        let read = reread_with(&mut diag, &mut route, protocols);
+        if read.is_ok() {
+            self.park(
+                ns.id.inode,
+                Some(NsSockets {
+                    diag: diag.park(),
+                    route: route.park(),
+                }),
+            );
+        }
+        Some(read)
+    }
+
+    fn netns_of(&self, pid: u32) -> Option<u64> {
+        procfs::netns_of(pid)
+    }
+
+    fn want_udp_gone(&self) {
+        self.gone_wanted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn udp_gone(
+        &self,
+        timeout: Option<std::time::Duration>,
+        out: &mut Vec<udp_gone::Gone>,
+    ) -> io::Result<bool> {
+        match &self.gone {
+            Some(gone) => gone.wait(timeout, out).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    fn start_time(&self, pid: u32) -> Option<u64> {
+        procfs::start_time(pid)
     }
 
     fn cgroup_paths(&self, ids: &FastSet<u64>) -> HashMap<u64, String> {
@@ -171,6 +363,65 @@ impl LinuxSystem {
         }
         raw
     }
+}
+
+/// Sockets and local addresses through kept sockets (see [`System::reread`]). IPv6 being
+/// unavailable is not an error, as in [`read_current_netns`].
+fn reread_with(
+    diag: &mut netlink::Netlink,
+    route: &mut netlink::Netlink,
+    protocols: &[Protocol],
+) -> Result<Reread, ReadError> {
+    let mut sockets = Vec::new();
+    for &protocol in protocols {
+        for family in [Family::Ipv4, Family::Ipv6] {
+            match diag.dump_sockets(protocol, family, &mut sockets) {
+                Ok(()) => {}
+                Err(netlink::DumpError::Unsupported) if family == Family::Ipv6 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let mut local = LocalAddrs::default();
+    let local = match route.local_addrs(Family::Ipv4, &mut local).and_then(|()| {
+        match route.local_addrs(Family::Ipv6, &mut local) {
+            Ok(()) | Err(netlink::DumpError::Unsupported) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }) {
+        Ok(()) => Some(local),
+        Err(_) => None,
+    };
+    Ok(Reread { sockets, local })
+}
+
+/// CPU time this process has used so far, all threads (`CLOCK_PROCESS_CPUTIME_ID`): what
+/// `run` paces its refreshes by. Zero if the clock cannot be read.
+pub fn process_cpu_time() -> std::time::Duration {
+    cpu_clock(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+/// CPU time the calling thread has used so far (`CLOCK_THREAD_CPUTIME_ID`): what a
+/// polling round costs. Zero if the clock cannot be read.
+pub fn thread_cpu_time() -> std::time::Duration {
+    cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn cpu_clock(clock: libc::clockid_t) -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live, writable timespec on this stack frame; clock_gettime writes
+    // exactly one timespec there and keeps no pointer to it.
+    let rc = unsafe { libc::clock_gettime(clock, &raw mut ts) };
+    if rc != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 /// Reads the calling thread's namespace through netlink.

@@ -63,6 +63,36 @@ pub struct Netlink {
     seq: u32,
 }
 
+/// A netlink socket kept open between uses, without the 64 KiB receive buffer (the
+/// agent keeps two per namespace: the buffers would cost more than the sockets).
+///
+/// It holds a reference on its network namespace: the kernel keeps a namespace alive
+/// while one of its sockets is open, so the owner must drop it once the namespace is no
+/// longer found (`LinuxSystem::discover` does).
+pub struct Parked {
+    socket: Socket,
+    seq: u32,
+}
+
+impl std::fmt::Debug for Parked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parked")
+            .field("fd", &self.socket.as_raw_fd())
+            .finish()
+    }
+}
+
+impl Parked {
+    /// The socket again, with a fresh receive buffer.
+    pub fn unpark(self) -> Netlink {
+        Netlink {
+            socket: self.socket,
+            buf: vec![0; RECV_BUF],
+            seq: self.seq,
+        }
+    }
+}
+
 impl std::fmt::Debug for Netlink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Netlink")
@@ -110,6 +140,15 @@ impl Netlink {
             buf: vec![0; RECV_BUF],
             seq: 0,
         })
+    }
+
+    /// Keeps the socket without its receive buffer, to be used again later (possibly from
+    /// another thread: a netlink socket stays bound to the namespace it was opened in).
+    pub fn park(self) -> Parked {
+        Parked {
+            socket: self.socket,
+            seq: self.seq,
+        }
     }
 
     /// Sends `request` (a complete netlink message) and feeds each answer's

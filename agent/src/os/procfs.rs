@@ -394,6 +394,29 @@ pub fn parse_proc_cgroup(text: &str) -> Option<String> {
     fallback
 }
 
+/// The inode of a process's (or thread's) network namespace; `None` when it has exited
+/// or may not be inspected.
+pub fn netns_of(pid: u32) -> Option<u64> {
+    let link = fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+    super::netns::parse_ns_link(link.to_str()?)
+}
+
+/// A process's start time (field 22 of `/proc/PID/stat`, clock ticks since boot): with
+/// the pid it names one process for good, since a recycled pid starts later.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+/// Field 22 of a `/proc/PID/stat` text. The command name (field 2) may hold spaces and
+/// parentheses, so fields are counted after its last `)`.
+pub fn parse_start_time(stat: &[u8]) -> Option<u64> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    // After ")": field 3 (state) is the first; field 22 is the 20th.
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
 /// The host name (`/proc/sys/kernel/hostname`, i.e. this UTS namespace's), safe to print
 /// and within the protocol's bound (`sethostname` takes any bytes: escapes are escaped).
 pub fn hostname() -> String {
@@ -509,6 +532,20 @@ fn parse_hex_addr(hex: &str, family: Family) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_times() {
+        let stat = |comm: &str| {
+            format!("42 ({comm}) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 5122789 1000 1")
+        };
+        assert_eq!(parse_start_time(stat("sshd").as_bytes()), Some(5122789));
+        assert_eq!(parse_start_time(stat("a) b (c").as_bytes()), Some(5122789));
+        assert_eq!(parse_start_time(stat("x y z").as_bytes()), Some(5122789));
+        assert_eq!(parse_start_time(b"42 (short) S 1 2"), None);
+        assert_eq!(parse_start_time(b"no parenthesis"), None);
+        let own = start_time(std::process::id()).expect("our own start time");
+        assert_eq!(start_time(std::process::id()), Some(own));
+    }
 
     #[test]
     fn socket_inodes() {

@@ -33,9 +33,11 @@
 //! scan: the first time the agent saw it, as for any change (it happened between the last
 //! scan before and that one).
 
+mod bell;
 mod cause;
 pub mod journal;
 pub mod outbox;
+pub mod scanner;
 mod session;
 pub mod state;
 
@@ -48,6 +50,7 @@ use time::OffsetDateTime;
 use tokio::sync::Notify;
 
 use crate::config::{RunConfig, StateConfig};
+use crate::live::Scanner;
 use crate::os::System;
 use crate::record::{State, state_of};
 use crate::scan::{self, ScanOptions};
@@ -59,7 +62,7 @@ pub use cause::ConnectError;
 pub use session::SessionError;
 
 use listenscope_core::pem::{self, TlsFileError};
-use listenscope_core::watch::{Watch, WatchMode};
+use listenscope_core::watch::Watch;
 
 /// Shared between the scanner and the connection.
 pub(crate) struct Shared {
@@ -88,14 +91,6 @@ impl Shared {
     /// heartbeat at once (stamped now unless a scan's heartbeat is already waiting), so the
     /// collector shows a worse mode without waiting for the next scan that finds nothing.
     /// Returns whether it changed.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the scanner calls it once it learns its mode (doorbell or polling); until \
-                      then the mode is the interval set at start"
-        )
-    )]
     pub(crate) fn set_watch(&self, w: Watch) -> bool {
         let w = w.bounded();
         {
@@ -327,16 +322,16 @@ pub fn check_files(cfg: &RunConfig) -> Result<(), FileProblems> {
     }
 }
 
-/// One scan on a blocking thread; `memo` keeps the assembled firewalls between scans (a
-/// ruleset is parsed and evaluated again only when it changed).
-async fn scan_state(
+/// The first whole scan, on a blocking thread.
+async fn first_scan(
     sys: Arc<dyn System + Send + Sync>,
-    opts: ScanOptions,
-    memo: Arc<std::sync::Mutex<scan::FirewallMemo>>,
+    scanner: Arc<Mutex<Scanner>>,
 ) -> Result<(State, OffsetDateTime), RunError> {
     tokio::task::spawn_blocking(move || {
-        let mut memo = memo.lock().unwrap_or_else(|p| p.into_inner());
-        let inv = scan::scan_with(&*sys, &opts, &mut memo)?;
+        let inv = scanner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .full(&*sys)?;
         Ok((state_of(&inv), inv.scanned_at))
     })
     .await
@@ -398,8 +393,11 @@ async fn run_inner(
         ..ScanOptions::default()
     };
     // Scan before connecting: an early connection must never send an empty inventory.
-    let memo = Arc::new(std::sync::Mutex::new(scan::FirewallMemo::default()));
-    let (state, at) = scan_state(Arc::clone(&sys), opts.clone(), Arc::clone(&memo)).await?;
+    // The doorbell opens (or polling is chosen) before the first scan: what changes
+    // during that scan rings it, so nothing falls between the scan and the watching.
+    let started = scanner::start(&cfg, &sys).await;
+    let scanner = Arc::new(Mutex::new(Scanner::new(opts)));
+    let (state, at) = first_scan(Arc::clone(&sys), Arc::clone(&scanner)).await?;
     tracing::info!(listeners = state.len(), "First scan done.");
     if dir.is_none() && warn_stateless {
         tracing::warn!(
@@ -415,51 +413,17 @@ async fn run_inner(
         heartbeat: Mutex::new(None),
         wake: Notify::new(),
         instance_id,
-        // What the scanner below does: a scan every interval.
-        watch: Mutex::new(Watch::new(WatchMode::Interval(cfg.interval)).bounded()),
+        // What the scanner found it can do: the first Hello says it already.
+        watch: Mutex::new(started.watch.clone().bounded()),
     });
 
-    let scanner = {
-        let shared = Arc::clone(&shared);
-        let interval = cfg.interval;
-        async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await; // the first tick is immediate: the first scan already ran
-            loop {
-                tick.tick().await;
-                match scan_state(Arc::clone(&sys), opts.clone(), Arc::clone(&memo)).await {
-                    Ok((state, at)) => {
-                        // Off the async thread: recording fsyncs the journal.
-                        let recorded = {
-                            let shared = Arc::clone(&shared);
-                            tokio::task::spawn_blocking(move || {
-                                shared.outbox().record_scan(state, at)
-                            })
-                            .await
-                        };
-                        let Ok(recorded) = recorded else {
-                            tracing::error!("Recording a scan failed; retrying next interval.");
-                            continue;
-                        };
-                        match recorded {
-                            Recorded::Unchanged => {
-                                *shared.heartbeat.lock().unwrap_or_else(|p| p.into_inner()) =
-                                    Some(at);
-                            }
-                            Recorded::Changed(n) => tracing::debug!(changes = n, "Changes queued."),
-                            Recorded::Collapsed => tracing::warn!(
-                                "Pending changes exceeded max_pending_changes: they are replaced by \
-                                 one snapshot, so the history loses their exact times."
-                            ),
-                        }
-                        shared.wake.notify_one();
-                    }
-                    Err(e) => tracing::error!(error = %e, "Scan failed; retrying next interval."),
-                }
-            }
-        }
-    };
+    let watching = scanner::run(
+        cfg.clone(),
+        Arc::clone(&sys),
+        scanner,
+        Arc::clone(&shared),
+        started,
+    );
 
     let connection = {
         let shared = Arc::clone(&shared);
@@ -527,7 +491,7 @@ async fn run_inner(
 
     tokio::select! {
         () = shutdown => tracing::info!("Shutting down."),
-        () = scanner => {}
+        () = watching => {}
         () = connection => {}
     }
     shared.outbox().sync();
@@ -781,6 +745,7 @@ pub fn backoff(base: Duration, max: Duration) -> backon::ExponentialBackoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use listenscope_core::watch::WatchMode;
 
     #[test]
     fn backoff_grows_caps_and_jitters() {
@@ -949,6 +914,8 @@ mod tests {
             tls_cert: "h.pem".into(),
             tls_key: "h.key".into(),
             interval: Duration::from_secs(10),
+            watch: crate::config::WatchSetting::Interval,
+            bind_events: true,
             netns: crate::scan::NetnsSelector::Current,
             max_pending_changes: 1,
             reconnect_max: Duration::from_secs(1),

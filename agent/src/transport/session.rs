@@ -415,6 +415,8 @@ mod tests {
             tls_cert: dir.join("h1.pem"),
             tls_key: dir.join("h1.key"),
             interval: Duration::from_secs(10),
+            watch: crate::config::WatchSetting::Interval,
+            bind_events: true,
             netns: crate::scan::NetnsSelector::Current,
             max_pending_changes: 1,
             reconnect_max: Duration::from_secs(1),

@@ -1,0 +1,349 @@
+//! The scanner loop of `run`: a whole scan every `interval` (the reconciliation), and in
+//! between the changes the doorbell rings for, or that polling finds (docs/realtime.md).
+//!
+//! - **doorbell**: kernel tracepoints (`os::doorbell`) name the process that listened,
+//!   closed a listener or bound a socket. Events are gathered for [`COALESCE`] after the
+//!   first, then `live::plan` says which namespaces to read again, and the refreshed
+//!   inventory goes to the outbox at once. Lost events cost a whole scan.
+//! - **polling**, where the doorbell cannot open (no CAP_PERFMON, no tracefs, seccomp,
+//!   lockdown) or was not wanted: every namespace's sockets dumped through kept netlink
+//!   sockets and compared, at an interval 100 times what a round costs in CPU (between
+//!   [`POLL_MIN`] and [`POLL_MAX`]), so it stays within about 1 % of a core.
+//! - **interval**: whole scans only.
+//!
+//! Pacing: after a refresh that cost C of CPU, the next one waits at least 99 × C (at most
+//! [`PACE_MAX`]), so even a storm of binds (a DNS server binding a port per query) keeps
+//! the agent near 1 % of a core, at the price of latency within the 2 s goal.
+//!
+//! The mode in force (`core::watch::Watch`) is reported to the collector (Hello and
+//! heartbeats) and logged when it changes, so a missed latency goal is visible.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use listenscope_core::watch::{Watch, WatchMode};
+
+use super::Shared;
+use super::outbox::Recorded;
+use crate::config::{RunConfig, WatchSetting};
+use crate::live::{Dirty, Event, Scanner};
+use crate::os::System;
+use crate::record::state_of;
+use crate::scan::Inventory;
+
+/// How long events are gathered after the first before the inventory is refreshed.
+pub const COALESCE: Duration = Duration::from_millis(100);
+/// Shortest and longest polling intervals.
+pub const POLL_MIN: Duration = Duration::from_secs(1);
+pub const POLL_MAX: Duration = Duration::from_secs(10);
+/// Polling waits this many times what a round cost (≈ 1 % of a core).
+const POLL_FACTOR: u32 = 100;
+/// The longest wait the pacing adds after a refresh.
+const PACE_MAX: Duration = Duration::from_secs(1);
+/// Most events held between two refreshes; past it they are dropped for a whole scan.
+const PENDING_MAX: usize = 65_536;
+/// Batches the doorbell thread may queue before it waits (events then wait in the
+/// kernel's rings, and a ring that overflows reports lost events).
+const CHANNEL: usize = 64;
+
+/// The polling interval for a round that cost `cpu`: 100 times it, within
+/// [`POLL_MIN`]..=[`POLL_MAX`], rounded up to a whole second so the reported mode does not
+/// flicker with noise.
+pub fn poll_interval(cpu: Duration) -> Duration {
+    let wanted = cpu.saturating_mul(POLL_FACTOR).clamp(POLL_MIN, POLL_MAX);
+    Duration::from_secs(wanted.as_secs() + u64::from(wanted.subsec_nanos() > 0)).min(POLL_MAX)
+}
+
+/// Whether a new polling interval differs enough from the one the collector was told to
+/// tell it again (at least 2 s, or half of it), so the stored mode does not churn.
+pub fn worth_reporting(reported: Duration, now: Duration) -> bool {
+    let diff = reported.abs_diff(now);
+    diff >= Duration::from_secs(2) || diff >= reported / 2
+}
+
+/// The pause after a refresh that cost `cpu`.
+pub fn pace(cpu: Duration) -> Duration {
+    cpu.saturating_mul(POLL_FACTOR - 1).min(PACE_MAX)
+}
+
+/// What [`start`] set up: the mode in force and, with the doorbell, its events.
+pub(crate) struct Started {
+    pub watch: Watch,
+    bell: Option<mpsc::Receiver<Vec<Event>>>,
+}
+
+/// Runs forever (the caller selects it against shutdown). The first whole scan's state
+/// is already in the outbox; `started` is what [`start`] opened.
+pub(crate) async fn run(
+    cfg: RunConfig,
+    sys: Arc<dyn System + Send + Sync>,
+    scanner: Arc<Mutex<Scanner>>,
+    shared: Arc<Shared>,
+    started: Started,
+) {
+    let Started {
+        watch: mut mode,
+        mut bell,
+    } = started;
+    let mut reconcile = tokio::time::interval_at(Instant::now() + cfg.interval, cfg.interval);
+    reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_poll = Instant::now() + POLL_MIN;
+    let mut not_before = Instant::now();
+    let mut pending: Vec<Event> = Vec::new();
+    let mut smoothed = Duration::ZERO;
+    loop {
+        let polling = matches!(mode.mode, WatchMode::Polling(_));
+        tokio::select! {
+            _ = reconcile.tick() => {
+                let r = refresh(&sys, &scanner, Dirty::whole()).await;
+                if let Some((inv, _)) = r {
+                    record(&shared, inv, true).await;
+                }
+            }
+            got = recv(&mut bell) => {
+                let Some(batch) = got else {
+                    bell = None;
+                    mode = Watch::because(
+                        WatchMode::Polling(POLL_MIN),
+                        "the doorbell stopped (see the agent's log)",
+                    );
+                    tracing::error!(reason = mode.reason.as_deref(), "The doorbell stopped; polling instead (changes arrive later).");
+                    shared.set_watch(mode.clone());
+                    next_poll = Instant::now();
+                    continue;
+                };
+                take(&mut pending, batch);
+                // Gather what follows for a moment (a restart closes and opens many).
+                let until = (Instant::now() + COALESCE).max(not_before);
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => break,
+                        more = recv(&mut bell) => match more {
+                            Some(b) => take(&mut pending, b),
+                            None => break,
+                        },
+                    }
+                }
+                let events = std::mem::take(&mut pending);
+                let dirty = {
+                    let s = scanner.lock().unwrap_or_else(|p| p.into_inner());
+                    crate::live::plan(&events, &s.watched(), s.all_namespaces(), |proto, port| {
+                        s.holders(proto, port)
+                    })
+                };
+                if dirty.is_empty() {
+                    continue;
+                }
+                let cpu = crate::os::process_cpu_time();
+                if let Some((inv, _)) = refresh(&sys, &scanner, dirty).await {
+                    record(&shared, inv, false).await;
+                }
+                not_before = Instant::now() + pace(crate::os::process_cpu_time().saturating_sub(cpu));
+            }
+            () = tokio::time::sleep_until(next_poll), if polling => {
+                let found = {
+                    let sys = Arc::clone(&sys);
+                    let scanner = Arc::clone(&scanner);
+                    tokio::task::spawn_blocking(move || {
+                        let mut s = scanner.lock().unwrap_or_else(|p| p.into_inner());
+                        (s.poll(&*sys), s.probe_cpu)
+                    })
+                    .await
+                };
+                let probe_cpu = match found {
+                    Ok((Ok(Some((inv, _))), cpu)) => {
+                        record(&shared, inv, false).await;
+                        cpu
+                    }
+                    Ok((Ok(None), cpu)) => cpu,
+                    Ok((Err(e), cpu)) => {
+                        tracing::error!(error = %e, "Polling failed; retrying.");
+                        cpu
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "The polling thread failed; retrying.");
+                        POLL_MAX / POLL_FACTOR
+                    }
+                };
+                // Fast up, slow down: one slow round (a busy machine) does not swing the
+                // interval back and forth.
+                smoothed = probe_cpu.max(smoothed.mul_f64(0.8));
+                let every = poll_interval(smoothed);
+                if let WatchMode::Polling(reported) = mode.mode
+                    && worth_reporting(reported, every)
+                {
+                    mode.mode = WatchMode::Polling(every);
+                    shared.set_watch(mode.clone());
+                }
+                next_poll = Instant::now() + every;
+            }
+        }
+    }
+}
+
+/// Adds a batch to what is pending, bounded: past [`PENDING_MAX`] the events are replaced
+/// by one `Lost` (a whole scan sees everything they would have).
+fn take(pending: &mut Vec<Event>, batch: Vec<Event>) {
+    if pending.len() + batch.len() > PENDING_MAX {
+        pending.clear();
+        pending.push(Event::Lost);
+    } else if pending.as_slice() != [Event::Lost] {
+        pending.extend(batch);
+    }
+}
+
+async fn recv(bell: &mut Option<mpsc::Receiver<Vec<Event>>>) -> Option<Vec<Event>> {
+    match bell {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Opens what `cfg.watch` asks for: the doorbell (and its events), else polling, or
+/// nothing between whole scans. Logged once; the mode goes in the first Hello.
+pub(crate) async fn start(cfg: &RunConfig, sys: &Arc<dyn System + Send + Sync>) -> Started {
+    let watch = match cfg.watch {
+        WatchSetting::Interval => Watch::new(WatchMode::Interval(cfg.interval)),
+        WatchSetting::Polling => Watch::because(WatchMode::Polling(POLL_MIN), "watch = polling"),
+        WatchSetting::Auto | WatchSetting::Doorbell => {
+            let (tx, rx) = mpsc::channel(CHANNEL);
+            match super::bell::spawn(Arc::clone(sys), cfg.bind_events, tx).await {
+                Ok(()) => {
+                    tracing::info!(mode = "doorbell", "Watching for changes.");
+                    return Started {
+                        watch: Watch::new(WatchMode::Doorbell),
+                        bell: Some(rx),
+                    };
+                }
+                Err(why) => {
+                    if cfg.watch == WatchSetting::Doorbell {
+                        tracing::error!(reason = %why, "The doorbell cannot be used; polling instead (changes arrive later, at some CPU cost).");
+                    } else {
+                        tracing::warn!(reason = %why, "The doorbell cannot be used; polling instead.");
+                    }
+                    Watch::because(WatchMode::Polling(POLL_MIN), why)
+                }
+            }
+        }
+    };
+    tracing::info!(mode = %watch.mode, reason = watch.reason.as_deref(), "Watching for changes.");
+    Started { watch, bell: None }
+}
+
+/// A refresh (or a whole scan) on a blocking thread. `None` when it failed (logged).
+async fn refresh(
+    sys: &Arc<dyn System + Send + Sync>,
+    scanner: &Arc<Mutex<Scanner>>,
+    dirty: Dirty,
+) -> Option<(Inventory, crate::live::Refreshed)> {
+    let sys = Arc::clone(sys);
+    let scanner = Arc::clone(scanner);
+    let r = tokio::task::spawn_blocking(move || {
+        scanner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refresh(&*sys, &dirty)
+    })
+    .await;
+    match r {
+        Ok(Ok(done)) => Some(done),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "Scan failed; retrying at the next change or interval.");
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "The scan thread failed; retrying.");
+            None
+        }
+    }
+}
+
+/// The inventory into the outbox (journaled, off the async threads), and the sender woken.
+/// A whole scan that found nothing new is a heartbeat; a refresh that found nothing new is
+/// nothing (a bind of a client socket rings the doorbell too).
+pub(crate) async fn record(shared: &Arc<Shared>, inv: Inventory, whole: bool) {
+    let at: OffsetDateTime = inv.scanned_at;
+    let state = state_of(&inv);
+    drop(inv);
+    let recorded = {
+        let shared = Arc::clone(shared);
+        tokio::task::spawn_blocking(move || shared.outbox().record_scan(state, at)).await
+    };
+    let Ok(recorded) = recorded else {
+        tracing::error!("Recording a scan failed; retrying at the next one.");
+        return;
+    };
+    match recorded {
+        Recorded::Unchanged if whole => {
+            *shared.heartbeat.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+        }
+        Recorded::Unchanged => return,
+        Recorded::Changed(n) => tracing::debug!(changes = n, "Changes queued."),
+        Recorded::Collapsed => tracing::warn!(
+            "Pending changes exceeded max_pending_changes: they are replaced by one snapshot, \
+             so the history loses their exact times."
+        ),
+    }
+    shared.wake.notify_one();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_intervals() {
+        let ms = Duration::from_millis;
+        for (cpu, want) in [
+            (ms(0), 1),
+            (ms(5), 1),
+            (ms(10), 1),
+            (ms(11), 2),
+            (ms(25), 3),
+            (ms(49), 5),
+            (ms(100), 10),
+            (ms(900), 10),
+        ] {
+            assert_eq!(poll_interval(cpu), Duration::from_secs(want), "{cpu:?}");
+        }
+    }
+
+    #[test]
+    fn reported_intervals() {
+        let s = Duration::from_secs;
+        assert!(!worth_reporting(s(3), s(3)));
+        assert!(!worth_reporting(s(3), s(4)));
+        assert!(worth_reporting(s(3), s(5)));
+        assert!(worth_reporting(s(1), s(2)), "half of it");
+        assert!(worth_reporting(s(2), s(1)));
+        assert!(!worth_reporting(s(10), s(9)));
+    }
+
+    #[test]
+    fn pacing() {
+        let ms = Duration::from_millis;
+        assert_eq!(pace(ms(0)), ms(0));
+        assert_eq!(pace(ms(2)), ms(198));
+        assert_eq!(pace(ms(30)), ms(1000));
+    }
+
+    #[test]
+    fn pending_is_bounded() {
+        let bind = Event::Bind {
+            pid: 1,
+            netns: None,
+        };
+        let mut pending = Vec::new();
+        take(&mut pending, vec![bind; 10]);
+        assert_eq!(pending.len(), 10);
+        take(&mut pending, vec![bind; PENDING_MAX]);
+        assert_eq!(pending, vec![Event::Lost]);
+        // Once lost, more events change nothing: a whole scan is due anyway.
+        take(&mut pending, vec![bind; 5]);
+        assert_eq!(pending, vec![Event::Lost]);
+    }
+}
