@@ -299,17 +299,14 @@ fn an_unreachable_collector_is_skipped_without_backoff() {
         &["--collector".into(), format!("{closed_url},{}", b.url())],
         &log,
     );
+    // Its first snapshot: not necessarily sequence 1, since listeners of other tests on
+    // this host may change (and be recorded) before the connection.
     wait_for(WAIT, "the snapshot stored through collector b", || {
         let ev = events(&db);
-        match ev.iter().any(|e| {
-            matches!(
-                e,
-                Event::Snapshot {
-                    collector: "b",
-                    seq: 1
-                }
-            )
-        }) {
+        match ev
+            .iter()
+            .any(|e| matches!(e, Event::Snapshot { collector: "b", .. }))
+        {
             true => Ok(()),
             false => Err(format!("{ev:?}")),
         }

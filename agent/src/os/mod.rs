@@ -107,9 +107,12 @@ pub struct Reread {
     pub local: Option<LocalAddrs>,
 }
 
-/// Most namespaces whose netlink sockets are kept open (two descriptors each). Past it,
-/// a namespace is read on a thread of its own each time, as `scan` does.
+/// Most namespaces whose netlink sockets are kept open (three descriptors each, with the
+/// destroyed-UDP subscription). Past it, a namespace is read on a thread of its own each
+/// time, as `scan` does. Lowered to what the open-file limit allows.
 const PARKED_MAX: usize = 2048;
+/// Descriptors left for everything else (the fd walk, the perf rings, TLS, the journal).
+const FD_RESERVE: u64 = 256;
 
 /// A namespace's sock_diag and rtnetlink sockets, opened on a thread inside it and kept.
 #[derive(Debug)]
@@ -128,6 +131,8 @@ pub struct LinuxSystem {
     /// alive: `discover` drops those no longer found.
     parked: std::sync::Mutex<HashMap<u64, NsSockets>>,
     keep_sockets: bool,
+    /// How many namespaces may keep sockets ([`PARKED_MAX`] or what the fd limit allows).
+    parked_max: usize,
     /// Destroyed-UDP subscriptions of the namespaces read (with `keep_sockets`), made
     /// once `want_udp_gone` was called.
     gone: Option<udp_gone::UdpGone>,
@@ -149,8 +154,13 @@ impl LinuxSystem {
         let gone = udp_gone::UdpGone::new()
             .map_err(|e| tracing::warn!(error = %e, "No epoll set for UDP close notices: UDP closes are seen at the next whole scan."))
             .ok();
+        let limit = raise_fd_limit();
+        let parked_max = limit.map_or(PARKED_MAX, |l| {
+            (l.saturating_sub(FD_RESERVE) / 3).min(PARKED_MAX as u64) as usize
+        });
         LinuxSystem {
             keep_sockets: true,
+            parked_max,
             gone,
             ..Self::default()
         }
@@ -160,6 +170,9 @@ impl LinuxSystem {
     /// already done or not wanted.
     fn subscribe_here(&self, inode: u64) -> Option<netlink_sys::Socket> {
         let gone = self.gone.as_ref()?;
+        if !gone.watches(inode) && gone.len() >= self.parked_max {
+            return None;
+        }
         if !self.gone_wanted.load(std::sync::atomic::Ordering::Relaxed) || gone.watches(inode) {
             return None;
         }
@@ -179,10 +192,35 @@ impl LinuxSystem {
     fn park(&self, inode: u64, sockets: Option<NsSockets>) {
         let Some(sockets) = sockets else { return };
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
-        if parked.len() < PARKED_MAX || parked.contains_key(&inode) {
+        if parked.len() < self.parked_max || parked.contains_key(&inode) {
             parked.insert(inode, sockets);
         }
     }
+}
+
+/// Raises the soft open-file limit to the hard one (the agent keeps sockets per
+/// namespace; systemd's default soft limit is 1024) and returns the limit in force
+/// (`None`: unlimited or unreadable).
+fn raise_fd_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a live, writable rlimit; getrlimit writes one there, keeps nothing.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return None;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `raised` is a live rlimit the kernel copies; no pointer is kept.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
+            lim = raised;
+        }
+    }
+    (lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
 }
 
 /// Opens the sockets a later [`System::reread`] uses, in the calling thread's namespace.

@@ -113,6 +113,16 @@ impl UdpGone {
         Ok(())
     }
 
+    /// How many namespaces are watched.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// Whether `netns` is watched.
     pub fn watches(&self, netns: u64) -> bool {
         self.lock().contains_key(&netns)
