@@ -5,6 +5,7 @@
 
 pub mod doorbell;
 pub mod firewall;
+pub mod heap;
 pub mod netlink;
 pub mod netns;
 pub mod procfs;

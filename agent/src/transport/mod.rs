@@ -155,6 +155,9 @@ impl Book {
         let recorded = self.outbox.record_scan(state, at);
         // Once per scan: the batch of this scan's records (and the acks before) is synced.
         self.persist(true);
+        // The scan's inventory, the previous state and the diff are freed now: give their
+        // pages back, or the heap keeps the scan's transient peak for good (`os::heap`).
+        crate::os::heap::release_free_memory();
         recorded
     }
 
