@@ -217,6 +217,8 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
 
 fn run_agent(args: &RunArgs) -> anyhow::Result<Exit> {
     let (cfg, state) = args.config()?;
+    // Before any thread starts: one malloc arena, reused by every scan (`os::heap`).
+    crate::os::heap::limit_arenas();
     // One scan thread plus a small async side: a current-thread runtime is plenty.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
