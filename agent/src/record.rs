@@ -110,7 +110,10 @@ pub fn state_of(inv: &Inventory) -> State {
                 r.bound();
             }
             None => {
-                let mut processes: Vec<ProcessInfo> = owners.cloned().collect();
+                // Exact capacity: collected from a filter, a Vec starts at 4 (320 bytes)
+                // and the state keeps it for every listener until the next scan.
+                let mut processes: Vec<ProcessInfo> = Vec::with_capacity(l.pids.len());
+                processes.extend(owners.cloned());
                 processes.sort_by_key(|p| p.pid);
                 processes.dedup_by_key(|p| p.pid);
                 let mut record = ListenerRecord {
@@ -140,7 +143,25 @@ pub fn state_of(inv: &Inventory) -> State {
             }
         }
     }
-    state
+    compact(state)
+}
+
+/// The same map with every node full. Inserted in key order (scan order nearly is), a
+/// `BTreeMap` leaves each node 6 of 11 entries full: about 870 bytes per entry of 472
+/// (key and record), for a state the outbox keeps until the next scan. `append` to a map
+/// of one entry rebuilds it with the standard library's bulk push, which fills every node;
+/// it streams, freeing each old node once passed, with no vector of every entry and no
+/// sort. Rejected: `collect()` (`BTreeMap::from_iter`), which gets there through a `Vec` of
+/// every entry and a stable sort with a scratch buffer as large: 9 MiB more at the peak
+/// of a 10,000-listener scan.
+pub fn compact(mut state: State) -> State {
+    let Some((key, record)) = state.pop_first() else {
+        return state;
+    };
+    let mut full = State::new();
+    full.insert(key, record);
+    full.append(&mut state);
+    full
 }
 
 fn or_opt(a: Option<bool>, b: Option<bool>) -> Option<bool> {
@@ -300,6 +321,23 @@ mod tests {
             ),
         ]);
         assert_eq!(r.effective_ipv4.reason, "first");
+    }
+
+    /// Rebuilt with full nodes, the state holds the same entries in the same order, for
+    /// sizes around a node's capacity (11) and its split point.
+    #[test]
+    fn compact_keeps_every_entry() {
+        use listenscope_core::record::testkit::record;
+        for n in [0u16, 1, 2, 6, 11, 12, 23, 1000] {
+            let mut state = State::new();
+            for port in (1..=n).rev() {
+                let r = record("host", "::", port, Some(false));
+                state.insert(r.key.clone(), r);
+            }
+            let full = compact(state.clone());
+            assert_eq!(full.len(), usize::from(n));
+            assert!(full.iter().eq(state.iter()), "{n} entries");
+        }
     }
 
     #[test]
