@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use listenscope_core::limits::{MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use listenscope_core::pem::{self as tls, TlsFileError};
+use listenscope_core::record::{ListenerKey, ListenerRecord};
 use listenscope_core::wire;
 use listenscope_proto::v1;
 use listenscope_proto::v1::inventory_client::InventoryClient;
@@ -293,53 +294,106 @@ fn body(b: v1::agent_message::Body) -> v1::AgentMessage {
 }
 
 /// One outbox entry as wire messages: a delta is one message, a snapshot as many chunks as
-/// its size needs (by count and by encoded bytes).
-fn encode(p: &Pending, per_message: usize) -> Vec<v1::AgentMessage> {
+/// its size needs (by count and by encoded bytes). Chunks are built one at a time as the
+/// sender takes them, so a snapshot is never held whole in wire form: at 10,000 listeners
+/// that copy was about 8 MiB (464-byte `v1::Listener`s and their strings), resident in
+/// the heap after the first session began. Only the channel's few chunks exist at once.
+fn encode(p: &Pending, per_message: usize) -> Encoded<'_> {
     match p {
         Pending::Delta { seq, at, changes } => {
-            vec![body(v1::agent_message::Body::Delta(v1::Delta {
+            Encoded::Delta(Some(body(v1::agent_message::Body::Delta(v1::Delta {
                 sequence: *seq,
                 observed_at: Some(wire::timestamp(*at)),
                 opened: changes.opened.iter().map(Into::into).collect(),
                 closed: changes.closed.iter().map(Into::into).collect(),
                 changed: changes.changed.iter().map(Into::into).collect(),
-            }))]
+            }))))
         }
-        Pending::Snapshot { seq, at, state } => {
-            let mut chunks: Vec<Vec<v1::Listener>> = Vec::new();
-            let mut cur: Vec<v1::Listener> = Vec::new();
-            let mut bytes = 0;
-            for r in state.values() {
-                let l = v1::Listener::from(r);
-                // As encoded inside the chunk: field tag, length, listener.
-                let len = l.encoded_len();
-                let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
-                if !cur.is_empty()
-                    && (cur.len() >= per_message || bytes + size > CHUNK_BYTES - CHUNK_ENVELOPE)
-                {
-                    chunks.push(std::mem::take(&mut cur));
-                    bytes = 0;
-                }
-                bytes += size;
-                cur.push(l);
-            }
-            // The last chunk, also when the snapshot is empty (one empty, final chunk).
-            chunks.push(cur);
-            let n = chunks.len();
-            chunks
-                .into_iter()
-                .enumerate()
-                .map(|(i, listeners)| {
-                    body(v1::agent_message::Body::Snapshot(v1::SnapshotChunk {
-                        sequence: *seq,
-                        chunk_index: i as u32,
-                        last: i + 1 == n,
-                        observed_at: Some(wire::timestamp(*at)),
-                        listeners,
-                    }))
+        Pending::Snapshot { seq, at, state } => Encoded::Snapshot(Box::new(Chunks {
+            seq: *seq,
+            at: *at,
+            per_message,
+            records: state.values(),
+            carried: None,
+            index: 0,
+            done: false,
+        })),
+    }
+}
+
+/// The messages of one outbox entry, made on demand ([`encode`]). The chunker is boxed:
+/// it carries a listener (464 bytes) and lives in the session's future across awaits.
+enum Encoded<'a> {
+    Delta(Option<v1::AgentMessage>),
+    Snapshot(Box<Chunks<'a>>),
+}
+
+impl Iterator for Encoded<'_> {
+    type Item = v1::AgentMessage;
+
+    fn next(&mut self) -> Option<v1::AgentMessage> {
+        match self {
+            Encoded::Delta(m) => m.take(),
+            Encoded::Snapshot(c) => c.next(),
+        }
+    }
+}
+
+/// A snapshot's chunks, each cut before `per_message` listeners or [`CHUNK_BYTES`].
+struct Chunks<'a> {
+    seq: u64,
+    at: time::OffsetDateTime,
+    per_message: usize,
+    records: std::collections::btree_map::Values<'a, ListenerKey, ListenerRecord>,
+    /// The listener that did not fit the previous chunk, with its encoded size.
+    carried: Option<(v1::Listener, usize)>,
+    index: u32,
+    /// The last chunk went out (an empty snapshot still sends one, empty and last).
+    done: bool,
+}
+
+impl Iterator for Chunks<'_> {
+    type Item = v1::AgentMessage;
+
+    fn next(&mut self) -> Option<v1::AgentMessage> {
+        if self.done {
+            return None;
+        }
+        let mut listeners = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let next = self.carried.take().or_else(|| {
+                self.records.next().map(|r| {
+                    let l = v1::Listener::from(r);
+                    // As encoded inside the chunk: field tag, length, listener.
+                    let len = l.encoded_len();
+                    let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+                    (l, size)
                 })
-                .collect()
+            });
+            let Some((l, size)) = next else {
+                self.done = true;
+                break;
+            };
+            if !listeners.is_empty()
+                && (listeners.len() >= self.per_message
+                    || bytes + size > CHUNK_BYTES - CHUNK_ENVELOPE)
+            {
+                self.carried = Some((l, size));
+                break;
+            }
+            bytes += size;
+            listeners.push(l);
         }
+        let chunk = v1::SnapshotChunk {
+            sequence: self.seq,
+            chunk_index: self.index,
+            last: self.done,
+            observed_at: Some(wire::timestamp(self.at)),
+            listeners,
+        };
+        self.index += 1;
+        Some(body(v1::agent_message::Body::Snapshot(chunk)))
     }
 }
 
@@ -444,14 +498,12 @@ mod tests {
             })
             .collect();
         let at = time::OffsetDateTime::now_utc();
-        let msgs = encode(
-            &Pending::Snapshot {
-                seq: 7,
-                at,
-                state: Arc::new(state),
-            },
-            1000,
-        );
+        let pending = Pending::Snapshot {
+            seq: 7,
+            at,
+            state: Arc::new(state),
+        };
+        let msgs: Vec<_> = encode(&pending, 1000).collect();
         let chunks: Vec<(u32, bool, usize, usize)> = msgs
             .iter()
             .map(|m| match &m.body {
@@ -481,21 +533,19 @@ mod tests {
             }
         }
         // The collector's per-message limit applies as well.
-        let small = encode(
-            &Pending::Snapshot {
-                seq: 8,
-                at,
-                state: Arc::new(
-                    (1..=25u16)
-                        .map(|p| {
-                            let r = record("host", "::", p, Some(false));
-                            (r.key.clone(), r)
-                        })
-                        .collect(),
-                ),
-            },
-            10,
-        );
+        let pending = Pending::Snapshot {
+            seq: 8,
+            at,
+            state: Arc::new(
+                (1..=25u16)
+                    .map(|p| {
+                        let r = record("host", "::", p, Some(false));
+                        (r.key.clone(), r)
+                    })
+                    .collect(),
+            ),
+        };
+        let small: Vec<_> = encode(&pending, 10).collect();
         let sizes: Vec<usize> = small
             .iter()
             .map(|m| match &m.body {
@@ -508,14 +558,14 @@ mod tests {
             assert!(m.encoded_len() < MAX_MESSAGE_BYTES);
         }
         // A host with no listeners still sends one (empty, last) chunk: it closes the rest.
-        let empty = encode(
-            &Pending::Snapshot {
-                seq: 1,
-                at,
-                state: Arc::new(State::new()),
-            },
-            1000,
-        );
+        let pending = Pending::Snapshot {
+            seq: 1,
+            at,
+            state: Arc::new(State::new()),
+        };
+        let empty: Vec<_> = encode(&pending, 1000).collect();
         assert_eq!(empty.len(), 1);
+        assert!(matches!(&empty[0].body,
+            Some(v1::agent_message::Body::Snapshot(c)) if c.last && c.listeners.is_empty()));
     }
 }
