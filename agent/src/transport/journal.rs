@@ -325,15 +325,27 @@ fn delta_of(body: &[u8]) -> Result<(u64, OffsetDateTime, Changes), String> {
     Ok((d.sequence, at, changes))
 }
 
-fn chunk(seq: u64, at: OffsetDateTime, state: Option<&State>) -> v1::SnapshotChunk {
+/// A snapshot chunk of `state` (none: no listeners) appended to `out` as protobuf, the
+/// bytes `v1::SnapshotChunk::encode_raw` writes, converted and encoded one listener at a
+/// time: a `SnapshotChunk` value would hold the whole state again in wire types (about
+/// 8 MiB at 10,000 listeners) next to its encoding, at every checkpoint and snapshot.
+fn encode_chunk(out: &mut Vec<u8>, seq: u64, at: OffsetDateTime, state: Option<&State>) {
     v1::SnapshotChunk {
         sequence: seq,
         chunk_index: 0,
         last: true,
         observed_at: Some(wire::timestamp(at)),
-        listeners: state.map_or_else(Vec::new, |s| s.values().map(Into::into).collect()),
+        listeners: Vec::new(),
+    }
+    .encode_raw(out);
+    // `listeners` is field 5, the last one: encode_raw would write it here too.
+    for r in state.into_iter().flat_map(|s| s.values()) {
+        prost::encoding::message::encode(LISTENERS_FIELD, &v1::Listener::from(r), out);
     }
 }
+
+/// `SnapshotChunk.listeners` (proto/listenscope/v1/inventory.proto).
+const LISTENERS_FIELD: u32 = 5;
 
 fn delta(seq: u64, at: OffsetDateTime, changes: &Changes) -> v1::Delta {
     v1::Delta {
@@ -364,7 +376,7 @@ fn frame(out: &mut Vec<u8>, kind: u8, fill: impl FnOnce(&mut Vec<u8>)) {
 fn push_record(out: &mut Vec<u8>, p: &Pending) {
     match p {
         Pending::Snapshot { seq, at, state } => frame(out, SNAPSHOT, |b| {
-            chunk(*seq, *at, Some(state)).encode_raw(b);
+            encode_chunk(b, *seq, *at, Some(state));
         }),
         Pending::Delta { seq, at, changes } => frame(out, DELTA, |b| {
             delta(*seq, *at, changes).encode_raw(b);
@@ -382,17 +394,17 @@ pub fn checkpoint(o: &Outbox) -> Vec<u8> {
         b.extend_from_slice(&first.to_le_bytes());
         b.extend_from_slice(&o.acked().to_le_bytes());
         b.extend_from_slice(&(o.pending().count() as u64).to_le_bytes());
-        chunk(0, current_at, Some(current)).encode_raw(b);
+        encode_chunk(b, 0, current_at, Some(current));
     });
     for p in o.pending() {
         match p {
             Pending::Snapshot { seq, at, state } if Arc::ptr_eq(state, current) => {
                 frame(&mut out, QUEUED_SNAPSHOT_CURRENT, |b| {
-                    chunk(*seq, *at, None).encode_raw(b);
+                    encode_chunk(b, *seq, *at, None);
                 });
             }
             Pending::Snapshot { seq, at, state } => frame(&mut out, QUEUED_SNAPSHOT, |b| {
-                chunk(*seq, *at, Some(state)).encode_raw(b);
+                encode_chunk(b, *seq, *at, Some(state));
             }),
             Pending::Delta { seq, at, changes } => frame(&mut out, QUEUED_DELTA, |b| {
                 delta(*seq, *at, changes).encode_raw(b);
@@ -630,6 +642,30 @@ mod tests {
         o.record_scan(state(&[443, 8080, 9000]), t(30));
         step(&mut o, &mut bytes);
         (bytes, ends, o)
+    }
+
+    /// The chunk encoded listener by listener is byte for byte the one prost writes for
+    /// the whole `SnapshotChunk` (what journals written before held, and what replay
+    /// decodes).
+    #[test]
+    fn chunks_are_encoded_as_prost_encodes_them() {
+        let s = state(&[22, 80, 443, 8080]);
+        for (listeners, state) in [
+            (Vec::new(), None),
+            (s.values().map(Into::into).collect(), Some(&s)),
+        ] {
+            let whole = v1::SnapshotChunk {
+                sequence: 9,
+                chunk_index: 0,
+                last: true,
+                observed_at: Some(wire::timestamp(t(5))),
+                listeners,
+            }
+            .encode_to_vec();
+            let mut streamed = Vec::new();
+            encode_chunk(&mut streamed, 9, t(5), state);
+            assert_eq!(streamed, whole);
+        }
     }
 
     #[test]
