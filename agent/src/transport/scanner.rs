@@ -11,9 +11,15 @@
 //!   [`POLL_MIN`] and [`POLL_MAX`]), so it stays within about 1 % of a core.
 //! - **interval**: whole scans only.
 //!
-//! Pacing: after a refresh that cost C of CPU, the next one waits at least 99 × C (at most
-//! [`PACE_MAX`]), so even a storm of binds (a DNS server binding a port per query) keeps
-//! the agent near 1 % of a core, at the price of latency within the 2 s goal.
+//! Pacing: refreshes spend from a CPU budget ([`Budget`]) that fills at 1 % of a core and
+//! holds at most [`BUDGET_BURST`]. A sporadic change is refreshed at once. A storm (a DNS
+//! server binding a port per query, a fleet of daemons restarting) empties the budget;
+//! refreshes then wait for it, but never more than [`PACE_MAX`], so the latency goal
+//! holds and a storm costs at most one refresh a second (every event meanwhile is
+//! gathered into it). Rejected: a pause of 99 times a refresh's cost after every refresh,
+//! which at 10,000 listeners (20–50 ms a refresh) delayed the next ordinary change by a
+//! whole second; and the budget without a cap, which held a steady two changes a second
+//! back by 4 s.
 //!
 //! The mode in force (`core::watch::Watch`) is reported to the collector (Hello and
 //! heartbeats) and logged when it changes, so a missed latency goal is visible.
@@ -42,8 +48,12 @@ pub const POLL_MIN: Duration = Duration::from_secs(1);
 pub const POLL_MAX: Duration = Duration::from_secs(10);
 /// Polling waits this many times what a round cost (≈ 1 % of a core).
 const POLL_FACTOR: u32 = 100;
-/// The longest wait the pacing adds after a refresh.
-const PACE_MAX: Duration = Duration::from_secs(1);
+/// The most CPU time refreshes may spend at once before the budget makes them wait.
+pub const BUDGET_BURST: Duration = Duration::from_secs(1);
+/// The share of a core the budget fills at: 1 %.
+const BUDGET_SHARE: f64 = 0.01;
+/// The longest a refresh waits for the budget.
+pub const PACE_MAX: Duration = Duration::from_secs(1);
 /// Most events held between two refreshes; past it they are dropped for a whole scan.
 const PENDING_MAX: usize = 65_536;
 /// Batches the doorbell thread may queue before it waits (events then wait in the
@@ -65,9 +75,50 @@ pub fn worth_reporting(reported: Duration, now: Duration) -> bool {
     diff >= Duration::from_secs(2) || diff >= reported / 2
 }
 
-/// The pause after a refresh that cost `cpu`.
-pub fn pace(cpu: Duration) -> Duration {
-    cpu.saturating_mul(POLL_FACTOR - 1).min(PACE_MAX)
+/// CPU time refreshes may spend: fills at [`BUDGET_SHARE`] of the time that passes, holds
+/// at most [`BUDGET_BURST`], and may go below zero by one refresh (its cost is known only
+/// afterwards); below zero, the next refresh waits until it is back.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Seconds of CPU available (negative: owed).
+    left: f64,
+    at: Instant,
+}
+
+impl Budget {
+    pub fn new(now: Instant) -> Budget {
+        Budget {
+            left: BUDGET_BURST.as_secs_f64(),
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let passed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.left = (self.left + passed * BUDGET_SHARE).min(BUDGET_BURST.as_secs_f64());
+        self.at = now;
+    }
+
+    /// When the next refresh may start: `now` when the budget is not owed, else when it
+    /// is back, but at most [`PACE_MAX`] from now. A refresh started early forgives the
+    /// rest of the debt (so a long storm does not pile up a debt it could never repay).
+    pub fn ready_at(&mut self, now: Instant) -> Instant {
+        self.refill(now);
+        if self.left >= 0.0 {
+            return now;
+        }
+        let wait = Duration::from_secs_f64(-self.left / BUDGET_SHARE);
+        if wait > PACE_MAX {
+            self.left = -PACE_MAX.as_secs_f64() * BUDGET_SHARE;
+        }
+        now + wait.min(PACE_MAX)
+    }
+
+    /// A refresh cost `cpu`.
+    pub fn spend(&mut self, now: Instant, cpu: Duration) {
+        self.refill(now);
+        self.left -= cpu.as_secs_f64();
+    }
 }
 
 /// What [`start`] set up: the mode in force and, with the doorbell, its events.
@@ -92,7 +143,7 @@ pub(crate) async fn run(
     let mut reconcile = tokio::time::interval_at(Instant::now() + cfg.interval, cfg.interval);
     reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_poll = Instant::now() + POLL_MIN;
-    let mut not_before = Instant::now();
+    let mut budget = Budget::new(Instant::now());
     let mut pending: Vec<Event> = Vec::new();
     let mut smoothed = Duration::ZERO;
     loop {
@@ -118,7 +169,7 @@ pub(crate) async fn run(
                 };
                 take(&mut pending, batch);
                 // Gather what follows for a moment (a restart closes and opens many).
-                let until = (Instant::now() + COALESCE).max(not_before);
+                let until = (Instant::now() + COALESCE).max(budget.ready_at(Instant::now()));
                 loop {
                     tokio::select! {
                         () = tokio::time::sleep_until(until) => break,
@@ -142,7 +193,7 @@ pub(crate) async fn run(
                 if let Some((inv, _)) = refresh(&sys, &scanner, dirty).await {
                     record(&shared, inv, false).await;
                 }
-                not_before = Instant::now() + pace(crate::os::process_cpu_time().saturating_sub(cpu));
+                budget.spend(Instant::now(), crate::os::process_cpu_time().saturating_sub(cpu));
             }
             () = tokio::time::sleep_until(next_poll), if polling => {
                 let found = {
@@ -324,11 +375,48 @@ mod tests {
     }
 
     #[test]
-    fn pacing() {
+    fn the_budget_allows_bursts_and_caps_the_wait() {
         let ms = Duration::from_millis;
-        assert_eq!(pace(ms(0)), ms(0));
-        assert_eq!(pace(ms(2)), ms(198));
-        assert_eq!(pace(ms(30)), ms(1000));
+        let t0 = Instant::now();
+        let mut b = Budget::new(t0);
+        // Sporadic refreshes go at once.
+        assert_eq!(b.ready_at(t0), t0);
+        b.spend(t0, ms(50));
+        assert_eq!(b.ready_at(t0 + ms(10)), t0 + ms(10));
+        // A storm: 40 refreshes of 50 ms at once empty the burst (1 s) and owe 1 s, which
+        // would take 100 s to repay: the wait is capped at PACE_MAX.
+        for _ in 0..39 {
+            b.spend(t0 + ms(10), ms(50));
+        }
+        assert_eq!(b.ready_at(t0 + ms(10)), t0 + ms(10) + PACE_MAX);
+        // A small debt: waited out exactly (5 ms owed at 1 %: 500 ms).
+        let mut b = Budget::new(t0);
+        b.spend(t0, BUDGET_BURST + ms(5));
+        let wait = b.ready_at(t0) - t0;
+        assert!(wait > ms(499) && wait < ms(501), "{wait:?}");
+        // A long storm of 20 ms refreshes, as fast as allowed: once the burst is spent, at
+        // most one refresh a second.
+        let mut b = Budget::new(t0);
+        let mut now = t0;
+        let mut refreshes = 0;
+        while now < t0 + Duration::from_secs(1000) {
+            now = b.ready_at(now).max(now + ms(1));
+            b.spend(now, ms(20));
+            refreshes += 1;
+        }
+        let burst = (BUDGET_BURST.as_millis() / 20) as usize;
+        assert!(
+            refreshes <= burst + 1000 + 1,
+            "{refreshes} refreshes in 1000 s"
+        );
+        assert!(refreshes >= 1000, "{refreshes} refreshes in 1000 s");
+        // It refills up to the burst only.
+        let mut b = Budget::new(t0);
+        b.spend(t0, ms(900));
+        let hour = t0 + Duration::from_secs(3600);
+        assert_eq!(b.ready_at(hour), hour);
+        b.spend(hour, ms(1500));
+        assert!(b.ready_at(hour) > hour);
     }
 
     #[test]
