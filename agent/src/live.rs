@@ -81,10 +81,11 @@ impl Dirty {
 
 /// What a batch of events calls for, given the namespaces being watched.
 ///
-/// - A listen or bind in a watched namespace dirties it. In a namespace not seen yet, or
-///   by a process that is gone before it could be placed (it may have handed the socket
-///   to a child, as daemons do), it calls for a whole scan, which discovers namespaces
-///   again; unless only some namespaces are watched (`--netns`), then it is ignored.
+/// - A listen or bind in a watched namespace dirties it. In a namespace not seen yet it
+///   calls for a whole scan, which discovers namespaces again (ignored when only some
+///   namespaces are watched, `--netns`). By a thread gone before it could be placed (a
+///   thread that entered a namespace to listen, or a daemon that handed the socket to a
+///   child), a whole scan too, or with `--netns` every watched namespace.
 /// - A close dirties its namespace if that held a TCP listener on the port; otherwise
 ///   (the closer is elsewhere or gone) every namespace that did (`holders`).
 /// - A UDP socket's end dirties its namespace only if that namespace held a UDP socket on
@@ -97,14 +98,20 @@ pub fn plan(
     holders: impl Fn(Protocol, u16) -> Vec<u64>,
 ) -> Dirty {
     let mut dirty = Dirty::default();
-    let opened = |dirty: &mut Dirty, pid: u32, netns: Option<u64>| match netns {
-        Some(ns) if watched.contains(&ns) => {
-            dirty.namespaces.insert(ns);
-            if !dirty.pids.contains(&pid) {
-                dirty.pids.push(pid);
-            }
+    let opened = |dirty: &mut Dirty, pid: u32, netns: Option<u64>| {
+        if !dirty.pids.contains(&pid) {
+            dirty.pids.push(pid);
         }
-        Some(_) | None => dirty.full |= all_namespaces,
+        match netns {
+            Some(ns) if watched.contains(&ns) => {
+                dirty.namespaces.insert(ns);
+            }
+            Some(_) => dirty.full |= all_namespaces,
+            // Not placed: with every namespace watched it may be a new one; with only
+            // some, it may be any of them.
+            None if all_namespaces => dirty.full = true,
+            None => dirty.namespaces.extend(watched.iter().copied()),
+        }
     };
     for event in events {
         match *event {
@@ -615,19 +622,17 @@ mod tests {
             (false, &[1, 2], &[10]),
         );
         // A namespace not seen yet: a whole scan (it discovers namespaces again)...
-        check(&[listen(10, Some(7))], true, (true, &[], &[]));
+        check(&[listen(10, Some(7))], true, (true, &[], &[10]));
         // ...unless only some namespaces are watched: then it is not ours.
-        check(&[listen(10, Some(7))], false, (false, &[], &[]));
-        // A process gone before it was placed: a whole scan.
-        check(&[listen(10, None)], true, (true, &[], &[]));
-        check(
-            &[Event::Bind {
-                pid: 4,
-                netns: None,
-            }],
-            true,
-            (true, &[], &[]),
-        );
+        check(&[listen(10, Some(7))], false, (false, &[], &[10]));
+        // A thread gone before it was placed: a whole scan, or every watched namespace.
+        check(&[listen(10, None)], true, (true, &[], &[10]));
+        let bind = Event::Bind {
+            pid: 4,
+            netns: None,
+        };
+        check(&[bind], true, (true, &[], &[4]));
+        check(&[listen(10, None)], false, (false, &[1, 2, 3], &[10]));
         // A close in a namespace that held the port: that one, no owner lookup.
         check(&[close(10, Some(3), 80)], true, (false, &[3], &[]));
         // A close by a process gone, or elsewhere (a thread that left the socket's
@@ -653,7 +658,12 @@ mod tests {
             port: 0,
         };
         check_expecting(&[autobind], true, (false, &[2], &[10]), Some(&[]));
-        check_expecting(&[listen(10, Some(7))], false, (false, &[], &[]), Some(&[]));
+        check_expecting(
+            &[listen(10, Some(7))],
+            false,
+            (false, &[], &[10]),
+            Some(&[]),
+        );
         // A UDP socket's end: only where a socket on that port was known.
         let gone = |netns, port| Event::UdpGone { netns, port };
         check(&[gone(2, Some(53))], true, (false, &[2], &[]));

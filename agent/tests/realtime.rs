@@ -121,10 +121,17 @@ impl Inventory for Recorder {
                         continue;
                     }
                     Some(AgentBody::Snapshot(c)) if c.last => {
+                        eprintln!("recorder: snapshot {}", c.sequence);
                         me.seen().snapshots += 1;
                         c.sequence
                     }
                     Some(AgentBody::Delta(d)) => {
+                        eprintln!(
+                            "recorder: delta {} ({} opened, {} closed)",
+                            d.sequence,
+                            d.opened.len(),
+                            d.closed.len()
+                        );
                         let now = Instant::now();
                         let mut seen = me.seen();
                         for l in &d.opened {
@@ -200,7 +207,8 @@ fn agent(
         .arg("--tls-key")
         .arg(&pki.agent_key)
         .args(["--watch", "doorbell", "--interval", "1h", "--netns", netns])
-        .env("LISTENSCOPE_LOG", "info")
+        // Debug: a failure shows what rang and what was planned.
+        .env("LISTENSCOPE_LOG", "info,listenscope_agent::transport=trace")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("agent.log")).unwrap());
     Proc(cmd.spawn().unwrap())

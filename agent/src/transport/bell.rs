@@ -107,6 +107,7 @@ fn ring(mut bell: Doorbell, tx: mpsc::Sender<Vec<Event>>) {
         if batch.is_empty() {
             continue;
         }
+        tracing::debug!(events = ?batch, "Doorbell rang.");
         if tx.blocking_send(batch).is_err() {
             return; // the agent is stopping
         }

@@ -186,6 +186,7 @@ pub(crate) async fn run(
                         s.holders(proto, port)
                     })
                 };
+                tracing::debug!(events = events.len(), dirty = ?dirty, "Events planned.");
                 if dirty.is_empty() {
                     continue;
                 }

@@ -249,6 +249,7 @@ async fn session(
         };
         for p in batch {
             sent_upto = p.seq();
+            tracing::trace!(seq = sent_upto, "Sending.");
             for m in encode(&p, per_message) {
                 tx.send(m).await.map_err(|_| SessionError::Closed)?;
             }
