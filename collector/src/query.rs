@@ -1198,22 +1198,9 @@ pub const HOSTS_COLUMNS: [&str; 14] = [
     "watch_since",
 ];
 
-/// What the `hosts` table shows: [`HOSTS_COLUMNS`] but the watch mode's reason and time,
-/// which are long (CSV and JSON carry them; the `hosts` view too).
-pub const HOSTS_TABLE_COLUMNS: [&str; 12] = [
-    "host",
-    "os_hostname",
-    "agent_version",
-    "first_seen",
-    "last_seen",
-    "stale",
-    "listeners",
-    "watch",
-    "collector",
-    "duplicate_refusals",
-    "duplicate_last_at",
-    "duplicate_last_peer",
-];
+/// What the `hosts` table shows: [`HOSTS_COLUMNS`] but the last two, the watch mode's
+/// reason and time, which are long (CSV and JSON carry them; the `hosts` view too).
+pub const HOSTS_TABLE_COLUMNS: &[&str] = HOSTS_COLUMNS.split_at(HOSTS_COLUMNS.len() - 2).0;
 
 /// Hosts, silent longest first (so stale hosts come first), with how each agent learns of
 /// listens and closes (`watch`: `doorbell`, `polling(3s)`, `interval(10s)`, or `unknown`

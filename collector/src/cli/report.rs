@@ -382,7 +382,7 @@ pub(super) async fn hosts_cmd(a: HostsArgs) -> anyhow::Result<Exit> {
     let mut rs = report_rows(report.map_err(once)?);
     if a.output.format() == Format::Table {
         // The watch mode's reason and time are for programs (CSV, JSON) and the view.
-        rs = project(rs, &query::HOSTS_TABLE_COLUMNS);
+        rs = project(rs, query::HOSTS_TABLE_COLUMNS);
     }
     print(&rs, &a.output)?;
     Ok(Exit::Success)
