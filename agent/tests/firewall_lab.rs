@@ -107,12 +107,13 @@ fn in_range(item: &str, addr: std::net::IpAddr) -> bool {
     same(&a) && (len == 0 || (num(a) ^ num(addr)) >> (bits - len) == 0)
 }
 
-/// Equal tables, except that over IPv6 a TCP probe's `TIMEOUT` equals `UNREACH` and
-/// `REFUSED`: the kernel takes the ICMPv6 error of the first SYN as a hard error only when
-/// it arrives after `connect` released the socket (a busy machine defers the softirq), and
-/// otherwise as a soft one reported with the retransmitted SYN, after the lab's 0.9 s
-/// handshake wait. All three mean the listener was not reached; reached (`host:`/`ctr:`)
-/// never equals any of them, and nothing else is loosened.
+/// Equal tables, except that a TCP probe's `TIMEOUT` equals `UNREACH` and `REFUSED`, over
+/// both families: the kernel (`tcp_v4_err`, `tcp_v6_err`) takes the ICMP error of the first
+/// SYN as a hard error only when it arrives after `connect` released the socket (a busy
+/// machine defers the softirq), and otherwise as a soft one reported with the retransmitted
+/// SYN, after the lab's 0.9 s handshake wait. CI saw it over IPv6 (c37) and over IPv4 (c42).
+/// All three mean the listener was not reached; reached (`host:`/`ctr:`) never equals any
+/// of them, UDP is compared strictly, and nothing else is loosened.
 fn same_tables(got: &ProbeTable, observed: &ProbeTable) -> bool {
     got.rows.len() == observed.rows.len()
         && got
@@ -121,10 +122,9 @@ fn same_tables(got: &ProbeTable, observed: &ProbeTable) -> bool {
             .zip(&observed.rows)
             .all(|((pa, a), (pb, b))| {
                 pa == pb
-                    && COLUMNS.iter().zip(a.iter().zip(b)).all(|(col, (x, y))| {
+                    && a.iter().zip(b).all(|(x, y)| {
                         x == y
-                            || (col.family == Family::V6
-                                && pa.proto == Proto::Tcp
+                            || (pa.proto == Proto::Tcp
                                 && matches!(
                                     (x, y),
                                     (Outcome::Timeout, Outcome::Unreach | Outcome::Refused)
