@@ -68,7 +68,7 @@ pub struct RunArgs {
     /// This host's private key (PEM).
     #[arg(long, env = "LISTENSCOPE_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
-    /// Time between whole scans (default 30s); changes arrive sooner with --watch.
+    /// Time between whole scans (default 60s); changes arrive sooner with --watch.
     #[arg(long, value_name = "DURATION")]
     pub interval: Option<String>,
     /// How changes are noticed between whole scans (default auto: the doorbell, i.e.

@@ -32,7 +32,7 @@ pub struct RawConfig {
     pub tls_cert: Option<PathBuf>,
     /// This host's private key (PEM). Required.
     pub tls_key: Option<PathBuf>,
-    /// Time between whole scans, e.g. "30s". Default 30s, at least 1s. With `watch` set
+    /// Time between whole scans, e.g. "60s". Default 60s, at least 1s. With `watch` set
     /// to doorbell or polling, changes arrive sooner and the whole scan reconciles.
     pub interval: Option<String>,
     /// How changes are noticed between whole scans: "auto" (default: the doorbell when
@@ -243,7 +243,7 @@ impl RawConfig {
         let interval = duration(
             self.interval,
             "interval",
-            Duration::from_secs(30),
+            Duration::from_secs(60),
             Duration::from_secs(1),
         );
         let reconnect_max = duration(

@@ -181,7 +181,7 @@ impl Source {
 }
 
 /// A process that holds a socket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ProcessInfo {
     pub pid: u32,
     pub comm: String,

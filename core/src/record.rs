@@ -45,7 +45,7 @@ pub const STORED_BEFORE_VERDICTS: &str = "stored before the collector recorded f
 /// What the namespace's own firewall (nftables, iptables) lets through to a listener over
 /// one IP version, for a new connection from off-host: the agent's
 /// `firewall::Answer` as the fleet keeps it (a DNAT target is part of the reason).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FirewallAnswer {
     pub verdict: Effective,
     /// The deciding rule (`inet filter input handle 7: tcp dport 22 accept`), the policy
@@ -174,7 +174,7 @@ pub fn clean(s: &mut String, max: usize) {
 }
 
 /// One listener (endpoint) and what the agent concluded about it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ListenerRecord {
     pub key: ListenerKey,
     pub netns_inode: u64,

@@ -48,6 +48,7 @@ use listenscope_proto::v1;
 use prost::Message;
 use time::OffsetDateTime;
 
+use super::base::Base;
 use super::outbox::{Effect, Image, Outbox, Pending};
 use crate::record::State;
 
@@ -330,6 +331,28 @@ fn delta_of(body: &[u8]) -> Result<(u64, OffsetDateTime, Changes), String> {
 /// time: a `SnapshotChunk` value would hold the whole state again in wire types (about
 /// 8 MiB at 10,000 listeners) next to its encoding, at every checkpoint and snapshot.
 fn encode_chunk(out: &mut Vec<u8>, seq: u64, at: OffsetDateTime, state: Option<&State>) {
+    chunk_header(out, seq, at);
+    for r in state.into_iter().flat_map(|s| s.values()) {
+        prost::encoding::message::encode(LISTENERS_FIELD, &v1::Listener::from(r), out);
+    }
+}
+
+/// A snapshot chunk of the outbox's kept state, whose listeners are already encoded.
+fn encode_base_chunk(out: &mut Vec<u8>, seq: u64, at: OffsetDateTime, base: &Base) {
+    chunk_header(out, seq, at);
+    for l in base.encoded() {
+        prost::encoding::encode_key(
+            LISTENERS_FIELD,
+            prost::encoding::WireType::LengthDelimited,
+            out,
+        );
+        prost::encoding::encode_varint(l.len() as u64, out);
+        out.extend_from_slice(l);
+    }
+}
+
+/// A `SnapshotChunk` without its listeners; they are appended after it.
+fn chunk_header(out: &mut Vec<u8>, seq: u64, at: OffsetDateTime) {
     v1::SnapshotChunk {
         sequence: seq,
         chunk_index: 0,
@@ -339,9 +362,6 @@ fn encode_chunk(out: &mut Vec<u8>, seq: u64, at: OffsetDateTime, state: Option<&
     }
     .encode_raw(out);
     // `listeners` is field 5, the last one: encode_raw would write it here too.
-    for r in state.into_iter().flat_map(|s| s.values()) {
-        prost::encoding::message::encode(LISTENERS_FIELD, &v1::Listener::from(r), out);
-    }
 }
 
 /// `SnapshotChunk.listeners` (proto/listenscope/v1/inventory.proto).
@@ -394,11 +414,11 @@ pub fn checkpoint(o: &Outbox) -> Vec<u8> {
         b.extend_from_slice(&first.to_le_bytes());
         b.extend_from_slice(&o.acked().to_le_bytes());
         b.extend_from_slice(&(o.pending().count() as u64).to_le_bytes());
-        encode_chunk(b, 0, current_at, Some(current));
+        encode_base_chunk(b, 0, current_at, current);
     });
     for p in o.pending() {
         match p {
-            Pending::Snapshot { seq, at, state } if Arc::ptr_eq(state, current) => {
+            Pending::Snapshot { seq, at, .. } if o.is_current_snapshot(p) => {
                 frame(&mut out, QUEUED_SNAPSHOT_CURRENT, |b| {
                     encode_chunk(b, *seq, *at, None);
                 });
@@ -603,7 +623,7 @@ mod tests {
             session_id: o.session_id,
             next_seq: o.next_seq(),
             acked: o.acked(),
-            current: Arc::clone(current),
+            current: Arc::new(current.to_state()),
             current_at,
             queue: o.pending().cloned().collect(),
         }

@@ -33,6 +33,7 @@
 //! scan: the first time the agent saw it, as for any change (it happened between the last
 //! scan before and that one).
 
+mod base;
 mod bell;
 mod cause;
 pub mod journal;

@@ -20,8 +20,9 @@ use std::sync::Arc;
 
 use time::OffsetDateTime;
 
+use super::base::Base;
 use crate::record::State;
-use listenscope_core::diff::{Changes, diff};
+use listenscope_core::diff::Changes;
 
 /// Listeners per delta message; larger change sets are split over consecutive sequences.
 /// The collector advertises how many it accepts and never less than this (the .proto).
@@ -98,7 +99,8 @@ pub struct Outbox {
     pub session_id: [u8; 16],
     next_seq: u64,
     acked: u64,
-    current: Arc<State>,
+    /// The last scanned state, compact (`base.rs`): what the next scan is compared with.
+    current: Base,
     current_at: OffsetDateTime,
     queue: VecDeque<Pending>,
     entries: usize,
@@ -116,7 +118,7 @@ impl Outbox {
             session_id,
             next_seq: 1,
             acked: 0,
-            current: Arc::new(state),
+            current: Base::new(&state),
             current_at: at,
             queue: VecDeque::new(),
             entries: 0,
@@ -124,7 +126,7 @@ impl Outbox {
             overflows: 0,
             effects: Vec::new(),
         };
-        o.restart_from_snapshot();
+        o.push_snapshot(Arc::new(state));
         o
     }
 
@@ -136,7 +138,7 @@ impl Outbox {
             session_id: image.session_id,
             next_seq: image.next_seq,
             acked: image.acked,
-            current: image.current,
+            current: Base::new(&image.current),
             current_at: image.current_at,
             queue: image.queue.into(),
             entries,
@@ -160,9 +162,16 @@ impl Outbox {
         self.next_seq
     }
 
-    /// The last scanned state and its time.
-    pub fn current(&self) -> (&Arc<State>, OffsetDateTime) {
+    /// The last scanned state (compact) and its time.
+    pub fn current(&self) -> (&Base, OffsetDateTime) {
         (&self.current, self.current_at)
+    }
+
+    /// Whether `p` is a snapshot of the last scanned state: the newest queued message is
+    /// a snapshot (every scan that changed anything since would have queued a delta).
+    pub fn is_current_snapshot(&self, p: &Pending) -> bool {
+        matches!(p, Pending::Snapshot { .. })
+            && self.queue.back().map(Pending::seq) == Some(p.seq())
     }
 
     /// The unacknowledged message with sequence `seq`.
@@ -211,15 +220,18 @@ impl Outbox {
 
     /// Records a scan.
     pub fn record_scan(&mut self, state: State, at: OffsetDateTime) -> Recorded {
-        let changes = diff(&self.current, &state);
-        self.current = Arc::new(state);
+        let changes = self.current.advance(&state);
         self.current_at = at;
         if changes.is_empty() {
             return Recorded::Unchanged;
         }
         let n = changes.len();
         if self.entries + n > self.max_entries {
-            self.collapse();
+            // The scan's own state is at hand: no need to decode the kept one.
+            self.overflows += 1;
+            self.queue.clear();
+            self.entries = 0;
+            self.push_snapshot(Arc::new(state));
             return Recorded::Collapsed;
         }
         for part in split(changes, MAX_PER_DELTA, MAX_DELTA_BYTES) {
@@ -238,8 +250,10 @@ impl Outbox {
         let Some(r) = resume_after else {
             // Already starting with an unsent snapshot of the current state: keep it.
             let fresh = self.queue.len() == 1
-                && matches!(self.queue.front(), Some(Pending::Snapshot { state, .. })
-                    if Arc::ptr_eq(state, &self.current));
+                && self
+                    .queue
+                    .front()
+                    .is_some_and(|p| self.is_current_snapshot(p));
             if !fresh {
                 self.restart_from_snapshot();
             }
@@ -278,12 +292,22 @@ impl Outbox {
 
     /// Drop everything unacknowledged and start over from a snapshot of the current state.
     pub fn restart_from_snapshot(&mut self) {
+        // A queued snapshot of the current state is reused rather than decoded again.
+        let state = match self.queue.back() {
+            Some(Pending::Snapshot { state, .. }) => Arc::clone(state),
+            _ => Arc::new(self.current.to_state()),
+        };
         self.queue.clear();
         self.entries = 0;
+        self.push_snapshot(state);
+    }
+
+    /// Queues a snapshot of `state`, which must be the current state.
+    fn push_snapshot(&mut self, state: Arc<State>) {
         let snapshot = Pending::Snapshot {
             seq: 0,
             at: self.current_at,
-            state: Arc::clone(&self.current),
+            state,
         };
         self.push(snapshot);
     }
@@ -336,6 +360,7 @@ fn split(changes: Changes, max: usize, max_bytes: usize) -> Vec<Changes> {
 mod tests {
     use super::*;
     use crate::record::{ListenerRecord, State};
+    use listenscope_core::diff::diff;
     use listenscope_core::record::testkit::record;
 
     fn state(ports: &[u16]) -> State {

@@ -24,6 +24,7 @@
 //! The mode in force (`core::watch::Watch`) is reported to the collector (Hello and
 //! heartbeats) and logged when it changes, so a missed latency goal is visible.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,8 +47,15 @@ pub const COALESCE: Duration = Duration::from_millis(100);
 /// Shortest and longest polling intervals.
 pub const POLL_MIN: Duration = Duration::from_secs(1);
 pub const POLL_MAX: Duration = Duration::from_secs(10);
-/// Polling waits this many times what a round cost (≈ 1 % of a core).
-const POLL_FACTOR: u32 = 100;
+/// The share of a core the whole agent aims to stay within while it polls: the rounds
+/// get what the rest of its work (whole scans, refreshes, sending, the journal) leaves.
+const POLL_TARGET: f64 = 0.008;
+/// The rounds' least share, however busy the rest is: the interval then says how far
+/// behind changes may be, and it is reported.
+const POLL_FLOOR: f64 = POLL_TARGET / 4.0;
+/// How far back the rest of the agent's CPU is averaged: several whole scans, so one
+/// does not swing the interval.
+const POLL_WINDOW: Duration = Duration::from_secs(300);
 /// The most CPU time refreshes may spend at once before the budget makes them wait.
 pub const BUDGET_BURST: Duration = Duration::from_secs(1);
 /// The share of a core the budget fills at: 1 %.
@@ -60,12 +68,61 @@ const PENDING_MAX: usize = 65_536;
 /// kernel's rings, and a ring that overflows reports lost events).
 const CHANNEL: usize = 64;
 
-/// The polling interval for a round that cost `cpu`: 100 times it, within
-/// [`POLL_MIN`]..=[`POLL_MAX`], rounded up to a whole second so the reported mode does not
-/// flicker with noise.
-pub fn poll_interval(cpu: Duration) -> Duration {
-    let wanted = cpu.saturating_mul(POLL_FACTOR).clamp(POLL_MIN, POLL_MAX);
+/// The polling interval for rounds that cost `round` of CPU each, when the rest of the
+/// agent uses `other` of a core: rounds get what is left of [`POLL_TARGET`] (at least
+/// [`POLL_FLOOR`]), within [`POLL_MIN`]..=[`POLL_MAX`], rounded up to a whole second so
+/// the reported mode does not flicker with noise.
+pub fn poll_interval(round: Duration, other: f64) -> Duration {
+    let room = (POLL_TARGET - other).max(POLL_FLOOR);
+    let wanted = Duration::try_from_secs_f64(round.as_secs_f64() / room)
+        .unwrap_or(POLL_MAX)
+        .clamp(POLL_MIN, POLL_MAX);
     Duration::from_secs(wanted.as_secs() + u64::from(wanted.subsec_nanos() > 0)).min(POLL_MAX)
+}
+
+/// What polling has cost and what the rest of the agent uses, over [`POLL_WINDOW`].
+#[derive(Debug, Default)]
+pub struct PollPace {
+    /// (when, the process's CPU time then, all rounds' CPU time until then), oldest first;
+    /// one per round, so at most `POLL_WINDOW / POLL_MIN` + 1.
+    samples: VecDeque<(Instant, Duration, Duration)>,
+    rounds: Duration,
+    /// The last rounds' cost: fast up, slow down.
+    round: Duration,
+}
+
+impl PollPace {
+    /// A round that cost `round` ended at `now`, with the process at `process` CPU time
+    /// in all. Returns the interval to the next one.
+    pub fn after_round(&mut self, now: Instant, process: Duration, round: Duration) -> Duration {
+        self.rounds += round;
+        // One slow round (a busy machine) does not swing the interval back and forth.
+        self.round = round.max(self.round.mul_f64(0.8));
+        self.samples.push_back((now, process, self.rounds));
+        while self
+            .samples
+            .front()
+            .is_some_and(|s| now.saturating_duration_since(s.0) > POLL_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        poll_interval(self.round, self.other())
+    }
+
+    /// The share of a core the agent used outside polling rounds over the window (0 until
+    /// two rounds are known).
+    pub fn other(&self) -> f64 {
+        let (Some(first), Some(last)) = (self.samples.front(), self.samples.back()) else {
+            return 0.0;
+        };
+        let wall = last.0.saturating_duration_since(first.0).as_secs_f64();
+        if wall <= 0.0 {
+            return 0.0;
+        }
+        let spent = last.1.saturating_sub(first.1);
+        let rounds = last.2.saturating_sub(first.2);
+        spent.saturating_sub(rounds).as_secs_f64() / wall
+    }
 }
 
 /// Whether a new polling interval differs enough from the one the collector was told to
@@ -145,7 +202,7 @@ pub(crate) async fn run(
     let mut next_poll = Instant::now() + POLL_MIN;
     let mut budget = Budget::new(Instant::now());
     let mut pending: Vec<Event> = Vec::new();
-    let mut smoothed = Duration::ZERO;
+    let mut pace = PollPace::default();
     loop {
         let polling = matches!(mode.mode, WatchMode::Polling(_));
         tokio::select! {
@@ -218,13 +275,10 @@ pub(crate) async fn run(
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "The polling thread failed; retrying.");
-                        POLL_MAX / POLL_FACTOR
+                        POLL_MAX.mul_f64(POLL_FLOOR)
                     }
                 };
-                // Fast up, slow down: one slow round (a busy machine) does not swing the
-                // interval back and forth.
-                smoothed = probe_cpu.max(smoothed.mul_f64(0.8));
-                let every = poll_interval(smoothed);
+                let every = pace.after_round(Instant::now(), crate::os::process_cpu_time(), probe_cpu);
                 if let WatchMode::Polling(reported) = mode.mode
                     && worth_reporting(reported, every)
                 {
@@ -350,18 +404,66 @@ mod tests {
     #[test]
     fn poll_intervals() {
         let ms = Duration::from_millis;
-        for (cpu, want) in [
-            (ms(0), 1),
-            (ms(5), 1),
-            (ms(10), 1),
-            (ms(11), 2),
-            (ms(25), 3),
-            (ms(49), 5),
-            (ms(100), 10),
-            (ms(900), 10),
+        for (round, other, want) in [
+            (ms(0), 0.0, 1),
+            (ms(5), 0.0, 1),
+            (ms(8), 0.0, 1),
+            (ms(9), 0.0, 2),
+            (ms(24), 0.0, 3),
+            (ms(40), 0.0, 5),
+            (ms(80), 0.0, 10),
+            (ms(900), 0.0, 10),
+            // The rest of the agent takes half of the target: rounds get the other half.
+            (ms(8), 0.004, 2),
+            (ms(20), 0.004, 5),
+            // It takes all of it (or more): rounds still get a quarter.
+            (ms(4), 0.008, 2),
+            (ms(4), 0.05, 2),
+            (ms(30), 0.05, 10),
+            // Noise below zero changes nothing.
+            (ms(8), -0.01, 1),
         ] {
-            assert_eq!(poll_interval(cpu), Duration::from_secs(want), "{cpu:?}");
+            assert_eq!(
+                poll_interval(round, other),
+                Duration::from_secs(want),
+                "{round:?} with {other}"
+            );
         }
+    }
+
+    #[test]
+    fn the_poll_pace_leaves_room_for_the_rest() {
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        let t0 = Instant::now();
+        let mut pace = PollPace::default();
+        // Rounds of 10 ms, and a whole scan of 120 ms every 60 s (0.2 % of a core).
+        let (mut now, mut cpu) = (t0, Duration::ZERO);
+        let mut every = pace.after_round(now, cpu, ms(10));
+        assert_eq!(every, s(2), "nothing else known yet: 10 ms / 0.8 %");
+        while now < t0 + s(600) {
+            let before = now;
+            now += every;
+            cpu += ms(10);
+            if (now - t0).as_secs() / 60 != (before - t0).as_secs() / 60 {
+                cpu += ms(120);
+            }
+            every = pace.after_round(now, cpu, ms(10));
+        }
+        let other = pace.other();
+        assert!((0.0015..0.0025).contains(&other), "{other}");
+        // 10 ms in what 0.8 % - 0.2 % leaves: 1.7 s, rounded up.
+        assert_eq!(every, s(2));
+        // A busier agent (a storm of refreshes: 1 % of a core) pushes polling to its floor.
+        for _ in 0..300 {
+            now += s(1);
+            cpu += ms(10) + ms(10);
+            every = pace.after_round(now, cpu, ms(10));
+        }
+        assert!(pace.other() > POLL_TARGET, "{}", pace.other());
+        assert_eq!(every, s(5), "10 ms at the floor (0.2 %)");
+        // The window is bounded.
+        assert!(pace.samples.len() <= (POLL_WINDOW.as_secs() / POLL_MIN.as_secs()) as usize + 1);
     }
 
     #[test]
