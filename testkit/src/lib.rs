@@ -16,7 +16,9 @@
 //!   [`wait_until_async`] / [`wait_for_async`] (tokio; they follow a paused tokio clock)
 //!   poll a condition until it holds, and panic naming it after a deadline;
 //!   [`wait_listening`] waits for a TCP port to accept connections;
-//! - [`LogsOnPanic`]: prints the tail of log files when a test fails.
+//! - [`LogsOnPanic`]: prints the tail of log files when a test fails;
+//! - [`Chromium`]: headless Chromium, bounded and kept off the network, for the DOM of a
+//!   page on loopback and its screenshot (module `browser` says which flags and why).
 //!
 //! Linux only, and most of it needs root (namespaces, veth links).
 
@@ -26,11 +28,13 @@
     reason = "test helpers fail by panicking"
 )]
 
+pub mod browser;
 mod netns;
 mod process;
 mod sockets;
 mod wait;
 
+pub use browser::Chromium;
 pub use netns::{HostLink, Netns, Veth, enter_netns};
 pub use process::{LogsOnPanic, Proc, TempDir, require_root, run};
 pub use sockets::{Bind, free_port, tcp_connects, tcp_listener, udp_delivers, udp_socket};
