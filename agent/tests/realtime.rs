@@ -170,14 +170,25 @@ fn watch_of(w: Option<&v1::Watch>) -> (i32, u64, String) {
     })
 }
 
+/// How the systemd unit confines the agent, as far as the kernel sees it: its own mount
+/// namespace with `/sys` (every mount under it, tracefs included) and `/proc/sys`
+/// read-only (`ProtectKernelTunables`, `ProtectControlGroups`), and no new privileges
+/// (`NoNewPrivileges`). The agent must open the doorbell in there, mounting tracefs itself
+/// when the host has not.
+const UNIT_SANDBOX: &str = "set -e; for m in $(findmnt -rno TARGET -R /sys); do \
+     mount -o remount,bind,ro \"$m\"; done; \
+     mount --bind /proc/sys /proc/sys; mount -o remount,bind,ro /proc/sys; exec \"$@\"";
+
 /// The agent as `nobody` with `caps` (setpriv syntax), `run --watch doorbell` against
-/// `collector`, whole scans an hour apart, only namespace `netns` (a `--netns` value).
+/// `collector`, whole scans an hour apart, only namespace `netns` (a `--netns` value);
+/// with `sandboxed`, inside [`UNIT_SANDBOX`].
 fn agent(
     dir: &TempDir,
     pki: &grpc_util::Pki,
     collector: &Collector,
     netns: &str,
     caps: &str,
+    sandboxed: bool,
 ) -> Proc {
     // nobody must read its certificate and own its key (the agent refuses a key others
     // may read), and reach them.
@@ -189,7 +200,22 @@ fn agent(
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let mut cmd = std::process::Command::new("setpriv");
+    let mut cmd = if sandboxed {
+        let mut c = std::process::Command::new("unshare");
+        c.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            UNIT_SANDBOX,
+        ])
+        .args(["sh", "setpriv", "--no-new-privs"]);
+        c
+    } else {
+        std::process::Command::new("setpriv")
+    };
     cmd.args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
         .args(["--inh-caps", caps, "--ambient-caps", caps])
         .arg(agent_command().get_program())
@@ -214,6 +240,7 @@ fn agent(
     Proc(cmd.spawn().unwrap())
 }
 
+/// With the unit's capabilities and its sandbox (`UNIT_SANDBOX`).
 #[test]
 fn listens_and_closes_arrive_at_once_with_the_deployed_capabilities() {
     let dir = TempDir::new("realtime");
@@ -223,7 +250,7 @@ fn listens_and_closes_arrive_at_once_with_the_deployed_capabilities() {
     let collector = Collector::serve("c1", &pki, rec.clone(), "127.0.0.1:0");
     let ns = Netns::new();
     let _held = ns.enter(|| tcp_listener("0.0.0.0", 2601, None));
-    let mut agent = agent(&dir, &pki, &collector, &ns.name, &deployed_caps());
+    let mut agent = agent(&dir, &pki, &collector, &ns.name, &deployed_caps(), true);
 
     let (kind, _, reason) = rec.wait_watch(Duration::from_secs(60));
     assert_eq!(
@@ -282,7 +309,7 @@ fn without_perfmon_and_sys_admin_it_polls_and_says_why() {
         .copied()
         .collect::<Vec<_>>()
         .join(",");
-    let mut agent = agent(&dir, &pki, &collector, "current", &without);
+    let mut agent = agent(&dir, &pki, &collector, "current", &without, false);
 
     let (kind, interval_ms, reason) = rec.wait_watch(Duration::from_secs(60));
     assert_eq!(kind, v1::WatchKind::Polling as i32, "{reason}");
