@@ -43,7 +43,7 @@ fn a_second_run_shows_its_own_scan_headline_first_and_a_bounded_inventory() {
         .collect();
     let run = || {
         Command::new(collector_bin())
-            .arg("quickstart")
+            .args(["quickstart", "--no-ui"])
             .current_dir(dir.path())
             .output()
             .unwrap()
