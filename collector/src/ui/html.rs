@@ -300,3 +300,47 @@ pub fn code_block(s: &str) -> Markup {
 pub fn none(what: &str) -> Markup {
     html! { p class="empty" { (what) } }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Control characters and bidirectional overrides already in a database (rows from
+    /// before the protocol edge refused them) show as visible escapes; markup characters
+    /// are maud's to escape, and are.
+    #[test]
+    fn hostile_text_is_shown_as_text() {
+        let hostile = "\u{1b}]0;pwned\u{7}ev\u{202e}il<script>";
+        assert_eq!(text(hostile), "\\u{1b}]0;pwned\\u{7}ev\\u{202e}il<script>");
+        let rendered = html! { td { (text(hostile)) } }.into_string();
+        assert_eq!(
+            rendered,
+            "<td>\\u{1b}]0;pwned\\u{7}ev\\u{202e}il&lt;script&gt;</td>"
+        );
+        assert!(matches!(text("plain"), Cow::Borrowed("plain")));
+    }
+
+    /// Agent text reaches a link only percent-encoded, inside our own path or query.
+    #[test]
+    fn links_encode_agent_text() {
+        assert_eq!(host_href("web-01.example"), "/hosts/web-01.example");
+        assert_eq!(
+            host_href("javascript:alert(1)/../x"),
+            "/hosts/javascript%3Aalert%281%29%2F..%2Fx"
+        );
+        assert_eq!(
+            href(
+                "/changes",
+                &[("host", "a&b=c".into()), ("port", String::new())]
+            ),
+            "/changes?host=a%26b%3Dc"
+        );
+        assert_eq!(href("/ports", &[]), "/ports");
+        let view = View {
+            path: "/exposure".into(),
+            pairs: vec![("port", "80".into()), ("page", "2".into())],
+        };
+        assert_eq!(view.with(&[("page", String::new())]), "/exposure?port=80");
+        assert_eq!(view.sql_href(), "/exposure?port=80&page=2&sql=1");
+    }
+}
