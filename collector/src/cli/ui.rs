@@ -113,3 +113,42 @@ pub(super) async fn ui_cmd(a: UiArgs) -> anyhow::Result<Exit> {
     ro.close().await;
     Ok(Exit::Success)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    /// `serve --ui-listen` without a value is the documented default address; absent,
+    /// there is no UI; `ui --listen` defaults to the same address.
+    #[test]
+    fn ui_addresses() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).unwrap().command;
+        let Command::Serve(s) = parse(&["c", "serve", "--ui-listen", "--db", "sqlite://x"]) else {
+            panic!("not serve")
+        };
+        assert_eq!(
+            s.ui_listen,
+            Some(crate::ui::DEFAULT_LISTEN.parse().unwrap())
+        );
+        let Command::Serve(s) = parse(&["c", "serve", "--ui-listen", "0.0.0.0:9000"]) else {
+            panic!("not serve")
+        };
+        assert_eq!(s.ui_listen, Some("0.0.0.0:9000".parse().unwrap()));
+        let Command::Serve(s) = parse(&["c", "serve"]) else {
+            panic!("not serve")
+        };
+        assert_eq!(s.ui_listen, None);
+        let Command::Ui(u) = parse(&["c", "ui", "--db", "sqlite://x"]) else {
+            panic!("not ui")
+        };
+        assert_eq!(u.listen, crate::ui::DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(
+            crate::ui::DEFAULT_LISTEN,
+            format!("127.0.0.1:{}", crate::ui::DEFAULT_PORT)
+        );
+        // --ui-public means nothing without a UI.
+        assert!(Cli::try_parse_from(["c", "serve", "--ui-public"]).is_err());
+    }
+}
