@@ -136,7 +136,16 @@ async fn fill(pki: &Pki, db: &DbUrl) {
         pki,
         addr,
         "h1",
-        vec![snapshot(1, listeners), delta(2, vec![], vec![odd_key])],
+        // The snapshot observed 2 s before the close, so the close is the newest event
+        // (times are kept to the millisecond).
+        vec![
+            snapshot_at(
+                1,
+                time::OffsetDateTime::now_utc() - time::Duration::seconds(2),
+                listeners,
+            ),
+            delta(2, vec![], vec![odd_key]),
+        ],
     )
     .await;
     stop.cancel();
