@@ -280,12 +280,14 @@ fn ph(ro: &ReadOnly, n: usize) -> String {
 /// `full`, id, family, address, shown_as, reach_ipv4, reach_ipv6, processes, the
 /// verdicts and their stored conditions (one per line): the port questions read only the
 /// keys (PostgreSQL computes every column of a UNION ALL). Parameters: 1 = since,
-/// 2 = until (when bounded), then the host name (when given). Both halves run on an
-/// index on the time column, so the cost follows the number of changes, not the fleet.
-fn events_sql(ro: &ReadOnly, bounded: bool, host: bool, full: bool) -> String {
+/// 2 = until (when bounded), then the host name (when given), then the port (when
+/// given). Both halves run on an index on the time column, so the cost follows the
+/// number of changes, not the fleet.
+fn events_sql(ro: &ReadOnly, bounded: bool, host: bool, port: bool, full: bool) -> String {
     let since = ph(ro, 1);
     let until = bounded.then(|| ph(ro, 2));
     let host_param = ph(ro, if bounded { 3 } else { 2 });
+    let port_param = ph(ro, 2 + usize::from(bounded) + usize::from(host));
     let window = |col: &str| {
         let mut w = format!("{col} > {since}");
         if let Some(u) = &until {
@@ -295,6 +297,9 @@ fn events_sql(ro: &ReadOnly, bounded: bool, host: bool, full: bool) -> String {
             w.push_str(&format!(
                 " AND host_id = (SELECT id FROM host WHERE name = {host_param})"
             ));
+        }
+        if port {
+            w.push_str(&format!(" AND port = {port_param}"));
         }
         w
     };
@@ -327,6 +332,7 @@ fn window_params(
     since: OffsetDateTime,
     until: Option<OffsetDateTime>,
     host: Option<&str>,
+    port: Option<u16>,
 ) -> Vec<Param> {
     let mut p = vec![Param::Time(since)];
     if let Some(u) = until {
@@ -334,6 +340,9 @@ fn window_params(
     }
     if let Some(h) = host {
         p.push(Param::Text(Some(h.to_string())));
+    }
+    if let Some(port) = port {
+        p.push(Param::Int(Some(i64::from(port))));
     }
     p
 }
@@ -346,8 +355,9 @@ async fn touched(
     since: OffsetDateTime,
     until: Option<OffsetDateTime>,
     host: Option<&str>,
+    port: Option<u16>,
 ) -> Result<BTreeMap<PortKey, (PortState, PortState)>, QueryError> {
-    let events = events_sql(ro, until.is_some(), host.is_some(), false);
+    let events = events_sql(ro, until.is_some(), host.is_some(), port.is_some(), false);
     let valid_at = |n: usize| {
         let t = ph(ro, n);
         format!("(l.valid_from <= {t} AND (l.valid_to IS NULL OR l.valid_to > {t}))")
@@ -391,7 +401,9 @@ async fn touched(
          JOIN host h ON h.id = l.host_id
          WHERE {at_since} OR {at_until}"
     );
-    let rows = ro.run(&sql, &window_params(since, until, host)).await?;
+    let rows = ro
+        .run(&sql, &window_params(since, until, host, port))
+        .await?;
     // Every touched port, even one with no listener at either end (opened and closed
     // inside the window): its key comes from the events.
     let keys = ro
@@ -400,7 +412,7 @@ async fn touched(
                 "SELECT DISTINCT h.name AS host, e.netns, e.protocol, e.port
                  FROM ({events}) e JOIN host h ON h.id = e.host_id"
             ),
-            &window_params(since, until, host),
+            &window_params(since, until, host, port),
         )
         .await?;
     let mut acc: BTreeMap<PortKey, (Acc, Acc)> = BTreeMap::new();
@@ -477,7 +489,7 @@ pub async fn exposure_at(
     protocol: Option<&str>,
     limit: Option<usize>,
 ) -> Result<Report, QueryError> {
-    let changed = touched(ro, at, None, None)
+    let changed = touched(ro, at, None, None, None)
         .await
         .map_err(too_many_changes)?;
     let now = crate::query::headline_rows(ro, port, protocol).await?;
@@ -896,6 +908,19 @@ pub async fn diff(
     until: OffsetDateTime,
     limit: Option<usize>,
 ) -> Result<Report, QueryError> {
+    diff_filtered(ro, host, None, since, until, limit).await
+}
+
+/// [`diff`] of one port only (`port`; every port with `None`): its events and its
+/// exposure lines, through the same index on the time columns.
+pub async fn diff_filtered(
+    ro: &ReadOnly,
+    host: Option<&str>,
+    port: Option<u16>,
+    since: OffsetDateTime,
+    until: OffsetDateTime,
+    limit: Option<usize>,
+) -> Result<Report, QueryError> {
     let order = match ro.dialect() {
         Dialect::Sqlite => "ORDER BY e.at, h.name, e.netns, e.protocol, e.port, e.change",
         Dialect::Postgres => {
@@ -910,10 +935,10 @@ pub async fn diff(
                 e.effective_conditions_ipv6
          FROM ({}) e JOIN host h ON h.id = e.host_id
          {order}",
-        events_sql(ro, true, host.is_some(), true)
+        events_sql(ro, true, host.is_some(), port.is_some(), true)
     );
     let events = ro
-        .run(&sql, &window_params(since, Some(until), host))
+        .run(&sql, &window_params(since, Some(until), host, port))
         .await
         .map_err(too_many_changes)?;
     // Only the rows the limit keeps are decoded and described (a window of 10,000
@@ -978,7 +1003,7 @@ pub async fn diff(
         Side::push_pair(&mut row, before, after);
         rs.rows.push(row);
     }
-    for (k, (b, a)) in touched(ro, since, Some(until), host)
+    for (k, (b, a)) in touched(ro, since, Some(until), host, port)
         .await
         .map_err(too_many_changes)?
     {

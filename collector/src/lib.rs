@@ -26,3 +26,4 @@ pub mod server;
 pub mod store;
 pub mod timefmt;
 pub mod tls;
+pub mod ui;

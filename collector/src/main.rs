@@ -11,7 +11,7 @@ fn main() -> std::process::ExitCode {
     listenscope_core::pem::install_crypto_provider();
     // The server logs its life at info; one-shot commands only speak up when it matters.
     let default = match cli.command {
-        cli::Command::Serve(_) => "info",
+        cli::Command::Serve(_) | cli::Command::Ui(_) => "info",
         _ => "warn",
     };
     listenscope_core::logging::init(cli.log_format, default);

@@ -1053,7 +1053,9 @@ fn count_of(rs: &ResultSet) -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs `select` (filtered) with at most `limit` rows, and counts what it left out.
+/// Runs `select` (filtered) with at most `limit` rows after skipping `offset`, and counts
+/// what it left out after them (only when the page is full: a count costs what the
+/// filter selects).
 async fn limited(
     ro: &ReadOnly,
     select: &str,
@@ -1061,21 +1063,72 @@ async fn limited(
     order: &str,
     filters: &[(&str, Option<Param>)],
     limit: Option<usize>,
+    offset: usize,
 ) -> Result<Report, QueryError> {
     let (sql, params) = filtered(ro, select, filters);
-    let sql = match limit {
-        Some(n) => format!("{sql} {order} LIMIT {n}"),
-        None => format!("{sql} {order}"),
+    let sql = match (limit, offset) {
+        (Some(n), 0) => format!("{sql} {order} LIMIT {n}"),
+        (Some(n), o) => format!("{sql} {order} LIMIT {n} OFFSET {o}"),
+        // No LIMIT: SQLite takes `LIMIT -1`, PostgreSQL `LIMIT ALL`; neither is needed.
+        (None, 0) => format!("{sql} {order}"),
+        (None, o) => format!(
+            "{sql} {order} {} OFFSET {o}",
+            ro.pick("LIMIT -1", "LIMIT ALL")
+        ),
     };
     let rows = ro.run(&sql, &params).await?;
     let left_out = match limit {
         Some(n) if rows.rows.len() == n => {
             let (sql, params) = filtered(ro, count, filters);
-            count_of(&ro.run(&sql, &params).await?).saturating_sub(n as u64)
+            count_of(&ro.run(&sql, &params).await?).saturating_sub((offset + n) as u64)
         }
         _ => 0,
     };
     Ok(Report { rows, left_out })
+}
+
+/// The order of a report's rows: a column of its whitelist (an enum per report, so no
+/// text from outside ever reaches the SQL) and a direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Order<C> {
+    pub by: C,
+    pub descending: bool,
+}
+
+/// `ASC` or `DESC`.
+fn dir_sql(descending: bool) -> &'static str {
+    if descending { "DESC" } else { "ASC" }
+}
+
+/// A text column as both databases sort it: byte order (PostgreSQL's `C` collation,
+/// SQLite's default).
+fn text_order(ro: &ReadOnly, col: &str) -> String {
+    match ro.dialect() {
+        Dialect::Sqlite => col.to_string(),
+        Dialect::Postgres => format!("{col} COLLATE \"C\""),
+    }
+}
+
+/// The columns the exposure report sorts by ([`exposure_sorted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExposureSort {
+    /// The firewall's verdict on the hidden IPv4 side, by permissiveness (descending:
+    /// open and restricted first, the report's order).
+    #[default]
+    Verdict,
+    Host,
+    Port,
+    Processes,
+}
+
+impl ExposureSort {
+    /// Every column with its name in URLs (`sort=`).
+    pub const ALL: [(ExposureSort, &'static str); 4] = [
+        (ExposureSort::Verdict, "verdict"),
+        (ExposureSort::Host, "host"),
+        (ExposureSort::Port, "port"),
+        (ExposureSort::Processes, "processes"),
+    ];
 }
 
 /// The columns of the `exposure` report, now (`exposure`) and as of a time
@@ -1123,13 +1176,40 @@ pub async fn exposure(
     protocol: Option<&str>,
     limit: Option<usize>,
 ) -> Result<Report, QueryError> {
-    let rank = row::rank_sql("effective_ipv4");
-    let order = match ro.dialect() {
-        Dialect::Sqlite => format!("ORDER BY {rank} DESC, host, netns, protocol, port"),
-        Dialect::Postgres => {
-            format!("ORDER BY {rank} DESC, host COLLATE \"C\", netns COLLATE \"C\", protocol, port")
-        }
+    let order = Order {
+        by: ExposureSort::Verdict,
+        descending: true,
     };
+    exposure_sorted(ro, port, protocol, order, limit, 0).await
+}
+
+/// [`exposure`] in any order of [`ExposureSort`], `limit` rows after `offset` (the web
+/// UI's pages). Ties are broken by host, namespace, protocol and port, ascending.
+pub async fn exposure_sorted(
+    ro: &ReadOnly,
+    port: Option<u16>,
+    protocol: Option<&str>,
+    order: Order<ExposureSort>,
+    limit: Option<usize>,
+    offset: usize,
+) -> Result<Report, QueryError> {
+    let dir = dir_sql(order.descending);
+    let first = match order.by {
+        ExposureSort::Verdict => format!("{} {dir}, ", row::rank_sql("effective_ipv4")),
+        ExposureSort::Host => String::new(),
+        ExposureSort::Port => format!("port {dir}, "),
+        ExposureSort::Processes => format!("{} {dir}, ", text_order(ro, "processes")),
+    };
+    let host_dir = if order.by == ExposureSort::Host {
+        dir
+    } else {
+        "ASC"
+    };
+    let order = format!(
+        "ORDER BY {first}{} {host_dir}, {}, protocol, port",
+        text_order(ro, "host"),
+        text_order(ro, "netns")
+    );
     let mut report = limited(
         ro,
         HEADLINE_SELECT,
@@ -1137,6 +1217,7 @@ pub async fn exposure(
         &order,
         &headline_filters(port, protocol),
         limit,
+        offset,
     )
     .await?;
     report.rows.columns.push("note".to_string());
@@ -1208,21 +1289,296 @@ pub const HOSTS_TABLE_COLUMNS: &[&str] = HOSTS_COLUMNS.split_at(HOSTS_COLUMNS.le
 /// because a second machine used the host's certificate (`duplicate_refusals`, the last
 /// one's time and address). Columns: [`HOSTS_COLUMNS`].
 pub async fn hosts(ro: &ReadOnly, limit: Option<usize>) -> Result<Report, QueryError> {
-    limited(
-        ro,
-        "SELECT host, os_hostname, agent_version, first_seen, last_seen, stale, listeners,
+    let order = Order {
+        by: HostsSort::LastSeen,
+        descending: false,
+    };
+    hosts_sorted(ro, false, order, limit, 0).await
+}
+
+/// The `hosts` report's rows: [`HOSTS_COLUMNS`] from the `hosts` view.
+const HOSTS_SELECT: &str =
+    "SELECT host, os_hostname, agent_version, first_seen, last_seen, stale, listeners,
                 coalesce(watch_mode, 'unknown') AS watch, collector, duplicate_refusals,
                 duplicate_last_at, duplicate_last_peer, watch_reason, watch_since
-         FROM hosts",
-        "SELECT count(*) FROM host",
-        ro.pick(
-            "ORDER BY last_seen, host",
-            "ORDER BY last_seen, host COLLATE \"C\"",
-        ),
+         FROM hosts WHERE 1 = 1";
+
+/// The columns the hosts report sorts by ([`hosts_sorted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostsSort {
+    /// Last contact (ascending: silent longest first, so stale hosts first; an index).
+    #[default]
+    LastSeen,
+    /// The name (the unique index).
+    Host,
+    /// Live listeners (the maintained count).
+    Listeners,
+}
+
+impl HostsSort {
+    /// Every column with its name in URLs (`sort=`).
+    pub const ALL: [(HostsSort, &'static str); 3] = [
+        (HostsSort::LastSeen, "last_seen"),
+        (HostsSort::Host, "host"),
+        (HostsSort::Listeners, "listeners"),
+    ];
+}
+
+/// [`hosts`] in any order of [`HostsSort`] (ties by name), `limit` rows after `offset`;
+/// with `stale_only`, only the hosts the `hosts` view calls stale.
+pub async fn hosts_sorted(
+    ro: &ReadOnly,
+    stale_only: bool,
+    order: Order<HostsSort>,
+    limit: Option<usize>,
+    offset: usize,
+) -> Result<Report, QueryError> {
+    let dir = dir_sql(order.descending);
+    let host = text_order(ro, "host");
+    let order = match order.by {
+        HostsSort::LastSeen => format!("ORDER BY last_seen {dir}, {host}"),
+        HostsSort::Host => format!("ORDER BY {host} {dir}"),
+        HostsSort::Listeners => format!("ORDER BY listeners {dir}, {host}"),
+    };
+    let (select, count) = if stale_only {
+        (
+            format!("{HOSTS_SELECT} AND stale"),
+            "SELECT count(*) FROM hosts WHERE stale",
+        )
+    } else {
+        (HOSTS_SELECT.to_string(), "SELECT count(*) FROM host")
+    };
+    limited(ro, &select, count, &order, &[], limit, offset).await
+}
+
+/// One host's row of the `hosts` report ([`HOSTS_COLUMNS`]); no rows when the
+/// collector has never heard of it.
+pub async fn host(ro: &ReadOnly, name: &str) -> Result<ResultSet, QueryError> {
+    let (sql, params) = filtered(
+        ro,
+        HOSTS_SELECT,
+        &[("host", Some(Param::Text(Some(name.to_string()))))],
+    );
+    ro.run(&sql, &params).await
+}
+
+/// What the fleet looks like at a glance, from maintained columns and the headline's
+/// table (never from every live listener): hosts, stale hosts, live listeners (each
+/// host's maintained count, summed), and the headline's ports and hosts by the
+/// firewall's verdict on their hidden IPv4 side.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overview {
+    pub hosts: u64,
+    pub stale: u64,
+    pub listeners: u64,
+    /// `(verdict, ports, hosts)`, most permissive verdict first.
+    pub hidden: Vec<(String, u64, u64)>,
+}
+
+/// The SQL behind [`overview`]'s counts, over the views (the web UI shows it).
+pub const OVERVIEW_HOSTS_SQL: &str = "SELECT count(*) AS hosts,
+       coalesce(sum(CASE WHEN stale THEN 1 ELSE 0 END), 0) AS stale,
+       coalesce(sum(listeners), 0) AS listeners
+FROM hosts";
+
+/// The SQL behind [`overview`]'s headline counts, over the views.
+pub const OVERVIEW_HIDDEN_SQL: &str =
+    "SELECT effective_ipv4, count(*) AS ports, count(DISTINCT host) AS hosts
+FROM hidden_ipv4_exposure
+GROUP BY effective_ipv4";
+
+/// The fleet at a glance ([`Overview`]).
+pub async fn overview(ro: &ReadOnly) -> Result<Overview, QueryError> {
+    let hosts = ro.run(OVERVIEW_HOSTS_SQL, &[]).await?;
+    let n = |i: usize| {
+        hosts
+            .rows
+            .first()
+            .and_then(|r| r.get(i))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    let mut out = Overview {
+        hosts: n(0),
+        stale: n(1),
+        listeners: n(2),
+        hidden: Vec::new(),
+    };
+    let hidden = ro.run(OVERVIEW_HIDDEN_SQL, &[]).await?;
+    for r in hidden.named() {
+        out.hidden.push((
+            r.text("effective_ipv4")?,
+            r.int("ports")?.max(0) as u64,
+            r.int("hosts")?.max(0) as u64,
+        ));
+    }
+    out.hidden.sort_by_key(|(v, _, _)| {
+        std::cmp::Reverse(v.parse::<Effective>().map_or(0, |e| e.permissiveness()))
+    });
+    Ok(out)
+}
+
+/// The columns of [`ports`], one row per (port, protocol) that some host opens to the
+/// world: how many hosts accept any address over IPv4 on it and how many of those the
+/// firewall leaves open, the same over IPv6, and how many hosts have it in the headline
+/// (reachable over IPv4 although netstat shows only IPv6 lines).
+pub const PORTS_COLUMNS: [&str; 7] = [
+    "port",
+    "protocol",
+    "ipv4_hosts",
+    "ipv4_open",
+    "ipv6_hosts",
+    "ipv6_open",
+    "hidden_hosts",
+];
+
+/// The same rows as [`ports`] from the `current_listeners` view (the web UI shows it).
+pub const PORTS_VIEW_SQL: &str = "SELECT port, protocol,
+       count(DISTINCT CASE WHEN reach_ipv4 = 'any' THEN host END) AS ipv4_hosts,
+       count(DISTINCT CASE WHEN reach_ipv4 = 'any' AND effective_ipv4 = 'open' THEN host END) AS ipv4_open,
+       count(DISTINCT CASE WHEN reach_ipv6 = 'any' THEN host END) AS ipv6_hosts,
+       count(DISTINCT CASE WHEN reach_ipv6 = 'any' AND effective_ipv6 = 'open' THEN host END) AS ipv6_open,
+       count(DISTINCT CASE WHEN hidden_ipv4_exposure THEN host END) AS hidden_hosts
+FROM current_listeners
+WHERE reach_ipv4 = 'any' OR reach_ipv6 = 'any' OR hidden_ipv4_exposure
+GROUP BY port, protocol";
+
+/// Ports by the number of hosts that open them to the world, per IP version
+/// ([`PORTS_COLUMNS`]), in no particular order. This one aggregates every live listener
+/// that accepts any address (nothing maintained at ingest counts hosts per port): the
+/// web UI computes it at most once a minute and pages the copy.
+pub async fn ports(ro: &ReadOnly) -> Result<ResultSet, QueryError> {
+    // The table, not the view: distinct host ids need no join with the host names.
+    ro.run(
+        "SELECT port, protocol,
+                count(DISTINCT CASE WHEN reach_ipv4 = 'any' THEN host_id END) AS ipv4_hosts,
+                count(DISTINCT CASE WHEN reach_ipv4 = 'any' AND effective_ipv4 = 'open'
+                                    THEN host_id END) AS ipv4_open,
+                count(DISTINCT CASE WHEN reach_ipv6 = 'any' THEN host_id END) AS ipv6_hosts,
+                count(DISTINCT CASE WHEN reach_ipv6 = 'any' AND effective_ipv6 = 'open'
+                                    THEN host_id END) AS ipv6_open,
+                count(DISTINCT CASE WHEN hidden_ipv4_exposure THEN host_id END) AS hidden_hosts
+         FROM listener
+         WHERE valid_to IS NULL
+           AND (reach_ipv4 = 'any' OR reach_ipv6 = 'any' OR hidden_ipv4_exposure)
+         GROUP BY port, protocol",
         &[],
-        limit,
     )
     .await
+}
+
+/// The columns of [`listeners`]: what the agent's scan table shows of each listener,
+/// as the `current_listeners` view holds it.
+pub const LISTENER_COLUMNS: &str = "trap, netstat_proto, shown_as, protocol, family, address, port, \
+     interface, v6only, reach_ipv4, reach_ipv6, latent, effective_ipv4, effective_ipv6, \
+     effective_conditions_ipv4, effective_conditions_ipv6, netns, processes, process_details, \
+     container_runtime, container_id, pod_uid, unit, hidden_ipv4_exposure, first_seen, \
+     last_changed";
+
+/// The columns one host's listeners sort by ([`listeners`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ListenerSort {
+    /// Port, then protocol, namespace and family.
+    #[default]
+    Port,
+    /// Namespace, then protocol, port and family (the agent's own order).
+    Netns,
+    /// The firewall's most permissive verdict over either IP version (descending: open
+    /// first).
+    Firewall,
+    Processes,
+}
+
+impl ListenerSort {
+    /// Every column with its name in URLs (`sort=`).
+    pub const ALL: [(ListenerSort, &'static str); 4] = [
+        (ListenerSort::Port, "port"),
+        (ListenerSort::Netns, "netns"),
+        (ListenerSort::Firewall, "firewall"),
+        (ListenerSort::Processes, "processes"),
+    ];
+}
+
+/// One host's live listeners ([`LISTENER_COLUMNS`]), `limit` after `offset`: an index
+/// lookup by host, sorted among that host's listeners only.
+pub async fn listeners(
+    ro: &ReadOnly,
+    host: &str,
+    order: Order<ListenerSort>,
+    limit: usize,
+    offset: usize,
+) -> Result<ResultSet, QueryError> {
+    let dir = dir_sql(order.descending);
+    let netns = text_order(ro, "netns");
+    let first = match order.by {
+        ListenerSort::Port => format!("port {dir}, protocol, {netns}"),
+        ListenerSort::Netns => format!("{netns} {dir}, protocol, port"),
+        ListenerSort::Firewall => {
+            let (r4, r6) = (
+                row::rank_sql("effective_ipv4"),
+                row::rank_sql("effective_ipv6"),
+            );
+            format!(
+                "CASE WHEN ({r4}) > ({r6}) THEN ({r4}) ELSE ({r6}) END {dir}, {netns}, protocol, port"
+            )
+        }
+        ListenerSort::Processes => {
+            format!(
+                "{} {dir}, {netns}, protocol, port",
+                text_order(ro, "processes")
+            )
+        }
+    };
+    let sql = format!(
+        "SELECT {LISTENER_COLUMNS} FROM current_listeners WHERE host = {} \
+         ORDER BY {first}, family, address LIMIT {limit} OFFSET {offset}",
+        ro.pick("?1", "$1")
+    );
+    ro.run(&sql, &[Param::Text(Some(host.to_string()))]).await
+}
+
+/// Where the headline's trap sockets come from: container and unit of the live trap
+/// listeners on `ports` of `hosts` (the rows of one page of [`exposure_sorted`]), as
+/// `(host, netns, protocol, port, container_runtime, container_id, pod_uid, unit)`.
+/// An index lookup per host: the cost follows the page, not the fleet.
+pub async fn trap_owners(
+    ro: &ReadOnly,
+    hosts: &[String],
+    ports: &[u16],
+) -> Result<ResultSet, QueryError> {
+    if hosts.is_empty() || ports.is_empty() {
+        return Ok(ResultSet::default());
+    }
+    let mut params = Vec::new();
+    let mut marks = |values: Vec<Param>| {
+        let mut out = Vec::new();
+        for v in values {
+            params.push(v);
+            out.push(ph(ro, params.len()));
+        }
+        out.join(", ")
+    };
+    let host_marks = marks(hosts.iter().map(|h| Param::Text(Some(h.clone()))).collect());
+    let port_marks = marks(
+        ports
+            .iter()
+            .map(|p| Param::Int(Some(i64::from(*p))))
+            .collect(),
+    );
+    let sql = format!(
+        "SELECT DISTINCT host, netns, protocol, port, container_runtime, container_id, pod_uid, unit
+         FROM current_listeners
+         WHERE trap AND host IN ({host_marks}) AND port IN ({port_marks})"
+    );
+    ro.run(&sql, &params).await
+}
+
+/// The SQL parameter marker for parameter `n` in this dialect.
+fn ph(ro: &ReadOnly, n: usize) -> String {
+    match ro.dialect() {
+        Dialect::Sqlite => format!("?{n}"),
+        Dialect::Postgres => format!("${n}"),
+    }
 }
 
 /// Output formats of `query`, `exposure`, `hosts`.

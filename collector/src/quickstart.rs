@@ -3,7 +3,9 @@
 //! Dev certificates in the state directory (created once, reused after), a collector on
 //! SQLite listening on a loopback port, this machine's agent streaming to it over mutual
 //! TLS until its first snapshot is stored; then the inventory and the headline answer are
-//! read back through the same read-only views an SRE would query.
+//! read back through the same read-only views an SRE would query. Then it serves the
+//! web UI over that database (read-only, loopback) until Ctrl-C or SIGTERM, unless
+//! `--no-ui`.
 
 #![allow(clippy::print_stdout)] // CLI output code: printing to stdout is its job
 
@@ -32,6 +34,13 @@ pub struct Args {
     /// Database (default: sqlite://STATE_DIR/listenscope.db).
     #[arg(long, value_name = "URL")]
     pub db: Option<String>,
+    /// Where the web UI listens after the printout (a loopback address). Default
+    /// 127.0.0.1:7444, or a free port when that one is taken.
+    #[arg(long, value_name = "ADDR")]
+    pub ui_listen: Option<std::net::SocketAddr>,
+    /// Exit right after the printout instead of serving the web UI.
+    #[arg(long, conflicts_with = "ui_listen")]
+    pub no_ui: bool,
 }
 
 /// How long to wait for this run's snapshot to be stored.
@@ -192,7 +201,6 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         println!("The {shown} most exposed (firewall verdict, then namespace and port):");
     }
     query::write(&top, Format::Table, &mut out)?;
-    ro.close().await;
     let all = format!(
         "listenscope-collector query --db {db_arg} \"SELECT {INVENTORY_COLUMNS} FROM \
          current_listeners WHERE host = '{host}' ORDER BY netns, protocol, port, family\""
@@ -210,7 +218,65 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     println!("  listenscope-collector hosts --db {db_arg}");
     println!("  listenscope-collector diff --db {db_arg} --since 1h");
     println!("  A real fleet: README.md, \"Running a fleet\".");
+    drop(out);
+    if a.no_ui {
+        ro.close().await;
+        return Ok(());
+    }
+    serve_ui(ro, &db, &host, a.ui_listen).await
+}
+
+/// Serves the web UI over the quickstart's database on a loopback address until Ctrl-C
+/// or SIGTERM: only the UI, read-only (the collector and the agent have stopped).
+async fn serve_ui(
+    ro: ReadOnly,
+    db: &DbUrl,
+    host: &str,
+    listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    use crate::ui;
+    let signal = listenscope_core::signal::shutdown_signal();
+    let listener = match listen {
+        Some(addr) => {
+            if !ui::is_loopback(addr) {
+                bail!(
+                    "quickstart serves the web UI on a loopback address only ({addr} is not                      one); for another address run `listenscope-collector ui --db {db}` with                      TLS (docs/ui.md)"
+                );
+            }
+            ui::bind(addr)?
+        }
+        None => {
+            let default: std::net::SocketAddr = ui::DEFAULT_LISTEN.parse()?;
+            match ui::bind(default) {
+                Ok(l) => l,
+                // Taken (another quickstart, a collector's UI): any free port will do.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    ui::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let addr = listener.local_addr()?;
+    let home = ui::url(addr, false);
+    println!();
+    println!("Web UI (read-only, this machine only): {home}");
+    println!("  this host's listeners: {}", host_url(&home, host));
+    println!("  serving until Ctrl-C (quickstart --no-ui exits here instead)");
+    let state = std::sync::Arc::new(ui::UiState::new(ro.clone(), db.to_string()));
+    ui::serve(listener, state, None, signal).await?;
+    ro.close().await;
     Ok(())
+}
+
+/// The host page under `home` (`http://ADDR/`).
+fn host_url(home: &str, host: &str) -> String {
+    format!(
+        "{}{}",
+        home.trim_end_matches('/'),
+        crate::ui::host_path(host)
+    )
 }
 
 /// Creates the CA, server and agent certificates unless they are already there.

@@ -459,7 +459,13 @@ pub fn accept_loop(
             if accepted.is_multiple_of(16) {
                 tokio::task::yield_now().await;
             }
-            let (tcp, peer) = match listener.accept().await {
+            // The server stopping closes the channel: the listening socket is closed
+            // then, not at the next connection (quickstart goes on serving its UI).
+            let next = tokio::select! {
+                a = listener.accept() => a,
+                () = tx.closed() => return,
+            };
+            let (tcp, peer) = match next {
                 Ok(c) => c,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.

@@ -43,7 +43,7 @@ fn a_second_run_shows_its_own_scan_headline_first_and_a_bounded_inventory() {
         .collect();
     let run = || {
         Command::new(collector_bin())
-            .arg("quickstart")
+            .args(["quickstart", "--no-ui"])
             .current_dir(dir.path())
             .output()
             .unwrap()
@@ -122,4 +122,99 @@ fn a_second_run_shows_its_own_scan_headline_first_and_a_bounded_inventory() {
         .expect(&out);
     assert!(total > held.len(), "{total} listeners counted:\n{out}");
     assert!(out.contains("scanned this host at"), "{out}");
+}
+
+/// One GET over HTTP/1.1 to `base` (`http://ADDR/`) + `path`: status and body.
+fn http_get(base: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = base
+        .strip_prefix("http://")
+        .and_then(|a| a.strip_suffix('/'))
+        .unwrap_or_else(|| panic!("not a UI address: {base}"));
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect(&raw);
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+/// After its printout, quickstart keeps serving the web UI on loopback (and only the UI:
+/// its collector is gone) until SIGTERM, and the exposure page shows this machine's
+/// headline: a dual-stack socket (IPV6_V6ONLY=0) this test holds.
+#[test]
+fn quickstart_serves_the_ui_with_this_machines_headline() {
+    use std::io::BufRead;
+    require_root();
+    let dir = TempDir::new("qs-ui");
+    let trap = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .unwrap();
+    trap.set_only_v6(false).unwrap();
+    trap.bind(&"[::]:0".parse::<std::net::SocketAddr>().unwrap().into())
+        .unwrap();
+    trap.listen(8).unwrap();
+    let port = trap.local_addr().unwrap().as_socket().unwrap().port();
+
+    let mut child = Command::new(collector_bin())
+        .args(["quickstart", "--ui-listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // Killed if the test fails half-way.
+    let mut child = Proc(child);
+    let mut printed = String::new();
+    let base = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("quickstart ended before the UI line:\n{printed}"))
+            .unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+        if let Some(url) = line.strip_prefix("Web UI (read-only, this machine only): ") {
+            break url.to_string();
+        }
+    };
+    let host = printed
+        .split("agent \"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect(&printed)
+        .to_string();
+    // The collector it ran is gone: only the UI listens.
+    let collector = collector_port(&printed);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", collector)).is_err(),
+        "the quickstart's collector still listens"
+    );
+
+    let (status, body) = http_get(&base, &format!("/exposure?port={port}"));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!("href=\"/hosts/{host}\"")) && body.contains(&format!(":::{port}")),
+        "{host} :::{port} missing from the exposure page:\n{body}"
+    );
+    let (status, body) = http_get(&base, "/");
+    assert_eq!(status, 200);
+    assert!(body.contains("Fleet overview"), "{body}");
+    let (status, _) = http_get(&base, &format!("/hosts/{host}"));
+    assert_eq!(status, 200);
+
+    // SIGTERM ends it cleanly.
+    let status = child.terminate();
+    assert!(status.success(), "{status:?}");
+    drop(trap);
 }

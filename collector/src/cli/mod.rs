@@ -1,6 +1,6 @@
 //! Command line of `listenscope-collector`: the clap definitions and the dispatch. The
 //! server's commands live in `serve.rs` (`serve`, `certs`), the fleet questions in
-//! `report.rs` (`query`, `exposure`, `hosts`, `diff`).
+//! `report.rs` (`query`, `exposure`, `hosts`, `diff`), the web UI's in `ui.rs` (`ui`).
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -12,9 +12,11 @@ use crate::quickstart;
 
 mod report;
 mod serve;
+mod ui;
 
 pub use report::{DiffArgs, ExposureArgs, HostsArgs, LimitArgs, OutputArgs, ProtoArg, QueryArgs};
 pub use serve::{CertsCommand, ServeArgs};
+pub use ui::UiArgs;
 
 /// listenscope collector: stores what agents report, answers questions across the fleet.
 #[derive(Debug, Parser)]
@@ -53,6 +55,9 @@ pub enum Command {
     /// verdicts before → after), and ports whose exposure changed (e.g. became reachable
     /// over IPv4, or opened by a ruleset change).
     Diff(DiffArgs),
+    /// Serve the read-only web UI over a database (a PostgreSQL replica, a SQLite file):
+    /// the headline by port, ports, hosts, changes per hour, stale hosts.
+    Ui(UiArgs),
     /// Try it on this machine: dev certificates, a collector on SQLite and an agent, then
     /// the inventory and the headline answer.
     #[cfg(feature = "quickstart")]
@@ -69,6 +74,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Exposure(a) => runtime()?.block_on(report::exposure_cmd(a)),
         Command::Hosts(a) => runtime()?.block_on(report::hosts_cmd(a)),
         Command::Diff(a) => runtime()?.block_on(report::diff_cmd(a)),
+        Command::Ui(a) => runtime()?.block_on(ui::ui_cmd(a)),
         #[cfg(feature = "quickstart")]
         Command::Quickstart(a) => runtime()?
             .block_on(quickstart::run(a))

@@ -102,6 +102,21 @@ pub struct ServeArgs {
     /// After TLS, the HTTP/2 preface must arrive within this (default 5s).
     #[arg(long, env = "LISTENSCOPE_PREFACE_TIMEOUT", value_name = "DURATION")]
     pub preface_timeout: Option<String>,
+    /// Also serve the read-only web UI here (docs/ui.md); given without a value:
+    /// 127.0.0.1:7444. Off loopback it needs TLS (the collector's certificate unless
+    /// --ui-tls-cert) and client certificates from --tls-ca unless --ui-public.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = crate::ui::DEFAULT_LISTEN)]
+    pub ui_listen: Option<std::net::SocketAddr>,
+    /// The web UI's TLS certificate (default off loopback: the collector's --tls-cert).
+    #[arg(long, value_name = "FILE", requires_all = ["ui_tls_key", "ui_listen"])]
+    pub ui_tls_cert: Option<PathBuf>,
+    /// The web UI's TLS private key.
+    #[arg(long, value_name = "FILE", requires = "ui_tls_cert")]
+    pub ui_tls_key: Option<PathBuf>,
+    /// Serve the web UI over TLS without client certificates, to every client that can
+    /// connect (default: a certificate from the fleet CA is required off loopback).
+    #[arg(long, requires = "ui_listen")]
+    pub ui_public: bool,
     /// Listen backlog (default max_sessions, 1024 to 65535; the kernel caps it at
     /// net.core.somaxconn).
     #[arg(long, env = "LISTENSCOPE_LISTEN_BACKLOG", value_name = "N")]
@@ -277,6 +292,8 @@ fn revoke(
 pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
     // First: a SIGTERM during start-up (opening a big database) must stop it gracefully.
     let signal = listenscope_core::signal::shutdown_signal();
+    let (ui_listen, ui_public) = (a.ui_listen, a.ui_public);
+    let ui_identity = a.ui_tls_cert.clone().zip(a.ui_tls_key.clone());
     let file = match &a.config {
         Some(p) => RawConfig::load(p)?,
         None => RawConfig::default(),
@@ -334,6 +351,29 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
     if let Some(revocation) = &tls.revocation {
         spawn_reload_on_sighup(revocation.clone())?;
     }
+    // The web UI's TLS, checked before anything is opened: off loopback it uses the
+    // collector's certificate unless given its own, and the collector's client verifier
+    // (the fleet CA, the same CRLs) unless --ui-public.
+    let ui_tls = match ui_listen {
+        Some(addr) => {
+            let identity = match &ui_identity {
+                Some((c, k)) => Some((c.as_path(), k.as_path())),
+                None if !crate::ui::is_loopback(addr) => {
+                    Some((cfg.tls_cert.as_path(), cfg.tls_key.as_path()))
+                }
+                None => None,
+            };
+            let clients = tls.revocation.as_ref().map(|r| r.verifier());
+            Some(crate::ui::tls_for(
+                addr,
+                identity,
+                clients,
+                ui_public,
+                super::ui::SERVE_FLAGS,
+            )?)
+        }
+        None => None,
+    };
     let store = Store::open(
         &cfg.db,
         &StoreOptions {
@@ -364,6 +404,22 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
         anyhow::anyhow!("cannot listen on {}: {e}{fix}", cfg.listen)
     })?;
     tracing::info!(db = %cfg.db, "Store open.");
+    let stop_ui = tokio_util::sync::CancellationToken::new();
+    let ui_thread = match (ui_listen, ui_tls) {
+        (Some(addr), Some(ui_tls)) => {
+            let listener = crate::ui::bind(addr)?;
+            let bound = listener.local_addr()?;
+            let thread =
+                crate::ui::spawn(listener, cfg.db.clone(), ui_tls.clone(), stop_ui.clone())?;
+            tracing::info!(
+                url = %crate::ui::url(bound, ui_tls.is_some()),
+                client_certificates = ui_tls.is_some() && !ui_public,
+                "Serving the web UI (read-only)."
+            );
+            Some(thread)
+        }
+        _ => None,
+    };
     let stop_pruning = tokio_util::sync::CancellationToken::new();
     if let Some(retain) = cfg.retain {
         tracing::info!(
@@ -376,9 +432,13 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
             stop_pruning.clone(),
         ));
     }
-    let shutdown = async move {
-        signal.await;
-        stop_pruning.cancel();
+    let shutdown = {
+        let stop_ui = stop_ui.clone();
+        async move {
+            signal.await;
+            stop_pruning.cancel();
+            stop_ui.cancel();
+        }
     };
     let limits = Limits {
         max_sessions,
@@ -406,6 +466,12 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
         reserved_handshakes = limits.admission.reserved_handshakes,
         "Accepting agent sessions."
     );
-    server::serve(listener, tls, store, limits, shutdown).await?;
+    let served = server::serve(listener, tls, store, limits, shutdown).await;
+    stop_ui.cancel();
+    if let Some(thread) = ui_thread {
+        // It ends within seconds of the cancel (open pages get 5 s).
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+    served?;
     Ok(Exit::Success)
 }
