@@ -64,6 +64,17 @@ pub struct RawConfig {
     /// Listen backlog (connections the kernel queues before accept; it caps this at
     /// net.core.somaxconn). Default: max_sessions, 1024 to 65535.
     pub listen_backlog: Option<u32>,
+    /// Also serve the read-only web UI here, e.g. "127.0.0.1:7444" (docs/ui.md).
+    /// Optional (off). Off loopback it needs TLS and client certificates from `tls_ca`
+    /// unless `ui_public`.
+    pub ui_listen: Option<String>,
+    /// The web UI's certificate (PEM). Default off loopback: `tls_cert`.
+    pub ui_tls_cert: Option<PathBuf>,
+    /// The web UI's private key (PEM), with `ui_tls_cert`.
+    pub ui_tls_key: Option<PathBuf>,
+    /// Serve the web UI over TLS to every client that can connect, without client
+    /// certificates. Default false.
+    pub ui_public: Option<bool>,
     /// The file the values came from (not a key): errors about its keys name it.
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -95,6 +106,17 @@ pub struct ServeConfig {
     pub admission: AdmissionLimits,
     /// `None`: [`crate::admission::backlog_for`] the session cap.
     pub listen_backlog: Option<u32>,
+    /// The web UI, when it is served.
+    pub ui: Option<UiConfig>,
+}
+
+/// Where and how `serve` serves the web UI.
+#[derive(Debug, Clone)]
+pub struct UiConfig {
+    pub listen: SocketAddr,
+    /// Its own certificate and key; `None`: the collector's off loopback, none on it.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    pub public: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +174,10 @@ impl RawConfig {
             ("handshake_timeout", self.handshake_timeout.is_some()),
             ("preface_timeout", self.preface_timeout.is_some()),
             ("listen_backlog", self.listen_backlog.is_some()),
+            ("ui_listen", self.ui_listen.is_some()),
+            ("ui_tls_cert", self.ui_tls_cert.is_some()),
+            ("ui_tls_key", self.ui_tls_key.is_some()),
+            ("ui_public", self.ui_public.is_some()),
         ]
         .into_iter()
         .filter_map(|(k, set)| set.then_some(k))
@@ -189,6 +215,10 @@ impl RawConfig {
             handshake_timeout: other.handshake_timeout.or(self.handshake_timeout),
             preface_timeout: other.preface_timeout.or(self.preface_timeout),
             listen_backlog: other.listen_backlog.or(self.listen_backlog),
+            ui_listen: other.ui_listen.or(self.ui_listen),
+            ui_tls_cert: other.ui_tls_cert.or(self.ui_tls_cert),
+            ui_tls_key: other.ui_tls_key.or(self.ui_tls_key),
+            ui_public: other.ui_public.or(self.ui_public),
             file: self.file,
             file_keys,
         }
@@ -243,6 +273,7 @@ impl RawConfig {
         };
         let listen = addr(self.listen, "listen", true);
         let metrics_listen = addr(self.metrics_listen, "metrics_listen", false);
+        let ui_listen = addr(self.ui_listen, "ui_listen", false);
         let db = match self.db.as_deref().map(str::parse::<DbUrl>) {
             None => {
                 errs.push("db is required (--db sqlite://PATH or postgres://…)".into());
@@ -328,6 +359,30 @@ impl RawConfig {
         {
             errs.push(format!("listen_backlog {n} must be between 1 and 65535"));
         }
+        let ui_identity = match (self.ui_tls_cert, self.ui_tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                errs.push("ui_tls_cert needs ui_tls_key (--ui-tls-key FILE)".into());
+                None
+            }
+            (None, Some(_)) => {
+                errs.push("ui_tls_key needs ui_tls_cert (--ui-tls-cert FILE)".into());
+                None
+            }
+        };
+        let ui_public = self.ui_public.unwrap_or(false);
+        if ui_listen.is_none() && (ui_identity.is_some() || ui_public) {
+            errs.push(
+                "ui_tls_cert, ui_tls_key and ui_public need ui_listen (--ui-listen ADDR):                  the web UI is off without it"
+                    .into(),
+            );
+        }
+        let ui = ui_listen.map(|listen| UiConfig {
+            listen,
+            identity: ui_identity,
+            public: ui_public,
+        });
         let (Some(listen), Some(db), true) = (listen, db, errs.is_empty()) else {
             return Err(ConfigErrors(errs));
         };
@@ -349,6 +404,7 @@ impl RawConfig {
                 .unwrap_or_else(|| format!("{}:{}", crate::pki::this_hostname(), listen.port())),
             admission,
             listen_backlog: self.listen_backlog,
+            ui,
         })
     }
 }
@@ -526,5 +582,60 @@ mod tests {
         assert_eq!(c.admission.handshake_timeout, Duration::from_secs(2));
         assert_eq!(c.admission.preface_timeout, Duration::from_secs(3));
         assert_eq!(c.listen_backlog, Some(4096));
+        assert!(c.ui.is_none(), "the web UI is off unless asked for");
+    }
+
+    #[test]
+    fn web_ui_keys() {
+        let base = "listen = \"127.0.0.1:7443\"\ndb = \"sqlite://x.db\"\ntls_ca = \"ca.pem\"\n\
+                    tls_cert = \"s.pem\"\ntls_key = \"s.key\"\n";
+        let parse = |more: &str| {
+            toml::from_str::<RawConfig>(&format!("{base}{more}"))
+                .unwrap()
+                .validate()
+        };
+        let ui = parse(
+            "ui_listen = \"0.0.0.0:7444\"\nui_tls_cert = \"u.pem\"\nui_tls_key = \"u.key\"\n",
+        )
+        .unwrap()
+        .ui
+        .unwrap();
+        assert_eq!(ui.listen, "0.0.0.0:7444".parse().unwrap());
+        assert_eq!(ui.identity, Some(("u.pem".into(), "u.key".into())));
+        assert!(!ui.public);
+        let ui = parse("ui_listen = \"127.0.0.1:7444\"\nui_public = true\n")
+            .unwrap()
+            .ui
+            .unwrap();
+        assert!(ui.public && ui.identity.is_none());
+        // A flag overrides the file, key by key.
+        let file: RawConfig =
+            toml::from_str(&format!("{base}ui_listen = \"127.0.0.1:7444\"\n")).unwrap();
+        let c = file
+            .overridden_by(RawConfig {
+                ui_listen: Some("127.0.0.1:9444".into()),
+                ..RawConfig::default()
+            })
+            .validate()
+            .unwrap();
+        assert_eq!(c.ui.unwrap().listen.port(), 9444);
+        for (more, says) in [
+            (
+                "ui_listen = \"localhost\"\n",
+                "ui_listen \"localhost\" is not IP:PORT",
+            ),
+            (
+                "ui_listen = \"127.0.0.1:1\"\nui_tls_cert = \"u.pem\"\n",
+                "ui_tls_cert needs ui_tls_key",
+            ),
+            (
+                "ui_listen = \"127.0.0.1:1\"\nui_tls_key = \"u.key\"\n",
+                "ui_tls_key needs ui_tls_cert",
+            ),
+            ("ui_public = true\n", "need ui_listen"),
+        ] {
+            let e = parse(more).unwrap_err().to_string();
+            assert!(e.contains(says), "{more:?}: {e}");
+        }
     }
 }

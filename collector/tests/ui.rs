@@ -931,3 +931,170 @@ async fn binaries_refuse_unsafe_addresses_and_serve_serves_the_ui() {
     }
     assert!(logged().contains("Serving the web UI"), "{}", logged());
 }
+
+/// A plausible fleet for the screenshots (the README shows one): two web servers whose
+/// dual-stack sockets are the headline on port 80 (one let in by the firewall, one only
+/// from a subnet), and a database server whose sockets netstat shows honestly.
+async fn fill_demo(pki: &Pki, db: &DbUrl) {
+    let store = Store::open(db, &StoreOptions::default()).await.unwrap();
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(server::serve(
+        socket,
+        listenscope_collector::tls::ServerTls::from(pki.server_tls()),
+        store,
+        Limits::default(),
+        stop.clone().cancelled_owned(),
+    ));
+    let apache = trap(80, "open");
+    let mut nginx = trap(80, "restricted");
+    nginx.effective_ipv4 = verdict(
+        "restricted",
+        "inet filter input handle 9: ip saddr 198.51.100.0/24 tcp dport 80 accept",
+        &["saddr 198.51.100.0/24"],
+    );
+    nginx.processes[0].comm = "nginx".into();
+    nginx.processes[0].cmdline = "nginx: master process /usr/sbin/nginx".into();
+    nginx.unit = "nginx.service".into();
+    let mut postgres = listener("host", 5432);
+    postgres.key.as_mut().unwrap().v6only = Some(true);
+    postgres.reach_ipv4 = v1::Reach::None as i32;
+    postgres.trap = false;
+    postgres.hidden_ipv4_exposure = false;
+    postgres.processes[0].comm = "postgres".into();
+    postgres.processes[0].cmdline = "/usr/lib/postgresql/15/bin/postgres".into();
+    postgres.unit = "postgresql@15-main.service".into();
+    postgres.effective_ipv6 = verdict("filtered", "policy drop of inet filter input", &[]);
+    let mut ssh = trap(22, "open");
+    ssh.processes[0].comm = "sshd".into();
+    ssh.processes[0].cmdline = "sshd: /usr/sbin/sshd -D [listener]".into();
+    ssh.unit = "ssh.service".into();
+    report(
+        pki,
+        addr,
+        "web-01.example.net",
+        vec![snapshot(1, vec![apache, ssh.clone()])],
+    )
+    .await;
+    report(
+        pki,
+        addr,
+        "web-02.example.net",
+        vec![snapshot(1, vec![nginx, ssh.clone()])],
+    )
+    .await;
+    report(
+        pki,
+        addr,
+        "db-01.example.net",
+        vec![snapshot(1, vec![postgres])],
+    )
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Where screenshots go: `target/ui-screenshots/` (kept by CI as artifacts).
+fn screenshot_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("ui-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A PNG of `width`×`height` with something drawn on it: its signature, its header's
+/// size, and more bytes than a blank page compresses to (about 2 KiB at this size).
+fn check_png(path: &std::path::Path, width: u32, height: u32) {
+    let png = std::fs::read(path).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{}", path.display());
+    assert_eq!(&png[12..16], b"IHDR");
+    let w = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    let h = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    assert_eq!((w, h), (width, height), "{}", path.display());
+    assert!(
+        png.len() > 20_000,
+        "{}: {} bytes",
+        path.display(),
+        png.len()
+    );
+}
+
+/// Headless Chromium (Debian's, installed by `scripts/test`) loads the pages from a
+/// running UI: the headline host is in the DOM the browser built, nothing the agents sent
+/// became an element there, and screenshots of the pages are saved under
+/// `target/ui-screenshots/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_browser_shows_the_headline() {
+    let chromium = Chromium::find().unwrap_or_else(|fix| panic!("{fix}"));
+    let shots = screenshot_dir();
+
+    // The hostile fleet: what the browser made of the agents' text.
+    let pki = Pki::new(&["h1", "h2", "h3", "h4", "h5", "h6", "h7"]);
+    let dir = TempDir::new("ui-browser");
+    let db = DbUrl::Sqlite(dir.path().join("ls.db"));
+    fill(&pki, &db).await;
+    let served = Served::start(&db, "127.0.0.1:0", None).await;
+    let base = format!("http://{}", served.addr);
+    for path in [
+        "/",
+        "/exposure?port=80",
+        "/hosts/h1",
+        "/changes",
+        "/ports",
+        "/stale",
+    ] {
+        let dom = tokio::task::block_in_place(|| chromium.dump_dom(&format!("{base}{path}")));
+        let doc = Html::parse_document(&dom);
+        inert(&doc, path);
+        accessible(&doc, path);
+    }
+    let dom =
+        tokio::task::block_in_place(|| chromium.dump_dom(&format!("{base}/exposure?port=80")));
+    let doc = Html::parse_document(&dom);
+    let hl = rows(&doc, "Hosts where IPv4 reaches port 80");
+    assert_eq!(hl.len(), 2, "{hl:?}");
+    assert_eq!((hl[0][1].as_str(), hl[0][5].as_str()), ("h1", ":::80"));
+    assert_eq!(
+        hl[0][6], SCRIPT,
+        "the browser shows the process name as text"
+    );
+    served.shutdown().await;
+
+    // The plausible fleet: the pages as an SRE sees them.
+    let pki = Pki::new(&[
+        "web-01.example.net",
+        "web-02.example.net",
+        "db-01.example.net",
+    ]);
+    let db = DbUrl::Sqlite(dir.path().join("demo.db"));
+    fill_demo(&pki, &db).await;
+    let served = Served::start(&db, "127.0.0.1:0", None).await;
+    let base = format!("http://{}", served.addr);
+    let dom =
+        tokio::task::block_in_place(|| chromium.dump_dom(&format!("{base}/exposure?port=80")));
+    let doc = Html::parse_document(&dom);
+    let hl = rows(&doc, "Hosts where IPv4 reaches port 80");
+    let hosts: Vec<&str> = hl.iter().map(|r| r[1].as_str()).collect();
+    assert_eq!(
+        hosts,
+        ["web-01.example.net", "web-02.example.net"],
+        "{hl:?}"
+    );
+    assert_eq!(doc.select(&sel("tbody .trap")).count(), 2);
+    for (name, path, height) in [
+        ("exposure", "/exposure?port=80", 720),
+        ("overview", "/", 900),
+        ("host", "/hosts/web-01.example.net", 720),
+        ("changes", "/changes", 900),
+    ] {
+        let png = shots.join(format!("{name}.png"));
+        tokio::task::block_in_place(|| {
+            chromium.screenshot(&format!("{base}{path}"), &png, 1280, height)
+        });
+        check_png(&png, 1280, height);
+    }
+    served.shutdown().await;
+}

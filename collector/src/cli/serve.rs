@@ -106,16 +106,16 @@ pub struct ServeArgs {
     /// 127.0.0.1:7444. Off loopback it needs TLS (the collector's certificate unless
     /// --ui-tls-cert) and client certificates from --tls-ca unless --ui-public.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = crate::ui::DEFAULT_LISTEN)]
-    pub ui_listen: Option<std::net::SocketAddr>,
+    pub ui_listen: Option<String>,
     /// The web UI's TLS certificate (default off loopback: the collector's --tls-cert).
-    #[arg(long, value_name = "FILE", requires_all = ["ui_tls_key", "ui_listen"])]
+    #[arg(long, value_name = "FILE")]
     pub ui_tls_cert: Option<PathBuf>,
     /// The web UI's TLS private key.
-    #[arg(long, value_name = "FILE", requires = "ui_tls_cert")]
+    #[arg(long, value_name = "FILE")]
     pub ui_tls_key: Option<PathBuf>,
     /// Serve the web UI over TLS without client certificates, to every client that can
     /// connect (default: a certificate from the fleet CA is required off loopback).
-    #[arg(long, requires = "ui_listen")]
+    #[arg(long)]
     pub ui_public: bool,
     /// Listen backlog (default max_sessions, 1024 to 65535; the kernel caps it at
     /// net.core.somaxconn).
@@ -292,8 +292,6 @@ fn revoke(
 pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
     // First: a SIGTERM during start-up (opening a big database) must stop it gracefully.
     let signal = listenscope_core::signal::shutdown_signal();
-    let (ui_listen, ui_public) = (a.ui_listen, a.ui_public);
-    let ui_identity = a.ui_tls_cert.clone().zip(a.ui_tls_key.clone());
     let file = match &a.config {
         Some(p) => RawConfig::load(p)?,
         None => RawConfig::default(),
@@ -319,6 +317,10 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
             handshake_timeout: a.handshake_timeout,
             preface_timeout: a.preface_timeout,
             listen_backlog: a.listen_backlog,
+            ui_listen: a.ui_listen,
+            ui_tls_cert: a.ui_tls_cert,
+            ui_tls_key: a.ui_tls_key,
+            ui_public: a.ui_public.then_some(true),
             ..RawConfig::default()
         })
         .validate()?;
@@ -354,9 +356,14 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
     // The web UI's TLS, checked before anything is opened: off loopback it uses the
     // collector's certificate unless given its own, and the collector's client verifier
     // (the fleet CA, the same CRLs) unless --ui-public.
-    let ui_tls = match ui_listen {
-        Some(addr) => {
-            let identity = match &ui_identity {
+    let (ui_listen, ui_public) = (
+        cfg.ui.as_ref().map(|u| u.listen),
+        cfg.ui.as_ref().is_some_and(|u| u.public),
+    );
+    let ui_tls = match &cfg.ui {
+        Some(ui) => {
+            let addr = ui.listen;
+            let identity = match &ui.identity {
                 Some((c, k)) => Some((c.as_path(), k.as_path())),
                 None if !crate::ui::is_loopback(addr) => {
                     Some((cfg.tls_cert.as_path(), cfg.tls_key.as_path()))
