@@ -63,7 +63,13 @@ pub fn timeline(hours: &[Hour], title: &str, description: &str) -> Markup {
                         }
                     }
                 }
-                @if i % every == 0 || i + 1 == hours.len() {
+                // The last hour's label ends at the plot's edge (centred, it would be cut
+                // off); a regular one too close before it is left out.
+                @if i + 1 == hours.len() {
+                    text class="tick" x=(fmt(x + bar)) y=(HEIGHT - 6.0) text-anchor="end" {
+                        (h.start.get(5..).unwrap_or(&h.start))
+                    }
+                } @else if i % every == 0 && hours.len() - 1 - i >= every.div_ceil(2).max(1) {
                     text class="tick" x=(fmt(x + bar / 2.0)) y=(HEIGHT - 6.0) text-anchor="middle" {
                         (h.start.get(5..).unwrap_or(&h.start))
                     }
