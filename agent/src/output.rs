@@ -308,32 +308,12 @@ fn v6only_cell(l: &Listener) -> &'static str {
 
 /// `nginx[811,812,+3] php-fpm[900]`, or `-` when no process holds it.
 pub fn process_cell(l: &Listener, processes: &BTreeMap<u32, ProcessInfo>) -> String {
-    let mut by_comm: Vec<(&str, Vec<u32>)> = Vec::new();
-    for pid in &l.pids {
-        let Some(p) = processes.get(pid) else {
-            continue;
-        };
-        match by_comm.iter_mut().find(|(c, _)| *c == p.comm) {
-            Some((_, pids)) => pids.push(*pid),
-            None => by_comm.push((&p.comm, vec![*pid])),
-        }
-    }
-    if by_comm.is_empty() {
-        return "-".to_string();
-    }
-    by_comm
-        .iter()
-        .map(|(comm, pids)| {
-            let shown: Vec<String> = pids.iter().take(3).map(|p| p.to_string()).collect();
-            let more = if pids.len() > 3 {
-                format!(",+{}", pids.len() - 3)
-            } else {
-                String::new()
-            };
-            format!("{comm}[{}{more}]", shown.join(","))
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    let owners = l.pids.iter().filter_map(|pid| {
+        processes
+            .get(pid)
+            .map(|p| (p.comm.as_str(), i64::from(*pid)))
+    });
+    listenscope_core::domain::process_summary(owners).unwrap_or_else(|| "-".to_string())
 }
 
 fn owner_cell(l: &Listener) -> String {

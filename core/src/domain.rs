@@ -273,3 +273,50 @@ mod tests {
         assert_eq!(ranks, [5, 4, 3, 2, 1, 0]);
     }
 }
+
+/// Owners as the scan table's PROCESS cell shows them: by command name in order of first
+/// appearance, up to three pids each (`nginx[811,812,+3] php-fpm[900]`); `None` for none.
+/// The agent's `scan` and the collector's web UI both print it.
+pub fn process_summary<'a>(owners: impl IntoIterator<Item = (&'a str, i64)>) -> Option<String> {
+    let mut by_comm: Vec<(&str, Vec<i64>)> = Vec::new();
+    for (comm, pid) in owners {
+        match by_comm.iter_mut().find(|(c, _)| *c == comm) {
+            Some((_, pids)) => pids.push(pid),
+            None => by_comm.push((comm, vec![pid])),
+        }
+    }
+    if by_comm.is_empty() {
+        return None;
+    }
+    Some(
+        by_comm
+            .iter()
+            .map(|(comm, pids)| {
+                let shown: Vec<String> = pids.iter().take(3).map(|p| p.to_string()).collect();
+                let more = if pids.len() > 3 {
+                    format!(",+{}", pids.len() - 3)
+                } else {
+                    String::new()
+                };
+                format!("{comm}[{}{more}]", shown.join(","))
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+#[cfg(test)]
+mod process_summary_tests {
+    use super::process_summary;
+
+    #[test]
+    fn grouped_by_name_three_pids_each() {
+        assert_eq!(process_summary([]), None);
+        assert_eq!(
+            process_summary([("nginx", 811), ("php-fpm", 900), ("nginx", 812)]).as_deref(),
+            Some("nginx[811,812] php-fpm[900]")
+        );
+        let many = (1..=5).map(|p| ("w", p));
+        assert_eq!(process_summary(many).as_deref(), Some("w[1,2,3,+2]"));
+    }
+}

@@ -259,13 +259,20 @@ fn port_form(action: &str, port: Option<u16>, proto: Option<&str>) -> Markup {
             label for="port" { "Port" }
             input id="port" name="port" type="number" min="1" max="65535"
                 value=[port.map(|p| p.to_string())];
-            label for="proto" { "Protocol" }
-            select id="proto" name="proto" {
-                option value="" selected[proto.is_none()] { "tcp and udp" }
-                option value="tcp" selected[proto == Some("tcp")] { "tcp" }
-                option value="udp" selected[proto == Some("udp")] { "udp" }
-            }
+            (proto_select(proto))
             button type="submit" { "Show" }
+        }
+    }
+}
+
+/// The protocol filter of a form (labelled).
+fn proto_select(proto: Option<&str>) -> Markup {
+    html! {
+        label for="proto" { "Protocol" }
+        select id="proto" name="proto" {
+            option value="" selected[proto.is_none()] { "tcp and udp" }
+            option value="tcp" selected[proto == Some("tcp")] { "tcp" }
+            option value="udp" selected[proto == Some("udp")] { "udp" }
         }
     }
 }
@@ -603,12 +610,7 @@ pub async fn ports(State(s): State<Arc<UiState>>, RawQuery(q): RawQuery) -> Resp
                 " UTC; recounted at most once a minute."
             }
             form method="get" action="/ports" class="filters" {
-                label for="proto" { "Protocol" }
-                select id="proto" name="proto" {
-                    option value="" selected[proto.is_none()] { "tcp and udp" }
-                    option value="tcp" selected[proto == Some("tcp")] { "tcp" }
-                    option value="udp" selected[proto == Some("udp")] { "udp" }
-                }
+                (proto_select(proto))
                 button type="submit" { "Show" }
             }
             @if page.is_empty() && paging.page == 1 {
@@ -1069,36 +1071,25 @@ fn process_cell(r: &query::Named<'_>) -> Result<String, PageError> {
         Value::String(s) => serde_json::from_str(&s).unwrap_or(Value::Null),
         v => v,
     };
-    let mut by_comm: Vec<(String, Vec<i64>)> = Vec::new();
-    for p in details.as_array().into_iter().flatten() {
-        let comm = p
-            .get("comm")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string();
-        let pid = p.get("pid").and_then(Value::as_i64).unwrap_or(0);
-        match by_comm.iter_mut().find(|(c, _)| *c == comm) {
-            Some((_, pids)) => pids.push(pid),
-            None => by_comm.push((comm, vec![pid])),
+    let owners: Vec<(String, i64)> = details
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let comm = p.get("comm").and_then(Value::as_str).unwrap_or("?");
+            (
+                comm.to_string(),
+                p.get("pid").and_then(Value::as_i64).unwrap_or(0),
+            )
+        })
+        .collect();
+    match listenscope_core::domain::process_summary(owners.iter().map(|(c, p)| (c.as_str(), *p))) {
+        Some(cell) => Ok(cell),
+        None => {
+            let names = r.text("processes")?;
+            Ok(if names.is_empty() { "-".into() } else { names })
         }
     }
-    if by_comm.is_empty() {
-        let names = r.text("processes")?;
-        return Ok(if names.is_empty() { "-".into() } else { names });
-    }
-    Ok(by_comm
-        .iter()
-        .map(|(comm, pids)| {
-            let shown: Vec<String> = pids.iter().take(3).map(|p| p.to_string()).collect();
-            let more = if pids.len() > 3 {
-                format!(",+{}", pids.len() - 3)
-            } else {
-                String::new()
-            };
-            format!("{comm}[{}{more}]", shown.join(","))
-        })
-        .collect::<Vec<_>>()
-        .join(" "))
 }
 
 /// A window must start before now and span at most [`MAX_WINDOW`].
