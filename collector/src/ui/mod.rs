@@ -178,7 +178,14 @@ pub struct UiState {
     /// The database URL as `query --db` takes it (a password replaced by `***`).
     db_label: String,
     slots: Arc<Semaphore>,
-    ports: tokio::sync::Mutex<Option<(Instant, time::OffsetDateTime, Arc<ResultSet>)>>,
+    ports: Arc<PortsCache>,
+}
+
+/// The ports table as last counted, and whether a recount is under way.
+#[derive(Debug, Default)]
+struct PortsCache {
+    counted: tokio::sync::Mutex<Option<(Instant, time::OffsetDateTime, Arc<ResultSet>)>>,
+    recounting: std::sync::atomic::AtomicBool,
 }
 
 impl UiState {
@@ -187,17 +194,36 @@ impl UiState {
             ro,
             db_label,
             slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-            ports: tokio::sync::Mutex::new(None),
+            ports: Arc::default(),
         }
     }
 
-    /// The ports table ([`crate::query::ports`]) and when it was counted: counted again
-    /// when older than [`PORTS_TTL`], by one request at a time (the others wait for it).
+    /// The ports table ([`crate::query::ports`]) and when it was counted. Only the first
+    /// request waits for a count (one at a time; the others wait for it). Later, a copy
+    /// older than [`PORTS_TTL`] is still answered at once, and one recount starts in the
+    /// background: a page never waits for a fleet-wide count again, and the page says
+    /// when its numbers were counted. A recount that fails keeps the old copy (logged).
     async fn ports(&self) -> Result<(time::OffsetDateTime, Arc<ResultSet>), QueryError> {
-        let mut cached = self.ports.lock().await;
-        if let Some((at, counted, rows)) = &*cached
-            && at.elapsed() < PORTS_TTL
-        {
+        use std::sync::atomic::Ordering;
+        let mut cached = self.ports.counted.lock().await;
+        if let Some((at, counted, rows)) = &*cached {
+            if at.elapsed() >= PORTS_TTL && !self.ports.recounting.swap(true, Ordering::AcqRel) {
+                let (ro, cache) = (self.ro.clone(), Arc::clone(&self.ports));
+                tokio::spawn(async move {
+                    let counted = time::OffsetDateTime::now_utc();
+                    match crate::query::ports(&ro).await {
+                        Ok(rows) => {
+                            *cache.counted.lock().await =
+                                Some((Instant::now(), counted, Arc::new(rows)));
+                        }
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            "Recounting the ports page failed; it keeps the last count."
+                        ),
+                    }
+                    cache.recounting.store(false, Ordering::Release);
+                });
+            }
             return Ok((*counted, Arc::clone(rows)));
         }
         let counted = time::OffsetDateTime::now_utc();
