@@ -374,7 +374,7 @@ impl RawConfig {
         let ui_public = self.ui_public.unwrap_or(false);
         if ui_listen.is_none() && (ui_identity.is_some() || ui_public) {
             errs.push(
-                "ui_tls_cert, ui_tls_key and ui_public need ui_listen (--ui-listen ADDR):                  the web UI is off without it"
+                "ui_tls_cert, ui_tls_key and ui_public need ui_listen (--ui-listen ADDR): the web UI is off without it"
                     .into(),
             );
         }

@@ -240,7 +240,7 @@ async fn serve_ui(
         Some(addr) => {
             if !ui::is_loopback(addr) {
                 bail!(
-                    "quickstart serves the web UI on a loopback address only ({addr} is not                      one); for another address run `listenscope-collector ui --db {db}` with                      TLS (docs/ui.md)"
+                    "quickstart serves the web UI on a loopback address only ({addr} is not one); for another address run `listenscope-collector ui --db {db}` with TLS (docs/ui.md)"
                 );
             }
             ui::bind(addr)?

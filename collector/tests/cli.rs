@@ -293,7 +293,7 @@ fn quickstart_shows_inventory_and_headline() {
     let dir = TempDir::new("qs");
     let run = || {
         Command::new(collector_bin())
-            .arg("quickstart")
+            .args(["quickstart", "--no-ui"])
             .current_dir(dir.path())
             .output()
             .unwrap()
@@ -430,7 +430,7 @@ async fn quickstart_on_postgres() {
     let url = server.database("qs").await;
     let dir = TempDir::new("qspg");
     let o = Command::new(collector_bin())
-        .args(["quickstart", "--db", &url])
+        .args(["quickstart", "--no-ui", "--db", &url])
         .current_dir(dir.path())
         .output()
         .unwrap();

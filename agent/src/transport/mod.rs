@@ -209,7 +209,7 @@ impl Book {
             Err(e @ JournalError::TooBig { .. }) => {
                 tracing::error!(
                     error = %e,
-                    "The inventory does not fit the outbox journal: going on without it; an                      agent restart now loses unacknowledged changes."
+                    "The inventory does not fit the outbox journal: going on without it; an agent restart now loses unacknowledged changes."
                 );
                 self.journal = None;
                 self.remove_journal();
@@ -218,7 +218,7 @@ impl Book {
                 if !self.broken {
                     tracing::error!(
                         error = %e,
-                        "Writing the outbox journal failed: its file is removed and rewritten                          at the next scan; until then an agent restart loses unacknowledged                          changes."
+                        "Writing the outbox journal failed: its file is removed and rewritten at the next scan; until then an agent restart loses unacknowledged changes."
                     );
                 }
                 self.broken = true;
@@ -227,7 +227,7 @@ impl Book {
         }
         if self.outbox.overflows > overflows {
             tracing::warn!(
-                "The outbox journal reached journal_max_bytes: pending changes are replaced by                  one snapshot, so the history loses their exact times."
+                "The outbox journal reached journal_max_bytes: pending changes are replaced by one snapshot, so the history loses their exact times."
             );
         }
     }

@@ -513,7 +513,7 @@ fn authorize(action: c_int, first: Option<&str>, second: Option<&str>) -> Result
                 None if listed(READ_PRAGMAS) || listed(SCHEMA_PRAGMAS) => Ok(()),
                 Some(_) if listed(SCHEMA_PRAGMAS) => Ok(()),
                 Some(value) if listed(READ_PRAGMAS) => Err(format!(
-                    "PRAGMA {name} = {value} changes a setting (read it with                      `SELECT * FROM pragma_{name}`)"
+                    "PRAGMA {name} = {value} changes a setting (read it with `SELECT * FROM pragma_{name}`)"
                 )),
                 _ => Err(format!("PRAGMA {name} is not one that only reads")),
             }
