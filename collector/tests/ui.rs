@@ -407,6 +407,20 @@ async fn check_pages(db: &DbUrl) {
     // Hidden ports: h1 80, 443; h2 80; h3…h7 8080 (8443 closed).
     assert_eq!(stats[3], "8", "hidden: {stats:?}");
     assert_eq!(stats[4], "7", "open or restricted: {stats:?}");
+    // The fleet-wide count over every live listener never holds the overview up: the
+    // first visit starts it and says so.
+    assert_eq!(
+        stats.len(),
+        5,
+        "no effective counts before the first count: {stats:?}"
+    );
+    assert!(
+        texts(&doc, "p.note")
+            .iter()
+            .any(|t| t.contains("being counted")),
+        "{:?}",
+        texts(&doc, "p.note")
+    );
 
     // The headline: port 80 over IPv4 on h1 (open, first) and h2 (filtered).
     let (_, doc) = page(a, "/exposure?port=80").await;
@@ -547,6 +561,22 @@ async fn check_pages(db: &DbUrl) {
     // h1 and h2 accept IPv4 on 80; the firewall leaves h1's open; both hidden.
     assert_eq!(p80[1..], ["tcp", "2", "1", "2", "2", "2"], "{ports:?}");
     assert_eq!(ports[0][0], "8080", "most hosts first: {ports:?}");
+    // The overview now shows the effective exposures: the sums of the ports' columns.
+    let sum = |i: usize| -> u64 { ports.iter().map(|r| r[i].parse::<u64>().unwrap()).sum() };
+    let (_, doc) = page(a, "/").await;
+    let stats = texts(&doc, "dl.stats dd");
+    assert_eq!(stats.len(), 7, "{stats:?}");
+    assert_eq!(
+        stats[5],
+        format!("{} of {}", sum(3), sum(2)),
+        "IPv4: {stats:?}"
+    );
+    assert_eq!(
+        stats[6],
+        format!("{} of {}", sum(5), sum(4)),
+        "IPv6: {stats:?}"
+    );
+    assert!(sum(3) > 0 && sum(5) > 0, "{ports:?}");
 
     // The SQL behind each page, with the command that runs it.
     for path in [

@@ -181,11 +181,113 @@ pub struct UiState {
     ports: Arc<PortsCache>,
 }
 
-/// The ports table as last counted, and whether a recount is under way.
+/// The ports table ([`crate::query::ports`]) as last counted, shared by the requests.
+///
+/// Counting reads every live listener that accepts any address, so it runs in a task
+/// of its own, one at a time: a request that gives up (its [`REQUEST_TIMEOUT`], a
+/// closed connection) does not cancel it, and the next request finds its answer.
 #[derive(Debug, Default)]
 struct PortsCache {
-    counted: tokio::sync::Mutex<Option<(Instant, time::OffsetDateTime, Arc<ResultSet>)>>,
-    recounting: std::sync::atomic::AtomicBool,
+    state: std::sync::Mutex<PortsState>,
+    /// Woken when a count ends, with or without an answer.
+    counted: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct PortsState {
+    copy: Option<PortsCount>,
+    counting: bool,
+    /// Why the last count failed, while there is no copy to answer with.
+    failed: Option<String>,
+}
+
+/// One count of the ports table.
+#[derive(Debug, Clone)]
+pub struct PortsCount {
+    taken: Instant,
+    /// When the count started (the page says so).
+    pub at: time::OffsetDateTime,
+    pub rows: Arc<ResultSet>,
+}
+
+impl PortsCache {
+    /// Starts a count unless one runs (`state` locked by the caller).
+    fn start(self: &Arc<Self>, state: &mut PortsState, ro: &ReadOnly) {
+        if state.counting {
+            return;
+        }
+        state.counting = true;
+        let (ro, cache) = (ro.clone(), Arc::clone(self));
+        tokio::spawn(async move {
+            let at = time::OffsetDateTime::now_utc();
+            let counted = crate::query::ports(&ro).await;
+            {
+                let mut state = cache.state.lock().unwrap_or_else(|e| e.into_inner());
+                state.counting = false;
+                match counted {
+                    Ok(rows) => {
+                        state.copy = Some(PortsCount {
+                            taken: Instant::now(),
+                            at,
+                            rows: Arc::new(rows),
+                        });
+                        state.failed = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            error = %e,
+                            "Counting the ports page failed; the last count (if any) is kept."
+                        );
+                        if state.copy.is_none() {
+                            state.failed = Some(e.to_string());
+                        }
+                    }
+                }
+            }
+            cache.counted.notify_waiters();
+        });
+    }
+
+    /// The last count without waiting (`None` before the first has ended); starts a
+    /// count when there is none or the copy is older than [`PORTS_TTL`].
+    fn peek(self: &Arc<Self>, ro: &ReadOnly) -> Option<PortsCount> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = state
+            .copy
+            .as_ref()
+            .is_some_and(|c| c.taken.elapsed() < PORTS_TTL);
+        if !fresh {
+            self.start(&mut state, ro);
+        }
+        state.copy.clone()
+    }
+
+    /// The last count, waiting for the first one when there is none yet. A copy older
+    /// than [`PORTS_TTL`] is still answered at once while one recount runs in the
+    /// background, so only the first request after start-up waits for a fleet-wide
+    /// count. A first count that fails is an error for the requests waiting on it; the
+    /// next request tries again.
+    async fn get(self: &Arc<Self>, ro: &ReadOnly) -> Result<PortsCount, PageError> {
+        loop {
+            let ended = self.counted.notified();
+            tokio::pin!(ended);
+            // Registered before looking, so a count ending in between is not missed.
+            ended.as_mut().enable();
+            if let Some(copy) = self.peek(ro) {
+                return Ok(copy);
+            }
+            ended.await;
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(copy) = &state.copy {
+                return Ok(copy.clone());
+            }
+            if let Some(why) = state.failed.take() {
+                return Err(PageError::Unavailable(format!(
+                    "counting the ports over every live listener failed: {why}"
+                )));
+            }
+        }
+    }
 }
 
 impl UiState {
@@ -198,38 +300,14 @@ impl UiState {
         }
     }
 
-    /// The ports table ([`crate::query::ports`]) and when it was counted. Only the first
-    /// request waits for a count (one at a time; the others wait for it). Later, a copy
-    /// older than [`PORTS_TTL`] is still answered at once, and one recount starts in the
-    /// background: a page never waits for a fleet-wide count again, and the page says
-    /// when its numbers were counted. A recount that fails keeps the old copy (logged).
-    async fn ports(&self) -> Result<(time::OffsetDateTime, Arc<ResultSet>), QueryError> {
-        use std::sync::atomic::Ordering;
-        let mut cached = self.ports.counted.lock().await;
-        if let Some((at, counted, rows)) = &*cached {
-            if at.elapsed() >= PORTS_TTL && !self.ports.recounting.swap(true, Ordering::AcqRel) {
-                let (ro, cache) = (self.ro.clone(), Arc::clone(&self.ports));
-                tokio::spawn(async move {
-                    let counted = time::OffsetDateTime::now_utc();
-                    match crate::query::ports(&ro).await {
-                        Ok(rows) => {
-                            *cache.counted.lock().await =
-                                Some((Instant::now(), counted, Arc::new(rows)));
-                        }
-                        Err(e) => tracing::warn!(
-                            error = %e,
-                            "Recounting the ports page failed; it keeps the last count."
-                        ),
-                    }
-                    cache.recounting.store(false, Ordering::Release);
-                });
-            }
-            return Ok((*counted, Arc::clone(rows)));
-        }
-        let counted = time::OffsetDateTime::now_utc();
-        let rows = Arc::new(crate::query::ports(&self.ro).await?);
-        *cached = Some((Instant::now(), counted, Arc::clone(&rows)));
-        Ok((counted, rows))
+    /// The ports table and when it was counted ([`PortsCache::get`]).
+    async fn ports(&self) -> Result<PortsCount, PageError> {
+        self.ports.get(&self.ro).await
+    }
+
+    /// The ports table if one was counted, without waiting ([`PortsCache::peek`]).
+    fn ports_now(&self) -> Option<PortsCount> {
+        self.ports.peek(&self.ro)
     }
 }
 
@@ -239,6 +317,8 @@ enum PageError {
     Bad(params::BadParam),
     NotFound(String),
     Query(QueryError),
+    /// Not answerable now; worth trying again (503).
+    Unavailable(String),
 }
 
 impl From<params::BadParam> for PageError {
@@ -280,6 +360,21 @@ impl PageError {
                     markup! { p class="error" { (what) } p { a href="/hosts" { "Every host" } } },
                 ),
             ),
+            PageError::Unavailable(why) => {
+                tracing::warn!(why, "A UI page could not be answered.");
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    html::page(
+                        "Not available right now",
+                        current,
+                        None,
+                        markup! {
+                            p class="error" { (html::text(&why)) }
+                            p { "Try again in a moment." }
+                        },
+                    ),
+                )
+            }
             PageError::Query(e) => {
                 let status = match e {
                     QueryError::Timeout(_) | QueryError::WindowTooBig => {

@@ -185,11 +185,15 @@ pub async fn overview(State(s): State<Arc<UiState>>, RawQuery(q): RawQuery) -> R
                 report: Some(ctx.report("exposure --db {db}")),
             },
             Sql {
-                caption: "Not on this page: every listener's verdicts (reads every live \
-                          listener of the fleet)"
+                caption: "Ports open to the world through the firewall (the sums of the \
+                          ports page's columns; counted over every live listener at most \
+                          once a minute)"
                     .into(),
-                sql: "SELECT ip_version, verdict, count(*) AS listeners\nFROM effective_exposure\nGROUP BY ip_version, verdict"
-                    .into(),
+                sql: format!(
+                    "SELECT sum(ipv4_hosts) AS ipv4_any, sum(ipv4_open) AS ipv4_open,\n       \
+                     sum(ipv6_hosts) AS ipv6_any, sum(ipv6_open) AS ipv6_open\nFROM (\n{}\n) AS ports",
+                    query::PORTS_VIEW_SQL
+                ),
                 report: None,
             },
         ];
@@ -197,6 +201,16 @@ pub async fn overview(State(s): State<Arc<UiState>>, RawQuery(q): RawQuery) -> R
             return Ok(ctx.finish("Fleet overview", sql, None));
         }
         let o = query::overview(&ctx.state.ro).await?;
+        // Never waits for the fleet-wide count: the last one, or a note that it runs.
+        let effective = ctx.state.ports_now().map(|c| {
+            let col = |name: &str| c.rows.columns.iter().position(|n| n == name);
+            let sum = |name: &str| -> i64 {
+                col(name).map_or(0, |i| {
+                    c.rows.rows.iter().filter_map(|r| r.get(i).and_then(Value::as_i64)).sum()
+                })
+            };
+            (c.at, [sum("ipv4_hosts"), sum("ipv4_open"), sum("ipv6_hosts"), sum("ipv6_open")])
+        });
         let hidden_ports: u64 = o.hidden.iter().map(|r| r.1).sum();
         let exposed: u64 = o
             .hidden
@@ -217,6 +231,30 @@ pub async fn overview(State(s): State<Arc<UiState>>, RawQuery(q): RawQuery) -> R
                     dt { "…that the firewall lets in (open or restricted)" }
                     dd { (exposed) }
                 }
+                @if let Some((_, [v4_any, v4_open, v6_any, v6_open])) = effective {
+                    div {
+                        dt { "Open to the world through the firewall, IPv4" }
+                        dd { a href="/ports?sort=ipv4_open" { (v4_open) } " of " (v4_any) }
+                    }
+                    div {
+                        dt { "Open to the world through the firewall, IPv6" }
+                        dd { a href="/ports?sort=ipv6_open" { (v6_open) } " of " (v6_any) }
+                    }
+                }
+            }
+            @match effective {
+                Some((at, _)) => p class="note" {
+                    "Open to the world: (host, port) pairs that accept any address over that \
+                     IP version, and of those, how many the host's own firewall leaves open; \
+                     counted over every live listener at " (timefmt::format(at))
+                    " UTC, at most once a minute ("
+                    a href="/ports" { "by port" } ")."
+                },
+                None => p class="note" {
+                    "The ports open to the world through the firewall are being counted over \
+                     every live listener; reload in a moment, or see "
+                    a href="/ports" { "them by port" } "."
+                },
             }
             p {
                 "A hidden IPv4 exposure is a port that accepts IPv4 connections from off the \
@@ -572,7 +610,8 @@ pub async fn ports(State(s): State<Arc<UiState>>, RawQuery(q): RawQuery) -> Resp
         if want_sql {
             return Ok(ctx.finish(title, sql, None));
         }
-        let (computed, all) = ctx.state.ports().await?;
+        let counted = ctx.state.ports().await?;
+        let (computed, all) = (counted.at, counted.rows);
         let col = |name: &str| all.columns.iter().position(|c| c == name).unwrap_or(0);
         let (c_port, c_proto, c_sort) = (col("port"), col("protocol"), col(sort));
         let num = |r: &[Value], i: usize| r.get(i).and_then(Value::as_i64).unwrap_or(0);
