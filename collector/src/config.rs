@@ -75,6 +75,10 @@ pub struct RawConfig {
     /// Serve the web UI over TLS to every client that can connect, without client
     /// certificates. Default false.
     pub ui_public: Option<bool>,
+    /// The CA (PEM) whose client certificates open the web UI off loopback, instead of
+    /// `tls_ca` (whose certificates include every agent's). Its CRL is `crl.pem` next
+    /// to it when present. Optional.
+    pub ui_tls_ca: Option<PathBuf>,
     /// The file the values came from (not a key): errors about its keys name it.
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -117,6 +121,8 @@ pub struct UiConfig {
     /// Its own certificate and key; `None`: the collector's off loopback, none on it.
     pub identity: Option<(PathBuf, PathBuf)>,
     pub public: bool,
+    /// The CA of the UI's client certificates; `None`: the fleet CA (`tls_ca`).
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +184,7 @@ impl RawConfig {
             ("ui_tls_cert", self.ui_tls_cert.is_some()),
             ("ui_tls_key", self.ui_tls_key.is_some()),
             ("ui_public", self.ui_public.is_some()),
+            ("ui_tls_ca", self.ui_tls_ca.is_some()),
         ]
         .into_iter()
         .filter_map(|(k, set)| set.then_some(k))
@@ -219,6 +226,7 @@ impl RawConfig {
             ui_tls_cert: other.ui_tls_cert.or(self.ui_tls_cert),
             ui_tls_key: other.ui_tls_key.or(self.ui_tls_key),
             ui_public: other.ui_public.or(self.ui_public),
+            ui_tls_ca: other.ui_tls_ca.or(self.ui_tls_ca),
             file: self.file,
             file_keys,
         }
@@ -372,9 +380,15 @@ impl RawConfig {
             }
         };
         let ui_public = self.ui_public.unwrap_or(false);
-        if ui_listen.is_none() && (ui_identity.is_some() || ui_public) {
+        if ui_listen.is_none() && (ui_identity.is_some() || ui_public || self.ui_tls_ca.is_some()) {
             errs.push(
-                "ui_tls_cert, ui_tls_key and ui_public need ui_listen (--ui-listen ADDR): the web UI is off without it"
+                "ui_tls_cert, ui_tls_key, ui_tls_ca and ui_public need ui_listen (--ui-listen ADDR): the web UI is off without it"
+                    .into(),
+            );
+        }
+        if ui_public && self.ui_tls_ca.is_some() {
+            errs.push(
+                "ui_tls_ca and ui_public contradict each other: ui_tls_ca asks the web UI's clients for certificates from that CA, ui_public for none; keep one"
                     .into(),
             );
         }
@@ -382,6 +396,7 @@ impl RawConfig {
             listen,
             identity: ui_identity,
             public: ui_public,
+            client_ca: self.ui_tls_ca,
         });
         let (Some(listen), Some(db), true) = (listen, db, errs.is_empty()) else {
             return Err(ConfigErrors(errs));
@@ -608,6 +623,12 @@ mod tests {
             .ui
             .unwrap();
         assert!(ui.public && ui.identity.is_none());
+        assert_eq!(ui.client_ca, None, "the fleet CA unless told");
+        let ui = parse("ui_listen = \"0.0.0.0:7444\"\nui_tls_ca = \"ops.pem\"\n")
+            .unwrap()
+            .ui
+            .unwrap();
+        assert_eq!(ui.client_ca, Some("ops.pem".into()));
         // A flag overrides the file, key by key.
         let file: RawConfig =
             toml::from_str(&format!("{base}ui_listen = \"127.0.0.1:7444\"\n")).unwrap();
@@ -633,6 +654,11 @@ mod tests {
                 "ui_tls_key needs ui_tls_cert",
             ),
             ("ui_public = true\n", "need ui_listen"),
+            ("ui_tls_ca = \"ops.pem\"\n", "need ui_listen"),
+            (
+                "ui_listen = \"0.0.0.0:1\"\nui_tls_ca = \"ops.pem\"\nui_public = true\n",
+                "ui_tls_ca and ui_public contradict",
+            ),
         ] {
             let e = parse(more).unwrap_err().to_string();
             assert!(e.contains(says), "{more:?}: {e}");

@@ -960,6 +960,38 @@ async fn binaries_refuse_unsafe_addresses_and_serve_serves_the_ui() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(logged().contains("Serving the web UI"), "{}", logged());
+
+    // --ui-tls-ca: the UI's clients come from the operators' CA, so an agent's
+    // certificate (the fleet CA's) no longer opens it.
+    let operators = Pki::new(&["alice"]);
+    let grpc = free_port("127.0.0.1");
+    let web = free_port("0.0.0.0");
+    let log = dir.path().join("collector-ops.log");
+    let _logs = LogsOnPanic(vec![log.clone()]);
+    let ops_ca = operators.path("ca.pem");
+    let _collector = spawn_collector_with(
+        &pki,
+        &db,
+        grpc,
+        None,
+        &log,
+        &[
+            "--ui-listen",
+            &web.to_string(),
+            "--ui-tls-ca",
+            ops_ca.to_str().unwrap(),
+        ],
+    );
+    wait_listening(web).await;
+    let alice = tls_client_with_root(&pki, &operators, ("alice.pem", "alice.key"));
+    let r = tls_get(web, &alice, "/hosts").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let agent = tls_client(&pki, Some(("h1.pem", "h1.key")));
+    assert!(
+        tls_get(web, &agent, "/hosts").await.is_err(),
+        "an agent's certificate opened the UI"
+    );
+    assert!(tls_get(web, &tls_client(&pki, None), "/").await.is_err());
 }
 
 /// A plausible fleet for the screenshots (the README shows one): two web servers whose

@@ -117,6 +117,11 @@ pub struct ServeArgs {
     /// connect (default: a certificate from the fleet CA is required off loopback).
     #[arg(long)]
     pub ui_public: bool,
+    /// The CA whose client certificates open the web UI off loopback, instead of the
+    /// fleet CA (--tls-ca, which signed every agent's certificate too); its CRL is
+    /// crl.pem next to it when present.
+    #[arg(long, value_name = "FILE")]
+    pub ui_tls_ca: Option<PathBuf>,
     /// Listen backlog (default max_sessions, 1024 to 65535; the kernel caps it at
     /// net.core.somaxconn).
     #[arg(long, env = "LISTENSCOPE_LISTEN_BACKLOG", value_name = "N")]
@@ -321,6 +326,7 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
             ui_tls_cert: a.ui_tls_cert,
             ui_tls_key: a.ui_tls_key,
             ui_public: a.ui_public.then_some(true),
+            ui_tls_ca: a.ui_tls_ca,
             ..RawConfig::default()
         })
         .validate()?;
@@ -360,6 +366,8 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
         cfg.ui.as_ref().map(|u| u.listen),
         cfg.ui.as_ref().is_some_and(|u| u.public),
     );
+    // Ends the web UI (and its own CRL's watch) when the collector stops.
+    let stop_ui = tokio_util::sync::CancellationToken::new();
     let ui_tls = match &cfg.ui {
         Some(ui) => {
             let addr = ui.listen;
@@ -370,7 +378,32 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
                 }
                 None => None,
             };
-            let clients = tls.revocation.as_ref().map(|r| r.verifier());
+            let clients = match (&ui.client_ca, identity) {
+                // Its own CA (and that CA's CRL, reloaded like the fleet's).
+                (Some(ca), Some((cert, key))) => {
+                    let crl = CrlFile {
+                        path: ca
+                            .parent()
+                            .unwrap_or(std::path::Path::new("."))
+                            .join(crate::revocation::DEFAULT_CRL_FILE),
+                        required: false,
+                    };
+                    let own = tls::server_tls(ca, cert, key, vec![crl])?
+                        .revocation
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("no revocation state for {}", ca.display())
+                        })?;
+                    spawn_reload_on_sighup(own.clone())?;
+                    tokio::spawn(own.clone().watch(stop_ui.clone()));
+                    Some(own.verifier())
+                }
+                (Some(_), None) => anyhow::bail!(
+                    "ui_tls_ca (--ui-tls-ca) asks for client certificates, which need TLS: \
+                     the web UI on a loopback address has none unless ui_tls_cert and \
+                     ui_tls_key (--ui-tls-cert, --ui-tls-key) are given"
+                ),
+                (None, _) => tls.revocation.as_ref().map(|r| r.verifier()),
+            };
             Some(crate::ui::tls_for(
                 addr,
                 identity,
@@ -411,7 +444,6 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
         anyhow::anyhow!("cannot listen on {}: {e}{fix}", cfg.listen)
     })?;
     tracing::info!(db = %cfg.db, "Store open.");
-    let stop_ui = tokio_util::sync::CancellationToken::new();
     let ui_thread = match (ui_listen, ui_tls) {
         (Some(addr), Some(ui_tls)) => {
             let listener = crate::ui::bind(addr)?;
