@@ -451,7 +451,8 @@ impl FromRow for KeyRow {
 /// to narrow it (the reader's bound is meant for `query`).
 fn too_many_changes(e: QueryError) -> QueryError {
     match e {
-        QueryError::TooManyRows => QueryError::WindowTooBig,
+        QueryError::TooManyRows => QueryError::WindowTooBig(crate::query::MAX_ROWS),
+        QueryError::RowsOver(n) => QueryError::WindowTooBig(n),
         e => e,
     }
 }
@@ -921,6 +922,21 @@ pub async fn diff_filtered(
     until: OffsetDateTime,
     limit: Option<usize>,
 ) -> Result<Report, QueryError> {
+    diff_window(ro, host, port, since, until, limit, crate::query::MAX_ROWS).await
+}
+
+/// [`diff_filtered`] reading at most `max_events` events of the window (all of them
+/// are read, whatever `limit` shows): a window holding more is
+/// [`QueryError::WindowTooBig`]. The web UI bounds its memory per request with it.
+pub async fn diff_window(
+    ro: &ReadOnly,
+    host: Option<&str>,
+    port: Option<u16>,
+    since: OffsetDateTime,
+    until: OffsetDateTime,
+    limit: Option<usize>,
+    max_events: usize,
+) -> Result<Report, QueryError> {
     let order = match ro.dialect() {
         Dialect::Sqlite => "ORDER BY e.at, h.name, e.netns, e.protocol, e.port, e.change",
         Dialect::Postgres => {
@@ -937,8 +953,13 @@ pub async fn diff_filtered(
          {order}",
         events_sql(ro, true, host.is_some(), port.is_some(), true)
     );
+    let bounds = crate::query::Bounds {
+        timeout: crate::query::DEFAULT_TIMEOUT,
+        max_rows: max_events,
+        max_bytes: u64::MAX,
+    };
     let events = ro
-        .run(&sql, &window_params(since, Some(until), host, port))
+        .run_bounded(&sql, &window_params(since, Some(until), host, port), bounds)
         .await
         .map_err(too_many_changes)?;
     // Only the rows the limit keeps are decoded and described (a window of 10,000

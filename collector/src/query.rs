@@ -140,10 +140,10 @@ pub enum QueryError {
     )]
     Several,
     #[error(
-        "more than {MAX_ROWS} listener changes in this window (a fleet's first snapshots, \
-         or a restored database?); narrow it with a later --since, an earlier --until or --host"
+        "more than {0} listener changes in this window (a fleet's first snapshots, or a \
+         restored database?); narrow it: a later since, an earlier until, one host or one port"
     )]
-    WindowTooBig,
+    WindowTooBig(usize),
     #[error(
         "the statement ran longer than {} and was stopped; narrow it (WHERE, LIMIT), or \
          give `query` more time with --timeout (e.g. 5m)",

@@ -924,6 +924,17 @@ async fn point_in_time_and_diff(db: &DbUrl) {
         d.rows
     );
     assert!(d.rows.iter().all(|r| r[1] == json!("h1")));
+    // A reader bounding the events it reads (the web UI) is told to narrow the window,
+    // not given part of it; at the bound it gets all of it.
+    let e = history::diff_window(&ro, None, None, m(&t1, 5), m(&t3, 5), None, 2)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, QueryError::WindowTooBig(2)), "{e}");
+    assert!(e.to_string().contains("narrow it"), "{e}");
+    let d = history::diff_window(&ro, None, None, m(&t1, 5), m(&t3, 5), None, 3)
+        .await
+        .unwrap();
+    assert_eq!(d.rows.rows.len(), 4);
     assert!(
         history::diff(&ro, Some("h2"), m(&t1, 5), m(&t3, 5), None)
             .await

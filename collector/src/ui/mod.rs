@@ -377,7 +377,7 @@ impl PageError {
             }
             PageError::Query(e) => {
                 let status = match e {
-                    QueryError::Timeout(_) | QueryError::WindowTooBig => {
+                    QueryError::Timeout(_) | QueryError::WindowTooBig(_) => {
                         StatusCode::SERVICE_UNAVAILABLE
                     }
                     _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -31,6 +31,11 @@ const NEW_EXPOSURE_ROWS: usize = 200;
 
 /// The longest window `/changes` and a host's history read (31 days of hours).
 const MAX_WINDOW: time::Duration = time::Duration::days(31);
+/// The most listener changes one page reads from its window (`/changes`, a host's
+/// history): every event of the window is read for the timeline and the exposure
+/// lines, so this bounds each request's memory (about 1 KiB per event). A window with
+/// more asks to be narrowed (503); `diff` on the command line reads up to a million.
+pub const MAX_EVENTS: usize = 50_000;
 
 /// One statement a page runs, as it can be run by hand over the views.
 struct Sql {
@@ -906,7 +911,7 @@ pub async fn host(
         let order = Order { by: sort, descending: dir == Dir::Desc };
         let listeners = query::listeners(ro, &host, order, paging.per, paging.offset()).await?;
         let history =
-            history::diff_filtered(ro, Some(&host), None, since, now, None).await?;
+            history::diff_window(ro, Some(&host), None, since, now, None, MAX_EVENTS).await?;
         const HISTORY_ROWS: usize = 50;
         let mut events: Vec<_> = history
             .rows
@@ -1186,7 +1191,7 @@ pub async fn changes(State(s): State<Arc<UiState>>, RawQuery(q): RawQuery) -> Re
             return Ok(ctx.finish(title, sql, None));
         }
         let report =
-            history::diff_filtered(&ctx.state.ro, host.as_deref(), port, since, until, None)
+            history::diff_window(&ctx.state.ro, host.as_deref(), port, since, until, None, MAX_EVENTS)
                 .await?;
         let rs = &report.rows;
         let (mut events, exposures): (Vec<_>, Vec<_>) =
