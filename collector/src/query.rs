@@ -1362,17 +1362,14 @@ pub async fn host(ro: &ReadOnly, name: &str) -> Result<ResultSet, QueryError> {
     ro.run(&sql, &params).await
 }
 
-/// What the fleet looks like at a glance, from maintained columns and the headline's
-/// table (never from every live listener): hosts, stale hosts, live listeners (each
-/// host's maintained count, summed), and the headline's ports and hosts by the
-/// firewall's verdict on their hidden IPv4 side.
+/// What the fleet looks like at a glance, from maintained columns (never from every
+/// live listener): hosts, stale hosts, live listeners (each host's maintained count,
+/// summed).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Overview {
     pub hosts: u64,
     pub stale: u64,
     pub listeners: u64,
-    /// `(verdict, ports, hosts)`, most permissive verdict first.
-    pub hidden: Vec<(String, u64, u64)>,
 }
 
 /// The SQL behind [`overview`]'s counts, over the views (the web UI shows it).
@@ -1398,21 +1395,28 @@ pub async fn overview(ro: &ReadOnly) -> Result<Overview, QueryError> {
             .and_then(Value::as_u64)
             .unwrap_or(0)
     };
-    let mut out = Overview {
+    Ok(Overview {
         hosts: n(0),
         stale: n(1),
         listeners: n(2),
-        hidden: Vec::new(),
-    };
+    })
+}
+
+/// The headline's ports and hosts by the firewall's verdict on their hidden IPv4 side,
+/// `(verdict, ports, hosts)`, most permissive verdict first. It groups every row of the
+/// headline's table (688,000 rows and about 1 s on SQLite at 100,000 hosts × 50
+/// listeners): the web UI counts it in the background with the ports table.
+pub async fn hidden_by_verdict(ro: &ReadOnly) -> Result<Vec<(String, u64, u64)>, QueryError> {
+    let mut out = Vec::new();
     let hidden = ro.run(OVERVIEW_HIDDEN_SQL, &[]).await?;
     for r in hidden.named() {
-        out.hidden.push((
+        out.push((
             r.text("effective_ipv4")?,
             r.int("ports")?.max(0) as u64,
             r.int("hosts")?.max(0) as u64,
         ));
     }
-    out.hidden.sort_by_key(|(v, _, _)| {
+    out.sort_by_key(|(v, _, _)| {
         std::cmp::Reverse(v.parse::<Effective>().map_or(0, |e| e.permissiveness()))
     });
     Ok(out)

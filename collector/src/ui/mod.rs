@@ -201,13 +201,16 @@ struct PortsState {
     failed: Option<String>,
 }
 
-/// One count of the ports table.
+/// One count of the ports table, with the headline's counts by verdict (the two
+/// aggregates over whole tables the pages show).
 #[derive(Debug, Clone)]
 pub struct PortsCount {
     taken: Instant,
     /// When the count started (the page says so).
     pub at: time::OffsetDateTime,
     pub rows: Arc<ResultSet>,
+    /// [`crate::query::hidden_by_verdict`].
+    pub hidden: Arc<Vec<(String, u64, u64)>>,
 }
 
 impl PortsCache {
@@ -220,16 +223,22 @@ impl PortsCache {
         let (ro, cache) = (ro.clone(), Arc::clone(self));
         tokio::spawn(async move {
             let at = time::OffsetDateTime::now_utc();
-            let counted = crate::query::ports(&ro).await;
+            let counted = match crate::query::ports(&ro).await {
+                Ok(rows) => crate::query::hidden_by_verdict(&ro)
+                    .await
+                    .map(|hidden| (rows, hidden)),
+                Err(e) => Err(e),
+            };
             {
                 let mut state = cache.state.lock().unwrap_or_else(|e| e.into_inner());
                 state.counting = false;
                 match counted {
-                    Ok(rows) => {
+                    Ok((rows, hidden)) => {
                         state.copy = Some(PortsCount {
                             taken: Instant::now(),
                             at,
                             rows: Arc::new(rows),
+                            hidden: Arc::new(hidden),
                         });
                         state.failed = None;
                     }
@@ -305,9 +314,13 @@ impl UiState {
         self.ports.get(&self.ro).await
     }
 
-    /// The ports table if one was counted, without waiting ([`PortsCache::peek`]).
-    fn ports_now(&self) -> Option<PortsCount> {
-        self.ports.peek(&self.ro)
+    /// The ports table, waiting at most `wait` for a first count (`None` past it, or
+    /// when the count failed: the page says so).
+    async fn ports_within(&self, wait: Duration) -> Option<PortsCount> {
+        tokio::time::timeout(wait, self.ports.get(&self.ro))
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 }
 

@@ -31,6 +31,9 @@ const NEW_EXPOSURE_ROWS: usize = 200;
 
 /// The longest window `/changes` and a host's history read (31 days of hours).
 const MAX_WINDOW: time::Duration = time::Duration::days(31);
+/// How long the overview waits for the first count over whole tables (a small fleet's
+/// ends within it; a big fleet's page says that it runs).
+const OVERVIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The most listener changes one page reads from its window (`/changes`, a host's
 /// history): every event of the window is read for the timeline and the exposure
 /// lines, so this bounds each request's memory (about 1 KiB per event). A window with
@@ -185,7 +188,10 @@ pub async fn overview(State(s): State<Arc<UiState>>, RawQuery(q): RawQuery) -> R
                 report: Some(ctx.report("hosts --db {db}")),
             },
             Sql {
-                caption: "Hidden IPv4 exposures by the firewall's verdict".into(),
+                caption: "Hidden IPv4 exposures by the firewall's verdict (groups the \
+                          headline's whole table: counted with the ports, at most once a \
+                          minute)"
+                    .into(),
                 sql: query::OVERVIEW_HIDDEN_SQL.into(),
                 report: Some(ctx.report("exposure --db {db}")),
             },
@@ -206,19 +212,21 @@ pub async fn overview(State(s): State<Arc<UiState>>, RawQuery(q): RawQuery) -> R
             return Ok(ctx.finish("Fleet overview", sql, None));
         }
         let o = query::overview(&ctx.state.ro).await?;
-        // Never waits for the fleet-wide count: the last one, or a note that it runs.
-        let effective = ctx.state.ports_now().map(|c| {
+        // The whole-table counts come from the shared copy: a small fleet's first count
+        // ends within the wait; a big one's page says that it runs.
+        let counts = ctx.state.ports_within(OVERVIEW_WAIT).await;
+        let effective = counts.as_ref().map(|c| {
             let col = |name: &str| c.rows.columns.iter().position(|n| n == name);
             let sum = |name: &str| -> i64 {
                 col(name).map_or(0, |i| {
                     c.rows.rows.iter().filter_map(|r| r.get(i).and_then(Value::as_i64)).sum()
                 })
             };
-            (c.at, [sum("ipv4_hosts"), sum("ipv4_open"), sum("ipv6_hosts"), sum("ipv6_open")])
+            [sum("ipv4_hosts"), sum("ipv4_open"), sum("ipv6_hosts"), sum("ipv6_open")]
         });
-        let hidden_ports: u64 = o.hidden.iter().map(|r| r.1).sum();
-        let exposed: u64 = o
-            .hidden
+        let hidden: &[(String, u64, u64)] = counts.as_ref().map_or(&[], |c| c.hidden.as_slice());
+        let hidden_ports: u64 = hidden.iter().map(|r| r.1).sum();
+        let exposed: u64 = hidden
             .iter()
             .filter(|r| r.0 == "open" || r.0 == "restricted")
             .map(|r| r.1)
@@ -228,15 +236,15 @@ pub async fn overview(State(s): State<Arc<UiState>>, RawQuery(q): RawQuery) -> R
                 div { dt { "Hosts" } dd { a href="/hosts" { (o.hosts) } } }
                 div { dt { "Stale hosts" } dd { a href="/stale" { (o.stale) } } }
                 div { dt { "Live listeners" } dd { (o.listeners) } }
-                div {
-                    dt { "Hidden IPv4 exposures" }
-                    dd { a href="/exposure" { (hidden_ports) } }
-                }
-                div {
-                    dt { "…that the firewall lets in (open or restricted)" }
-                    dd { (exposed) }
-                }
-                @if let Some((_, [v4_any, v4_open, v6_any, v6_open])) = effective {
+                @if let Some([v4_any, v4_open, v6_any, v6_open]) = effective {
+                    div {
+                        dt { "Hidden IPv4 exposures" }
+                        dd { a href="/exposure" { (hidden_ports) } }
+                    }
+                    div {
+                        dt { "…that the firewall lets in (open or restricted)" }
+                        dd { (exposed) }
+                    }
                     div {
                         dt { "Open to the world through the firewall, IPv4" }
                         dd { a href="/ports?sort=ipv4_open" { (v4_open) } " of " (v4_any) }
@@ -247,18 +255,19 @@ pub async fn overview(State(s): State<Arc<UiState>>, RawQuery(q): RawQuery) -> R
                     }
                 }
             }
-            @match effective {
-                Some((at, _)) => p class="note" {
+            @match &counts {
+                Some(c) => p class="note" {
                     "Open to the world: (host, port) pairs that accept any address over that \
-                     IP version, and of those, how many the host's own firewall leaves open; \
-                     counted over every live listener at " (timefmt::format(at))
-                    " UTC, at most once a minute ("
+                     IP version, and of those, how many the host's own firewall leaves open. \
+                     These counts and the hidden exposures were counted over whole tables at "
+                    (timefmt::format(c.at)) " UTC, at most once a minute ("
                     a href="/ports" { "by port" } ")."
                 },
                 None => p class="note" {
-                    "The ports open to the world through the firewall are being counted over \
-                     every live listener; reload in a moment, or see "
-                    a href="/ports" { "them by port" } "."
+                    "The hidden IPv4 exposures and the ports open to the world are being \
+                     counted over every live listener (or the count failed: see the log); \
+                     reload in a moment. The headline for one port needs no count: "
+                    a href="/exposure" { "exposure by port" } "."
                 },
             }
             p {
@@ -266,16 +275,18 @@ pub async fn overview(State(s): State<Arc<UiState>>, RawQuery(q): RawQuery) -> R
                  host although netstat shows only IPv6 lines for it ("
                 code { "tcp6 :::80" } ")."
             }
-            h2 { "Hidden IPv4 exposures by firewall verdict" }
-            @if o.hidden.is_empty() {
-                (none("No host exposes a port over IPv4 while netstat shows only IPv6 lines for it."))
-            } @else {
-                table {
-                    caption { "Ports reachable over IPv4 while shown as IPv6 only, by what the host's own firewall does to their IPv4 side" }
-                    thead { tr { (th("Firewall (IPv4)")) (th("Ports")) (th("Hosts")) } }
-                    tbody {
-                        @for (v, ports, hosts) in &o.hidden {
-                            tr { td { (verdict(v, "")) } td class="num" { (ports) } td class="num" { (hosts) } }
+            @if counts.is_some() {
+                h2 { "Hidden IPv4 exposures by firewall verdict" }
+                @if hidden.is_empty() {
+                    (none("No host exposes a port over IPv4 while netstat shows only IPv6 lines for it."))
+                } @else {
+                    table {
+                        caption { "Ports reachable over IPv4 while shown as IPv6 only, by what the host's own firewall does to their IPv4 side" }
+                        thead { tr { (th("Firewall (IPv4)")) (th("Ports")) (th("Hosts")) } }
+                        tbody {
+                            @for (v, ports, hosts) in hidden {
+                                tr { td { (verdict(v, "")) } td class="num" { (ports) } td class="num" { (hosts) } }
+                            }
                         }
                     }
                 }
