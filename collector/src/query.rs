@@ -1452,23 +1452,9 @@ GROUP BY port, protocol";
 /// that accepts any address (nothing maintained at ingest counts hosts per port): the
 /// web UI computes it at most once a minute and pages the copy.
 pub async fn ports(ro: &ReadOnly) -> Result<ResultSet, QueryError> {
-    // The table, not the view: distinct host ids need no join with the host names.
-    ro.run(
-        "SELECT port, protocol,
-                count(DISTINCT CASE WHEN reach_ipv4 = 'any' THEN host_id END) AS ipv4_hosts,
-                count(DISTINCT CASE WHEN reach_ipv4 = 'any' AND effective_ipv4 = 'open'
-                                    THEN host_id END) AS ipv4_open,
-                count(DISTINCT CASE WHEN reach_ipv6 = 'any' THEN host_id END) AS ipv6_hosts,
-                count(DISTINCT CASE WHEN reach_ipv6 = 'any' AND effective_ipv6 = 'open'
-                                    THEN host_id END) AS ipv6_open,
-                count(DISTINCT CASE WHEN hidden_ipv4_exposure THEN host_id END) AS hidden_hosts
-         FROM listener
-         WHERE valid_to IS NULL
-           AND (reach_ipv4 = 'any' OR reach_ipv6 = 'any' OR hidden_ipv4_exposure)
-         GROUP BY port, protocol",
-        &[],
-    )
-    .await
+    // Over the view, as the page shows it: a role that may only SELECT the views
+    // (docs/postgres.md) counts it too.
+    ro.run(PORTS_VIEW_SQL, &[]).await
 }
 
 /// The columns of [`listeners`]: what the agent's scan table shows of each listener,

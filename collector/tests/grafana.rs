@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use listenscope_collector::ingest::Limits;
+use listenscope_collector::query;
 use listenscope_collector::server;
 use listenscope_collector::store::{DbUrl, Store, StoreOptions};
 use listenscope_proto::v1;
@@ -1027,6 +1028,46 @@ async fn every_panel_answers_from_postgres_as_the_read_only_role() {
     );
     let none = answers(&ro, &qs, day, &port("")).await;
     assert!(none["Hidden IPv4 exposure on port $port"].rows.is_empty());
+
+    // The reports, which the web UI reads through, as the same role: docs/ui.md says a
+    // role that may only SELECT the views is enough for `ui --db`.
+    let url = format!("postgres://sre_ro@127.0.0.1:{}/listenscope", server.port);
+    let reader = query::ReadOnly::open(&url.parse().unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("open as sre_ro: {e}"));
+    let fail = |what: &str, e: query::QueryError| -> ! { panic!("{what} as sre_ro: {e}") };
+    let o = query::overview(&reader)
+        .await
+        .unwrap_or_else(|e| fail("overview", e));
+    assert_eq!(o.hosts, 3);
+    query::hidden_by_verdict(&reader)
+        .await
+        .unwrap_or_else(|e| fail("hidden_by_verdict", e));
+    query::ports(&reader)
+        .await
+        .unwrap_or_else(|e| fail("ports", e));
+    query::exposure(&reader, Some(80), None, Some(10))
+        .await
+        .unwrap_or_else(|e| fail("exposure", e));
+    query::hosts(&reader, Some(10))
+        .await
+        .unwrap_or_else(|e| fail("hosts", e));
+    query::listeners(
+        &reader,
+        "web-01",
+        query::Order {
+            by: query::ListenerSort::Port,
+            descending: false,
+        },
+        10,
+        0,
+    )
+    .await
+    .unwrap_or_else(|e| fail("listeners", e));
+    listenscope_collector::history::diff(&reader, None, f.first, to, Some(10))
+        .await
+        .unwrap_or_else(|e| fail("diff", e));
+    reader.close().await;
 
     stop_heartbeats.cancel();
     stop_collector.cancel();
