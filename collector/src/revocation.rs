@@ -131,6 +131,23 @@ pub struct CrlFile {
     pub required: bool,
 }
 
+impl CrlFile {
+    /// The CRL given explicitly (`Some`: it must exist), else the default
+    /// [`DEFAULT_CRL_FILE`] next to the CA `ca` (optional until it appears).
+    pub fn for_ca(ca: &Path, explicit: Option<&Path>) -> CrlFile {
+        match explicit {
+            Some(path) => CrlFile {
+                path: path.to_path_buf(),
+                required: true,
+            },
+            None => CrlFile {
+                path: ca.parent().unwrap_or(Path::new(".")).join(DEFAULT_CRL_FILE),
+                required: false,
+            },
+        }
+    }
+}
+
 /// What identifies a file's content cheaply: a change of any of them means read it again.
 type Stamp = Option<(u64, u64, u64, i64, i64)>;
 

@@ -341,20 +341,7 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
         .unwrap_or_else(|| admission::backlog_for(max_sessions));
     // The CRL: the one named, which must exist; else crl.pem next to the CA, watched even
     // while absent (`certs revoke --dir` on the CA's directory just works).
-    let crl = match &cfg.tls_crl {
-        Some(path) => CrlFile {
-            path: path.clone(),
-            required: true,
-        },
-        None => CrlFile {
-            path: cfg
-                .tls_ca
-                .parent()
-                .unwrap_or(std::path::Path::new("."))
-                .join(crate::revocation::DEFAULT_CRL_FILE),
-            required: false,
-        },
-    };
+    let crl = CrlFile::for_ca(&cfg.tls_ca, cfg.tls_crl.as_deref());
     let tls = tls::server_tls(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key, vec![crl])?;
     if let Some(revocation) = &tls.revocation {
         spawn_reload_on_sighup(revocation.clone())?;
@@ -381,13 +368,7 @@ pub(super) async fn serve(a: ServeArgs) -> anyhow::Result<Exit> {
             let clients = match (&ui.client_ca, identity) {
                 // Its own CA (and that CA's CRL, reloaded like the fleet's).
                 (Some(ca), Some((cert, key))) => {
-                    let crl = CrlFile {
-                        path: ca
-                            .parent()
-                            .unwrap_or(std::path::Path::new("."))
-                            .join(crate::revocation::DEFAULT_CRL_FILE),
-                        required: false,
-                    };
+                    let crl = CrlFile::for_ca(ca, None);
                     let own = tls::server_tls(ca, cert, key, vec![crl])?
                         .revocation
                         .ok_or_else(|| {

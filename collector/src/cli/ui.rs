@@ -68,19 +68,7 @@ pub(super) async fn ui_cmd(a: UiArgs) -> anyhow::Result<Exit> {
     let stop = tokio_util::sync::CancellationToken::new();
     let clients = match &a.tls_ca {
         Some(ca) => {
-            let crl = match &a.tls_crl {
-                Some(p) => CrlFile {
-                    path: p.clone(),
-                    required: true,
-                },
-                None => CrlFile {
-                    path: ca
-                        .parent()
-                        .unwrap_or(std::path::Path::new("."))
-                        .join(crate::revocation::DEFAULT_CRL_FILE),
-                    required: false,
-                },
-            };
+            let crl = CrlFile::for_ca(ca, a.tls_crl.as_deref());
             let (cert, key) = (a.tls_cert.as_deref(), a.tls_key.as_deref());
             let (Some(cert), Some(key)) = (cert, key) else {
                 anyhow::bail!("--tls-ca needs --tls-cert and --tls-key");
