@@ -1053,10 +1053,50 @@ fn count_of(rs: &ResultSet) -> u64 {
         .unwrap_or(0)
 }
 
-/// Runs `select` (filtered) with at most `limit` rows after skipping `offset`, and counts
-/// what it left out after them (only when the page is full: a count costs what the
-/// filter selects).
-async fn limited(
+/// A statement and its parameters, in order.
+#[derive(Debug, Clone)]
+pub struct Statement {
+    pub sql: String,
+    pub params: Vec<Param>,
+}
+
+/// What one page of a report runs: its rows (at most `limit` after `offset`), then, when
+/// the page is full, the count of every row the filter selects (how many it left out).
+#[derive(Debug, Clone)]
+pub struct PageStatements {
+    pub rows: Statement,
+    pub count: Statement,
+    limit: Option<usize>,
+    offset: usize,
+}
+
+impl PageStatements {
+    /// Runs the rows, and the count only when the page is full (a count costs what the
+    /// filter selects).
+    async fn run(self, ro: &ReadOnly) -> Result<Report, QueryError> {
+        let rows = ro.run(&self.rows.sql, &self.rows.params).await?;
+        let left_out = match self.limit {
+            Some(n) if rows.rows.len() == n => {
+                count_of(&ro.run(&self.count.sql, &self.count.params).await?)
+                    .saturating_sub((self.offset + n) as u64)
+            }
+            _ => 0,
+        };
+        Ok(Report { rows, left_out })
+    }
+
+    /// Runs the rows only, with what they leave out taken from `total`, a count of the
+    /// same rows made elsewhere (the web UI's background count of the whole headline).
+    async fn run_with_total(self, ro: &ReadOnly, total: u64) -> Result<Report, QueryError> {
+        let rows = ro.run(&self.rows.sql, &self.rows.params).await?;
+        let left_out = total.saturating_sub((self.offset + rows.rows.len()) as u64);
+        Ok(Report { rows, left_out })
+    }
+}
+
+/// The statements of `select` (filtered) with at most `limit` rows after skipping
+/// `offset`, and of `count` with the same filters.
+fn limited(
     ro: &ReadOnly,
     select: &str,
     count: &str,
@@ -1064,7 +1104,7 @@ async fn limited(
     filters: &[(&str, Option<Param>)],
     limit: Option<usize>,
     offset: usize,
-) -> Result<Report, QueryError> {
+) -> PageStatements {
     let (sql, params) = filtered(ro, select, filters);
     let sql = match (limit, offset) {
         (Some(n), 0) => format!("{sql} {order} LIMIT {n}"),
@@ -1076,15 +1116,16 @@ async fn limited(
             ro.pick("LIMIT -1", "LIMIT ALL")
         ),
     };
-    let rows = ro.run(&sql, &params).await?;
-    let left_out = match limit {
-        Some(n) if rows.rows.len() == n => {
-            let (sql, params) = filtered(ro, count, filters);
-            count_of(&ro.run(&sql, &params).await?).saturating_sub((offset + n) as u64)
-        }
-        _ => 0,
-    };
-    Ok(Report { rows, left_out })
+    let (count, count_params) = filtered(ro, count, filters);
+    PageStatements {
+        rows: Statement { sql, params },
+        count: Statement {
+            sql: count,
+            params: count_params,
+        },
+        limit,
+        offset,
+    }
 }
 
 /// The order of a report's rows: a column of its whitelist (an enum per report, so no
@@ -1103,7 +1144,11 @@ fn dir_sql(descending: bool) -> &'static str {
 /// A text column as both databases sort it: byte order (PostgreSQL's `C` collation,
 /// SQLite's default).
 fn text_order(ro: &ReadOnly, col: &str) -> String {
-    match ro.dialect() {
+    text_order_in(ro.dialect(), col)
+}
+
+fn text_order_in(dialect: Dialect, col: &str) -> String {
+    match dialect {
         Dialect::Sqlite => col.to_string(),
         Dialect::Postgres => format!("{col} COLLATE \"C\""),
     }
@@ -1193,24 +1238,47 @@ pub async fn exposure_sorted(
     limit: Option<usize>,
     offset: usize,
 ) -> Result<Report, QueryError> {
-    let dir = dir_sql(order.descending);
-    let first = match order.by {
-        ExposureSort::Verdict => format!("{} {dir}, ", row::rank_sql("effective_ipv4")),
-        ExposureSort::Host => String::new(),
-        ExposureSort::Port => format!("port {dir}, "),
-        ExposureSort::Processes => format!("{} {dir}, ", text_order(ro, "processes")),
+    exposure_sorted_total(ro, port, protocol, order, limit, offset, None).await
+}
+
+/// [`exposure_sorted`] with the number of rows the filter selects, when it is known
+/// (`total`: the page then runs no count).
+pub async fn exposure_sorted_total(
+    ro: &ReadOnly,
+    port: Option<u16>,
+    protocol: Option<&str>,
+    order: Order<ExposureSort>,
+    limit: Option<usize>,
+    offset: usize,
+    total: Option<u64>,
+) -> Result<Report, QueryError> {
+    let statements = exposure_statements(ro, port, protocol, order, limit, offset);
+    let mut report = match total {
+        Some(total) => statements.run_with_total(ro, total).await?,
+        None => statements.run(ro).await?,
     };
-    let host_dir = if order.by == ExposureSort::Host {
-        dir
-    } else {
-        "ASC"
-    };
-    let order = format!(
-        "ORDER BY {first}{} {host_dir}, {}, protocol, port",
-        text_order(ro, "host"),
-        text_order(ro, "netns")
-    );
-    let mut report = limited(
+    report.rows.columns.push("note".to_string());
+    for r in &mut report.rows.rows {
+        let note = exposure_note(r.get(6).and_then(Value::as_str).unwrap_or(""));
+        r.push(note);
+    }
+    Ok(report)
+}
+
+/// The statements behind [`exposure_sorted`]. The default order (by verdict), by host
+/// and by port walk an index of `hidden_port` (migration 0011) and stop at the page's
+/// end; by processes, or against an index's direction, the rows the filter selects are
+/// sorted.
+pub fn exposure_statements(
+    ro: &ReadOnly,
+    port: Option<u16>,
+    protocol: Option<&str>,
+    order: Order<ExposureSort>,
+    limit: Option<usize>,
+    offset: usize,
+) -> PageStatements {
+    let order = exposure_order_sql(ro.dialect(), order);
+    limited(
         ro,
         HEADLINE_SELECT,
         "SELECT count(*) FROM hidden_ipv4_exposure WHERE 1 = 1",
@@ -1219,13 +1287,37 @@ pub async fn exposure_sorted(
         limit,
         offset,
     )
-    .await?;
-    report.rows.columns.push("note".to_string());
-    for r in &mut report.rows.rows {
-        let note = exposure_note(r.get(6).and_then(Value::as_str).unwrap_or(""));
-        r.push(note);
+}
+
+/// The `ORDER BY` of the exposure report in `order`. Ties are broken by host, namespace,
+/// protocol and port: ascending in a column's default direction (verdict descending,
+/// the others ascending), and the exact reverse in the other, so that one index of
+/// `hidden_port` (migration 0011) serves both directions.
+pub fn exposure_order_sql(dialect: Dialect, order: Order<ExposureSort>) -> String {
+    let dir = dir_sql(order.descending);
+    let default_descending = order.by == ExposureSort::Verdict;
+    let ties = dir_sql(order.descending != default_descending);
+    let (host, netns) = (
+        text_order_in(dialect, "host"),
+        text_order_in(dialect, "netns"),
+    );
+    match order.by {
+        ExposureSort::Verdict => format!(
+            "ORDER BY {} {dir}, {host} {ties}, {netns} {ties}, protocol {ties}, port {ties}",
+            row::rank_sql("effective_ipv4")
+        ),
+        ExposureSort::Host => {
+            format!("ORDER BY {host} {dir}, {netns} {dir}, protocol {dir}, port {dir}")
+        }
+        // Port first: the ties need no port again (and the order stays the index's).
+        ExposureSort::Port => {
+            format!("ORDER BY port {dir}, {host} {dir}, {netns} {dir}, protocol {dir}")
+        }
+        ExposureSort::Processes => format!(
+            "ORDER BY {} {dir}, {host} {dir}, {netns} {dir}, protocol {dir}, port {dir}",
+            text_order_in(dialect, "processes")
+        ),
     }
-    Ok(report)
 }
 
 /// The headline rows as [`exposure`] reads them, without its note.
@@ -1333,22 +1425,73 @@ pub async fn hosts_sorted(
     limit: Option<usize>,
     offset: usize,
 ) -> Result<Report, QueryError> {
-    let dir = dir_sql(order.descending);
-    let host = text_order(ro, "host");
-    let order = match order.by {
-        HostsSort::LastSeen => format!("ORDER BY last_seen {dir}, {host}"),
-        HostsSort::Host => format!("ORDER BY {host} {dir}"),
-        HostsSort::Listeners => format!("ORDER BY listeners {dir}, {host}"),
-    };
+    hosts_statements(ro, stale_only, order, limit, offset)
+        .run(ro)
+        .await
+}
+
+/// The statements behind [`hosts_sorted`]: on SQLite each order walks an index of
+/// `host` (PostgreSQL keeps no index on `last_seen`: a top-N sort of the host table).
+pub fn hosts_statements(
+    ro: &ReadOnly,
+    stale_only: bool,
+    order: Order<HostsSort>,
+    limit: Option<usize>,
+    offset: usize,
+) -> PageStatements {
+    let order = hosts_order_sql(ro.dialect(), order);
     let (select, count) = if stale_only {
+        // The view's `stale` decides; on SQLite the range of last_seen it implies (text
+        // in time order, `timefmt`) lets the index on last_seen find them, instead of
+        // computing `stale` for every host.
+        let range = ro.pick(
+            " AND last_seen <= strftime('%Y-%m-%d %H:%M:%f', 'now', '-' ||
+                 (SELECT value FROM setting WHERE key = 'stale_after_seconds') || ' seconds')",
+            "",
+        );
         (
-            format!("{HOSTS_SELECT} AND stale"),
-            "SELECT count(*) FROM hosts WHERE stale",
+            format!("{HOSTS_SELECT} AND stale{range}"),
+            format!("SELECT count(*) FROM hosts WHERE stale{range}"),
         )
     } else {
-        (HOSTS_SELECT.to_string(), "SELECT count(*) FROM host")
+        (
+            HOSTS_SELECT.to_string(),
+            "SELECT count(*) FROM host".to_string(),
+        )
     };
-    limited(ro, &select, count, &order, &[], limit, offset).await
+    match (ro.dialect(), limit) {
+        // PostgreSQL sorts the host table for every order but by name (no index on
+        // last_seen, see migration 0011): the page's names first, sorting two columns
+        // instead of every column (a deep page sorts 100,000 rows of 235 bytes
+        // otherwise), then their rows.
+        (Dialect::Postgres, Some(n)) => {
+            let where_ = &select[HOSTS_SELECT.len()..];
+            let page = format!(
+                "{select} AND host IN (SELECT host FROM hosts WHERE 1 = 1{where_} {order} \
+                 LIMIT {n} OFFSET {offset}) {order}"
+            );
+            let mut statements = limited(ro, &page, &count, "", &[], None, 0);
+            statements.limit = limit;
+            statements.offset = offset;
+            statements
+        }
+        _ => limited(ro, &select, &count, &order, &[], limit, offset),
+    }
+}
+
+/// The `ORDER BY` of the hosts report in `order`, ties by name: ascending in a column's
+/// default direction (last_seen and host ascending, listeners descending), the exact
+/// reverse in the other (one index of `host` serves both).
+pub fn hosts_order_sql(dialect: Dialect, order: Order<HostsSort>) -> String {
+    let dir = dir_sql(order.descending);
+    let default_descending = order.by == HostsSort::Listeners;
+    let ties = dir_sql(order.descending != default_descending);
+    let host = text_order_in(dialect, "host");
+    match order.by {
+        HostsSort::LastSeen => format!("ORDER BY last_seen {dir}, {host} {ties}"),
+        HostsSort::Host => format!("ORDER BY {host} {dir}"),
+        HostsSort::Listeners => format!("ORDER BY listeners {dir}, {host} {ties}"),
+    }
 }
 
 /// One host's row of the `hosts` report ([`HOSTS_COLUMNS`]); no rows when the
@@ -1536,8 +1679,16 @@ pub async fn trap_owners(
     hosts: &[String],
     ports: &[u16],
 ) -> Result<ResultSet, QueryError> {
+    match trap_owners_statement(ro, hosts, ports) {
+        Some(s) => ro.run(&s.sql, &s.params).await,
+        None => Ok(ResultSet::default()),
+    }
+}
+
+/// The statement behind [`trap_owners`] (none for no hosts or no ports).
+pub fn trap_owners_statement(ro: &ReadOnly, hosts: &[String], ports: &[u16]) -> Option<Statement> {
     if hosts.is_empty() || ports.is_empty() {
-        return Ok(ResultSet::default());
+        return None;
     }
     let mut params = Vec::new();
     let mut marks = |values: Vec<Param>| {
@@ -1555,12 +1706,17 @@ pub async fn trap_owners(
             .map(|p| Param::Int(Some(i64::from(*p))))
             .collect(),
     );
+    // SQLite has no statistics (the store runs no ANALYZE): given a list of ports it
+    // would read every live listener on them (100,000 rows for port 80 at 100,000 hosts)
+    // instead of each host's few. `+port` keeps the port out of index choice there, so
+    // it finds the hosts by name and their listeners by host.
+    let port_col = ro.pick("+port", "port");
     let sql = format!(
         "SELECT DISTINCT host, netns, protocol, port, container_runtime, container_id, pod_uid, unit
          FROM current_listeners
-         WHERE trap AND host IN ({host_marks}) AND port IN ({port_marks})"
+         WHERE trap AND host IN ({host_marks}) AND {port_col} IN ({port_marks})"
     );
-    ro.run(&sql, &params).await
+    Some(Statement { sql, params })
 }
 
 /// The SQL parameter marker for parameter `n` in this dialect.

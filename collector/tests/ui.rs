@@ -701,6 +701,62 @@ async fn pages_on_postgres() {
     check_pages(&db).await;
 }
 
+/// A first count that outlasts a request (a big fleet's) is said, not waited for: the
+/// ports page waits up to 10 s and then says that it runs, the overview no longer waits
+/// once it has run 2 s, and the count's answer shows once it ends (and gives the
+/// headline over every port its total). The count is held here by a lock on the listener table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_first_count_is_said_not_waited_for() {
+    use sqlx::Connection as _;
+    require_root();
+    let server = tokio::task::block_in_place(util::pg::PgServer::start);
+    let url = server.database("ui_count").await;
+    let db: DbUrl = url.parse().unwrap();
+    let pki = Pki::new(&["h1", "h2", "h3", "h4", "h5", "h6", "h7"]);
+    fill(&pki, &db).await;
+    let mut lock = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+    sqlx::query("LOCK TABLE listener IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let served = Served::start(&db, "127.0.0.1:0", None).await;
+    let a = served.addr;
+
+    let (r, doc) = page(a, "/ports").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let note = texts(&doc, "p.note").join(" ");
+    assert!(
+        note.contains("is being counted over every live listener"),
+        "{note}"
+    );
+    assert!(texts(&doc, "table").is_empty(), "{}", r.body);
+    let (r, doc) = page(a, "/").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let note = texts(&doc, "p.note").join(" ");
+    assert!(note.contains("are being counted"), "{note}");
+
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    let mut counted = Vec::new();
+    for _ in 0..100 {
+        let (_, doc) = page(a, "/ports").await;
+        if !texts(&doc, "table").is_empty() {
+            counted = rows(&doc, "Ports by hosts open to the world");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(counted[0][..3], ["8080", "tcp", "5"], "{counted:?}");
+    // Now the headline's total comes from the count, and says when it was made.
+    let (_, doc) = page(a, "/exposure").await;
+    let count = texts(&doc, "p.count").join(" ");
+    assert!(
+        count.starts_with("8 host ports. (Counted over the whole table at "),
+        "{count}"
+    );
+    served.shutdown().await;
+}
+
 /// WCAG's relative luminance of `#rrggbb`.
 fn luminance(hex: &str) -> f64 {
     let hex = hex.trim_start_matches('#');

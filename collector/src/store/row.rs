@@ -339,6 +339,27 @@ mod tests {
     use crate::store::plan::Prepared;
     use listenscope_core::record::testkit::record;
 
+    /// The page indexes hold the verdict's rank as the reports write it: an index on
+    /// another expression would never be used, and nothing else would say so.
+    #[test]
+    fn page_indexes_rank_as_the_reports_do() {
+        let squeeze = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        let want = format!("({}) DESC", squeeze(&rank_sql("effective_ipv4")));
+        for (name, sql) in [
+            (
+                "sqlite",
+                include_str!("../../../migrations/sqlite/0011_page_indexes.sql"),
+            ),
+            (
+                "postgres",
+                include_str!("../../../migrations/postgres/0011_page_indexes.sql"),
+            ),
+        ] {
+            let sql = squeeze(sql);
+            assert_eq!(sql.matches(&want).count(), 2, "{name}: {want} in {sql}");
+        }
+    }
+
     /// Every value has the variant its column's kind needs, so the backends' binders
     /// cannot drift from the list.
     #[test]

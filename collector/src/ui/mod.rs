@@ -67,8 +67,12 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one connection may stay open, however busy.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
-/// How long the ports table is reused before it is counted again.
+/// How long the ports table is reused before it is counted again, at least.
 const PORTS_TTL: Duration = Duration::from_secs(60);
+/// And at least this many times as long as the last count took: a count that reads every
+/// live listener for 30 s (SQLite, 5,000,000 listeners) runs at most every 5 minutes
+/// while someone looks, about a tenth of one core, not half of it.
+const PORTS_TTL_FACTOR: u32 = 10;
 
 /// The Content-Security-Policy of every response: nothing but our own stylesheet and
 /// images, forms only to ourselves, never framed, no `<base>`.
@@ -197,6 +201,8 @@ struct PortsCache {
 struct PortsState {
     copy: Option<PortsCount>,
     counting: bool,
+    /// When the running count started.
+    started: Option<Instant>,
     /// Why the last count failed, while there is no copy to answer with.
     failed: Option<String>,
 }
@@ -206,11 +212,21 @@ struct PortsState {
 #[derive(Debug, Clone)]
 pub struct PortsCount {
     taken: Instant,
+    /// How long the count took (the next one waits [`PORTS_TTL_FACTOR`] times as long).
+    pub took: Duration,
     /// When the count started (the page says so).
     pub at: time::OffsetDateTime,
     pub rows: Arc<ResultSet>,
     /// [`crate::query::hidden_by_verdict`].
     pub hidden: Arc<Vec<(String, u64, u64)>>,
+}
+
+impl PortsCount {
+    /// How long this copy is answered before a recount starts: [`PORTS_TTL`], or
+    /// [`PORTS_TTL_FACTOR`] times what the count took when that is longer.
+    pub fn ttl(&self) -> Duration {
+        PORTS_TTL.max(self.took.saturating_mul(PORTS_TTL_FACTOR))
+    }
 }
 
 impl PortsCache {
@@ -220,9 +236,11 @@ impl PortsCache {
             return;
         }
         state.counting = true;
+        state.started = Some(Instant::now());
         let (ro, cache) = (ro.clone(), Arc::clone(self));
         tokio::spawn(async move {
             let at = time::OffsetDateTime::now_utc();
+            let started = Instant::now();
             let counted = match crate::query::ports(&ro).await {
                 Ok(rows) => crate::query::hidden_by_verdict(&ro)
                     .await
@@ -232,10 +250,12 @@ impl PortsCache {
             {
                 let mut state = cache.state.lock().unwrap_or_else(|e| e.into_inner());
                 state.counting = false;
+                state.started = None;
                 match counted {
                     Ok((rows, hidden)) => {
                         state.copy = Some(PortsCount {
                             taken: Instant::now(),
+                            took: started.elapsed(),
                             at,
                             rows: Arc::new(rows),
                             hidden: Arc::new(hidden),
@@ -258,13 +278,13 @@ impl PortsCache {
     }
 
     /// The last count without waiting (`None` before the first has ended); starts a
-    /// count when there is none or the copy is older than [`PORTS_TTL`].
+    /// count when there is none or the copy is older than [`PortsCount::ttl`].
     fn peek(self: &Arc<Self>, ro: &ReadOnly) -> Option<PortsCount> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let fresh = state
             .copy
             .as_ref()
-            .is_some_and(|c| c.taken.elapsed() < PORTS_TTL);
+            .is_some_and(|c| c.taken.elapsed() < c.ttl());
         if !fresh {
             self.start(&mut state, ro);
         }
@@ -272,7 +292,7 @@ impl PortsCache {
     }
 
     /// The last count, waiting for the first one when there is none yet. A copy older
-    /// than [`PORTS_TTL`] is still answered at once while one recount runs in the
+    /// than its [`PortsCount::ttl`] is still answered at once while one recount runs in the
     /// background, so only the first request after start-up waits for a fleet-wide
     /// count. A first count that fails is an error for the requests waiting on it; the
     /// next request tries again.
@@ -309,18 +329,34 @@ impl UiState {
         }
     }
 
-    /// The ports table and when it was counted ([`PortsCache::get`]).
-    async fn ports(&self) -> Result<PortsCount, PageError> {
-        self.ports.get(&self.ro).await
+    /// The ports table, waiting for a first count until it has run for `wait`:
+    /// `Ok(None)` past it (the count goes on; the page says that it runs), an error when
+    /// it failed. Only the first requests wait: while a long first count runs, the
+    /// others are answered at once.
+    async fn ports(&self, wait: Duration) -> Result<Option<PortsCount>, PageError> {
+        let wait = {
+            let state = self.ports.state.lock().unwrap_or_else(|e| e.into_inner());
+            match (&state.copy, state.started) {
+                (None, Some(started)) => wait.saturating_sub(started.elapsed()),
+                _ => wait,
+            }
+        };
+        match tokio::time::timeout(wait, self.ports.get(&self.ro)).await {
+            Ok(counted) => counted.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// The last ports table without waiting, if there is one (a copy past its TTL
+    /// starts a recount, as a page that shows it would).
+    fn ports_copy(&self) -> Option<PortsCount> {
+        self.ports.peek(&self.ro)
     }
 
     /// The ports table, waiting at most `wait` for a first count (`None` past it, or
     /// when the count failed: the page says so).
     async fn ports_within(&self, wait: Duration) -> Option<PortsCount> {
-        tokio::time::timeout(wait, self.ports.get(&self.ro))
-            .await
-            .ok()
-            .and_then(Result::ok)
+        self.ports(wait).await.ok().flatten()
     }
 }
 
