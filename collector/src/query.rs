@@ -1084,14 +1084,6 @@ impl PageStatements {
         };
         Ok(Report { rows, left_out })
     }
-
-    /// Runs the rows only, with what they leave out taken from `total`, a count of the
-    /// same rows made elsewhere (the web UI's background count of the whole headline).
-    async fn run_with_total(self, ro: &ReadOnly, total: u64) -> Result<Report, QueryError> {
-        let rows = ro.run(&self.rows.sql, &self.rows.params).await?;
-        let left_out = total.saturating_sub((self.offset + rows.rows.len()) as u64);
-        Ok(Report { rows, left_out })
-    }
 }
 
 /// The statements of `select` (filtered) with at most `limit` rows after skipping
@@ -1229,7 +1221,7 @@ pub async fn exposure(
 }
 
 /// [`exposure`] in any order of [`ExposureSort`], `limit` rows after `offset` (the web
-/// UI's pages). Ties are broken by host, namespace, protocol and port, ascending.
+/// UI's pages), ties as [`exposure_order_sql`] breaks them.
 pub async fn exposure_sorted(
     ro: &ReadOnly,
     port: Option<u16>,
@@ -1238,25 +1230,9 @@ pub async fn exposure_sorted(
     limit: Option<usize>,
     offset: usize,
 ) -> Result<Report, QueryError> {
-    exposure_sorted_total(ro, port, protocol, order, limit, offset, None).await
-}
-
-/// [`exposure_sorted`] with the number of rows the filter selects, when it is known
-/// (`total`: the page then runs no count).
-pub async fn exposure_sorted_total(
-    ro: &ReadOnly,
-    port: Option<u16>,
-    protocol: Option<&str>,
-    order: Order<ExposureSort>,
-    limit: Option<usize>,
-    offset: usize,
-    total: Option<u64>,
-) -> Result<Report, QueryError> {
-    let statements = exposure_statements(ro, port, protocol, order, limit, offset);
-    let mut report = match total {
-        Some(total) => statements.run_with_total(ro, total).await?,
-        None => statements.run(ro).await?,
-    };
+    let mut report = exposure_statements(ro, port, protocol, order, limit, offset)
+        .run(ro)
+        .await?;
     report.rows.columns.push("note".to_string());
     for r in &mut report.rows.rows {
         let note = exposure_note(r.get(6).and_then(Value::as_str).unwrap_or(""));

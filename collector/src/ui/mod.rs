@@ -73,6 +73,9 @@ const PORTS_TTL: Duration = Duration::from_secs(60);
 /// live listener for 30 s (SQLite, 5,000,000 listeners) runs at most every 5 minutes
 /// while someone looks, about a tenth of one core, not half of it.
 const PORTS_TTL_FACTOR: u32 = 10;
+/// But never longer than this: a count's time includes its waits (for a connection, a
+/// lock), and one slow count must not leave the page stale for an hour.
+const PORTS_TTL_MAX: Duration = Duration::from_secs(600);
 
 /// The Content-Security-Policy of every response: nothing but our own stylesheet and
 /// images, forms only to ourselves, never framed, no `<base>`.
@@ -223,9 +226,12 @@ pub struct PortsCount {
 
 impl PortsCount {
     /// How long this copy is answered before a recount starts: [`PORTS_TTL`], or
-    /// [`PORTS_TTL_FACTOR`] times what the count took when that is longer.
+    /// [`PORTS_TTL_FACTOR`] times what the count took when that is longer, at most
+    /// [`PORTS_TTL_MAX`].
     pub fn ttl(&self) -> Duration {
-        PORTS_TTL.max(self.took.saturating_mul(PORTS_TTL_FACTOR))
+        PORTS_TTL
+            .max(self.took.saturating_mul(PORTS_TTL_FACTOR))
+            .min(PORTS_TTL_MAX)
     }
 }
 
@@ -345,12 +351,6 @@ impl UiState {
             Ok(counted) => counted.map(Some),
             Err(_) => Ok(None),
         }
-    }
-
-    /// The last ports table without waiting, if there is one (a copy past its TTL
-    /// starts a recount, as a page that shows it would).
-    fn ports_copy(&self) -> Option<PortsCount> {
-        self.ports.peek(&self.ro)
     }
 
     /// The ports table, waiting at most `wait` for a first count (`None` past it, or
