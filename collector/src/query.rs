@@ -1241,10 +1241,10 @@ pub async fn exposure_sorted(
     Ok(report)
 }
 
-/// The statements behind [`exposure_sorted`]. The default order (by verdict), by host
-/// and by port walk an index of `hidden_port` (migration 0011) and stop at the page's
-/// end; by processes, or against an index's direction, the rows the filter selects are
-/// sorted.
+/// The statements behind [`exposure_sorted`]. By verdict (the default) and by port, and
+/// by host for one port, in either direction, walk an index of `hidden_port` (migration
+/// 0011) and stop at the page's end; by processes, and by host over every port, the
+/// rows the filter selects are sorted.
 pub fn exposure_statements(
     ro: &ReadOnly,
     port: Option<u16>,

@@ -203,8 +203,7 @@ struct PortsCache {
 #[derive(Debug, Default)]
 struct PortsState {
     copy: Option<PortsCount>,
-    counting: bool,
-    /// When the running count started.
+    /// When the running count started (`None`: no count runs).
     started: Option<Instant>,
     /// Why the last count failed, while there is no copy to answer with.
     failed: Option<String>,
@@ -238,15 +237,13 @@ impl PortsCount {
 impl PortsCache {
     /// Starts a count unless one runs (`state` locked by the caller).
     fn start(self: &Arc<Self>, state: &mut PortsState, ro: &ReadOnly) {
-        if state.counting {
+        if state.started.is_some() {
             return;
         }
-        state.counting = true;
         state.started = Some(Instant::now());
         let (ro, cache) = (ro.clone(), Arc::clone(self));
         tokio::spawn(async move {
             let at = time::OffsetDateTime::now_utc();
-            let started = Instant::now();
             let counted = match crate::query::ports(&ro).await {
                 Ok(rows) => crate::query::hidden_by_verdict(&ro)
                     .await
@@ -255,13 +252,12 @@ impl PortsCache {
             };
             {
                 let mut state = cache.state.lock().unwrap_or_else(|e| e.into_inner());
-                state.counting = false;
-                state.started = None;
+                let took = state.started.take().map_or(Duration::ZERO, |s| s.elapsed());
                 match counted {
                     Ok((rows, hidden)) => {
                         state.copy = Some(PortsCount {
                             taken: Instant::now(),
-                            took: started.elapsed(),
+                            took,
                             at,
                             rows: Arc::new(rows),
                             hidden: Arc::new(hidden),
